@@ -1,0 +1,52 @@
+//! `repld`: the replblk daemon. Thin: parses arguments and runs the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "repld", version, about = "replblk daemon: serves replicated volumes over NBD")]
+struct Args {
+    /// Configuration file (TOML); see examples/replblk.toml.
+    #[arg(long, short, required_unless_present = "demo")]
+    config: Option<PathBuf>,
+    /// This node's name in the configuration (default: the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Start a self-contained demo with embedded defaults instead.
+    #[arg(long, conflicts_with = "config")]
+    demo: bool,
+    /// TCP port for the demo's NBD export.
+    #[arg(long, default_value_t = 10809, requires = "demo")]
+    demo_port: u16,
+    /// Directory for the demo's temporary files (default: $TMPDIR).
+    #[arg(long, requires = "demo")]
+    demo_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    replblk::daemon::init_logging();
+    let result = if args.demo {
+        replblk::daemon::demo(args.demo_port, args.demo_dir.as_deref())
+    } else {
+        let path = args.config.unwrap_or_default();
+        replblk::config::Config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| {
+                if let Some(node) = &args.node {
+                    tracing::info!(node, "node name set on the command line");
+                }
+                replblk::daemon::run(&config)
+            })
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("repld: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The fixed-newstyle handshake: greeting, client flags, then option
+//! haggling until the client picks an export (`NBD_OPT_GO` or
+//! `NBD_OPT_EXPORT_NAME`), aborts, or misbehaves.
+//!
+//! Every option is read whole (header, then exactly `length` bytes) before
+//! it is looked at, so an option we do not support is answered with
+//! `NBD_REP_ERR_UNSUP` and the stream stays in step.
+
+use std::io::{self, Cursor, Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use replblk_proto::nbd::{
+    self, encode_option_reply, handshake_flags, info, opt, rep, ClientFlags, ExportNameReply,
+    InfoReply, InfoRequest, OptionHeader, ServerEntry, ServerGreeting,
+};
+use replblk_proto::DecodeError;
+use thiserror::Error;
+
+use super::{Export, Exports, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK};
+
+/// Option data larger than this ends the connection: no option replblk
+/// understands comes close, and skipping megabytes is a denial of service.
+pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Options one client may send before choosing an export.
+pub const MAX_OPTIONS: usize = 256;
+
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    #[error("i/o during handshake: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("protocol error during handshake: {0}")]
+    Protocol(String),
+    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+    #[error("client sent more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+}
+
+impl From<DecodeError> for HandshakeError {
+    fn from(e: DecodeError) -> Self {
+        HandshakeError::Protocol(e.to_string())
+    }
+}
+
+/// What the handshake ended with.
+pub enum Outcome {
+    /// The client chose this export; transmission begins.
+    Transmission(Arc<Export>),
+    /// The client sent `NBD_OPT_ABORT` (or closed between options).
+    Aborted,
+}
+
+/// Gatekeeper consulted before an export is handed out, so later layers
+/// (roles) can refuse clients with a reason the client will print.
+pub trait Admission: Send + Sync {
+    /// `Err(message)` refuses the client with `NBD_REP_ERR_POLICY`.
+    fn admit(&self, export: &Export) -> Result<(), String>;
+}
+
+/// Admits every client.
+pub struct AdmitAll;
+
+impl Admission for AdmitAll {
+    fn admit(&self, _export: &Export) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+struct Session<'a, S> {
+    stream: &'a mut S,
+    deadline: Instant,
+    timeout: Duration,
+    no_zeroes: bool,
+    out: BytesMut,
+}
+
+impl<S: Read + Write> Session<'_, S> {
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), HandshakeError> {
+        if Instant::now() > self.deadline {
+            return Err(HandshakeError::Timeout(self.timeout));
+        }
+        self.stream.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                HandshakeError::Timeout(self.timeout)
+            }
+            _ => HandshakeError::Io(e),
+        })
+    }
+
+    fn send(&mut self) -> Result<(), HandshakeError> {
+        self.stream.write_all(&self.out)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    fn reply(&mut self, option: u32, reply_type: u32, data: &[u8]) -> Result<(), HandshakeError> {
+        encode_option_reply(&mut self.out, option, reply_type, data);
+        self.send()
+    }
+
+    fn error(&mut self, option: u32, reply_type: u32, message: &str) -> Result<(), HandshakeError> {
+        self.reply(option, reply_type, message.as_bytes())
+    }
+}
+
+/// Runs the server side of the handshake on a fresh connection.
+pub fn serve<S: Read + Write>(
+    stream: &mut S,
+    exports: &Exports,
+    admission: &dyn Admission,
+    timeout: Duration,
+) -> Result<Outcome, HandshakeError> {
+    let mut s = Session {
+        stream,
+        deadline: Instant::now() + timeout,
+        timeout,
+        no_zeroes: false,
+        out: BytesMut::with_capacity(256),
+    };
+    ServerGreeting {
+        flags: handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES,
+    }
+    .encode(&mut s.out);
+    s.send()?;
+
+    let mut raw = [0u8; ClientFlags::LEN];
+    s.read_exact(&mut raw)?;
+    let flags = ClientFlags::decode(&mut Cursor::new(&raw[..]))?
+        .ok_or_else(|| HandshakeError::Protocol("short client flags".into()))?;
+    s.no_zeroes = flags.no_zeroes();
+
+    for _ in 0..MAX_OPTIONS {
+        let mut raw = [0u8; OptionHeader::LEN];
+        match s.read_exact(&mut raw) {
+            Ok(()) => {}
+            // A client that hangs up between options (qemu-img info, probes)
+            // is not an error worth more than a debug line.
+            Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Outcome::Aborted)
+            }
+            Err(e) => return Err(e),
+        }
+        let header = OptionHeader::decode(&mut Cursor::new(&raw[..]))?
+            .ok_or_else(|| HandshakeError::Protocol("short option header".into()))?;
+        if header.length > MAX_OPTION_DATA {
+            return Err(HandshakeError::Protocol(format!(
+                "option {} carries {} bytes, more than the {MAX_OPTION_DATA} allowed",
+                header.option, header.length
+            )));
+        }
+        let mut data = vec![0u8; header.length as usize];
+        s.read_exact(&mut data)?;
+        if let Some(outcome) = handle_option(&mut s, header.option, &data, exports, admission)? {
+            return Ok(outcome);
+        }
+    }
+    Err(HandshakeError::TooManyOptions)
+}
+
+fn handle_option<S: Read + Write>(
+    s: &mut Session<'_, S>,
+    option: u32,
+    data: &[u8],
+    exports: &Exports,
+    admission: &dyn Admission,
+) -> Result<Option<Outcome>, HandshakeError> {
+    match option {
+        opt::EXPORT_NAME => {
+            let name = nbd::decode_export_name(data)?;
+            let Some(export) = exports.find(&name) else {
+                // This option has no error reply: the spec says hang up.
+                return Err(HandshakeError::UnknownExport(name));
+            };
+            if let Err(why) = admission.admit(export) {
+                return Err(HandshakeError::Protocol(format!(
+                    "refused export {name:?} to NBD_OPT_EXPORT_NAME client: {why}"
+                )));
+            }
+            ExportNameReply {
+                size: export.size(),
+                flags: export.transmission_flags(),
+            }
+            .encode(&mut s.out, s.no_zeroes);
+            s.send()?;
+            Ok(Some(Outcome::Transmission(export.clone())))
+        }
+        opt::ABORT => {
+            // Best effort: the client may already have closed.
+            let _ = s.reply(option, rep::ACK, &[]);
+            Ok(Some(Outcome::Aborted))
+        }
+        opt::LIST => {
+            if !data.is_empty() {
+                s.error(option, rep::ERR_INVALID, "NBD_OPT_LIST carries no data")?;
+                return Ok(None);
+            }
+            for export in exports.iter() {
+                let mut entry = BytesMut::new();
+                ServerEntry {
+                    name: export.name.clone(),
+                    description: export.description.clone(),
+                }
+                .encode(&mut entry);
+                encode_option_reply(&mut s.out, option, rep::SERVER, &entry);
+            }
+            encode_option_reply(&mut s.out, option, rep::ACK, &[]);
+            s.send()?;
+            Ok(None)
+        }
+        opt::INFO | opt::GO => {
+            let request = match InfoRequest::decode_data(data) {
+                Ok(r) => r,
+                Err(e) => {
+                    s.error(option, rep::ERR_INVALID, &e.to_string())?;
+                    return Ok(None);
+                }
+            };
+            let Some(export) = exports.find(&request.name) else {
+                let msg = format!("no export named {:?}", request.name);
+                s.error(option, rep::ERR_UNKNOWN, &msg)?;
+                return Ok(None);
+            };
+            if let Err(why) = admission.admit(export) {
+                s.error(option, rep::ERR_POLICY, &why)?;
+                return Ok(None);
+            }
+            send_info(s, option, export, &request)?;
+            if option == opt::GO {
+                Ok(Some(Outcome::Transmission(export.clone())))
+            } else {
+                Ok(None)
+            }
+        }
+        opt::STARTTLS => {
+            s.error(option, rep::ERR_UNSUP, "TLS is not supported")?;
+            Ok(None)
+        }
+        _ => {
+            s.error(option, rep::ERR_UNSUP, "option not supported")?;
+            Ok(None)
+        }
+    }
+}
+
+fn send_info<S: Read + Write>(
+    s: &mut Session<'_, S>,
+    option: u32,
+    export: &Export,
+    request: &InfoRequest,
+) -> Result<(), HandshakeError> {
+    let mut items = vec![InfoReply::Export {
+        size: export.size(),
+        flags: export.transmission_flags(),
+    }];
+    for kind in &request.requests {
+        match *kind {
+            info::NAME => items.push(InfoReply::Name(export.name.clone())),
+            info::DESCRIPTION if !export.description.is_empty() => {
+                items.push(InfoReply::Description(export.description.clone()))
+            }
+            info::BLOCK_SIZE => items.push(InfoReply::BlockSize {
+                minimum: MIN_BLOCK,
+                preferred: PREFERRED_BLOCK,
+                maximum: MAX_PAYLOAD,
+            }),
+            _ => {}
+        }
+    }
+    for item in items {
+        let mut data = BytesMut::new();
+        item.encode(&mut data);
+        encode_option_reply(&mut s.out, option, rep::INFO, &data);
+    }
+    encode_option_reply(&mut s.out, option, rep::ACK, &[]);
+    s.send()
+}

@@ -1,0 +1,338 @@
+//! The NBD server's lifecycle: open the exports, bind the listeners, accept
+//! connections (one thread each, with a worker pool for transmission), and
+//! shut down gracefully: stop accepting, let in-flight requests finish,
+//! flush every store.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::config::{Config, NbdConfig};
+use crate::nbd::handshake::{self, Admission, AdmitAll, Outcome};
+use crate::nbd::transmission::{self, CloseReason};
+use crate::nbd::{Export, Exports};
+use crate::net::Stream;
+use crate::store::{FileStore, OpenError, Store};
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("resource {resource:?}: {source}")]
+    Open { resource: String, source: OpenError },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    #[error("unix socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    #[error("cannot start thread: {0}")]
+    Thread(io::Error),
+}
+
+struct Shared {
+    exports: Exports,
+    admission: Arc<dyn Admission>,
+    cfg: NbdConfig,
+    stopping: AtomicBool,
+    /// Clones of every open connection's socket, to shut them at stop.
+    conns: Mutex<HashMap<u64, Stream>>,
+    drained: Condvar,
+    next_id: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                // Replies are small and latency-bound; never wait for Nagle.
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+            Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
+        }
+    }
+
+    /// Wakes a thread blocked in accept(): on Linux, shutting a listening
+    /// socket makes accept return EINVAL.
+    fn wake(&self) {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        // SAFETY: shutdown on a descriptor we own; no memory involved.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
+/// A running NBD server.
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<Arc<Listener>>,
+    accept_threads: Vec<JoinHandle<()>>,
+    tcp_addr: Option<SocketAddr>,
+}
+
+/// Opens every resource's backing store as an export.
+pub fn open_exports(config: &Config) -> Result<Exports, StartError> {
+    let mut exports = Vec::new();
+    for r in &config.resources {
+        let store = FileStore::open(&r.disk, r.size, r.read_only).map_err(|source| {
+            StartError::Open {
+                resource: r.name.clone(),
+                source,
+            }
+        })?;
+        exports.push(Arc::new(Export {
+            name: r.name.clone(),
+            description: r.description.clone(),
+            read_only: r.read_only,
+            store: Arc::new(store) as Arc<dyn Store>,
+        }));
+    }
+    Ok(Exports::new(
+        exports,
+        config.default_resource().map(str::to_owned),
+    ))
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(StartError::SocketInUse(path.to_owned()));
+        }
+        // A stale socket from a daemon that did not exit cleanly.
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| StartError::Bind {
+        addr: path.display().to_string(),
+        source,
+    })
+}
+
+impl Server {
+    /// Opens the exports of `config` and starts serving them.
+    pub fn start(config: &Config) -> Result<Server, StartError> {
+        let exports = open_exports(config)?;
+        Self::start_with(config.nbd.clone(), exports, Arc::new(AdmitAll))
+    }
+
+    pub fn start_with(
+        cfg: NbdConfig,
+        exports: Exports,
+        admission: Arc<dyn Admission>,
+    ) -> Result<Server, StartError> {
+        let mut listeners = Vec::new();
+        let mut tcp_addr = None;
+        if let Some(addr) = cfg.listen {
+            let l = TcpListener::bind(addr).map_err(|source| StartError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+            tcp_addr = l.local_addr().ok();
+            listeners.push(Arc::new(Listener::Tcp(l)));
+        }
+        if let Some(path) = &cfg.unix_socket {
+            listeners.push(Arc::new(Listener::Unix(bind_unix(path)?, path.clone())));
+        }
+        let shared = Arc::new(Shared {
+            exports,
+            admission,
+            cfg,
+            stopping: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            drained: Condvar::new(),
+            next_id: AtomicU64::new(1),
+        });
+        let mut accept_threads = Vec::new();
+        for listener in &listeners {
+            match listener.as_ref() {
+                Listener::Tcp(_) => tracing::info!("listening for NBD on tcp {}", tcp_addr.map(|a| a.to_string()).unwrap_or_default()),
+                Listener::Unix(_, p) => tracing::info!("listening for NBD on unix {}", p.display()),
+            }
+            let (shared, listener) = (shared.clone(), listener.clone());
+            let t = std::thread::Builder::new()
+                .name("nbd-accept".into())
+                .spawn(move || accept_loop(&shared, &listener))
+                .map_err(StartError::Thread)?;
+            accept_threads.push(t);
+        }
+        Ok(Server {
+            shared,
+            listeners,
+            accept_threads,
+            tcp_addr,
+        })
+    }
+
+    /// The bound TCP address (useful when configured with port 0).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the
+    /// configured timeout), then flushes every export.
+    pub fn shutdown(mut self) -> io::Result<()> {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for l in &self.listeners {
+            l.wake();
+        }
+        for t in self.accept_threads.drain(..) {
+            let _ = t.join();
+        }
+        for l in &self.listeners {
+            if let Listener::Unix(_, path) = l.as_ref() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        let mut conns = lock(&self.shared.conns);
+        // Closing only the read side ends each connection's request stream
+        // while letting replies to requests already read go out.
+        for s in conns.values() {
+            s.shutdown(Shutdown::Read);
+        }
+        let timeout = Duration::from_millis(self.shared.cfg.shutdown_timeout_ms);
+        let deadline = Instant::now() + timeout;
+        while !conns.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    "{} connection(s) still busy after {timeout:?}; closing them",
+                    conns.len()
+                );
+                for s in conns.values() {
+                    s.shutdown(Shutdown::Both);
+                }
+                break;
+            }
+            conns = self
+                .shared
+                .drained
+                .wait_timeout(conns, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(conns);
+        let mut result = Ok(());
+        for export in self.shared.exports.iter() {
+            if let Err(e) = export.store.flush() {
+                tracing::error!(export = %export.name, "flush at shutdown failed: {e}");
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
+    loop {
+        let stream = listener.accept();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let peer = stream.peer();
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut conns = lock(&shared.conns);
+            if shared.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if conns.len() >= shared.cfg.max_connections {
+                tracing::warn!(
+                    peer,
+                    "refusing connection: {} connections already open",
+                    conns.len()
+                );
+                continue;
+            }
+            match stream.try_clone() {
+                Ok(clone) => {
+                    conns.insert(id, clone);
+                }
+                Err(e) => {
+                    tracing::warn!(peer, "refusing connection: {e}");
+                    continue;
+                }
+            }
+        }
+        let shared2 = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                serve_connection(&shared2, stream, &peer);
+                let mut conns = lock(&shared2.conns);
+                conns.remove(&id);
+                shared2.drained.notify_all();
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start connection thread: {e}");
+            lock(&shared.conns).remove(&id);
+        }
+    }
+}
+
+fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str) {
+    tracing::info!(peer, "connection opened");
+    let timeout = Duration::from_millis(shared.cfg.handshake_timeout_ms);
+    if let Err(e) = stream.set_timeouts(Some(timeout)) {
+        tracing::info!(peer, "connection closed: {e}");
+        return;
+    }
+    let outcome = handshake::serve(&mut stream, &shared.exports, &*shared.admission, timeout);
+    let export = match outcome {
+        Ok(Outcome::Transmission(export)) => export,
+        Ok(Outcome::Aborted) => {
+            tracing::info!(peer, "connection closed: client ended the handshake");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(peer, "connection closed: {e}");
+            return;
+        }
+    };
+    if let Err(e) = stream.set_timeouts(None) {
+        tracing::info!(peer, export = %export.name, "connection closed: {e}");
+        return;
+    }
+    match transmission::serve(stream, &export, shared.cfg.workers_per_connection) {
+        Ok(summary) => {
+            let requests = summary.requests;
+            match summary.reason {
+                CloseReason::Disconnect => tracing::info!(
+                    peer, export = %export.name, requests, "connection closed: client disconnected"
+                ),
+                CloseReason::Eof => tracing::info!(
+                    peer, export = %export.name, requests, "connection closed: end of stream"
+                ),
+                CloseReason::Error(why) => tracing::warn!(
+                    peer, export = %export.name, requests, "connection closed: {why}"
+                ),
+            }
+        }
+        Err(e) => tracing::warn!(peer, export = %export.name, "connection closed: {e}"),
+    }
+}

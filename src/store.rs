@@ -1,0 +1,371 @@
+//! Local storage behind a small trait.
+//!
+//! The NBD frontend (and later the replication engine) talks to a `Store`;
+//! `FileStore` implements it over a regular file or block device with
+//! positional reads and writes, `fdatasync`, and `fallocate` for punching
+//! holes and zeroing ranges where the file system supports it. `MemStore`
+//! is an in-memory fake for unit tests of code above the store.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Mutex;
+
+use thiserror::Error;
+
+/// Largest zero-fill buffer used when the file system cannot zero a range.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// Positional block storage. All methods may be called concurrently.
+pub trait Store: Send + Sync {
+    /// Usable bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`. The range is within `size()`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset`; when `durable`, returns only once the data
+    /// is on stable storage (FUA).
+    fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Tells the storage the range is unused. Contents afterwards are
+    /// unspecified; failure to deallocate is not an error.
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// Makes the range read back as zeroes; `may_unmap` allows deallocating.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+    /// Hints that the range will be read soon.
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()>;
+}
+
+#[derive(Debug, Error)]
+pub enum OpenError {
+    #[error("backing store {path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("backing store {path} is neither a regular file nor a block device")]
+    NotFileOrDevice { path: String },
+    #[error("backing store {path} is {actual} bytes, which is not a positive multiple of 4 KiB; set `size` to a multiple of 4096 no larger than that")]
+    Unaligned { path: String, actual: u64 },
+    #[error("backing store {path} is {actual} bytes, smaller than the configured size {wanted}")]
+    TooSmall {
+        path: String,
+        actual: u64,
+        wanted: u64,
+    },
+}
+
+/// A file or block device accessed with pread/pwrite.
+#[derive(Debug)]
+pub struct FileStore {
+    file: File,
+    size: u64,
+    is_block_device: bool,
+}
+
+impl FileStore {
+    /// Opens an existing backing store. `size` limits the exported bytes;
+    /// without it the whole store is used and must be 4 KiB aligned.
+    pub fn open(path: &Path, size: Option<u64>, read_only: bool) -> Result<FileStore, OpenError> {
+        let name = path.display().to_string();
+        let io_err = |source| OpenError::Io {
+            path: name.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io_err)?;
+        let kind = file.metadata().map_err(io_err)?.file_type();
+        let is_block_device = kind.is_block_device();
+        if !kind.is_file() && !is_block_device {
+            return Err(OpenError::NotFileOrDevice { path: name });
+        }
+        // Seeking to the end gives the size of block devices too.
+        let actual = file.seek(SeekFrom::End(0)).map_err(io_err)?;
+        let size = match size {
+            Some(wanted) if wanted > actual => {
+                return Err(OpenError::TooSmall {
+                    path: name,
+                    actual,
+                    wanted,
+                })
+            }
+            Some(wanted) => wanted,
+            None if actual == 0 || actual % crate::config::SIZE_ALIGN != 0 => {
+                return Err(OpenError::Unaligned { path: name, actual })
+            }
+            None => actual,
+        };
+        Ok(FileStore {
+            file,
+            size,
+            is_block_device,
+        })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: plain syscall on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn write_zero_bytes(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK.min(len as usize)];
+        let end = offset + len;
+        while offset < end {
+            let n = (end - offset).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+
+    /// pwritev2 with RWF_DSYNC: the write and its durability in one call.
+    fn write_dsync(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            let iov = libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            };
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: `iov` points into `buf`, which outlives the call; the
+            // kernel only reads from it.
+            let n = unsafe { libc::pwritev2(self.file.as_raw_fd(), &iov, 1, off, libc::RWF_DSYNC) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) {
+                    self.file.write_all_at(buf, offset)?;
+                    return self.file.sync_data();
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero));
+            }
+            buf = &buf[n as usize..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Store for FileStore {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        if durable {
+            self.write_dsync(buf, offset)
+        } else {
+            self.file.write_all_at(buf, offset)
+        }
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // Deallocation is advisory: a file system or device without it
+        // still gives a correct (if not thin) result.
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // Punching a hole reads back as zeroes on files, and on block
+        // devices the kernel zeroes (or fails) rather than discarding.
+        if may_unmap
+            && self
+                .fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .is_ok()
+        {
+            return Ok(());
+        }
+        let zero_range = if self.is_block_device {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        if self.fallocate(zero_range, offset, len).is_ok() {
+            return Ok(());
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: advisory syscall on our own descriptor.
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED)
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
+    }
+}
+
+/// An in-memory store for unit tests of the layers above.
+#[derive(Debug)]
+pub struct MemStore {
+    data: Mutex<Vec<u8>>,
+}
+
+impl MemStore {
+    pub fn new(size: usize) -> MemStore {
+        MemStore {
+            data: Mutex::new(vec![0; size]),
+        }
+    }
+
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        match start.checked_add(len) {
+            Some(end) if end <= self.lock().len() => Ok(start..end),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+}
+
+impl Store for MemStore {
+    fn size(&self) -> u64 {
+        self.lock().len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let r = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&self.lock()[r]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, _durable: bool) -> io::Result<()> {
+        let r = self.range(offset, buf.len())?;
+        self.lock()[r].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn trim(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let r = self.range(offset, len)?;
+        self.lock()[r].fill(0);
+        Ok(())
+    }
+    fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(len: u64) -> (tempfile::NamedTempFile, FileStore) {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        f.as_file().set_len(len).expect("set_len");
+        let store = FileStore::open(f.path(), None, false).expect("open");
+        (f, store)
+    }
+
+    #[test]
+    fn file_store_round_trips_unaligned_writes() {
+        let (_f, s) = temp_file(1 << 20);
+        s.write_at(b"hello", 4093, false).expect("write");
+        s.write_at(b"world", 70_000, true).expect("fua write");
+        let mut buf = [0u8; 5];
+        s.read_at(&mut buf, 4093).expect("read");
+        assert_eq!(&buf, b"hello");
+        s.read_at(&mut buf, 70_000).expect("read");
+        assert_eq!(&buf, b"world");
+        s.flush().expect("flush");
+    }
+
+    #[test]
+    fn write_zeroes_reads_back_as_zeroes_with_and_without_unmap() {
+        let (_f, s) = temp_file(1 << 20);
+        s.write_at(&[0xaa; 65536], 0, false).expect("write");
+        s.write_zeroes(100, 5000, true).expect("zero");
+        s.write_zeroes(20_000, 3, false).expect("zero");
+        let mut buf = vec![0u8; 65536];
+        s.read_at(&mut buf, 0).expect("read");
+        assert!(buf[..100].iter().all(|&b| b == 0xaa));
+        assert!(buf[100..5100].iter().all(|&b| b == 0));
+        assert!(buf[5100..20_000].iter().all(|&b| b == 0xaa));
+        assert!(buf[20_000..20_003].iter().all(|&b| b == 0));
+        assert!(buf[20_003..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn trim_keeps_the_size() {
+        let (f, s) = temp_file(1 << 20);
+        s.trim(4096, 65536).expect("trim");
+        assert_eq!(f.as_file().metadata().expect("meta").len(), 1 << 20);
+    }
+
+    #[test]
+    fn unaligned_backing_file_is_refused_without_size() {
+        let f = tempfile::NamedTempFile::new().expect("temp file");
+        f.as_file().set_len(5000).expect("set_len");
+        let err = FileStore::open(f.path(), None, false).unwrap_err();
+        assert!(err.to_string().contains("multiple of 4 KiB"), "{err}");
+        let s = FileStore::open(f.path(), Some(4096), false).expect("explicit size");
+        assert_eq!(s.size(), 4096);
+        let err = FileStore::open(f.path(), Some(8192), false).unwrap_err();
+        assert!(err.to_string().contains("smaller"), "{err}");
+    }
+
+    #[test]
+    fn missing_backing_file_names_the_path() {
+        let err = FileStore::open(Path::new("/nonexistent/replblk.img"), None, false).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/replblk.img"), "{err}");
+    }
+}
