@@ -159,7 +159,9 @@ impl Config {
             return invalid("no [[resource]] defined; nothing to export".into());
         }
         if self.nbd.listen.is_none() && self.nbd.unix_socket.is_none() {
-            return invalid("[nbd] has neither listen nor unix_socket; clients could not connect".into());
+            return invalid(
+                "[nbd] has neither listen nor unix_socket; clients could not connect".into(),
+            );
         }
         if self.nbd.workers_per_connection == 0 || self.nbd.workers_per_connection > 256 {
             return invalid(format!(

@@ -56,14 +56,18 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
     let dir = DemoDir(base.join(format!("replblk-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
     let disk = dir.0.join("r0.img");
-    let file = std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
+    let file =
+        std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
     file.set_len(1 << 30).context("sizing the demo disk")?;
     let text = format!(
         "[nbd]\nlisten = \"127.0.0.1:{port}\"\n\n[[resource]]\nname = \"r0\"\ndisk = {:?}\ndescription = \"replblk demo volume\"\n",
         disk.display().to_string()
     );
     let config = Config::parse(&text)?;
-    println!("replblk demo: serving a 1 GiB volume backed by {}", disk.display());
+    println!(
+        "replblk demo: serving a 1 GiB volume backed by {}",
+        disk.display()
+    );
     println!("  export:     nbd://127.0.0.1:{port}/r0");
     println!("  try:        nbdinfo nbd://127.0.0.1:{port}/r0");
     println!("              qemu-io -f raw nbd://127.0.0.1:{port}/r0 -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");

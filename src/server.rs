@@ -92,12 +92,11 @@ pub struct Server {
 pub fn open_exports(config: &Config) -> Result<Exports, StartError> {
     let mut exports = Vec::new();
     for r in &config.resources {
-        let store = FileStore::open(&r.disk, r.size, r.read_only).map_err(|source| {
-            StartError::Open {
+        let store =
+            FileStore::open(&r.disk, r.size, r.read_only).map_err(|source| StartError::Open {
                 resource: r.name.clone(),
                 source,
-            }
-        })?;
+            })?;
         exports.push(Arc::new(Export {
             name: r.name.clone(),
             description: r.description.clone(),
@@ -162,7 +161,10 @@ impl Server {
         let mut accept_threads = Vec::new();
         for listener in &listeners {
             match listener.as_ref() {
-                Listener::Tcp(_) => tracing::info!("listening for NBD on tcp {}", tcp_addr.map(|a| a.to_string()).unwrap_or_default()),
+                Listener::Tcp(_) => tracing::info!(
+                    "listening for NBD on tcp {}",
+                    tcp_addr.map(|a| a.to_string()).unwrap_or_default()
+                ),
                 Listener::Unix(_, p) => tracing::info!("listening for NBD on unix {}", p.display()),
             }
             let (shared, listener) = (shared.clone(), listener.clone());

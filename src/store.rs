@@ -146,7 +146,10 @@ impl FileStore {
                 if err.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                if matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) {
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+                ) {
                     self.file.write_all_at(buf, offset)?;
                     return self.file.sync_data();
                 }
@@ -195,7 +198,14 @@ impl Store for FileStore {
             len,
         ) {
             Ok(()) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -266,7 +276,8 @@ impl MemStore {
     }
 
     fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
-        let start = usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let start =
+            usize::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         match start.checked_add(len) {
             Some(end) if end <= self.lock().len() => Ok(start..end),
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
@@ -366,6 +377,9 @@ mod tests {
     #[test]
     fn missing_backing_file_names_the_path() {
         let err = FileStore::open(Path::new("/nonexistent/replblk.img"), None, false).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/replblk.img"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/replblk.img"),
+            "{err}"
+        );
     }
 }

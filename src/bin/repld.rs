@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "repld", version, about = "replblk daemon: serves replicated volumes over NBD")]
+#[command(
+    name = "repld",
+    version,
+    about = "replblk daemon: serves replicated volumes over NBD"
+)]
 struct Args {
     /// Configuration file (TOML); see examples/replblk.toml.
     #[arg(long, short, required_unless_present = "demo")]

@@ -303,6 +303,9 @@ mod tests {
         assert_eq!(io_errno(e(libc::EDQUOT)), errno::ENOSPC);
         assert_eq!(io_errno(e(libc::EROFS)), errno::EPERM);
         assert_eq!(io_errno(e(libc::EIO)), errno::EIO);
-        assert_eq!(io_errno(io::Error::from(io::ErrorKind::UnexpectedEof)), errno::EIO);
+        assert_eq!(
+            io_errno(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            errno::EIO
+        );
     }
 }
