@@ -15,6 +15,7 @@
 //!   `Err` means the bytes can never become a valid value.
 
 pub mod nbd;
+pub mod repl;
 
 use thiserror::Error;
 

@@ -1,0 +1,636 @@
+//! The replication protocol between two `repld` peers: frame layout,
+//! handshake messages, the data path and keepalive. `proto/PROTOCOL.md`
+//! specifies the same thing in prose, byte by byte.
+//!
+//! Every frame is a 12-byte header (magic, layout version, kind, body
+//! length) followed by the body. The body of a `Write` ends with the
+//! payload, whose crc32c is in the frame so the receiver can verify it.
+
+use std::io::Cursor;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::DecodeError;
+
+/// "RBLK".
+pub const MAGIC: u32 = 0x5242_4c4b;
+/// Layout version of the frame header itself; bumped only if the header
+/// changes (message semantics are negotiated with `Hello`).
+pub const HEADER_VERSION: u16 = 1;
+/// Protocol versions this implementation speaks.
+pub const PROTOCOL_MIN: u16 = 1;
+pub const PROTOCOL_MAX: u16 = 1;
+/// Largest body accepted: a 32 MiB write plus its fixed fields.
+pub const MAX_BODY: u32 = (32 << 20) + 64;
+pub const CHALLENGE_LEN: usize = 32;
+pub const MAC_LEN: usize = 32;
+/// Longest node or resource name.
+pub const MAX_NAME: usize = 255;
+/// Longest human-readable message in a `Refuse`.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Frame kinds.
+pub mod kind {
+    pub const HELLO: u16 = 1;
+    pub const AUTH: u16 = 2;
+    pub const AUTH_OK: u16 = 3;
+    pub const REFUSE: u16 = 4;
+    pub const WRITE: u16 = 16;
+    pub const TRIM: u16 = 17;
+    pub const WRITE_ZEROES: u16 = 18;
+    pub const BARRIER: u16 = 19;
+    pub const ACK: u16 = 20;
+    pub const PING: u16 = 32;
+    pub const PONG: u16 = 33;
+}
+
+/// Flags on data frames.
+pub mod data_flags {
+    /// Acknowledge only once the data is durable on the receiver.
+    pub const FUA: u32 = 1 << 0;
+    /// `WriteZeroes`: the receiver must not deallocate the range.
+    pub const NO_HOLE: u32 = 1 << 1;
+    pub const KNOWN: u32 = FUA | NO_HOLE;
+}
+
+/// Feature bits offered in `Hello`; the session uses the intersection.
+pub mod features {
+    /// Nothing optional exists yet; the field is there so a later version
+    /// can add capabilities without a new protocol version.
+    pub const NONE: u64 = 0;
+}
+
+/// Why a peer refused the session (sent in `Refuse`, then the connection
+/// is closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseCode {
+    VersionMismatch,
+    UnknownResource,
+    WrongPeer,
+    SizeMismatch,
+    AuthFailed,
+    ProtocolError,
+    Busy,
+    Other(u16),
+}
+
+impl RefuseCode {
+    pub fn to_wire(self) -> u16 {
+        match self {
+            RefuseCode::VersionMismatch => 1,
+            RefuseCode::UnknownResource => 2,
+            RefuseCode::WrongPeer => 3,
+            RefuseCode::SizeMismatch => 4,
+            RefuseCode::AuthFailed => 5,
+            RefuseCode::ProtocolError => 6,
+            RefuseCode::Busy => 7,
+            RefuseCode::Other(c) => c,
+        }
+    }
+
+    pub fn from_wire(code: u16) -> Self {
+        match code {
+            1 => RefuseCode::VersionMismatch,
+            2 => RefuseCode::UnknownResource,
+            3 => RefuseCode::WrongPeer,
+            4 => RefuseCode::SizeMismatch,
+            5 => RefuseCode::AuthFailed,
+            6 => RefuseCode::ProtocolError,
+            7 => RefuseCode::Busy,
+            c => RefuseCode::Other(c),
+        }
+    }
+}
+
+/// The fixed header in front of every frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u16,
+    pub length: u32,
+}
+
+impl FrameHeader {
+    pub const LEN: usize = 12;
+
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.put_u32(MAGIC);
+        dst.put_u16(HEADER_VERSION);
+        dst.put_u16(self.kind);
+        dst.put_u32(self.length);
+    }
+
+    pub fn decode(src: &mut Cursor<&[u8]>) -> Result<Option<Self>, DecodeError> {
+        if src.remaining() < Self::LEN {
+            return Ok(None);
+        }
+        let start = src.position();
+        let magic = src.get_u32();
+        if magic != MAGIC {
+            src.set_position(start);
+            return Err(DecodeError::BadMagic {
+                expected: MAGIC as u64,
+                got: magic as u64,
+            });
+        }
+        let version = src.get_u16();
+        if version != HEADER_VERSION {
+            return Err(DecodeError::Invalid {
+                what: "frame header version",
+                detail: format!("{version}, expected {HEADER_VERSION}"),
+            });
+        }
+        let kind = src.get_u16();
+        let length = src.get_u32();
+        if length > MAX_BODY {
+            return Err(DecodeError::TooLong {
+                what: "frame body",
+                len: length as u64,
+                max: MAX_BODY as u64,
+            });
+        }
+        Ok(Some(FrameHeader { kind, length }))
+    }
+}
+
+/// The first frame each side sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    pub features: u64,
+    /// The sender's node name.
+    pub node: String,
+    /// The node name the sender expects to be talking to.
+    pub peer: String,
+    pub resource: String,
+    /// Usable bytes of the sender's device.
+    pub size: u64,
+    /// Random bytes the receiver must answer with `Auth`.
+    pub challenge: [u8; CHALLENGE_LEN],
+}
+
+/// A replicated write: header fields plus the payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFrame {
+    pub seq: u64,
+    pub offset: u64,
+    pub flags: u32,
+    pub crc: u32,
+    pub payload: Bytes,
+}
+
+impl WriteFrame {
+    /// Builds a write frame, computing the payload's crc32c.
+    pub fn new(seq: u64, offset: u64, flags: u32, payload: Bytes) -> Self {
+        let crc = crc32c::crc32c(&payload);
+        WriteFrame {
+            seq,
+            offset,
+            flags,
+            crc,
+            payload,
+        }
+    }
+
+    /// True when the payload matches the crc32c carried in the frame.
+    pub fn crc_ok(&self) -> bool {
+        crc32c::crc32c(&self.payload) == self.crc
+    }
+
+    pub const FIXED: usize = 24;
+}
+
+/// Every frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    /// HMAC-SHA256 answer to the peer's challenge (see [`auth_mac`]).
+    Auth {
+        mac: [u8; MAC_LEN],
+    },
+    /// The peer's `Auth` was verified.
+    AuthOk,
+    /// The session is refused; the connection closes after this frame.
+    Refuse {
+        code: RefuseCode,
+        message: String,
+    },
+    Write(WriteFrame),
+    Trim {
+        seq: u64,
+        offset: u64,
+        length: u64,
+        flags: u32,
+    },
+    WriteZeroes {
+        seq: u64,
+        offset: u64,
+        length: u64,
+        flags: u32,
+    },
+    /// Acknowledged only after every earlier data frame is durable.
+    Barrier {
+        seq: u64,
+    },
+    /// Completion of the data frame or barrier `seq`; `status` 0 is
+    /// success, otherwise an errno value from the receiver's storage.
+    Ack {
+        seq: u64,
+        status: u32,
+    },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+}
+
+fn put_name(dst: &mut BytesMut, s: &str) {
+    let bytes = s.as_bytes();
+    let len = bytes.len().min(u16::MAX as usize);
+    dst.put_u16(len as u16);
+    dst.put_slice(&bytes[..len]);
+}
+
+fn get_string(
+    src: &mut Cursor<&[u8]>,
+    what: &'static str,
+    max: usize,
+) -> Result<String, DecodeError> {
+    let short = || DecodeError::LengthMismatch {
+        what,
+        declared: 2,
+        actual: 0,
+    };
+    if src.remaining() < 2 {
+        return Err(short());
+    }
+    let len = src.get_u16() as usize;
+    if len > max {
+        return Err(DecodeError::TooLong {
+            what,
+            len: len as u64,
+            max: max as u64,
+        });
+    }
+    if src.remaining() < len {
+        return Err(DecodeError::LengthMismatch {
+            what,
+            declared: len as u64,
+            actual: src.remaining() as u64,
+        });
+    }
+    let start = src.position() as usize;
+    let bytes = &src.get_ref()[start..start + len];
+    let s = std::str::from_utf8(bytes)
+        .map_err(|_| DecodeError::NotUtf8(what))?
+        .to_owned();
+    src.advance(len);
+    Ok(s)
+}
+
+fn fixed(body: &[u8], kind_name: &'static str, len: usize) -> Result<(), DecodeError> {
+    if body.len() != len {
+        return Err(DecodeError::LengthMismatch {
+            what: kind_name,
+            declared: len as u64,
+            actual: body.len() as u64,
+        });
+    }
+    Ok(())
+}
+
+fn check_flags(flags: u32, what: &'static str) -> Result<u32, DecodeError> {
+    if flags & !data_flags::KNOWN != 0 {
+        return Err(DecodeError::Invalid {
+            what,
+            detail: format!("unknown flag bits {:#x}", flags & !data_flags::KNOWN),
+        });
+    }
+    Ok(flags)
+}
+
+impl Frame {
+    pub fn kind(&self) -> u16 {
+        match self {
+            Frame::Hello(_) => kind::HELLO,
+            Frame::Auth { .. } => kind::AUTH,
+            Frame::AuthOk => kind::AUTH_OK,
+            Frame::Refuse { .. } => kind::REFUSE,
+            Frame::Write(_) => kind::WRITE,
+            Frame::Trim { .. } => kind::TRIM,
+            Frame::WriteZeroes { .. } => kind::WRITE_ZEROES,
+            Frame::Barrier { .. } => kind::BARRIER,
+            Frame::Ack { .. } => kind::ACK,
+            Frame::Ping { .. } => kind::PING,
+            Frame::Pong { .. } => kind::PONG,
+        }
+    }
+
+    /// Appends header and body.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let header_at = dst.len();
+        FrameHeader {
+            kind: self.kind(),
+            length: 0,
+        }
+        .encode(dst);
+        let body_at = dst.len();
+        match self {
+            Frame::Hello(h) => {
+                dst.put_u16(h.min_version);
+                dst.put_u16(h.max_version);
+                dst.put_u64(h.features);
+                put_name(dst, &h.node);
+                put_name(dst, &h.peer);
+                put_name(dst, &h.resource);
+                dst.put_u64(h.size);
+                dst.put_slice(&h.challenge);
+            }
+            Frame::Auth { mac } => dst.put_slice(mac),
+            Frame::AuthOk => {}
+            Frame::Refuse { code, message } => {
+                dst.put_u16(code.to_wire());
+                put_name(dst, message);
+            }
+            Frame::Write(w) => {
+                dst.put_u64(w.seq);
+                dst.put_u64(w.offset);
+                dst.put_u32(w.flags);
+                dst.put_u32(w.crc);
+                dst.put_slice(&w.payload);
+            }
+            Frame::Trim {
+                seq,
+                offset,
+                length,
+                flags,
+            }
+            | Frame::WriteZeroes {
+                seq,
+                offset,
+                length,
+                flags,
+            } => {
+                dst.put_u64(*seq);
+                dst.put_u64(*offset);
+                dst.put_u64(*length);
+                dst.put_u32(*flags);
+            }
+            Frame::Barrier { seq } => dst.put_u64(*seq),
+            Frame::Ack { seq, status } => {
+                dst.put_u64(*seq);
+                dst.put_u32(*status);
+            }
+            Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),
+        }
+        let length = (dst.len() - body_at) as u32;
+        dst[header_at + 8..header_at + 12].copy_from_slice(&length.to_be_bytes());
+    }
+
+    /// Decodes one whole frame; `Ok(None)` if the buffer holds less than a
+    /// frame (the cursor is then unchanged).
+    pub fn decode(src: &mut Cursor<&[u8]>) -> Result<Option<Frame>, DecodeError> {
+        let start = src.position();
+        let Some(header) = FrameHeader::decode(src)? else {
+            return Ok(None);
+        };
+        if src.remaining() < header.length as usize {
+            src.set_position(start);
+            return Ok(None);
+        }
+        let at = src.position() as usize;
+        let body = &src.get_ref()[at..at + header.length as usize];
+        let frame = Frame::decode_body(header.kind, body)?;
+        src.advance(header.length as usize);
+        Ok(Some(frame))
+    }
+
+    /// Decodes a frame body whose header has already been read.
+    pub fn decode_body(kind: u16, body: &[u8]) -> Result<Frame, DecodeError> {
+        let mut src = Cursor::new(body);
+        let frame = match kind {
+            kind::HELLO => {
+                if body.len() < 12 {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "Hello",
+                        declared: 12,
+                        actual: body.len() as u64,
+                    });
+                }
+                let min_version = src.get_u16();
+                let max_version = src.get_u16();
+                let features = src.get_u64();
+                let node = get_string(&mut src, "Hello node name", MAX_NAME)?;
+                let peer = get_string(&mut src, "Hello peer name", MAX_NAME)?;
+                let resource = get_string(&mut src, "Hello resource name", MAX_NAME)?;
+                if src.remaining() != 8 + CHALLENGE_LEN {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "Hello size and challenge",
+                        declared: (8 + CHALLENGE_LEN) as u64,
+                        actual: src.remaining() as u64,
+                    });
+                }
+                let size = src.get_u64();
+                let mut challenge = [0u8; CHALLENGE_LEN];
+                src.copy_to_slice(&mut challenge);
+                if min_version > max_version {
+                    return Err(DecodeError::Invalid {
+                        what: "Hello version range",
+                        detail: format!("min {min_version} > max {max_version}"),
+                    });
+                }
+                Frame::Hello(Hello {
+                    min_version,
+                    max_version,
+                    features,
+                    node,
+                    peer,
+                    resource,
+                    size,
+                    challenge,
+                })
+            }
+            kind::AUTH => {
+                fixed(body, "Auth", MAC_LEN)?;
+                let mut mac = [0u8; MAC_LEN];
+                src.copy_to_slice(&mut mac);
+                Frame::Auth { mac }
+            }
+            kind::AUTH_OK => {
+                fixed(body, "AuthOk", 0)?;
+                Frame::AuthOk
+            }
+            kind::REFUSE => {
+                if body.len() < 2 {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "Refuse",
+                        declared: 2,
+                        actual: body.len() as u64,
+                    });
+                }
+                let code = RefuseCode::from_wire(src.get_u16());
+                let message = get_string(&mut src, "Refuse message", MAX_MESSAGE)?;
+                if src.has_remaining() {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "Refuse",
+                        declared: (body.len() - src.remaining()) as u64,
+                        actual: body.len() as u64,
+                    });
+                }
+                Frame::Refuse { code, message }
+            }
+            kind::WRITE => {
+                if body.len() < WriteFrame::FIXED {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "Write",
+                        declared: WriteFrame::FIXED as u64,
+                        actual: body.len() as u64,
+                    });
+                }
+                let seq = src.get_u64();
+                let offset = src.get_u64();
+                let flags = check_flags(src.get_u32(), "Write flags")?;
+                if flags & data_flags::NO_HOLE != 0 {
+                    return Err(DecodeError::Invalid {
+                        what: "Write flags",
+                        detail: "NO_HOLE applies to WriteZeroes only".into(),
+                    });
+                }
+                let crc = src.get_u32();
+                let payload = Bytes::copy_from_slice(&body[WriteFrame::FIXED..]);
+                if offset.checked_add(payload.len() as u64).is_none() {
+                    return Err(DecodeError::Invalid {
+                        what: "Write range",
+                        detail: format!("offset {offset} + {} overflows", payload.len()),
+                    });
+                }
+                Frame::Write(WriteFrame {
+                    seq,
+                    offset,
+                    flags,
+                    crc,
+                    payload,
+                })
+            }
+            kind::TRIM | kind::WRITE_ZEROES => {
+                fixed(body, "Trim/WriteZeroes", 28)?;
+                let seq = src.get_u64();
+                let offset = src.get_u64();
+                let length = src.get_u64();
+                let flags = check_flags(src.get_u32(), "Trim/WriteZeroes flags")?;
+                if offset.checked_add(length).is_none() {
+                    return Err(DecodeError::Invalid {
+                        what: "Trim/WriteZeroes range",
+                        detail: format!("offset {offset} + {length} overflows"),
+                    });
+                }
+                if kind == kind::TRIM {
+                    Frame::Trim {
+                        seq,
+                        offset,
+                        length,
+                        flags,
+                    }
+                } else {
+                    Frame::WriteZeroes {
+                        seq,
+                        offset,
+                        length,
+                        flags,
+                    }
+                }
+            }
+            kind::BARRIER => {
+                fixed(body, "Barrier", 8)?;
+                Frame::Barrier { seq: src.get_u64() }
+            }
+            kind::ACK => {
+                fixed(body, "Ack", 12)?;
+                Frame::Ack {
+                    seq: src.get_u64(),
+                    status: src.get_u32(),
+                }
+            }
+            kind::PING => {
+                fixed(body, "Ping", 8)?;
+                Frame::Ping {
+                    nonce: src.get_u64(),
+                }
+            }
+            kind::PONG => {
+                fixed(body, "Pong", 8)?;
+                Frame::Pong {
+                    nonce: src.get_u64(),
+                }
+            }
+            other => {
+                return Err(DecodeError::Invalid {
+                    what: "frame kind",
+                    detail: format!("unknown kind {other}"),
+                })
+            }
+        };
+        Ok(frame)
+    }
+}
+
+/// Context string mixed into every authentication MAC, so a MAC computed
+/// for some other purpose with the same secret is never accepted here.
+const AUTH_CONTEXT: &[u8] = b"replblk-peer-auth-v1";
+
+fn keyed(
+    secret: &[u8],
+    challenge: &[u8; CHALLENGE_LEN],
+    responder: &str,
+    resource: &str,
+) -> Option<Hmac<Sha256>> {
+    // HMAC takes keys of any length; the error case exists only for MACs
+    // with fixed key sizes.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok()?;
+    mac.update(AUTH_CONTEXT);
+    mac.update(&(resource.len() as u32).to_be_bytes());
+    mac.update(resource.as_bytes());
+    mac.update(&(responder.len() as u32).to_be_bytes());
+    mac.update(responder.as_bytes());
+    mac.update(challenge);
+    Some(mac)
+}
+
+/// The MAC a node named `responder` sends to prove it knows `secret`, in
+/// answer to `challenge` for `resource`. Binding the responder's own name
+/// means a MAC reflected back to its sender never verifies.
+pub fn auth_mac(
+    secret: &[u8],
+    challenge: &[u8; CHALLENGE_LEN],
+    responder: &str,
+    resource: &str,
+) -> Option<[u8; MAC_LEN]> {
+    Some(
+        keyed(secret, challenge, responder, resource)?
+            .finalize()
+            .into_bytes()
+            .into(),
+    )
+}
+
+/// Constant-time check of a peer's MAC.
+pub fn auth_verify(
+    secret: &[u8],
+    challenge: &[u8; CHALLENGE_LEN],
+    responder: &str,
+    resource: &str,
+    got: &[u8; MAC_LEN],
+) -> bool {
+    keyed(secret, challenge, responder, resource).is_some_and(|m| m.verify_slice(got).is_ok())
+}
+
+/// Picks the highest protocol version both ranges contain.
+pub fn negotiate_version(a: (u16, u16), b: (u16, u16)) -> Option<u16> {
+    let lo = a.0.max(b.0);
+    let hi = a.1.min(b.1);
+    (lo <= hi).then_some(hi)
+}
