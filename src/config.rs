@@ -5,7 +5,7 @@
 //! falls back to a default) and validation happens here, before anything is
 //! opened or bound, so a bad file gives one clear message and no side effects.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -50,8 +50,110 @@ fn default_shutdown_timeout_ms() -> u64 {
 pub struct Config {
     #[serde(default)]
     pub nbd: NbdConfig,
+    /// Per-node settings, by node name (`[nodes.alpha]`).
+    #[serde(default)]
+    pub nodes: BTreeMap<String, NodeConfig>,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
     #[serde(default, rename = "resource")]
     pub resources: Vec<ResourceConfig>,
+}
+
+/// `[nodes.NAME]`: what differs between the nodes sharing this file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Overrides `[nbd] listen` on this node.
+    #[serde(default, deserialize_with = "de_opt_addr_opt")]
+    pub nbd_listen: Option<Option<SocketAddr>>,
+    /// Overrides `[nbd] unix_socket` on this node.
+    #[serde(default)]
+    pub unix_socket: Option<PathBuf>,
+    /// Overrides `[control] socket` on this node.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/replblk/repld.sock")
+}
+
+/// `[control]`: the socket `replctl` talks to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_control_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: default_control_socket(),
+        }
+    }
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_ping_interval_ms() -> u64 {
+    1_000
+}
+fn default_ping_timeout_ms() -> u64 {
+    5_000
+}
+fn default_reconnect_max_ms() -> u64 {
+    5_000
+}
+fn default_ack_timeout_ms() -> u64 {
+    30_000
+}
+
+/// `[replication]`: peer link timing, shared by every resource.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// TCP connect plus handshake must finish within this time.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// A Ping is sent this often.
+    #[serde(default = "default_ping_interval_ms")]
+    pub ping_interval_ms: u64,
+    /// No frame from the peer for this long: the peer is lost.
+    #[serde(default = "default_ping_timeout_ms")]
+    pub ping_timeout_ms: u64,
+    /// Reconnect backoff doubles from 100 ms up to this.
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// A replicated write not acknowledged within this time drops the
+    /// connection (the peer is alive but not writing).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            connect_timeout_ms: default_connect_timeout_ms(),
+            ping_interval_ms: default_ping_interval_ms(),
+            ping_timeout_ms: default_ping_timeout_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+            ack_timeout_ms: default_ack_timeout_ms(),
+        }
+    }
+}
+
+/// `[resource.on.NAME]`: one node's side of a resource.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceOnNode {
+    /// Backing file or block device on that node.
+    pub disk: PathBuf,
+    /// Replication address of that node for this resource.
+    pub address: SocketAddr,
 }
 
 /// `[nbd]`: how NBD clients reach this daemon.
@@ -97,9 +199,11 @@ impl Default for NbdConfig {
 pub struct ResourceConfig {
     /// Export name clients ask for (`nbd://host:port/NAME`).
     pub name: String,
-    /// Backing file or block device. It must exist; replblk never creates
-    /// or resizes it.
-    pub disk: PathBuf,
+    /// Backing file or block device for a single-node resource. It must
+    /// exist; replblk never creates or resizes it. Replicated resources
+    /// name their disks in `[resource.on.NODE]` instead.
+    #[serde(default)]
+    pub disk: Option<PathBuf>,
     /// Bytes to export; defaults to the whole backing store. Must be a
     /// multiple of 4096 and no larger than the backing store.
     #[serde(default)]
@@ -113,6 +217,63 @@ pub struct ResourceConfig {
     /// Serve clients that ask for the empty export name ("").
     #[serde(default)]
     pub default: bool,
+    /// Shared secret the two nodes prove to each other (HMAC-SHA256).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// The node that is Primary (serves NBD clients); the other node is
+    /// Secondary. Defaults to this node for single-node resources.
+    #[serde(default)]
+    pub primary: Option<String>,
+    /// Per-node disks and replication addresses (exactly two nodes).
+    #[serde(default)]
+    pub on: BTreeMap<String, ResourceOnNode>,
+}
+
+/// This node's role for a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// The peer side of a replicated resource, as seen from this node.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub local_node: String,
+    pub local_address: SocketAddr,
+    pub peer_node: String,
+    pub peer_address: SocketAddr,
+    pub secret: String,
+    pub timing: ReplicationConfig,
+}
+
+/// A resource resolved for one node.
+#[derive(Debug, Clone)]
+pub struct LocalResource {
+    pub name: String,
+    pub disk: PathBuf,
+    pub size: Option<u64>,
+    pub read_only: bool,
+    pub description: String,
+    pub role: Role,
+    pub peer: Option<PeerConfig>,
+}
+
+/// Everything one node needs from the shared file.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub node: String,
+    pub nbd: NbdConfig,
+    pub control_socket: PathBuf,
+    pub resources: Vec<LocalResource>,
+    pub default_resource: Option<String>,
+}
+
+fn de_opt_addr_opt<'de, D>(de: D) -> Result<Option<Option<SocketAddr>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    de_opt_addr(de).map(Some)
 }
 
 fn de_opt_addr<'de, D>(de: D) -> Result<Option<SocketAddr>, D::Error>
@@ -203,11 +364,118 @@ impl Config {
             if r.default {
                 defaults += 1;
             }
+            match (&r.disk, r.on.len()) {
+                (Some(_), 0) => {}
+                (None, 0) => {
+                    return invalid(format!(
+                        "resource {:?} has no disk (set `disk`, or `[resource.on.NODE]` tables)",
+                        r.name
+                    ))
+                }
+                (Some(_), _) => {
+                    return invalid(format!(
+                        "resource {:?} sets both `disk` and `on` tables; use one",
+                        r.name
+                    ))
+                }
+                (None, 1) => {}
+                (None, 2) => {
+                    if r.secret.as_deref().unwrap_or("").is_empty() {
+                        return invalid(format!(
+                            "resource {:?} is replicated between two nodes but has no `secret`",
+                            r.name
+                        ));
+                    }
+                }
+                (None, n) => {
+                    return invalid(format!(
+                        "resource {:?} names {n} nodes; replblk replicates between exactly two",
+                        r.name
+                    ))
+                }
+            }
+            if let Some(p) = &r.primary {
+                if !r.on.is_empty() && !r.on.contains_key(p) {
+                    return invalid(format!(
+                        "resource {:?}: primary = {p:?} is not one of its nodes",
+                        r.name
+                    ));
+                }
+            }
         }
         if defaults > 1 {
             return invalid("more than one resource has default = true".into());
         }
         Ok(())
+    }
+
+    /// Resolves the shared file for the node called `node`.
+    pub fn for_node(&self, node: &str) -> Result<NodeView, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let overrides = self.nodes.get(node).cloned().unwrap_or_default();
+        let mut nbd = self.nbd.clone();
+        if let Some(listen) = overrides.nbd_listen {
+            nbd.listen = listen;
+        }
+        if overrides.unix_socket.is_some() {
+            nbd.unix_socket = overrides.unix_socket;
+        }
+        if nbd.listen.is_none() && nbd.unix_socket.is_none() {
+            return invalid(format!(
+                "node {node:?} has neither an NBD listen address nor a unix socket"
+            ));
+        }
+        let mut resources = Vec::new();
+        for r in &self.resources {
+            let (disk, peer) = if let Some(disk) = &r.disk {
+                (disk.clone(), None)
+            } else {
+                let Some(mine) = r.on.get(node) else {
+                    return invalid(format!(
+                        "resource {:?} has no [resource.on.{node}] table for this node \
+                         (start repld with --node NAME; nodes here: {})",
+                        r.name,
+                        r.on.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ));
+                };
+                let peer =
+                    r.on.iter()
+                        .find(|(n, _)| n.as_str() != node)
+                        .map(|(n, p)| PeerConfig {
+                            local_node: node.to_owned(),
+                            local_address: mine.address,
+                            peer_node: n.clone(),
+                            peer_address: p.address,
+                            secret: r.secret.clone().unwrap_or_default(),
+                            timing: self.replication.clone(),
+                        });
+                (mine.disk.clone(), peer)
+            };
+            let role = match &r.primary {
+                Some(p) if p == node => Role::Primary,
+                Some(_) => Role::Secondary,
+                None if peer.is_none() => Role::Primary,
+                None => Role::Secondary,
+            };
+            resources.push(LocalResource {
+                name: r.name.clone(),
+                disk,
+                size: r.size,
+                read_only: r.read_only,
+                description: r.description.clone(),
+                role,
+                peer,
+            });
+        }
+        Ok(NodeView {
+            node: node.to_owned(),
+            nbd,
+            control_socket: overrides
+                .control_socket
+                .unwrap_or_else(|| self.control.socket.clone()),
+            resources,
+            default_resource: self.default_resource().map(str::to_owned),
+        })
     }
 
     /// The resource served to clients asking for the empty name: the one

@@ -1,15 +1,24 @@
 //! What the `repld` binary runs: logging setup, the serve-until-signalled
 //! loop, and the self-contained demo.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::config::Config;
+use crate::config::{Config, NodeView, Role};
+use crate::control::ControlServer;
+use crate::nbd::handshake::Admission;
+use crate::nbd::{Export, Exports};
+use crate::repl::Replica;
 use crate::server::Server;
+use crate::store::{FileStore, Store};
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
@@ -23,19 +32,98 @@ pub fn init_logging() {
         .init();
 }
 
-/// Serves `config` until SIGTERM or SIGINT, then shuts down gracefully.
-pub fn run(config: &Config) -> Result<()> {
+/// Only a Primary serves NBD clients; a Secondary tells them why not.
+struct RoleAdmission {
+    roles: HashMap<String, (Role, String)>,
+}
+
+impl Admission for RoleAdmission {
+    fn admit(&self, export: &Export) -> Result<(), String> {
+        match self.roles.get(&export.name) {
+            Some((Role::Secondary, node)) => Err(format!(
+                "resource {} is Secondary on node {node}; connect to the Primary",
+                export.name
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The node name used when `--node` is not given: the hostname.
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Opens every resource of this node and wraps it for replication.
+fn open_replicas(view: &NodeView) -> Result<Vec<Arc<Replica>>> {
+    let mut replicas = Vec::new();
+    for r in &view.resources {
+        let store = FileStore::open(&r.disk, r.size, r.read_only)
+            .with_context(|| format!("resource {:?}", r.name))?;
+        let replica = Replica::new(&r.name, r.role, Arc::new(store), r.peer.clone())?;
+        replicas.push(replica);
+    }
+    Ok(replicas)
+}
+
+/// Serves `config` as node `node` until SIGTERM or SIGINT, then shuts
+/// down gracefully.
+pub fn run(config: &Config, node: &str) -> Result<()> {
     // Register before starting, so an early signal is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let server = Server::start(config)?;
+    let view = config.for_node(node)?;
+    let replicas = open_replicas(&view)?;
+    let exports = Exports::new(
+        view.resources
+            .iter()
+            .zip(&replicas)
+            .map(|(r, replica)| {
+                Arc::new(Export {
+                    name: r.name.clone(),
+                    description: r.description.clone(),
+                    read_only: r.read_only,
+                    store: replica.clone() as Arc<dyn Store>,
+                })
+            })
+            .collect(),
+        view.default_resource.clone(),
+    );
+    let admission = RoleAdmission {
+        roles: replicas
+            .iter()
+            .map(|r| (r.name.clone(), (r.role, node.to_owned())))
+            .collect(),
+    };
+    for r in &replicas {
+        tracing::info!(resource = %r.name, role = ?r.role, node, "resource up");
+        r.start()?;
+    }
+    let control = ControlServer::start(&view.control_socket, node.to_owned(), replicas.clone())?;
+    let server = match Server::start_with(view.nbd.clone(), exports, Arc::new(admission)) {
+        Ok(s) => s,
+        Err(e) => {
+            control.stop();
+            replicas.iter().for_each(|r| r.stop());
+            return Err(e.into());
+        }
+    };
     tracing::info!(
-        "repld {} serving {} export(s)",
+        "repld {} serving {} resource(s) as node {node}",
         env!("CARGO_PKG_VERSION"),
-        config.resources.len()
+        replicas.len()
     );
     let signal = signals.forever().next();
     tracing::info!(signal = ?signal, "shutting down: draining in-flight requests");
-    server.shutdown().context("flushing exports at shutdown")?;
+    // NBD first (in-flight writes still replicate and the final flush is a
+    // barrier on both nodes), then the peer links, then the control socket.
+    let flushed = server.shutdown();
+    for r in &replicas {
+        r.stop();
+    }
+    control.stop();
+    flushed.context("flushing exports at shutdown")?;
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -49,28 +137,103 @@ impl Drop for DemoDir {
     }
 }
 
-/// Serves a temporary, sparse 1 GiB file on 127.0.0.1:`port` as export
-/// `r0`, printing how to use it.
+/// Two repld child processes, stopped by PID when dropped.
+struct DemoNodes(Vec<Child>);
+
+impl Drop for DemoNodes {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            // SAFETY: kill(2) on our own child's PID.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for c in &mut self.0 {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The demo's configuration: nodes alpha (Primary) and beta on loopback.
+pub fn demo_config(dir: &Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"# Generated by `repld --demo`.
+[replication]
+ping_interval_ms = 500
+ping_timeout_ms = 3000
+
+[nodes.alpha]
+nbd_listen = "127.0.0.1:{port}"
+control_socket = "{d}/alpha.ctl"
+
+[nodes.beta]
+nbd_listen = "127.0.0.1:{beta_port}"
+control_socket = "{d}/beta.ctl"
+
+[[resource]]
+name = "r0"
+description = "replblk demo volume"
+secret = "demo-secret-change-me"
+primary = "alpha"
+
+[resource.on.alpha]
+disk = "{d}/alpha.img"
+address = "127.0.0.1:{alpha_repl}"
+
+[resource.on.beta]
+disk = "{d}/beta.img"
+address = "127.0.0.1:{beta_repl}"
+"#,
+        beta_port = port.wrapping_add(1),
+        alpha_repl = port.wrapping_add(2),
+        beta_repl = port.wrapping_add(3),
+    )
+}
+
+/// Starts a replicated pair on loopback with temporary 1 GiB disks:
+/// alpha is Primary at nbd://127.0.0.1:`port`/r0, beta its Secondary.
 pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
     let base = dir.map(Path::to_owned).unwrap_or_else(std::env::temp_dir);
     let dir = DemoDir(base.join(format!("replblk-demo-{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
-    let disk = dir.0.join("r0.img");
-    let file =
-        std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
-    file.set_len(1 << 30).context("sizing the demo disk")?;
-    let text = format!(
-        "[nbd]\nlisten = \"127.0.0.1:{port}\"\n\n[[resource]]\nname = \"r0\"\ndisk = {:?}\ndescription = \"replblk demo volume\"\n",
-        disk.display().to_string()
-    );
-    let config = Config::parse(&text)?;
-    println!(
-        "replblk demo: serving a 1 GiB volume backed by {}",
-        disk.display()
-    );
-    println!("  export:     nbd://127.0.0.1:{port}/r0");
-    println!("  try:        nbdinfo nbd://127.0.0.1:{port}/r0");
-    println!("              qemu-io -f raw nbd://127.0.0.1:{port}/r0 -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+    for name in ["alpha", "beta"] {
+        let disk = dir.0.join(format!("{name}.img"));
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(1 << 30))
+            .with_context(|| format!("creating {}", disk.display()))?;
+    }
+    let config_path = dir.0.join("replblk.toml");
+    std::fs::write(&config_path, demo_config(&dir.0, port)).context("writing the demo config")?;
+    Config::load(&config_path)?;
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
+    let exe = std::env::current_exe().context("locating repld")?;
+    let mut nodes = DemoNodes(Vec::new());
+    for name in ["alpha", "beta"] {
+        let child = Command::new(&exe)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--node")
+            .arg(name)
+            .spawn()
+            .with_context(|| format!("starting node {name}"))?;
+        nodes.0.push(child);
+    }
+    let d = dir.0.display();
+    println!("replblk demo: a replicated pair on loopback (config {d}/replblk.toml)");
+    println!("  node alpha (Primary):   nbd://127.0.0.1:{port}/r0   disk {d}/alpha.img");
+    println!("  node beta  (Secondary): refuses NBD clients          disk {d}/beta.img");
+    println!("  try:    qemu-io -f raw nbd://127.0.0.1:{port}/r0 -c 'write -P 0xab 0 1M'");
+    println!("  status: replctl --socket {d}/alpha.ctl status");
+    println!("  copies: cmp {d}/alpha.img {d}/beta.img   (identical once writes are acknowledged)");
     println!("  stop with Ctrl-C (the temporary files are removed)");
-    run(&config)
+    let _ = signals.forever().next();
+    drop(nodes);
+    Ok(())
 }

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::config::{Config, NbdConfig};
-use crate::nbd::handshake::{self, Admission, AdmitAll, Outcome};
+use crate::config::NbdConfig;
+use crate::nbd::handshake::{self, Admission, Outcome};
 use crate::nbd::transmission::{self, CloseReason};
-use crate::nbd::{Export, Exports};
+use crate::nbd::Exports;
 use crate::net::Stream;
-use crate::store::{FileStore, OpenError, Store};
+use crate::store::OpenError;
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -88,28 +88,6 @@ pub struct Server {
     tcp_addr: Option<SocketAddr>,
 }
 
-/// Opens every resource's backing store as an export.
-pub fn open_exports(config: &Config) -> Result<Exports, StartError> {
-    let mut exports = Vec::new();
-    for r in &config.resources {
-        let store =
-            FileStore::open(&r.disk, r.size, r.read_only).map_err(|source| StartError::Open {
-                resource: r.name.clone(),
-                source,
-            })?;
-        exports.push(Arc::new(Export {
-            name: r.name.clone(),
-            description: r.description.clone(),
-            read_only: r.read_only,
-            store: Arc::new(store) as Arc<dyn Store>,
-        }));
-    }
-    Ok(Exports::new(
-        exports,
-        config.default_resource().map(str::to_owned),
-    ))
-}
-
 fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
@@ -125,12 +103,7 @@ fn bind_unix(path: &Path) -> Result<UnixListener, StartError> {
 }
 
 impl Server {
-    /// Opens the exports of `config` and starts serving them.
-    pub fn start(config: &Config) -> Result<Server, StartError> {
-        let exports = open_exports(config)?;
-        Self::start_with(config.nbd.clone(), exports, Arc::new(AdmitAll))
-    }
-
+    /// Starts serving `exports` on the listeners of `cfg`.
     pub fn start_with(
         cfg: NbdConfig,
         exports: Exports,

@@ -21,7 +21,8 @@ struct Args {
     /// Start a self-contained demo with embedded defaults instead.
     #[arg(long, conflicts_with = "config")]
     demo: bool,
-    /// TCP port for the demo's NBD export.
+    /// TCP port for the demo Primary's NBD export (the next three ports
+    /// are used by the Secondary and the replication link).
     #[arg(long, default_value_t = 10809, requires = "demo")]
     demo_port: u16,
     /// Directory for the demo's temporary files (default: $TMPDIR).
@@ -39,10 +40,8 @@ fn main() -> ExitCode {
         replblk::config::Config::load(&path)
             .map_err(anyhow::Error::from)
             .and_then(|config| {
-                if let Some(node) = &args.node {
-                    tracing::info!(node, "node name set on the command line");
-                }
-                replblk::daemon::run(&config)
+                let node = args.node.unwrap_or_else(replblk::daemon::default_node_name);
+                replblk::daemon::run(&config, &node)
             })
     };
     match result {

@@ -74,6 +74,10 @@ impl DaemonBuilder {
         }
         config.push_str(&self.nbd_extra);
         config.push_str(&format!(
+            "\n[control]\nsocket = {:?}\n",
+            dir.path().join("ctl.sock").display().to_string()
+        ));
+        config.push_str(&format!(
             "\n[[resource]]\nname = \"r0\"\ndisk = {:?}\ndescription = \"test volume\"\n",
             disk.display().to_string()
         ));
