@@ -50,7 +50,8 @@ pub mod kind {
 pub mod data_flags {
     /// Acknowledge only once the data is durable on the receiver.
     pub const FUA: u32 = 1 << 0;
-    /// `WriteZeroes`: the receiver must not deallocate the range.
+    /// `WriteZeroes` only (rejected on `Write` and `Trim`): the receiver
+    /// must not deallocate the range.
     pub const NO_HOLE: u32 = 1 << 1;
     pub const KNOWN: u32 = FUA | NO_HOLE;
 }
@@ -202,6 +203,82 @@ impl WriteFrame {
     pub const FIXED: usize = 24;
 }
 
+/// A `Write` frame body decoded in place, without copying the payload;
+/// receivers on the hot path use this instead of [`Frame::decode_body`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteRef<'a> {
+    pub seq: u64,
+    pub offset: u64,
+    pub flags: u32,
+    pub crc: u32,
+    pub payload: &'a [u8],
+}
+
+impl<'a> WriteRef<'a> {
+    /// Decodes the body of a frame whose header said `kind::WRITE`.
+    pub fn decode_body(body: &'a [u8]) -> Result<WriteRef<'a>, DecodeError> {
+        if body.len() < WriteFrame::FIXED {
+            return Err(DecodeError::LengthMismatch {
+                what: "Write",
+                declared: WriteFrame::FIXED as u64,
+                actual: body.len() as u64,
+            });
+        }
+        let mut src = Cursor::new(body);
+        let seq = src.get_u64();
+        let offset = src.get_u64();
+        let flags = check_flags(src.get_u32(), "Write flags")?;
+        if flags & data_flags::NO_HOLE != 0 {
+            return Err(DecodeError::Invalid {
+                what: "Write flags",
+                detail: "NO_HOLE applies to WriteZeroes only".into(),
+            });
+        }
+        let crc = src.get_u32();
+        let payload = &body[WriteFrame::FIXED..];
+        if offset.checked_add(payload.len() as u64).is_none() {
+            return Err(DecodeError::Invalid {
+                what: "Write range",
+                detail: format!("offset {offset} + {} overflows", payload.len()),
+            });
+        }
+        Ok(WriteRef {
+            seq,
+            offset,
+            flags,
+            crc,
+            payload,
+        })
+    }
+
+    /// True when the payload matches the crc32c carried in the frame.
+    pub fn crc_ok(&self) -> bool {
+        crc32c::crc32c(self.payload) == self.crc
+    }
+
+    /// Appends the frame header and the fixed part of a Write whose
+    /// payload of `payload_len` bytes the caller sends right after (so a
+    /// sender need not copy the payload into the frame buffer).
+    pub fn encode_head(
+        dst: &mut BytesMut,
+        seq: u64,
+        offset: u64,
+        flags: u32,
+        crc: u32,
+        payload_len: usize,
+    ) {
+        FrameHeader {
+            kind: kind::WRITE,
+            length: (WriteFrame::FIXED + payload_len) as u32,
+        }
+        .encode(dst);
+        dst.put_u64(seq);
+        dst.put_u64(offset);
+        dst.put_u32(flags);
+        dst.put_u32(crc);
+    }
+}
+
 /// Every frame of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -255,18 +332,30 @@ fn put_name(dst: &mut BytesMut, s: &str) {
     dst.put_slice(&bytes[..len]);
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn get_string(
     src: &mut Cursor<&[u8]>,
     what: &'static str,
     max: usize,
 ) -> Result<String, DecodeError> {
-    let short = || DecodeError::LengthMismatch {
-        what,
-        declared: 2,
-        actual: 0,
-    };
     if src.remaining() < 2 {
-        return Err(short());
+        return Err(DecodeError::LengthMismatch {
+            what,
+            declared: 2,
+            actual: src.remaining() as u64,
+        });
     }
     let len = src.get_u16() as usize;
     if len > max {
@@ -354,7 +443,9 @@ impl Frame {
             Frame::AuthOk => {}
             Frame::Refuse { code, message } => {
                 dst.put_u16(code.to_wire());
-                put_name(dst, message);
+                // A longer message would make the peer reject the whole
+                // frame and so lose the refusal code; it is only prose.
+                put_name(dst, truncated(message, MAX_MESSAGE));
             }
             Frame::Write(w) => {
                 dst.put_u64(w.seq);
@@ -484,36 +575,13 @@ impl Frame {
                 Frame::Refuse { code, message }
             }
             kind::WRITE => {
-                if body.len() < WriteFrame::FIXED {
-                    return Err(DecodeError::LengthMismatch {
-                        what: "Write",
-                        declared: WriteFrame::FIXED as u64,
-                        actual: body.len() as u64,
-                    });
-                }
-                let seq = src.get_u64();
-                let offset = src.get_u64();
-                let flags = check_flags(src.get_u32(), "Write flags")?;
-                if flags & data_flags::NO_HOLE != 0 {
-                    return Err(DecodeError::Invalid {
-                        what: "Write flags",
-                        detail: "NO_HOLE applies to WriteZeroes only".into(),
-                    });
-                }
-                let crc = src.get_u32();
-                let payload = Bytes::copy_from_slice(&body[WriteFrame::FIXED..]);
-                if offset.checked_add(payload.len() as u64).is_none() {
-                    return Err(DecodeError::Invalid {
-                        what: "Write range",
-                        detail: format!("offset {offset} + {} overflows", payload.len()),
-                    });
-                }
+                let w = WriteRef::decode_body(body)?;
                 Frame::Write(WriteFrame {
-                    seq,
-                    offset,
-                    flags,
-                    crc,
-                    payload,
+                    seq: w.seq,
+                    offset: w.offset,
+                    flags: w.flags,
+                    crc: w.crc,
+                    payload: Bytes::copy_from_slice(w.payload),
                 })
             }
             kind::TRIM | kind::WRITE_ZEROES => {
@@ -522,6 +590,12 @@ impl Frame {
                 let offset = src.get_u64();
                 let length = src.get_u64();
                 let flags = check_flags(src.get_u32(), "Trim/WriteZeroes flags")?;
+                if kind == kind::TRIM && flags & data_flags::NO_HOLE != 0 {
+                    return Err(DecodeError::Invalid {
+                        what: "Trim/WriteZeroes flags",
+                        detail: "NO_HOLE applies to WriteZeroes only".into(),
+                    });
+                }
                 if offset.checked_add(length).is_none() {
                     return Err(DecodeError::Invalid {
                         what: "Trim/WriteZeroes range",

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use replblk_proto::repl::{
-    self, auth_mac, auth_verify, kind, negotiate_version, Frame, FrameHeader, Hello, RefuseCode,
+    self, auth_mac, auth_verify, negotiate_version, Frame, FrameHeader, Hello, RefuseCode,
     CHALLENGE_LEN, MAX_BODY,
 };
 use thiserror::Error;
@@ -46,17 +46,25 @@ impl LinkError {
     }
 }
 
-/// Reads one whole frame.
-pub fn read_frame(stream: &mut impl Read) -> Result<Frame, LinkError> {
+/// Reads one frame header and its body into `body` (reused across calls,
+/// so the hot path allocates nothing). Returns the frame kind.
+pub fn read_raw(stream: &mut impl Read, body: &mut Vec<u8>) -> Result<u16, LinkError> {
     let mut raw = [0u8; FrameHeader::LEN];
     stream.read_exact(&mut raw)?;
     let header = FrameHeader::decode(&mut io::Cursor::new(&raw[..]))
         .map_err(|e| LinkError::Protocol(e.to_string()))?
         .ok_or_else(|| LinkError::Protocol("short frame header".into()))?;
     debug_assert!(header.length <= MAX_BODY);
-    let mut body = vec![0u8; header.length as usize];
-    stream.read_exact(&mut body)?;
-    Frame::decode_body(header.kind, &body).map_err(|e| LinkError::Protocol(e.to_string()))
+    body.resize(header.length as usize, 0);
+    stream.read_exact(body)?;
+    Ok(header.kind)
+}
+
+/// Reads one whole frame.
+pub fn read_frame(stream: &mut impl Read) -> Result<Frame, LinkError> {
+    let mut body = Vec::new();
+    let kind = read_raw(stream, &mut body)?;
+    Frame::decode_body(kind, &body).map_err(|e| LinkError::Protocol(e.to_string()))
 }
 
 /// Writes one frame built in memory (everything but bulk writes).
@@ -364,15 +372,7 @@ impl Session {
         let crc = crc32c::crc32c(payload);
         self.send_sequenced(|stream, seq| {
             let mut head = BytesMut::with_capacity(FrameHeader::LEN + repl::WriteFrame::FIXED);
-            FrameHeader {
-                kind: kind::WRITE,
-                length: (repl::WriteFrame::FIXED + payload.len()) as u32,
-            }
-            .encode(&mut head);
-            head.extend_from_slice(&seq.to_be_bytes());
-            head.extend_from_slice(&offset.to_be_bytes());
-            head.extend_from_slice(&flags.to_be_bytes());
-            head.extend_from_slice(&crc.to_be_bytes());
+            repl::WriteRef::encode_head(&mut head, seq, offset, flags, crc, payload.len());
             write_all_vectored(stream, &mut [IoSlice::new(&head), IoSlice::new(payload)])
         })
     }
@@ -380,6 +380,14 @@ impl Session {
     /// Sends a frame that carries a sequence number chosen here.
     pub fn send_frame(&self, make: impl FnOnce(u64) -> Frame) -> Option<Arc<Slot>> {
         self.send_sequenced(|stream, seq| write_frame(stream, &make(seq)))
+    }
+
+    /// Sends bytes holding whole unsequenced frames (batched acks).
+    pub fn send_raw(&self, bytes: &[u8]) {
+        let sent = lock(&self.sender).stream.write_all(bytes);
+        if let Err(e) = sent {
+            self.fail(&format!("sending to peer: {e}"));
+        }
     }
 
     /// Sends an unsequenced frame (Ack, Ping, Pong).

@@ -21,7 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use replblk_proto::repl::{data_flags, Frame, RefuseCode};
+use bytes::BytesMut;
+use replblk_proto::repl::{data_flags, kind as repl_kind, Frame, RefuseCode, WriteRef};
 use serde::Serialize;
 
 use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
@@ -462,18 +463,40 @@ impl Replica {
         });
         let mut reader = io::BufReader::with_capacity(256 * 1024, stream);
         let mut expected = 1u64;
+        let mut body = Vec::new();
+        // Acks are batched: written when no further frame is already
+        // buffered, i.e. just before the receiver could block on the socket.
+        let mut acks = BytesMut::with_capacity(4096);
         let result = loop {
-            let frame = match link::read_frame(&mut reader) {
-                Ok(f) => f,
+            if reader.buffer().is_empty() && !acks.is_empty() {
+                session.send_raw(&acks);
+                acks.clear();
+            }
+            let kind = match link::read_raw(&mut reader, &mut body) {
+                Ok(k) => k,
                 Err(e) => break Err(e),
             };
             if !session.is_alive() {
                 break Ok(());
             }
-            if let Err(e) = self.apply(session, frame, &mut expected, &to_flusher) {
-                break Err(e);
+            match self.apply(session, kind, &body, &mut expected) {
+                Ok(Applied::Nothing) => {}
+                Ok(Applied::Done { seq, durable: true }) => {
+                    if to_flusher.send(seq).is_err() {
+                        break Err(LinkError::Protocol("flusher stopped".into()));
+                    }
+                }
+                Ok(Applied::Done {
+                    seq,
+                    durable: false,
+                }) => Frame::Ack { seq, status: 0 }.encode(&mut acks),
+                Ok(Applied::Failed { seq, status }) => Frame::Ack { seq, status }.encode(&mut acks),
+                Err(e) => break Err(e),
             }
         };
+        if !acks.is_empty() {
+            session.send_raw(&acks);
+        }
         drop(to_flusher);
         result
     }
@@ -499,91 +522,99 @@ impl Replica {
         }
     }
 
+    /// Applies one frame received by the Secondary.
     fn apply(
         &self,
         session: &Session,
-        frame: Frame,
+        kind: u16,
+        body: &[u8],
         expected: &mut u64,
-        flusher: &mpsc::Sender<u64>,
-    ) -> Result<(), LinkError> {
-        let (seq, durable, result) = match frame {
-            Frame::Write(w) => {
-                Self::check_seq(expected, w.seq)?;
-                self.check_range(w.offset, w.payload.len() as u64)?;
-                if !w.crc_ok() {
-                    // Nothing from this frame is written; the primary
-                    // marks the range out of sync when the link drops.
-                    return Err(LinkError::Protocol(format!(
-                        "crc32c mismatch in write seq {} at offset {} ({} bytes)",
-                        w.seq,
-                        w.offset,
-                        w.payload.len()
-                    )));
-                }
-                let r = self.store.write_at(&w.payload, w.offset, false);
-                (w.seq, w.flags & data_flags::FUA != 0, r)
-            }
-            Frame::Trim {
-                seq,
-                offset,
-                length,
-                flags,
-            } => {
-                Self::check_seq(expected, seq)?;
-                self.check_range(offset, length)?;
-                let r = self.store.trim(offset, length);
-                (seq, flags & data_flags::FUA != 0, r)
-            }
-            Frame::WriteZeroes {
-                seq,
-                offset,
-                length,
-                flags,
-            } => {
-                Self::check_seq(expected, seq)?;
-                self.check_range(offset, length)?;
-                let r = self
-                    .store
-                    .write_zeroes(offset, length, flags & data_flags::NO_HOLE == 0);
-                (seq, flags & data_flags::FUA != 0, r)
-            }
-            Frame::Barrier { seq } => {
-                Self::check_seq(expected, seq)?;
-                (seq, true, Ok(()))
-            }
-            Frame::Ping { nonce } => {
-                session.send_control(&Frame::Pong { nonce });
-                return Ok(());
-            }
-            Frame::Pong { .. } => return Ok(()),
-            Frame::Refuse { code, message } => {
-                return Err(LinkError::PeerRefused { code, message })
-            }
-            other => {
+    ) -> Result<Applied, LinkError> {
+        let protocol = |e: replblk_proto::DecodeError| LinkError::Protocol(e.to_string());
+        let (seq, durable, result) = if kind == repl_kind::WRITE {
+            // The hot path: decoded in place, no copy of the payload.
+            let w = WriteRef::decode_body(body).map_err(protocol)?;
+            Self::check_seq(expected, w.seq)?;
+            self.check_range(w.offset, w.payload.len() as u64)?;
+            if !w.crc_ok() {
+                // Nothing from this frame is written; the primary marks the
+                // range out of sync when the link drops.
                 return Err(LinkError::Protocol(format!(
-                    "unexpected frame kind {} from a Primary",
-                    other.kind()
-                )))
+                    "crc32c mismatch in write seq {} at offset {} ({} bytes)",
+                    w.seq,
+                    w.offset,
+                    w.payload.len()
+                )));
+            }
+            let r = self.store.write_at(w.payload, w.offset, false);
+            (w.seq, w.flags & data_flags::FUA != 0, r)
+        } else {
+            match Frame::decode_body(kind, body).map_err(protocol)? {
+                Frame::Trim {
+                    seq,
+                    offset,
+                    length,
+                    flags,
+                } => {
+                    Self::check_seq(expected, seq)?;
+                    self.check_range(offset, length)?;
+                    let r = self.store.trim(offset, length);
+                    (seq, flags & data_flags::FUA != 0, r)
+                }
+                Frame::WriteZeroes {
+                    seq,
+                    offset,
+                    length,
+                    flags,
+                } => {
+                    Self::check_seq(expected, seq)?;
+                    self.check_range(offset, length)?;
+                    let r =
+                        self.store
+                            .write_zeroes(offset, length, flags & data_flags::NO_HOLE == 0);
+                    (seq, flags & data_flags::FUA != 0, r)
+                }
+                Frame::Barrier { seq } => {
+                    Self::check_seq(expected, seq)?;
+                    (seq, true, Ok(()))
+                }
+                Frame::Ping { nonce } => {
+                    session.send_control(&Frame::Pong { nonce });
+                    return Ok(Applied::Nothing);
+                }
+                Frame::Pong { .. } => return Ok(Applied::Nothing),
+                Frame::Refuse { code, message } => {
+                    return Err(LinkError::PeerRefused { code, message })
+                }
+                other => {
+                    return Err(LinkError::Protocol(format!(
+                        "unexpected frame kind {} from a Primary",
+                        other.kind()
+                    )))
+                }
             }
         };
         match result {
-            Ok(()) if durable => flusher
-                .send(seq)
-                .map_err(|_| LinkError::Protocol("flusher stopped".into())),
-            Ok(()) => {
-                session.send_control(&Frame::Ack { seq, status: 0 });
-                Ok(())
-            }
+            Ok(()) => Ok(Applied::Done { seq, durable }),
             Err(e) => {
                 tracing::error!(resource = %self.name, seq, "applying a replicated write failed: {e}");
-                session.send_control(&Frame::Ack {
+                Ok(Applied::Failed {
                     seq,
                     status: crate::nbd::transmission::io_errno(e),
-                });
-                Ok(())
+                })
             }
         }
     }
+}
+
+/// What the Secondary did with one frame.
+enum Applied {
+    /// Not a data frame (ping, pong).
+    Nothing,
+    /// Applied; `durable` requests are acknowledged after a flush.
+    Done { seq: u64, durable: bool },
+    /// The local storage failed; acknowledged with this errno.
+    Failed { seq: u64, status: u32 },
 }
 
 /// Whether this node dials (its name sorts lower) or accepts.
