@@ -394,6 +394,18 @@ impl Config {
                     ))
                 }
             }
+            if !r.on.is_empty() {
+                let max = replblk_proto::repl::MAX_NAME;
+                if let Some(long) = std::iter::once(&r.name)
+                    .chain(r.on.keys())
+                    .find(|n| n.len() > max || n.is_empty())
+                {
+                    return invalid(format!(
+                        "resource {:?}: name {long:?} must be 1 to {max} bytes for replication",
+                        r.name
+                    ));
+                }
+            }
             if let Some(p) = &r.primary {
                 if !r.on.is_empty() && !r.on.contains_key(p) {
                     return invalid(format!(

@@ -7,7 +7,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use replblk_proto::repl::{
@@ -67,6 +67,35 @@ pub fn read_frame(stream: &mut impl Read) -> Result<Frame, LinkError> {
     Frame::decode_body(kind, &body).map_err(|e| LinkError::Protocol(e.to_string()))
 }
 
+/// Largest frame body accepted before the peer is authenticated (the
+/// largest Hello is well under 1 KiB), so an unauthenticated peer cannot
+/// make us allocate a data-sized buffer.
+const MAX_HANDSHAKE_BODY: u32 = 4096;
+
+fn read_handshake_frame(stream: &mut TcpStream, deadline: Instant) -> Result<Frame, LinkError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(LinkError::Protocol(
+            "handshake did not finish in time".into(),
+        ));
+    }
+    stream.set_read_timeout(Some(left))?;
+    let mut raw = [0u8; FrameHeader::LEN];
+    stream.read_exact(&mut raw)?;
+    let header = FrameHeader::decode(&mut io::Cursor::new(&raw[..]))
+        .map_err(|e| LinkError::Protocol(e.to_string()))?
+        .ok_or_else(|| LinkError::Protocol("short frame header".into()))?;
+    if header.length > MAX_HANDSHAKE_BODY {
+        return Err(LinkError::Protocol(format!(
+            "{}-byte frame before authentication (limit {MAX_HANDSHAKE_BODY})",
+            header.length
+        )));
+    }
+    let mut body = vec![0u8; header.length as usize];
+    stream.read_exact(&mut body)?;
+    Frame::decode_body(header.kind, &body).map_err(|e| LinkError::Protocol(e.to_string()))
+}
+
 /// Writes one frame built in memory (everything but bulk writes).
 pub fn write_frame(stream: &mut impl Write, frame: &Frame) -> io::Result<()> {
     let mut out = BytesMut::with_capacity(64);
@@ -100,8 +129,12 @@ fn refuse(stream: &mut TcpStream, code: RefuseCode, message: String) -> LinkErro
     LinkError::WeRefused { code, message }
 }
 
-fn expect_frame(stream: &mut TcpStream, want: &'static str) -> Result<Frame, LinkError> {
-    match read_frame(stream)? {
+fn expect_frame(
+    stream: &mut TcpStream,
+    want: &'static str,
+    deadline: Instant,
+) -> Result<Frame, LinkError> {
+    match read_handshake_frame(stream, deadline)? {
         Frame::Refuse { code, message } => Err(LinkError::PeerRefused { code, message }),
         f => Ok(f),
     }
@@ -126,6 +159,9 @@ pub fn handshake(
     size: u64,
     dialer: bool,
 ) -> Result<Agreed, LinkError> {
+    // One deadline for the whole exchange: a peer trickling bytes cannot
+    // hold the link (and so lock the real peer out) for longer.
+    let deadline = Instant::now() + Duration::from_millis(cfg.timing.connect_timeout_ms);
     let mut challenge = [0u8; CHALLENGE_LEN];
     getrandom::getrandom(&mut challenge)
         .map_err(|e| LinkError::Io(io::Error::other(format!("no randomness: {e}"))))?;
@@ -142,7 +178,7 @@ pub fn handshake(
     if dialer {
         write_frame(stream, &Frame::Hello(mine.clone()))?;
     }
-    let theirs = match expect_frame(stream, "Hello")? {
+    let theirs = match expect_frame(stream, "Hello", deadline)? {
         Frame::Hello(h) => h,
         other => {
             return Err(refuse(
@@ -213,7 +249,7 @@ pub fn handshake(
     let mac = auth_mac(secret, &theirs.challenge, &cfg.local_node, resource)
         .ok_or_else(|| LinkError::Protocol("cannot key HMAC with the shared secret".into()))?;
     write_frame(stream, &Frame::Auth { mac })?;
-    match expect_frame(stream, "Auth")? {
+    match expect_frame(stream, "Auth", deadline)? {
         Frame::Auth { mac } => {
             if !auth_verify(secret, &challenge, &cfg.peer_node, resource, &mac) {
                 return Err(refuse(
@@ -235,7 +271,7 @@ pub fn handshake(
         }
     }
     write_frame(stream, &Frame::AuthOk)?;
-    match expect_frame(stream, "AuthOk")? {
+    match expect_frame(stream, "AuthOk", deadline)? {
         Frame::AuthOk => Ok(Agreed { version }),
         other => Err(refuse(
             stream,
