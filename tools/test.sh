@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Run the whole replblk test suite on a fresh Debian/Ubuntu machine.
+#
+#   bash tools/test.sh
+#
+# Installs missing system packages (apt-get, as root or via sudo) and
+# cargo-fuzz, then runs: rustfmt check, clippy, cargo test, the criterion
+# benches in test mode, the fuzz build (if fuzz/build.sh exists) and a short
+# benchmark smoke run.  Stops at the first failure with a non-zero exit
+# status; on success the last line is "N passed, 0 failed".
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO_ROOT=$(pwd)
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2)
+
+PASSED=0
+CURRENT_STEP=""
+SKIPPED=()
+SUITE_START=$SECONDS
+
+on_exit() {
+    local rc=$?
+    if [[ $rc -ne 0 ]]; then
+        echo >&2
+        echo "FAILED: step '${CURRENT_STEP:-setup}' (exit status $rc)" >&2
+        echo "$PASSED passed, 1 failed" >&2
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+
+section() {
+    CURRENT_STEP="$1"
+    STEP_START=$SECONDS
+    echo
+    echo "=================================================================="
+    echo "== [$((PASSED + 1))] $1"
+    echo "=================================================================="
+}
+
+pass() {
+    echo "-- ok: $CURRENT_STEP ($((SECONDS - STEP_START)) s)"
+    PASSED=$((PASSED + 1))
+    CURRENT_STEP=""
+}
+
+# Prefix for commands that need root: "" as root, "sudo" otherwise.
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "error: '$*' needs root, and sudo is not available; run as root" >&2
+        return 1
+    fi
+}
+
+package_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# ---------------------------------------------------------------------------
+section "system packages: ${REQUIRED_PACKAGES[*]}"
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "error: dpkg-query not found; this script supports Debian/Ubuntu only" >&2
+    exit 1
+fi
+MISSING=()
+for pkg in "${REQUIRED_PACKAGES[@]}"; do
+    package_installed "$pkg" || MISSING+=("$pkg")
+done
+if [[ ${#MISSING[@]} -gt 0 ]]; then
+    echo "installing missing packages: ${MISSING[*]}"
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${MISSING[@]}"
+    for pkg in "${MISSING[@]}"; do
+        if ! package_installed "$pkg"; then
+            echo "error: package $pkg is still not installed" >&2
+            exit 1
+        fi
+    done
+else
+    echo "all required packages are installed"
+fi
+# Kernel modules used by some integration tests; harmless if unavailable
+# (e.g. inside containers).
+if command -v modprobe >/dev/null 2>&1; then
+    for mod in fuse loop; do
+        as_root modprobe "$mod" 2>/dev/null || echo "note: could not load kernel module $mod (ignored)"
+    done
+fi
+pass
+
+# ---------------------------------------------------------------------------
+section "cargo-fuzz"
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
+    exit 1
+fi
+if cargo fuzz --version >/dev/null 2>&1; then
+    echo "cargo-fuzz already available: $(cargo fuzz --version)"
+else
+    cargo install cargo-fuzz --locked
+fi
+pass
+
+# ---------------------------------------------------------------------------
+section "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+pass
+
+# ---------------------------------------------------------------------------
+section "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+pass
+
+# ---------------------------------------------------------------------------
+section "cargo test --workspace"
+cargo test --workspace
+pass
+
+# ---------------------------------------------------------------------------
+section "cargo bench --bench codec -- --test"
+cargo bench --bench codec -- --test
+pass
+
+# ---------------------------------------------------------------------------
+if [[ -f fuzz/build.sh ]]; then
+    section "bash fuzz/build.sh"
+    bash fuzz/build.sh
+    pass
+else
+    echo
+    echo "== skipped: fuzz/build.sh (not present)"
+    SKIPPED+=("fuzz/build.sh")
+fi
+
+# ---------------------------------------------------------------------------
+section "python3 tools/bench.py --short"
+python3 "$REPO_ROOT/tools/bench.py" --short
+pass
+
+# ---------------------------------------------------------------------------
+echo
+echo "=================================================================="
+echo "all steps passed in $((SECONDS - SUITE_START)) s${SKIPPED[*]:+ (skipped: ${SKIPPED[*]})}"
+echo "$PASSED passed, 0 failed"
