@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod pair;
 
 use std::fs::File;
 use std::io::Read;
