@@ -101,6 +101,14 @@ if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo not found; install Rust with rustup (https://rustup.rs)" >&2
     exit 1
 fi
+# rust-toolchain.toml pins the version; where rustup knows it only as
+# "stable" (no network to fetch toolchains), name the installed one.
+pinned=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if command -v rustup >/dev/null 2>&1 && ! rustup toolchain list | grep -q "^${pinned}"; then
+    if [[ "$(rustup run stable rustc --version 2>/dev/null)" == "rustc ${pinned} "* ]]; then
+        rustup toolchain link "${pinned}" "$(rustup run stable rustc --print sysroot)"
+    fi
+fi
 if cargo fuzz --version >/dev/null 2>&1; then
     echo "cargo-fuzz already available: $(cargo fuzz --version)"
 else
