@@ -230,7 +230,7 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
     println!("  node alpha (Primary):   nbd://127.0.0.1:{port}/r0   disk {d}/alpha.img");
     println!("  node beta  (Secondary): refuses NBD clients          disk {d}/beta.img");
     println!("  try:    qemu-io -f raw nbd://127.0.0.1:{port}/r0 -c 'write -P 0xab 0 1M'");
-    println!("  status: replctl --socket {d}/alpha.ctl status");
+    println!("  status: cargo run --release --bin replctl -- --socket {d}/alpha.ctl status");
     println!("  copies: cmp {d}/alpha.img {d}/beta.img   (identical once writes are acknowledged)");
     println!("  stop with Ctrl-C (the temporary files are removed)");
     let _ = signals.forever().next();
