@@ -12,10 +12,11 @@
 //! broken stream (bad magic, an oversized write payload, a short read) ends
 //! it, and only this connection.
 
+use crate::sync::lock;
 use std::io::{self, BufReader, Cursor, Read, Write};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use replblk_proto::nbd::{errno, Command, Request, SimpleReply};
 
@@ -50,12 +51,6 @@ struct Connection<'a> {
     closing: AtomicBool,
     reason: Mutex<Option<CloseReason>>,
     requests: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A worker that panicked cannot have left the stream half-written in a
-    // way another worker could repair; continuing is as good as anything.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Connection<'_> {

@@ -5,23 +5,22 @@
 //! until both copies have completed it, so two overlapping writes are never
 //! in flight together and land in the same order on both nodes.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use crate::sync::lock;
+use std::sync::{Condvar, Mutex};
+
+/// Held ranges `(start, end, id)`, and the last id handed out.
+type Held = (Vec<(u64, u64, u64)>, u64);
 
 #[derive(Default)]
 pub struct IntervalLock {
-    held: Mutex<Vec<(u64, u64, u64)>>,
+    held: Mutex<Held>,
     released: Condvar,
-    next_id: Mutex<u64>,
 }
 
 /// Holds `[start, end)` until dropped.
 pub struct IntervalGuard<'a> {
     lock: &'a IntervalLock,
     id: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl IntervalLock {
@@ -35,29 +34,26 @@ impl IntervalLock {
     pub fn lock(&self, offset: u64, len: u64) -> IntervalGuard<'_> {
         let start = offset;
         let end = offset.saturating_add(len.max(1));
-        let id = {
-            let mut n = lock(&self.next_id);
-            *n += 1;
-            *n
-        };
         let mut held = lock(&self.held);
-        while held.iter().any(|&(s, e, _)| s < end && start < e) {
+        while held.0.iter().any(|&(s, e, _)| s < end && start < e) {
             held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
         }
-        held.push((start, end, id));
+        held.1 += 1;
+        let id = held.1;
+        held.0.push((start, end, id));
         IntervalGuard { lock: self, id }
     }
 
     /// Ranges currently held (for tests and status).
     pub fn held(&self) -> usize {
-        lock(&self.held).len()
+        lock(&self.held).0.len()
     }
 }
 
 impl Drop for IntervalGuard<'_> {
     fn drop(&mut self) {
         let mut held = lock(&self.lock.held);
-        held.retain(|&(_, _, id)| id != self.id);
+        held.0.retain(|&(_, _, id)| id != self.id);
         drop(held);
         self.lock.released.notify_all();
     }

@@ -2,11 +2,12 @@
 //! and an established session (sending side, pending acknowledgements,
 //! failure).
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -17,10 +18,6 @@ use replblk_proto::repl::{
 use thiserror::Error;
 
 use crate::config::PeerConfig;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[derive(Debug, Error)]
 pub enum LinkError {

@@ -12,17 +12,18 @@
 pub mod intervals;
 pub mod link;
 
+use crate::sync::lock;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use replblk_proto::repl::{data_flags, kind as repl_kind, Frame, RefuseCode, WriteRef};
+use replblk_proto::repl::{data_flags, kind as repl_kind, Frame, WriteRef};
 use serde::Serialize;
 
 use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
@@ -30,10 +31,6 @@ use crate::config::{PeerConfig, Role};
 use crate::store::Store;
 use intervals::IntervalLock;
 use link::{LinkError, Remote, Session};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// State of the link to the peer, as reported by `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -415,17 +412,7 @@ impl Replica {
         loop {
             match link::read_frame(&mut reader)? {
                 Frame::Ack { seq, status } => session.acknowledge(seq, status)?,
-                Frame::Ping { nonce } => session.send_control(&Frame::Pong { nonce }),
-                Frame::Pong { .. } => {}
-                Frame::Refuse { code, message } => {
-                    return Err(LinkError::PeerRefused { code, message })
-                }
-                other => {
-                    return Err(LinkError::Protocol(format!(
-                        "unexpected frame kind {} from a Secondary",
-                        other.kind()
-                    )))
-                }
+                other => link_frame(session, other, "Secondary")?,
             }
             if !session.is_alive() {
                 return Ok(());
@@ -578,19 +565,9 @@ impl Replica {
                     Self::check_seq(expected, seq)?;
                     (seq, true, Ok(()))
                 }
-                Frame::Ping { nonce } => {
-                    session.send_control(&Frame::Pong { nonce });
-                    return Ok(Applied::Nothing);
-                }
-                Frame::Pong { .. } => return Ok(Applied::Nothing),
-                Frame::Refuse { code, message } => {
-                    return Err(LinkError::PeerRefused { code, message })
-                }
                 other => {
-                    return Err(LinkError::Protocol(format!(
-                        "unexpected frame kind {} from a Primary",
-                        other.kind()
-                    )))
+                    link_frame(session, other, "Primary")?;
+                    return Ok(Applied::Nothing);
                 }
             }
         };
@@ -615,6 +592,23 @@ enum Applied {
     Done { seq: u64, durable: bool },
     /// The local storage failed; acknowledged with this errno.
     Failed { seq: u64, status: u32 },
+}
+
+/// Frames either role may receive besides its data: pings are answered,
+/// a refusal or anything else ends the session.
+fn link_frame(session: &Session, frame: Frame, from: &str) -> Result<(), LinkError> {
+    match frame {
+        Frame::Ping { nonce } => {
+            session.send_control(&Frame::Pong { nonce });
+            Ok(())
+        }
+        Frame::Pong { .. } => Ok(()),
+        Frame::Refuse { code, message } => Err(LinkError::PeerRefused { code, message }),
+        other => Err(LinkError::Protocol(format!(
+            "unexpected frame kind {} from a {from}",
+            other.kind()
+        ))),
+    }
 }
 
 /// Whether this node dials (its name sorts lower) or accepts.
@@ -703,19 +697,5 @@ impl Store for Replica {
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         self.store.cache(offset, len)
-    }
-}
-
-/// Refusal code names for logs and status.
-pub fn refuse_name(code: RefuseCode) -> &'static str {
-    match code {
-        RefuseCode::VersionMismatch => "version mismatch",
-        RefuseCode::UnknownResource => "unknown resource",
-        RefuseCode::WrongPeer => "wrong peer",
-        RefuseCode::SizeMismatch => "size mismatch",
-        RefuseCode::AuthFailed => "authentication failed",
-        RefuseCode::ProtocolError => "protocol error",
-        RefuseCode::Busy => "busy",
-        RefuseCode::Other(_) => "other",
     }
 }
