@@ -6,8 +6,8 @@ use crate::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -288,27 +288,43 @@ pub enum Remote {
     Lost,
 }
 
-/// Completion slot for one sequence number.
+/// Completion slot for one sequence number (or one Ping).
 pub struct Slot {
-    outcome: Mutex<Option<Remote>>,
-    done: Condvar,
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    outcome: Option<Remote>,
+    /// The previous reader passed the read side to this slot's waiter.
+    read_turn: bool,
 }
 
 impl Slot {
     fn new() -> Arc<Slot> {
         Arc::new(Slot {
-            outcome: Mutex::new(None),
-            done: Condvar::new(),
+            state: Mutex::new(SlotState::default()),
+            changed: Condvar::new(),
         })
     }
 
     fn complete(&self, r: Remote) {
-        let mut o = lock(&self.outcome);
-        if o.is_none() {
-            *o = Some(r);
+        let mut st = lock(&self.state);
+        if st.outcome.is_none() {
+            st.outcome = Some(r);
         }
-        drop(o);
-        self.done.notify_all();
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    fn outcome(&self) -> Option<Remote> {
+        lock(&self.state).outcome
+    }
+
+    fn give_read_turn(&self) {
+        lock(&self.state).read_turn = true;
+        self.changed.notify_all();
     }
 }
 
@@ -323,31 +339,76 @@ struct Sender {
 }
 
 /// An established, authenticated connection to the peer.
+///
+/// On the Primary there is no dedicated receiver thread: a thread waiting
+/// for an Ack takes the read side itself (if free), reads frames and
+/// completes slots until its own is done, then passes the read side to
+/// another waiter. At queue depth 1 the writer reads its own Ack, saving a
+/// thread hand-off per write. The keepalive pinger reads the same way, so
+/// an idle link is still read once per ping interval.
 pub struct Session {
     sender: Mutex<Sender>,
+    reader: Mutex<io::BufReader<TcpStream>>,
+    ping_timeout: Duration,
     pending: Mutex<Pending>,
     control: TcpStream,
     failed: AtomicBool,
     reason: Mutex<Option<String>>,
     pub peer: String,
+    /// The last Ping sent: its nonce, when, and its slot on the Primary.
+    ping: Mutex<Option<(u64, Instant, Arc<Slot>)>>,
+    /// Round trip of the last answered Ping, in microseconds (0: none yet).
+    rtt_us: AtomicU64,
 }
 
 impl Session {
-    pub fn new(stream: &TcpStream, peer: String) -> io::Result<Session> {
+    pub fn new(stream: &TcpStream, peer: String, ping_timeout: Duration) -> io::Result<Session> {
         Ok(Session {
             sender: Mutex::new(Sender {
                 stream: stream.try_clone()?,
                 next_seq: 1,
             }),
+            reader: Mutex::new(io::BufReader::with_capacity(
+                256 * 1024,
+                stream.try_clone()?,
+            )),
+            ping_timeout,
             pending: Mutex::new(Pending {
                 alive: true,
                 slots: HashMap::new(),
             }),
             control: stream.try_clone()?,
             failed: AtomicBool::new(false),
+            ping: Mutex::new(None),
+            rtt_us: AtomicU64::new(0),
             reason: Mutex::new(None),
             peer,
         })
+    }
+
+    /// Sends a Ping and remembers when, to time its Pong; returns the slot
+    /// its Pong completes.
+    pub fn ping(&self, nonce: u64) -> Arc<Slot> {
+        let slot = Slot::new();
+        *lock(&self.ping) = Some((nonce, Instant::now(), slot.clone()));
+        self.send_control(&Frame::Ping { nonce });
+        slot
+    }
+
+    /// Records the round trip if `nonce` answers the last Ping.
+    pub fn pong(&self, nonce: u64) {
+        if let Some((sent, at, slot)) = lock(&self.ping).as_ref() {
+            if *sent == nonce {
+                let us = at.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+                self.rtt_us.store(us, Ordering::Relaxed);
+                slot.complete(Remote::Done);
+            }
+        }
+    }
+
+    /// Round trip of the last answered Ping, if any.
+    pub fn rtt_us(&self) -> Option<u64> {
+        Some(self.rtt_us.load(Ordering::Relaxed)).filter(|&us| us > 0)
     }
 
     pub fn is_alive(&self) -> bool {
@@ -369,6 +430,9 @@ impl Session {
         };
         for s in slots {
             s.complete(Remote::Lost);
+        }
+        if let Some((_, _, slot)) = lock(&self.ping).as_ref() {
+            slot.complete(Remote::Lost);
         }
     }
 
@@ -449,25 +513,136 @@ impl Session {
         }
     }
 
-    /// Waits for a slot; after `timeout` the peer counts as lost.
-    pub fn wait(&self, slot: &Slot, timeout: Duration) -> Remote {
-        let mut o = lock(&slot.outcome);
-        let deadline = std::time::Instant::now() + timeout;
+    /// Frames the Primary receives: Acks complete slots, pings are
+    /// answered, anything else ends the session.
+    fn handle_incoming(&self, frame: Frame) -> Result<(), LinkError> {
+        match frame {
+            Frame::Ack { seq, status } => self.acknowledge(seq, status),
+            other => self.handle_control(other, "Secondary"),
+        }
+    }
+
+    /// Frames either role may receive besides its data: pings are
+    /// answered, a refusal or anything else ends the session.
+    pub fn handle_control(&self, frame: Frame, from: &str) -> Result<(), LinkError> {
+        match frame {
+            Frame::Ping { nonce } => {
+                self.send_control(&Frame::Pong { nonce });
+                Ok(())
+            }
+            Frame::Pong { nonce } => {
+                self.pong(nonce);
+                Ok(())
+            }
+            Frame::Refuse { code, message } => Err(LinkError::PeerRefused { code, message }),
+            other => Err(LinkError::Protocol(format!(
+                "unexpected frame kind {} from a {from}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Says why a read from the peer failed, for logs and status.
+    pub fn describe(&self, e: LinkError) -> String {
+        match e {
+            LinkError::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                format!("no frame from the peer for {:?}", self.ping_timeout)
+            }
+            LinkError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
+                "peer closed the connection".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// Reads and handles frames until `slot` completes, the deadline
+    /// passes or the link fails.
+    fn read_until(
+        &self,
+        reader: &mut io::BufReader<TcpStream>,
+        slot: &Slot,
+        deadline: Instant,
+        what: &str,
+    ) {
+        while slot.outcome().is_none() && self.is_alive() {
+            if Instant::now() > deadline {
+                self.fail(what);
+                return;
+            }
+            match read_frame(reader).and_then(|f| self.handle_incoming(f)) {
+                Ok(()) => {}
+                Err(e) => {
+                    let why = self.describe(e);
+                    self.fail(&why);
+                }
+            }
+        }
+    }
+
+    /// Hands the read side to a thread still waiting for its answer.
+    fn pass_read_turn(&self) {
+        let next = lock(&self.pending).slots.values().next().cloned();
+        let next = next.or_else(|| {
+            lock(&self.ping)
+                .as_ref()
+                .filter(|(_, _, s)| s.outcome().is_none())
+                .map(|(_, _, s)| s.clone())
+        });
+        if let Some(slot) = next {
+            slot.give_read_turn();
+        }
+    }
+
+    /// Waits (on the Primary) for a slot, reading the link itself when the
+    /// read side is free. After `timeout` the peer counts as lost, with
+    /// `what` as the reason.
+    pub fn wait_for(&self, slot: &Slot, timeout: Duration, what: &str) -> Remote {
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Some(r) = *o {
+            if let Some(r) = slot.outcome() {
                 return r;
             }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                drop(o);
-                self.fail(&format!("peer did not acknowledge within {timeout:?}"));
-                return lock(&slot.outcome).unwrap_or(Remote::Lost);
+            if let Ok(mut reader) = self.reader.try_lock() {
+                self.read_until(&mut reader, slot, deadline, what);
+                drop(reader);
+                self.pass_read_turn();
+                return slot.outcome().unwrap_or(Remote::Lost);
             }
-            o = slot
-                .done
-                .wait_timeout(o, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            // Another thread is reading; it completes our slot or passes
+            // us the read side. The short bound re-checks regardless.
+            let mut st = lock(&slot.state);
+            if st.outcome.is_none() && !st.read_turn {
+                if Instant::now() > deadline {
+                    drop(st);
+                    self.fail(what);
+                    return slot.outcome().unwrap_or(Remote::Lost);
+                }
+                st = slot
+                    .changed
+                    .wait_timeout(st, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            st.read_turn = false;
         }
+    }
+
+    /// Waits for a replicated request's Ack.
+    pub fn wait(&self, slot: &Slot, timeout: Duration) -> Remote {
+        self.wait_for(
+            slot,
+            timeout,
+            &format!("peer did not acknowledge within {timeout:?}"),
+        )
+    }
+
+    /// Exclusive access to the read side (the Secondary's apply loop).
+    pub fn reader(&self) -> MutexGuard<'_, io::BufReader<TcpStream>> {
+        lock(&self.reader)
     }
 }

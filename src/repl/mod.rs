@@ -55,6 +55,8 @@ pub struct ResourceStatus {
     pub out_of_sync_blocks: u64,
     pub bitmap_granularity: u64,
     pub last_error: Option<String>,
+    /// Round trip of the last keepalive Ping, while connected.
+    pub ping_rtt_us: Option<u64>,
 }
 
 struct LinkState {
@@ -188,6 +190,7 @@ impl Replica {
             out_of_sync_blocks: oos.count(),
             bitmap_granularity: oos.granularity(),
             last_error: state.last_error.clone(),
+            ping_rtt_us: self.current_session().and_then(|s| s.rtt_us()),
         }
     }
 
@@ -223,6 +226,10 @@ impl Replica {
     ) -> io::Result<()> {
         if self.role == Role::Secondary {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        if self.peer.is_none() {
+            // A single-node resource has nobody to be out of sync with.
+            return local();
         }
         let _range = self.intervals.lock(offset, len);
         let remote = self
@@ -352,7 +359,7 @@ impl Replica {
         let setup = stream
             .set_read_timeout(Some(ping_timeout))
             .and_then(|_| stream.set_write_timeout(Some(ping_timeout)))
-            .and_then(|_| Session::new(&stream, cfg.peer_node.clone()));
+            .and_then(|_| Session::new(&stream, cfg.peer_node.clone(), ping_timeout));
         let session = match setup {
             Ok(s) => Arc::new(s),
             Err(e) => {
@@ -365,65 +372,53 @@ impl Replica {
         if self.stopping.load(Ordering::SeqCst) {
             session.fail("shutting down");
         }
-        let reason = std::thread::scope(|scope| {
-            let pinger = session.clone();
-            scope.spawn(move || {
+        let reason = match self.role {
+            // The Primary has no receiver thread (see `Session`): this
+            // thread pings and, while waiting for each Pong, reads the link
+            // if no writer is already doing so.
+            Role::Primary => {
                 let mut nonce = 0u64;
-                while pinger.is_alive() {
-                    std::thread::sleep(interval);
+                while session.is_alive() {
+                    if self.pause(interval) {
+                        session.fail("shutting down");
+                        break;
+                    }
                     nonce += 1;
-                    if pinger.is_alive() {
-                        pinger.send_control(&Frame::Ping { nonce });
-                    }
+                    let pong = session.ping(nonce);
+                    let what = format!("no answer to a ping within {ping_timeout:?}");
+                    session.wait_for(&pong, ping_timeout, &what);
                 }
-            });
-            let result = match self.role {
-                Role::Primary => self.receive_as_primary(&session, &stream),
-                Role::Secondary => self.receive_as_secondary(&session, &stream, scope),
-            };
-            let why = match result {
-                Ok(()) => "shutting down".to_owned(),
-                Err(e) => match e {
-                    LinkError::Io(io)
-                        if matches!(
-                            io.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        format!("no frame from the peer for {ping_timeout:?}")
+                session.reason().unwrap_or_else(|| "shutting down".into())
+            }
+            Role::Secondary => std::thread::scope(|scope| {
+                let pinger = session.clone();
+                scope.spawn(move || {
+                    let mut nonce = 0u64;
+                    while pinger.is_alive() {
+                        std::thread::sleep(interval);
+                        nonce += 1;
+                        if pinger.is_alive() {
+                            pinger.ping(nonce);
+                        }
                     }
-                    LinkError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => {
-                        "peer closed the connection".to_owned()
-                    }
-                    other => other.to_string(),
-                },
-            };
-            session.fail(&why);
-            session.reason().unwrap_or(why)
-        });
+                });
+                let why = match self.receive_as_secondary(&session, scope) {
+                    Ok(()) => "shutting down".to_owned(),
+                    Err(e) => session.describe(e),
+                };
+                session.fail(&why);
+                session.reason().unwrap_or(why)
+            }),
+        };
         *lock(&self.session) = None;
         tracing::warn!(resource = %self.name, peer = %cfg.peer_node, "peer disconnected: {reason}");
         self.set_state(ConnState::Connecting, Some(reason));
         let _ = stream.shutdown(Shutdown::Both);
     }
 
-    fn receive_as_primary(&self, session: &Session, stream: &TcpStream) -> Result<(), LinkError> {
-        let mut reader = io::BufReader::with_capacity(64 * 1024, stream);
-        loop {
-            match link::read_frame(&mut reader)? {
-                Frame::Ack { seq, status } => session.acknowledge(seq, status)?,
-                other => link_frame(session, other, "Secondary")?,
-            }
-            if !session.is_alive() {
-                return Ok(());
-            }
-        }
-    }
-
     fn receive_as_secondary<'s>(
         &'s self,
         session: &'s Arc<Session>,
-        stream: &TcpStream,
         scope: &'s std::thread::Scope<'s, '_>,
     ) -> Result<(), LinkError> {
         // Durability requests (FUA writes, barriers) go to a flusher thread
@@ -448,7 +443,7 @@ impl Replica {
                 }
             }
         });
-        let mut reader = io::BufReader::with_capacity(256 * 1024, stream);
+        let mut reader = session.reader();
         let mut expected = 1u64;
         let mut body = Vec::new();
         // Acks are batched: written when no further frame is already
@@ -459,7 +454,7 @@ impl Replica {
                 session.send_raw(&acks);
                 acks.clear();
             }
-            let kind = match link::read_raw(&mut reader, &mut body) {
+            let kind = match link::read_raw(&mut *reader, &mut body) {
                 Ok(k) => k,
                 Err(e) => break Err(e),
             };
@@ -566,7 +561,7 @@ impl Replica {
                     (seq, true, Ok(()))
                 }
                 other => {
-                    link_frame(session, other, "Primary")?;
+                    session.handle_control(other, "Primary")?;
                     return Ok(Applied::Nothing);
                 }
             }
@@ -592,23 +587,6 @@ enum Applied {
     Done { seq: u64, durable: bool },
     /// The local storage failed; acknowledged with this errno.
     Failed { seq: u64, status: u32 },
-}
-
-/// Frames either role may receive besides its data: pings are answered,
-/// a refusal or anything else ends the session.
-fn link_frame(session: &Session, frame: Frame, from: &str) -> Result<(), LinkError> {
-    match frame {
-        Frame::Ping { nonce } => {
-            session.send_control(&Frame::Pong { nonce });
-            Ok(())
-        }
-        Frame::Pong { .. } => Ok(()),
-        Frame::Refuse { code, message } => Err(LinkError::PeerRefused { code, message }),
-        other => Err(LinkError::Protocol(format!(
-            "unexpected frame kind {} from a {from}",
-            other.kind()
-        ))),
-    }
 }
 
 /// Whether this node dials (its name sorts lower) or accepts.
