@@ -26,6 +26,16 @@ use crate::net::Stream;
 /// Read-side buffer; large enough to hold many small requests per syscall.
 const READ_BUFFER: usize = 256 * 1024;
 
+/// Replies up to this size may be combined with others into one send.
+const COMBINE_MAX: usize = 64 * 1024;
+
+#[derive(Default)]
+struct Outgoing {
+    queue: Vec<u8>,
+    /// A worker is sending the queue; others only append to it.
+    flushing: bool,
+}
+
 /// Why a connection's transmission phase ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
@@ -48,6 +58,8 @@ struct Connection<'a> {
     export: &'a Export,
     reader: Mutex<BufReader<Stream>>,
     writer: Mutex<Stream>,
+    /// Small replies waiting to be sent, combined into one send.
+    out: Mutex<Outgoing>,
     closing: AtomicBool,
     reason: Mutex<Option<CloseReason>>,
     requests: AtomicU64,
@@ -215,9 +227,42 @@ impl Connection<'_> {
         } else {
             &header
         };
-        let written = lock(&self.writer).write_all(bytes);
-        if let Err(e) = written {
+        if let Err(e) = self.send(bytes) {
             self.close(CloseReason::Error(format!("writing reply: {e}")));
+        }
+    }
+
+    /// Sends a reply. Small replies completed while another worker is
+    /// sending are queued and go out together in that worker's next send,
+    /// so at depth N the client gets a few large sends instead of N tiny
+    /// ones; a lone reply is sent at once by its own worker.
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.len() > COMBINE_MAX {
+            return lock(&self.writer).write_all(bytes);
+        }
+        {
+            let mut out = lock(&self.out);
+            out.queue.extend_from_slice(bytes);
+            if out.flushing {
+                return Ok(());
+            }
+            out.flushing = true;
+        }
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut out = lock(&self.out);
+                if out.queue.is_empty() {
+                    out.flushing = false;
+                    return Ok(());
+                }
+                batch.clear();
+                std::mem::swap(&mut batch, &mut out.queue);
+            }
+            if let Err(e) = lock(&self.writer).write_all(&batch) {
+                lock(&self.out).flushing = false;
+                return Err(e);
+            }
         }
     }
 
@@ -263,6 +308,7 @@ pub fn serve(stream: Stream, export: &Export, workers: usize) -> io::Result<Summ
         export,
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         writer: Mutex::new(writer),
+        out: Mutex::new(Outgoing::default()),
         closing: AtomicBool::new(false),
         reason: Mutex::new(None),
         requests: AtomicU64::new(0),

@@ -8,8 +8,9 @@
 use crate::sync::lock;
 use std::sync::{Condvar, Mutex};
 
-/// Held ranges `(start, end, id)`, and the last id handed out.
-type Held = (Vec<(u64, u64, u64)>, u64);
+/// Held ranges `(start, end, id)`, the last id handed out, and how many
+/// threads wait for an overlapping range to be released.
+type Held = (Vec<(u64, u64, u64)>, u64, usize);
 
 #[derive(Default)]
 pub struct IntervalLock {
@@ -36,7 +37,9 @@ impl IntervalLock {
         let end = offset.saturating_add(len.max(1));
         let mut held = lock(&self.held);
         while held.0.iter().any(|&(s, e, _)| s < end && start < e) {
+            held.2 += 1;
             held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
+            held.2 -= 1;
         }
         held.1 += 1;
         let id = held.1;
@@ -54,8 +57,12 @@ impl Drop for IntervalGuard<'_> {
     fn drop(&mut self) {
         let mut held = lock(&self.lock.held);
         held.0.retain(|&(_, _, id)| id != self.id);
+        let waiters = held.2;
         drop(held);
-        self.lock.released.notify_all();
+        // Waking costs a syscall; most releases have nobody waiting.
+        if waiters > 0 {
+            self.lock.released.notify_all();
+        }
     }
 }
 
