@@ -23,8 +23,13 @@ use replblk_proto::nbd::{errno, Command, Request, SimpleReply};
 use super::{Export, MAX_PAYLOAD};
 use crate::net::Stream;
 
-/// Read-side buffer; large enough to hold many small requests per syscall.
-const READ_BUFFER: usize = 256 * 1024;
+/// Read-side buffer: holds several small requests per syscall, but small
+/// enough that reading a request header does not first copy a large write
+/// payload through the buffer (payloads past it are read in place).
+const READ_BUFFER: usize = 32 * 1024;
+
+/// A worker keeps its request buffer across requests up to this size.
+const KEEP_BUFFER: usize = 4 << 20;
 
 /// Replies up to this size may be combined with others into one send.
 const COMBINE_MAX: usize = 64 * 1024;
@@ -277,8 +282,10 @@ impl Connection<'_> {
                 );
             }
             self.reply(&req, result, &mut buf);
-            // Do not keep a 32 MiB buffer around after one large request.
-            if buf.capacity() > 4 * READ_BUFFER {
+            // Do not keep a 32 MiB buffer around after one large request,
+            // but do keep one for the common sizes up to a few MiB (a 1 MiB
+            // read needs 1 MiB plus the reply header).
+            if buf.capacity() > KEEP_BUFFER {
                 buf = Vec::new();
             }
         }
