@@ -368,10 +368,9 @@ impl Session {
                 stream: stream.try_clone()?,
                 next_seq: 1,
             }),
-            reader: Mutex::new(io::BufReader::with_capacity(
-                256 * 1024,
-                stream.try_clone()?,
-            )),
+            // Small enough that a frame header read does not first copy a
+            // large write payload through the buffer.
+            reader: Mutex::new(io::BufReader::with_capacity(32 * 1024, stream.try_clone()?)),
             ping_timeout,
             pending: Mutex::new(Pending {
                 alive: true,
