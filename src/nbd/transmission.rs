@@ -15,8 +15,10 @@
 use crate::sync::lock;
 use std::io::{self, BufReader, Cursor, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use replblk_proto::nbd::{errno, Command, Request, SimpleReply};
 
@@ -27,6 +29,10 @@ use crate::net::Stream;
 /// enough that reading a request header does not first copy a large write
 /// payload through the buffer (payloads past it are read in place).
 const READ_BUFFER: usize = 32 * 1024;
+
+/// How long the reading worker polls for the next request before it
+/// sleeps in `recv` (see `net::spin_until_readable`).
+const SPIN: Duration = Duration::from_micros(40);
 
 /// A worker keeps its request buffer across requests up to this size.
 const KEEP_BUFFER: usize = 4 << 20;
@@ -68,6 +74,8 @@ struct Connection<'a> {
     closing: AtomicBool,
     reason: Mutex<Option<CloseReason>>,
     requests: AtomicU64,
+    /// Requests read and not yet answered.
+    in_flight: AtomicUsize,
 }
 
 impl Connection<'_> {
@@ -91,6 +99,13 @@ impl Connection<'_> {
         let mut reader = lock(&self.reader);
         if self.closing.load(Ordering::SeqCst) {
             return None;
+        }
+        // Poll only when at most the previous request is still being
+        // served: that is the depth-1 case the poll is for (its reply goes
+        // out while we poll for the next request), and no other worker
+        // needs the CPU.
+        if reader.buffer().is_empty() && self.in_flight.load(Ordering::SeqCst) <= 1 {
+            crate::net::spin_until_readable(reader.get_ref().as_raw_fd(), SPIN);
         }
         let mut raw = [0u8; Request::LEN];
         if let Err(e) = reader.read_exact(&mut raw) {
@@ -139,6 +154,7 @@ impl Connection<'_> {
             _ => {}
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         Some(request)
     }
 
@@ -282,6 +298,7 @@ impl Connection<'_> {
                 );
             }
             self.reply(&req, result, &mut buf);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             // Do not keep a 32 MiB buffer around after one large request,
             // but do keep one for the common sizes up to a few MiB (a 1 MiB
             // read needs 1 MiB plus the reply header).
@@ -319,6 +336,7 @@ pub fn serve(stream: Stream, export: &Export, workers: usize) -> io::Result<Summ
         closing: AtomicBool::new(false),
         reason: Mutex::new(None),
         requests: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
     };
     std::thread::scope(|scope| {
         for i in 1..workers.max(1) {

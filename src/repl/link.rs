@@ -6,6 +6,7 @@ use crate::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -99,6 +100,10 @@ pub fn write_frame(stream: &mut impl Write, frame: &Frame) -> io::Result<()> {
     frame.encode(&mut out);
     stream.write_all(&out)
 }
+
+/// How long a writer waiting for its Ack polls the socket before it
+/// sleeps in `recv`.
+const SPIN: Duration = Duration::from_micros(40);
 
 /// Writes all of `bufs`, resuming after partial writes.
 fn write_all_vectored(stream: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -572,6 +577,11 @@ impl Session {
             if Instant::now() > deadline {
                 self.fail(what);
                 return;
+            }
+            // Poll only for a lone request: with more in flight, Acks
+            // keep coming and the CPU is better left to the others.
+            if reader.buffer().is_empty() && lock(&self.pending).slots.len() <= 1 {
+                crate::net::spin_until_readable(reader.get_ref().as_raw_fd(), SPIN);
             }
             match read_frame(reader).and_then(|f| self.handle_incoming(f)) {
                 Ok(()) => {}
