@@ -18,6 +18,7 @@
 
 pub mod bitmap;
 pub mod config;
+pub mod core;
 pub mod control;
 pub mod daemon;
 pub mod nbd;
