@@ -20,8 +20,8 @@ pub const MAGIC: u32 = 0x5242_4c4b;
 /// changes (message semantics are negotiated with `Hello`).
 pub const HEADER_VERSION: u16 = 1;
 /// Protocol versions this implementation speaks.
-pub const PROTOCOL_MIN: u16 = 1;
-pub const PROTOCOL_MAX: u16 = 1;
+pub const PROTOCOL_MIN: u16 = 2;
+pub const PROTOCOL_MAX: u16 = 2;
 /// Largest body accepted: a 32 MiB write plus its fixed fields.
 pub const MAX_BODY: u32 = (32 << 20) + 64;
 pub const CHALLENGE_LEN: usize = 32;
@@ -37,11 +37,13 @@ pub mod kind {
     pub const AUTH: u16 = 2;
     pub const AUTH_OK: u16 = 3;
     pub const REFUSE: u16 = 4;
+    pub const STATE: u16 = 5;
     pub const WRITE: u16 = 16;
     pub const TRIM: u16 = 17;
     pub const WRITE_ZEROES: u16 = 18;
     pub const BARRIER: u16 = 19;
     pub const ACK: u16 = 20;
+    pub const SYNC_DONE: u16 = 21;
     pub const PING: u16 = 32;
     pub const PONG: u16 = 33;
 }
@@ -61,6 +63,42 @@ pub mod features {
     /// Nothing optional exists yet; the field is there so a later version
     /// can add capabilities without a new protocol version.
     pub const NONE: u64 = 0;
+}
+
+/// Bits of `StateFrame::state_flags`.
+pub mod state_flags {
+    /// The sender was told to discard its data if the pair is in split
+    /// brain (`replctl connect --discard-my-data`).
+    pub const DISCARD_MY_DATA: u16 = 1 << 0;
+    /// The receiver must answer with its own `State` (without this bit).
+    pub const REPLY: u16 = 1 << 1;
+    pub const KNOWN: u16 = DISCARD_MY_DATA | REPLY;
+}
+
+/// Largest `StateFrame::role` value (0 Secondary, 1 Primary).
+pub const MAX_ROLE: u8 = 1;
+/// Largest `StateFrame::disk` value (0 Diskless, 1 Inconsistent,
+/// 2 Outdated, 3 Consistent, 4 UpToDate).
+pub const MAX_DISK: u8 = 4;
+
+/// A node's role, disk state and generation identifiers, sent by both
+/// sides right after `AuthOk` and again whenever they change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateFrame {
+    pub role: u8,
+    pub disk: u8,
+    pub state_flags: u16,
+    /// The metadata flag bits (consistent, was primary, ...), as stored.
+    pub md_flags: u32,
+    pub current: u64,
+    pub bitmap: u64,
+    pub history: [u64; 2],
+    /// Blocks the sender has marked out of sync for the receiver.
+    pub dirty_bits: u64,
+}
+
+impl StateFrame {
+    pub const LEN: usize = 48;
 }
 
 /// Why a peer refused the session (sent in `Refuse`, then the connection
@@ -289,6 +327,12 @@ pub enum Frame {
     },
     /// The peer's `Auth` was verified.
     AuthOk,
+    State(StateFrame),
+    /// The sender made the receiver's data equal to its own generation
+    /// `current`: the receiver adopts it and is UpToDate.
+    SyncDone {
+        current: u64,
+    },
     /// The session is refused; the connection closes after this frame.
     Refuse {
         code: RefuseCode,
@@ -408,6 +452,8 @@ impl Frame {
             Frame::Hello(_) => kind::HELLO,
             Frame::Auth { .. } => kind::AUTH,
             Frame::AuthOk => kind::AUTH_OK,
+            Frame::State(_) => kind::STATE,
+            Frame::SyncDone { .. } => kind::SYNC_DONE,
             Frame::Refuse { .. } => kind::REFUSE,
             Frame::Write(_) => kind::WRITE,
             Frame::Trim { .. } => kind::TRIM,
@@ -441,6 +487,18 @@ impl Frame {
             }
             Frame::Auth { mac } => dst.put_slice(mac),
             Frame::AuthOk => {}
+            Frame::State(st) => {
+                dst.put_u8(st.role);
+                dst.put_u8(st.disk);
+                dst.put_u16(st.state_flags);
+                dst.put_u32(st.md_flags);
+                dst.put_u64(st.current);
+                dst.put_u64(st.bitmap);
+                dst.put_u64(st.history[0]);
+                dst.put_u64(st.history[1]);
+                dst.put_u64(st.dirty_bits);
+            }
+            Frame::SyncDone { current } => dst.put_u64(*current),
             Frame::Refuse { code, message } => {
                 dst.put_u16(code.to_wire());
                 // A longer message would make the peer reject the whole
@@ -554,6 +612,41 @@ impl Frame {
             kind::AUTH_OK => {
                 fixed(body, "AuthOk", 0)?;
                 Frame::AuthOk
+            }
+            kind::STATE => {
+                fixed(body, "State", StateFrame::LEN)?;
+                let st = StateFrame {
+                    role: src.get_u8(),
+                    disk: src.get_u8(),
+                    state_flags: src.get_u16(),
+                    md_flags: src.get_u32(),
+                    current: src.get_u64(),
+                    bitmap: src.get_u64(),
+                    history: [src.get_u64(), src.get_u64()],
+                    dirty_bits: src.get_u64(),
+                };
+                if st.role > MAX_ROLE || st.disk > MAX_DISK {
+                    return Err(DecodeError::Invalid {
+                        what: "State",
+                        detail: format!("role {} / disk state {} out of range", st.role, st.disk),
+                    });
+                }
+                if st.state_flags & !state_flags::KNOWN != 0 {
+                    return Err(DecodeError::Invalid {
+                        what: "State flags",
+                        detail: format!(
+                            "unknown flag bits {:#x}",
+                            st.state_flags & !state_flags::KNOWN
+                        ),
+                    });
+                }
+                Frame::State(st)
+            }
+            kind::SYNC_DONE => {
+                fixed(body, "SyncDone", 8)?;
+                Frame::SyncDone {
+                    current: src.get_u64(),
+                }
             }
             kind::REFUSE => {
                 if body.len() < 2 {

@@ -18,9 +18,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use replblk_proto::repl::{
-    auth_mac, auth_verify, data_flags, kind, negotiate_version, Frame, FrameHeader, Hello,
-    RefuseCode, WriteFrame, WriteRef, CHALLENGE_LEN, HEADER_VERSION, MAC_LEN, MAGIC, MAX_BODY,
-    MAX_MESSAGE, MAX_NAME, PROTOCOL_MAX, PROTOCOL_MIN,
+    auth_mac, auth_verify, data_flags, kind, negotiate_version, state_flags, Frame, FrameHeader,
+    Hello, RefuseCode, StateFrame, WriteFrame, WriteRef, CHALLENGE_LEN, HEADER_VERSION, MAC_LEN,
+    MAGIC, MAX_BODY, MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_ROLE, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use replblk_proto::DecodeError;
 
@@ -353,7 +353,29 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<u32>()).prop_map(|(seq, status)| Frame::Ack { seq, status }),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+        state_frame().prop_map(Frame::State),
+        any::<u64>().prop_map(|current| Frame::SyncDone { current }),
     ]
+}
+
+fn state_frame() -> impl Strategy<Value = StateFrame> {
+    (
+        0..=MAX_ROLE,
+        0..=MAX_DISK,
+        0..=state_flags::KNOWN,
+        any::<u32>(),
+        any::<[u64; 5]>(),
+    )
+        .prop_map(|(role, disk, state_flags, md_flags, u)| StateFrame {
+            role,
+            disk,
+            state_flags,
+            md_flags,
+            current: u[0],
+            bitmap: u[1],
+            history: [u[2], u[3]],
+            dirty_bits: u[4],
+        })
 }
 
 /// Bytes placed before and after a value, to check decoders neither look
@@ -362,7 +384,9 @@ fn framing() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
     (vec(any::<u8>(), 0..8), vec(any::<u8>(), 0..16))
 }
 
-const KNOWN_KINDS: [u16; 11] = [
+const KNOWN_KINDS: [u16; 13] = [
+    kind::STATE,
+    kind::SYNC_DONE,
     kind::HELLO,
     kind::AUTH,
     kind::AUTH_OK,
@@ -495,13 +519,15 @@ fn protocol_constants_have_their_documented_values() {
     assert_eq!(MAGIC, 0x5242_4c4b);
     assert_eq!(MAGIC.to_be_bytes(), *b"RBLK");
     assert_eq!(HEADER_VERSION, 1);
-    assert_eq!((PROTOCOL_MIN, PROTOCOL_MAX), (1, 1));
+    assert_eq!((PROTOCOL_MIN, PROTOCOL_MAX), (2, 2));
     assert_eq!(MAX_BODY, 33_554_496);
     assert_eq!(MAX_BODY, 32 * 1024 * 1024 + 64);
     assert_eq!((CHALLENGE_LEN, MAC_LEN), (32, 32));
     assert_eq!((MAX_NAME, MAX_MESSAGE), (255, 1024));
     assert_eq!(FrameHeader::LEN, 12);
     assert_eq!(WriteFrame::FIXED, 24);
+    assert_eq!(StateFrame::LEN, 48);
+    assert_eq!((state_flags::DISCARD_MY_DATA, state_flags::REPLY), (1, 2));
     assert_eq!((data_flags::FUA, data_flags::NO_HOLE), (1, 2));
     assert_eq!(data_flags::KNOWN, 3);
 }
@@ -510,8 +536,8 @@ fn protocol_constants_have_their_documented_values() {
 fn frame_kinds_have_their_documented_numbers() {
     assert_eq!(
         KNOWN_KINDS,
-        [1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
-        "HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
+        [5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
+        "STATE SYNC_DONE HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
     );
 }
 
@@ -580,6 +606,42 @@ fn hello_has_the_documented_layout() {
 fn auth_and_auth_ok_have_the_documented_layout() {
     check_layout(&Frame::Auth { mac: [0xaa; 32] }, 2, &[0xaa; 32]);
     check_layout(&Frame::AuthOk, 3, &[]);
+}
+
+#[test]
+fn state_and_sync_done_have_the_documented_layout() {
+    let frame = Frame::State(StateFrame {
+        role: 1,
+        disk: 4,
+        state_flags: state_flags::REPLY,
+        md_flags: 0x0102_0304,
+        current: 0x1111_2222_3333_4444,
+        bitmap: 5,
+        history: [6, 7],
+        dirty_bits: 8,
+    });
+    let mut body = vec![1, 4, 0, 2, 1, 2, 3, 4];
+    for v in [0x1111_2222_3333_4444u64, 5, 6, 7, 8] {
+        body.extend_from_slice(&v.to_be_bytes());
+    }
+    check_layout(&frame, 5, &body);
+    check_layout(&Frame::SyncDone { current: 9 }, 21, &9u64.to_be_bytes());
+}
+
+#[test]
+fn state_rejects_out_of_range_fields() {
+    let good = [0u8; StateFrame::LEN];
+    assert!(Frame::decode_body(kind::STATE, &good).is_ok());
+    for (at, value) in [(0, MAX_ROLE + 1), (1, MAX_DISK + 1), (2, 0x80)] {
+        let mut bad = good;
+        bad[at] = value;
+        assert!(
+            Frame::decode_body(kind::STATE, &bad).is_err(),
+            "byte {at} = {value} was accepted"
+        );
+    }
+    assert!(Frame::decode_body(kind::STATE, &good[..47]).is_err());
+    assert!(Frame::decode_body(kind::SYNC_DONE, &[0; 7]).is_err());
 }
 
 #[test]
