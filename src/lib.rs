@@ -5,6 +5,7 @@
 //! - `store`: local storage behind the `Store` trait (file/block device,
 //!   and an in-memory fake for tests).
 //! - `bitmap`: the out-of-sync bitmap (pure).
+//! - `meta`: crash-safe on-disk metadata (superblocks, bitmap area).
 //! - `repl`: synchronous replication to the peer: the write path on the
 //!   Primary (`Replica`, a `Store`), the peer link and its handshake, and
 //!   the apply loop on the Secondary.
@@ -21,6 +22,7 @@ pub mod config;
 pub mod core;
 pub mod control;
 pub mod daemon;
+pub mod meta;
 pub mod nbd;
 pub mod net;
 pub mod repl;
