@@ -5,6 +5,14 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod state;
+pub mod uuid;
+
+pub use state::{
+    Action, ConnState, DiskState, Event, Level, Node, PeerInfo, Refusal, ReplState, Role,
+};
+pub use uuid::{compare, Decision, Rule, UuidView, Verdict};
+
 /// How many older current UUIDs are remembered.
 pub const HISTORY: usize = 2;
 

@@ -1,0 +1,2358 @@
+//! The node state machine: role, disk, connection and replication state,
+//! with DRBD's rules. [`Node::handle`] takes one [`Event`] and returns the
+//! [`Action`]s for the shells to carry out, in order, or a [`Refusal`]
+//! that leaves the node unchanged. No I/O here.
+//!
+//! How the state maps to the persistent flags ([`Node::meta_flags`]):
+//! `CONSISTENT` for Outdated, Consistent and UpToDate data; `UP_TO_DATE`
+//! for UpToDate; `OUTDATED` for Outdated; `PRIMARY` while Primary;
+//! `CLEAN_SHUTDOWN` after [`Event::Shutdown`]. `CRASHED_PRIMARY`,
+//! `PEER_OUTDATED`, `FULL_SYNC` and unknown bits are kept as loaded and
+//! changed only by the events documented below.
+//!
+//! Every change to [`Node::gens`] or [`Node::meta_flags`] comes with an
+//! [`Action::Persist`], placed before any action that lets the outside
+//! world see the change (sending state, starting a sync, dropping a link).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::uuid::{compare, Decision, UuidView, Verdict};
+use super::{flags, Generations, UUID_JUST_CREATED};
+
+/// Which node serves I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+/// How good the local copy of the data is, worst first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DiskState {
+    /// No backing data.
+    Diskless,
+    /// A sync target, or never initialised: not a valid image.
+    Inconsistent,
+    /// A valid image, known to be older than the peer's.
+    Outdated,
+    /// A valid image; whether it is the newest is not known.
+    Consistent,
+    /// A valid image of the newest data.
+    UpToDate,
+}
+
+impl DiskState {
+    /// True for the states holding a valid image (Outdated and better).
+    pub fn holds_data(self) -> bool {
+        match self {
+            DiskState::Outdated | DiskState::Consistent | DiskState::UpToDate => true,
+            DiskState::Diskless | DiskState::Inconsistent => false,
+        }
+    }
+}
+
+/// The link to the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConnState {
+    /// Not trying to reach the peer (admin, or after split brain).
+    StandAlone,
+    /// Trying to reach the peer, or waiting for it.
+    Connecting,
+    /// Handshake done; see [`ReplState`].
+    Connected,
+}
+
+/// What the connected pair is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplState {
+    /// Not connected.
+    Off,
+    /// Connected, data in sync, writes mirrored.
+    Established,
+    /// Sending a resync to the peer (writes mirrored too).
+    SyncSource,
+    /// Receiving a resync from the peer.
+    SyncTarget,
+}
+
+macro_rules! display_as_debug {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self, f)
+            }
+        }
+    )*};
+}
+display_as_debug!(Role, DiskState, ConnState, ReplState);
+
+/// What the peer reported in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub role: Role,
+    pub disk: DiskState,
+    pub uuids: UuidView,
+    /// The peer's operator ran `connect --discard-my-data`.
+    pub discard_my_data: bool,
+}
+
+/// Something that happened; see [`Node::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Admin: become Primary. `force` accepts non-UpToDate data.
+    Promote { force: bool },
+    /// Admin: become Secondary. `clients`: NBD clients now attached.
+    Demote { force: bool, clients: usize },
+    /// Admin: StandAlone -> Connecting.
+    Connect { discard_my_data: bool },
+    /// Admin: -> StandAlone.
+    Disconnect,
+    /// The handshake with the peer is done: decide what the pair does.
+    /// `local_dials`: this node opened the connection (the tie-breaker
+    /// of rule 40). `local_dirty_bits`: blocks marked in the local bitmap.
+    PeerConnected {
+        peer: PeerInfo,
+        local_dials: bool,
+        local_dirty_bits: u64,
+    },
+    /// The connected peer's role or disk changed.
+    PeerStateChanged { role: Role, disk: DiskState },
+    /// The link dropped; the node keeps trying to reconnect.
+    PeerLost { reason: String },
+    /// The resync completed (this node was source or target). The target
+    /// records it first and the source once the target confirmed: a
+    /// source that cleared its bitmap UUID for a target that then crashed
+    /// before recording would leave only a full sync to find the pair.
+    SyncFinished,
+    /// The peer says the pair is in sync at its current UUID `current`:
+    /// the end of a resync this node was target of, or the peer's
+    /// `new-current-uuid --clear-bitmap` on just-created metadata (skip
+    /// the initial sync).
+    SyncDone { current: u64 },
+    /// Admin (`new-current-uuid`): start a new data generation. Allowed
+    /// StandAlone; while connected only as "skip initial sync":
+    /// `clear_bitmap` with both copies just created.
+    NewCurrentUuid { clear_bitmap: bool },
+    /// A write completed on this Primary that the peer did not get.
+    LocalWrite,
+    /// Clean shutdown.
+    Shutdown,
+}
+
+/// Log levels for [`Action::Log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// What the shells must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Write [`Node::gens`] and [`Node::meta_flags`] to the metadata.
+    Persist,
+    /// Disconnect every NBD client (forced demote).
+    DisconnectClients,
+    /// Tear down the peer session. The node's [`ConnState`] says whether
+    /// to reconnect (Connecting) or not (StandAlone).
+    DropLink { reason: String },
+    /// Tear down the peer session if any, and stop reconnecting until the
+    /// operator runs `connect` (split brain, unrelated data, ...).
+    StandAlone { reason: String },
+    /// Start (or resume) a resync; `full` ignores the bitmap.
+    StartSync { source: bool, full: bool },
+    /// Tell the peer this node's role and disk state.
+    SendState,
+    /// Log `message`.
+    Log { level: Level, message: String },
+}
+
+/// Why an event was refused; the node did not change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub message: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+fn refuse(message: impl Into<String>) -> Refusal {
+    Refusal {
+        message: message.into(),
+    }
+}
+
+/// Flag bits [`Node::meta_flags`] derives from the state.
+const DERIVED: u32 = flags::CONSISTENT
+    | flags::UP_TO_DATE
+    | flags::OUTDATED
+    | flags::PRIMARY
+    | flags::CLEAN_SHUTDOWN;
+
+/// Actions collected while handling one event: logs and the like go
+/// before the `Persist`, the rest after it.
+#[derive(Default)]
+struct Out {
+    early: Vec<Action>,
+    late: Vec<Action>,
+}
+
+impl Out {
+    fn log(&mut self, level: Level, message: impl Into<String>) {
+        self.early.push(Action::Log {
+            level,
+            message: message.into(),
+        });
+    }
+
+    fn then(&mut self, action: Action) {
+        self.late.push(action);
+    }
+}
+
+/// What a successful handshake leads to.
+enum Plan {
+    NoSync,
+    Source { full: bool },
+    Target { full: bool },
+}
+
+/// One node's state for one resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    role: Role,
+    disk: DiskState,
+    conn: ConnState,
+    repl: ReplState,
+    /// The peer's role and disk while connected.
+    peer: Option<(Role, DiskState)>,
+    /// The peer's UUIDs while connected (as of the handshake, updated
+    /// when a sync ends).
+    peer_gens: Option<Generations>,
+    gens: Generations,
+    /// Persistent flags not derived from the state.
+    kept_flags: u32,
+    clean_shutdown: bool,
+    has_peer: bool,
+    discard_my_data: bool,
+    unreplicated_writes: bool,
+    last_verdict: Option<Verdict>,
+}
+
+impl Node {
+    /// The node as `up` makes it from the superblock. Always Secondary; a
+    /// node that was Primary and did not shut down cleanly gets
+    /// `CRASHED_PRIMARY`. The disk: Inconsistent if the UUID is just
+    /// created or `CONSISTENT` is clear; Outdated if `OUTDATED`; UpToDate
+    /// if `UP_TO_DATE` and the peer was known Outdated (`PEER_OUTDATED`)
+    /// or there is no peer; Consistent otherwise (a node that restarts
+    /// cannot know whether the peer wrote meanwhile). Connecting if
+    /// `has_peer`, else StandAlone. `CLEAN_SHUTDOWN` is cleared (so a
+    /// later crash shows); the caller persists `meta_flags()` right away.
+    pub fn from_meta(gens: Generations, meta_flags: u32, has_peer: bool) -> Node {
+        let mut kept_flags = meta_flags & !DERIVED;
+        if meta_flags & flags::PRIMARY != 0 && meta_flags & flags::CLEAN_SHUTDOWN == 0 {
+            kept_flags |= flags::CRASHED_PRIMARY;
+        }
+        let disk = if gens.just_created() || meta_flags & flags::CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if meta_flags & flags::OUTDATED != 0 {
+            DiskState::Outdated
+        } else if meta_flags & flags::UP_TO_DATE != 0
+            && (meta_flags & flags::PEER_OUTDATED != 0 || !has_peer)
+        {
+            DiskState::UpToDate
+        } else {
+            DiskState::Consistent
+        };
+        Node {
+            role: Role::Secondary,
+            disk,
+            conn: if has_peer {
+                ConnState::Connecting
+            } else {
+                ConnState::StandAlone
+            },
+            repl: ReplState::Off,
+            peer: None,
+            peer_gens: None,
+            gens,
+            kept_flags,
+            clean_shutdown: false,
+            has_peer,
+            discard_my_data: false,
+            unreplicated_writes: false,
+            last_verdict: None,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn disk(&self) -> DiskState {
+        self.disk
+    }
+
+    pub fn conn(&self) -> ConnState {
+        self.conn
+    }
+
+    pub fn repl(&self) -> ReplState {
+        self.repl
+    }
+
+    /// The peer's role and disk state while connected.
+    pub fn peer(&self) -> Option<(Role, DiskState)> {
+        self.peer
+    }
+
+    /// The peer's UUIDs while connected.
+    pub fn peer_gens(&self) -> Option<Generations> {
+        self.peer_gens
+    }
+
+    /// The decision of the last handshake (after `--discard-my-data`
+    /// resolved a split brain, the resulting sync, with the split-brain
+    /// rule).
+    pub fn last_verdict(&self) -> Option<Verdict> {
+        self.last_verdict
+    }
+
+    /// The operator asked to discard this node's data on split brain (set
+    /// by `connect --discard-my-data`, consumed by the next handshake).
+    pub fn discard_my_data(&self) -> bool {
+        self.discard_my_data
+    }
+
+    /// This Primary completed writes the peer does not have (since the
+    /// last handshake without sync or the last completed sync).
+    pub fn has_unreplicated_writes(&self) -> bool {
+        self.unreplicated_writes
+    }
+
+    pub fn gens(&self) -> Generations {
+        self.gens
+    }
+
+    /// The persistent flags for the current state (see the module doc).
+    pub fn meta_flags(&self) -> u32 {
+        let mut f = self.kept_flags;
+        match self.disk {
+            DiskState::UpToDate => f |= flags::CONSISTENT | flags::UP_TO_DATE,
+            DiskState::Consistent => f |= flags::CONSISTENT,
+            DiskState::Outdated => f |= flags::CONSISTENT | flags::OUTDATED,
+            DiskState::Inconsistent | DiskState::Diskless => {}
+        }
+        match self.role {
+            Role::Primary => f |= flags::PRIMARY,
+            Role::Secondary => {}
+        }
+        if self.clean_shutdown {
+            f |= flags::CLEAN_SHUTDOWN;
+        }
+        f
+    }
+
+    /// What this node tells the peer in the handshake.
+    pub fn uuid_view(&self, dirty_bits: u64) -> UuidView {
+        UuidView {
+            gens: self.gens,
+            flags: self.meta_flags(),
+            dirty_bits,
+        }
+    }
+
+    /// Applies `event`. `fresh_uuid` yields random values for new current
+    /// UUIDs (values naming no data or already known are skipped).
+    ///
+    /// New current UUIDs follow DRBD 8.4: the bitmap UUID names the
+    /// latest generation of this node the peer may hold, so once it is set
+    /// the current generation is already one the peer lacks and only a
+    /// forced promote starts another.
+    ///
+    /// - `Promote`: refused if the peer is Primary (even forced), if the
+    ///   disk is Diskless, or if it is not UpToDate without `force`.
+    ///   Forcing logs an error, makes the disk UpToDate and always starts
+    ///   a new current UUID; a forced promote while connected then drops
+    ///   the link so the handshake decides with the new UUIDs. Otherwise
+    ///   a new current UUID starts when no connected peer with a disk
+    ///   receives the writes and the bitmap UUID is unset.
+    /// - `Demote`: refused with clients attached unless `force`, which
+    ///   disconnects them first.
+    /// - `PeerLost`, `Disconnect` while connected, and a peer turning
+    ///   Primary while this node is Primary (which also goes StandAlone):
+    ///   an UpToDate Primary with an unset bitmap UUID starts a new
+    ///   current UUID, the old one becoming the bitmap UUID. The peer is
+    ///   not marked Outdated.
+    /// - `PeerConnected`: see [`compare`]; then, in order: both nodes
+    ///   asked to discard their data, unrelated data, an unresolved split
+    ///   brain (`--discard-my-data` on one side makes that side a
+    ///   bitmap-based sync target), two Primaries, a Primary that would
+    ///   be sync target, and a sync source without valid data each make
+    ///   the node StandAlone. Otherwise, when both hold the same current
+    ///   UUID, bitmap UUIDs are retired. No sync: both disks holding data
+    ///   become UpToDate and `CRASHED_PRIMARY` is cleared. A sync target
+    ///   becomes Inconsistent.
+    /// - `SyncFinished`: the target adopts the source's UUIDs
+    ///   ([`Generations::adopt_peer_current`]), the source clears its
+    ///   bitmap UUID; both become UpToDate, `CRASHED_PRIMARY` and
+    ///   `FULL_SYNC` are cleared.
+    /// - `Shutdown`: Secondary, StandAlone, `CLEAN_SHUTDOWN`.
+    pub fn handle(
+        &mut self,
+        event: Event,
+        fresh_uuid: &mut dyn FnMut() -> u64,
+    ) -> Result<Vec<Action>, Refusal> {
+        let before = (self.gens, self.meta_flags());
+        let mut out = Out::default();
+        match event {
+            Event::Promote { force } => self.promote(force, fresh_uuid, &mut out)?,
+            Event::Demote { force, clients } => self.demote(force, clients, &mut out)?,
+            Event::Connect { discard_my_data } => self.connect(discard_my_data, &mut out)?,
+            Event::Disconnect => self.disconnect(fresh_uuid, &mut out),
+            Event::PeerConnected {
+                peer,
+                local_dials,
+                local_dirty_bits,
+            } => self.peer_connected(&peer, local_dials, local_dirty_bits, &mut out)?,
+            Event::PeerStateChanged { role, disk } => {
+                self.peer_state_changed(role, disk, fresh_uuid, &mut out)
+            }
+            Event::PeerLost { reason } => self.peer_lost(&reason, fresh_uuid, &mut out),
+            Event::SyncFinished => self.sync_finished(&mut out)?,
+            Event::SyncDone { current } => self.sync_done(current, &mut out)?,
+            Event::NewCurrentUuid { clear_bitmap } => {
+                self.new_current_uuid(clear_bitmap, fresh_uuid, &mut out)?
+            }
+            Event::LocalWrite => self.local_write()?,
+            Event::Shutdown => self.shutdown(&mut out),
+        }
+        let mut actions = out.early;
+        if (self.gens, self.meta_flags()) != before {
+            actions.push(Action::Persist);
+        }
+        actions.extend(out.late);
+        Ok(actions)
+    }
+
+    // ---- events ---------------------------------------------------------
+
+    fn promote(
+        &mut self,
+        force: bool,
+        fresh: &mut dyn FnMut() -> u64,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        match self.role {
+            Role::Primary => return Ok(()),
+            Role::Secondary => {}
+        }
+        match self.peer {
+            Some((Role::Primary, _)) => return Err(refuse("promote refused: peer is Primary")),
+            Some((Role::Secondary, _)) | None => {}
+        }
+        let forced = match self.disk {
+            DiskState::UpToDate => false,
+            DiskState::Consistent | DiskState::Outdated | DiskState::Inconsistent => {
+                if !force {
+                    return Err(refuse(format!(
+                        "promote refused: local data is {}, not UpToDate (use --force)",
+                        self.disk
+                    )));
+                }
+                true
+            }
+            DiskState::Diskless => return Err(refuse("promote refused: no local disk")),
+        };
+        let peer_receives_writes = match (self.conn, self.peer) {
+            (ConnState::Connected, Some((_, disk))) => disk != DiskState::Diskless,
+            (ConnState::Connected, None) | (ConnState::StandAlone | ConnState::Connecting, _) => {
+                false
+            }
+        };
+        if forced {
+            out.log(
+                Level::Error,
+                format!(
+                    "promote FORCED: local data was {}, declared UpToDate by the operator",
+                    self.disk
+                ),
+            );
+        }
+        if forced || (!peer_receives_writes && self.gens.bitmap == 0) {
+            self.start_generation(fresh, out);
+        }
+        self.role = Role::Primary;
+        self.disk = DiskState::UpToDate;
+        out.log(Level::Info, "promoted to Primary");
+        match (self.conn, forced) {
+            (ConnState::Connected, true) => {
+                self.end_session(ConnState::Connecting);
+                out.then(Action::DropLink {
+                    reason: "forced promote started a new data generation; reconnecting to decide the resync"
+                        .into(),
+                });
+            }
+            (ConnState::Connected, false) => out.then(Action::SendState),
+            (ConnState::StandAlone | ConnState::Connecting, _) => {}
+        }
+        Ok(())
+    }
+
+    fn demote(&mut self, force: bool, clients: usize, out: &mut Out) -> Result<(), Refusal> {
+        match self.role {
+            Role::Secondary => return Ok(()),
+            Role::Primary => {}
+        }
+        if clients > 0 {
+            let what = if clients == 1 {
+                "1 NBD client".to_string()
+            } else {
+                format!("{clients} NBD clients")
+            };
+            if !force {
+                return Err(refuse(format!(
+                    "demote refused: {what} attached (use --force)"
+                )));
+            }
+            out.log(Level::Warn, format!("demote forced: disconnecting {what}"));
+            out.early.push(Action::DisconnectClients);
+        }
+        self.role = Role::Secondary;
+        out.log(Level::Info, "demoted to Secondary");
+        match self.conn {
+            ConnState::Connected => out.then(Action::SendState),
+            ConnState::StandAlone | ConnState::Connecting => {}
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, discard_my_data: bool, out: &mut Out) -> Result<(), Refusal> {
+        match self.conn {
+            ConnState::Connected => return Err(refuse("connect refused: already connected")),
+            ConnState::Connecting => {}
+            ConnState::StandAlone => {
+                if !self.has_peer {
+                    return Err(refuse("connect refused: no peer configured"));
+                }
+                self.conn = ConnState::Connecting;
+            }
+        }
+        if discard_my_data {
+            out.log(
+                Level::Warn,
+                "connecting; on split brain this node's changes will be discarded",
+            );
+        } else {
+            out.log(Level::Info, "connecting");
+        }
+        self.discard_my_data = discard_my_data;
+        Ok(())
+    }
+
+    fn disconnect(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        match self.conn {
+            ConnState::StandAlone => return,
+            ConnState::Connecting => {}
+            ConnState::Connected => self.lose_peer(fresh, out),
+        }
+        self.end_session(ConnState::StandAlone);
+        self.discard_my_data = false;
+        out.log(Level::Info, "disconnected: StandAlone");
+        out.then(Action::DropLink {
+            reason: "disconnected by the operator".into(),
+        });
+    }
+
+    fn peer_connected(
+        &mut self,
+        peer: &PeerInfo,
+        local_dials: bool,
+        local_dirty_bits: u64,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        match self.conn {
+            ConnState::Connected => return Err(refuse("handshake refused: already connected")),
+            ConnState::StandAlone => {
+                return Err(refuse(
+                    "handshake refused: this node is StandAlone (run connect)",
+                ))
+            }
+            ConnState::Connecting => {}
+        }
+        let verdict = compare(&self.uuid_view(local_dirty_bits), &peer.uuids, local_dials);
+        let discard = std::mem::take(&mut self.discard_my_data);
+        // The peer's real state is known now.
+        self.kept_flags &= !flags::PEER_OUTDATED;
+        match self.plan(verdict, discard, peer) {
+            Err(reason) => {
+                self.last_verdict = Some(verdict);
+                self.go_stand_alone(reason, out);
+            }
+            Ok((plan, decision)) => {
+                self.last_verdict = Some(Verdict {
+                    decision,
+                    rule: verdict.rule,
+                });
+                if decision != verdict.decision {
+                    out.log(
+                        Level::Warn,
+                        format!(
+                            "split brain ({}) resolved by --discard-my-data: this node is {}",
+                            verdict.rule, decision
+                        ),
+                    );
+                }
+                self.establish(plan, verdict, peer, out);
+            }
+        }
+        Ok(())
+    }
+
+    fn peer_state_changed(
+        &mut self,
+        role: Role,
+        disk: DiskState,
+        fresh: &mut dyn FnMut() -> u64,
+        out: &mut Out,
+    ) {
+        match self.conn {
+            ConnState::StandAlone | ConnState::Connecting => return,
+            ConnState::Connected => {}
+        }
+        match (self.role, role) {
+            (Role::Primary, Role::Primary) => {
+                let reason = "the peer became Primary while this node is Primary: two Primaries are not allowed";
+                self.lose_peer(fresh, out);
+                self.go_stand_alone(reason.into(), out);
+            }
+            (Role::Primary, Role::Secondary)
+            | (Role::Secondary, Role::Primary | Role::Secondary) => {
+                self.peer = Some((role, disk));
+            }
+        }
+    }
+
+    fn peer_lost(&mut self, reason: &str, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        match self.conn {
+            // No session was established: nothing to undo.
+            ConnState::StandAlone | ConnState::Connecting => {}
+            ConnState::Connected => {
+                out.log(Level::Warn, format!("lost the peer: {reason}"));
+                self.lose_peer(fresh, out);
+            }
+        }
+    }
+
+    fn sync_finished(&mut self, out: &mut Out) -> Result<(), Refusal> {
+        match (self.conn, self.repl) {
+            (ConnState::Connected, ReplState::SyncTarget) => {
+                let Some(source) = self.peer_gens else {
+                    return Err(refuse(
+                        "sync finished, but the sync source's UUIDs are unknown",
+                    ));
+                };
+                self.finish_as_target(&source, out);
+            }
+            (ConnState::Connected, ReplState::SyncSource) => {
+                self.gens.clear_bitmap_uuid();
+                match self.disk {
+                    DiskState::Outdated | DiskState::Consistent | DiskState::UpToDate => {
+                        self.disk = DiskState::UpToDate
+                    }
+                    DiskState::Inconsistent | DiskState::Diskless => {}
+                }
+                self.in_sync(out);
+            }
+            (ConnState::Connected, ReplState::Established | ReplState::Off)
+            | (
+                ConnState::StandAlone | ConnState::Connecting,
+                ReplState::Off
+                | ReplState::Established
+                | ReplState::SyncSource
+                | ReplState::SyncTarget,
+            ) => {}
+        }
+        Ok(())
+    }
+
+    fn sync_done(&mut self, current: u64, out: &mut Out) -> Result<(), Refusal> {
+        match (self.conn, self.repl) {
+            (ConnState::Connected, ReplState::SyncTarget) => {
+                let Some(source) = self.peer_gens else {
+                    return Err(refuse("sync done, but the sync source's UUIDs are unknown"));
+                };
+                if source.current != current {
+                    return Err(refuse(format!(
+                        "sync done at {current:016X}, but the sync source's current UUID is {:016X}",
+                        source.current
+                    )));
+                }
+                self.finish_as_target(&source, out);
+            }
+            (ConnState::Connected, ReplState::Established) => {
+                if self.gens.current == current {
+                    return Ok(());
+                }
+                let peer_fresh = self
+                    .peer_gens
+                    .is_some_and(|g| g.just_created() || g.current == current);
+                if !self.gens.just_created() || !peer_fresh || current == UUID_JUST_CREATED {
+                    return Err(refuse(
+                        "sync done refused: initial sync can be skipped only when both copies are just created",
+                    ));
+                }
+                self.gens.current = current;
+                self.gens.bitmap = 0;
+                out.log(
+                    Level::Warn,
+                    format!("initial sync skipped: the peer declared both copies identical at {current:016X}"),
+                );
+                self.skip_initial_sync();
+            }
+            (ConnState::Connected, ReplState::SyncSource | ReplState::Off)
+            | (
+                ConnState::StandAlone | ConnState::Connecting,
+                ReplState::Off
+                | ReplState::Established
+                | ReplState::SyncSource
+                | ReplState::SyncTarget,
+            ) => return Err(refuse("sync done refused: this node is not a sync target")),
+        }
+        Ok(())
+    }
+
+    fn new_current_uuid(
+        &mut self,
+        clear_bitmap: bool,
+        fresh: &mut dyn FnMut() -> u64,
+        out: &mut Out,
+    ) -> Result<(), Refusal> {
+        match self.conn {
+            ConnState::StandAlone => {
+                // As DRBD: the bitmap UUID goes to history, the old current
+                // becomes the bitmap UUID. With `clear_bitmap` the shell
+                // also clears the bitmap: "no changes since".
+                self.gens.clear_bitmap_uuid();
+                self.start_generation(fresh, out);
+                Ok(())
+            }
+            ConnState::Connecting => Err(refuse(
+                "new-current-uuid refused: the node is connecting (disconnect first)",
+            )),
+            ConnState::Connected => {
+                let skip = clear_bitmap
+                    && self.repl == ReplState::Established
+                    && self.gens.just_created()
+                    && self.peer_gens.is_some_and(|g| g.just_created());
+                if !skip {
+                    return Err(refuse(
+                        "new-current-uuid refused: connected (disconnect first, or use --clear-bitmap on just-created metadata to skip the initial sync)",
+                    ));
+                }
+                self.gens.clear_bitmap_uuid();
+                self.start_generation(fresh, out);
+                out.log(
+                    Level::Warn,
+                    "initial sync skipped: both copies declared identical by the operator",
+                );
+                self.skip_initial_sync();
+                out.then(Action::SendState);
+                Ok(())
+            }
+        }
+    }
+
+    fn local_write(&mut self) -> Result<(), Refusal> {
+        match self.role {
+            Role::Secondary => Err(refuse("write refused: not Primary")),
+            Role::Primary => {
+                match (self.conn, self.repl) {
+                    (ConnState::Connected, ReplState::Established | ReplState::SyncSource) => {}
+                    (ConnState::Connected, ReplState::SyncTarget | ReplState::Off)
+                    | (
+                        ConnState::StandAlone | ConnState::Connecting,
+                        ReplState::Off
+                        | ReplState::Established
+                        | ReplState::SyncSource
+                        | ReplState::SyncTarget,
+                    ) => self.unreplicated_writes = true,
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn shutdown(&mut self, out: &mut Out) {
+        self.clean_shutdown = true;
+        self.role = Role::Secondary;
+        self.discard_my_data = false;
+        out.log(Level::Info, "clean shutdown");
+        match self.conn {
+            ConnState::StandAlone => {}
+            ConnState::Connecting | ConnState::Connected => {
+                self.end_session(ConnState::StandAlone);
+                out.then(Action::DropLink {
+                    reason: "shutting down".into(),
+                });
+            }
+        }
+    }
+
+    // ---- helpers --------------------------------------------------------
+
+    /// Checks a handshake verdict against the roles and disks; returns the
+    /// plan and the decision it stands for, or why to go StandAlone.
+    fn plan(
+        &self,
+        verdict: Verdict,
+        discard: bool,
+        peer: &PeerInfo,
+    ) -> Result<(Plan, Decision), String> {
+        if discard && peer.discard_my_data {
+            return Err(
+                "both nodes asked to discard their data: use --discard-my-data on one node only"
+                    .into(),
+            );
+        }
+        if self.disk == DiskState::Diskless || peer.disk == DiskState::Diskless {
+            return Err(format!(
+                "cannot connect without data on both nodes (this node {}, peer {})",
+                self.disk, peer.disk
+            ));
+        }
+        let full_flag = (self.meta_flags() | peer.uuids.flags) & flags::FULL_SYNC != 0;
+        let decision = match verdict.decision {
+            Decision::Unrelated => {
+                return Err(format!("unrelated data ({}): refusing to connect", verdict.rule))
+            }
+            Decision::SplitBrain => match (discard, peer.discard_my_data) {
+                (true, false) => Decision::SyncTarget { full: full_flag },
+                (false, true) => Decision::SyncSource { full: full_flag },
+                (false, false) | (true, true) => {
+                    return Err(format!(
+                        "split brain detected ({}): both nodes keep their data; run `connect --discard-my-data` on the node whose changes should be discarded",
+                        verdict.rule
+                    ))
+                }
+            },
+            d @ (Decision::NoSync | Decision::SyncSource { .. } | Decision::SyncTarget { .. }) => d,
+        };
+        if self.role == Role::Primary && peer.role == Role::Primary {
+            return Err(
+                "both nodes are Primary: two Primaries are not allowed (demote one)".into(),
+            );
+        }
+        let plan = match decision {
+            Decision::NoSync => Plan::NoSync,
+            Decision::SyncSource { full } => {
+                if peer.role == Role::Primary {
+                    return Err(format!(
+                        "the peer is Primary but would become sync target ({}); demote it first",
+                        verdict.rule
+                    ));
+                }
+                if !self.disk.holds_data() {
+                    return Err(format!(
+                        "this node would be sync source but its data is {}",
+                        self.disk
+                    ));
+                }
+                Plan::Source { full }
+            }
+            Decision::SyncTarget { full } => {
+                if self.role == Role::Primary {
+                    return Err(format!(
+                        "this node is Primary but would become sync target ({}); demote it first",
+                        verdict.rule
+                    ));
+                }
+                if !peer.disk.holds_data() {
+                    return Err(format!(
+                        "the peer would be sync source but its data is {}",
+                        peer.disk
+                    ));
+                }
+                Plan::Target { full }
+            }
+            Decision::SplitBrain | Decision::Unrelated => {
+                return Err(format!("no way to connect ({})", verdict.rule))
+            }
+        };
+        Ok((plan, decision))
+    }
+
+    fn establish(&mut self, plan: Plan, verdict: Verdict, peer: &PeerInfo, out: &mut Out) {
+        self.conn = ConnState::Connected;
+        let mut peer_gens = peer.uuids.gens;
+        if self.gens.current == peer_gens.current {
+            // The peer holds this node's current generation, so a bitmap
+            // UUID names nothing the peer lacks (rules 34/36: the end of
+            // a resync was not recorded). Both sides retire theirs.
+            if self.gens.bitmap != 0 {
+                out.log(
+                    Level::Info,
+                    format!(
+                        "the peer holds this node's current generation: bitmap UUID {:016X} retired",
+                        self.gens.bitmap
+                    ),
+                );
+            }
+            self.gens.clear_bitmap_uuid();
+            peer_gens.clear_bitmap_uuid();
+        }
+        self.peer_gens = Some(peer_gens);
+        let peer_disk = match plan {
+            Plan::NoSync => {
+                self.repl = ReplState::Established;
+                self.kept_flags &= !flags::CRASHED_PRIMARY;
+                self.unreplicated_writes = false;
+                out.log(
+                    Level::Info,
+                    format!("connected, no resync needed ({})", verdict.rule),
+                );
+                if self.disk.holds_data() && peer.disk.holds_data() {
+                    self.disk = DiskState::UpToDate;
+                    DiskState::UpToDate
+                } else {
+                    peer.disk
+                }
+            }
+            Plan::Source { full } => {
+                self.repl = ReplState::SyncSource;
+                out.log(
+                    Level::Warn,
+                    format!(
+                        "connected, resync to the peer ({}, {})",
+                        if full { "full" } else { "bitmap-based" },
+                        verdict.rule
+                    ),
+                );
+                out.then(Action::StartSync { source: true, full });
+                DiskState::Inconsistent
+            }
+            Plan::Target { full } => {
+                self.repl = ReplState::SyncTarget;
+                self.disk = DiskState::Inconsistent;
+                out.log(
+                    Level::Warn,
+                    format!(
+                        "connected, resync from the peer ({}, {}); local data Inconsistent until it completes",
+                        if full { "full" } else { "bitmap-based" },
+                        verdict.rule
+                    ),
+                );
+                out.then(Action::StartSync {
+                    source: false,
+                    full,
+                });
+                peer.disk
+            }
+        };
+        self.peer = Some((peer.role, peer_disk));
+    }
+
+    /// The target's side of a completed resync from `source`.
+    fn finish_as_target(&mut self, source: &Generations, out: &mut Out) {
+        self.gens.adopt_peer_current(source);
+        self.disk = DiskState::UpToDate;
+        self.in_sync(out);
+    }
+
+    /// Both sides, once a resync completed: identical data and UUIDs.
+    fn in_sync(&mut self, out: &mut Out) {
+        self.repl = ReplState::Established;
+        self.kept_flags &= !(flags::CRASHED_PRIMARY | flags::FULL_SYNC);
+        self.unreplicated_writes = false;
+        self.peer_gens = Some(self.gens);
+        if let Some((role, _)) = self.peer {
+            self.peer = Some((role, DiskState::UpToDate));
+        }
+        out.log(Level::Info, "resync finished: both copies UpToDate");
+    }
+
+    /// Both just-created copies declared identical at `self.gens.current`.
+    fn skip_initial_sync(&mut self) {
+        self.disk = DiskState::UpToDate;
+        self.kept_flags &= !flags::FULL_SYNC;
+        if let Some(g) = self.peer_gens.as_mut() {
+            g.current = self.gens.current;
+            g.bitmap = 0;
+        }
+        if let Some((role, _)) = self.peer {
+            self.peer = Some((role, DiskState::UpToDate));
+        }
+    }
+
+    /// The peer session ended while connected.
+    fn lose_peer(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        match (self.role, self.disk) {
+            (Role::Primary, DiskState::UpToDate) => {
+                if self.gens.bitmap == 0 {
+                    out.log(
+                        Level::Warn,
+                        "peer gone while Primary: new data generation, changes tracked in the bitmap",
+                    );
+                    self.start_generation(fresh, out);
+                } else {
+                    // The current generation is already one the peer
+                    // lacks: nothing to distinguish.
+                    out.log(
+                        Level::Warn,
+                        format!(
+                            "peer gone while Primary: changes since {:016X} are tracked in the bitmap",
+                            self.gens.bitmap
+                        ),
+                    );
+                }
+            }
+            (
+                Role::Primary,
+                DiskState::Diskless
+                | DiskState::Inconsistent
+                | DiskState::Outdated
+                | DiskState::Consistent,
+            )
+            | (Role::Secondary, _) => {}
+        }
+        self.end_session(ConnState::Connecting);
+    }
+
+    fn go_stand_alone(&mut self, reason: String, out: &mut Out) {
+        out.log(Level::Error, reason.clone());
+        self.end_session(ConnState::StandAlone);
+        out.then(Action::StandAlone { reason });
+    }
+
+    fn end_session(&mut self, conn: ConnState) {
+        self.conn = conn;
+        self.repl = ReplState::Off;
+        self.peer = None;
+        self.peer_gens = None;
+    }
+
+    fn start_generation(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        let uuid = self.fresh_uuid(fresh);
+        self.gens.new_current(uuid);
+        out.log(Level::Info, format!("new current UUID {uuid:016X}"));
+    }
+
+    /// A value from `fresh` that names data and is not yet known here.
+    fn fresh_uuid(&self, fresh: &mut dyn FnMut() -> u64) -> u64 {
+        let taken = |u: u64| {
+            u == 0
+                || u == UUID_JUST_CREATED
+                || self.gens.contains(u)
+                || self.peer_gens.is_some_and(|g| g.contains(u))
+        };
+        for _ in 0..8 {
+            let u = fresh();
+            if !taken(u) {
+                return u;
+            }
+        }
+        // A generator that keeps repeating itself: at most 2 + 2 * 4
+        // values are taken, so a free one is close.
+        (UUID_JUST_CREATED + 1..)
+            .find(|u| !taken(*u))
+            .unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::core::uuid::Rule;
+    use crate::core::HISTORY;
+
+    const UTD: u32 = flags::CONSISTENT | flags::UP_TO_DATE;
+
+    fn g(current: u64, bitmap: u64, history: [u64; HISTORY]) -> Generations {
+        Generations {
+            current,
+            bitmap,
+            history,
+        }
+    }
+
+    fn counter() -> impl FnMut() -> u64 {
+        let mut n = 0x1000;
+        move || {
+            n += 1;
+            n
+        }
+    }
+
+    fn step(node: &mut Node, ev: Event) -> Vec<Action> {
+        node.handle(ev, &mut counter()).expect("accepted")
+    }
+
+    fn refused(node: &mut Node, ev: Event) -> String {
+        let before = node.clone();
+        let r = node.handle(ev, &mut counter()).expect_err("refused");
+        assert_eq!(*node, before, "a refusal must not change the node");
+        r.message
+    }
+
+    fn info(node: &Node) -> PeerInfo {
+        PeerInfo {
+            role: node.role(),
+            disk: node.disk(),
+            uuids: node.uuid_view(0),
+            discard_my_data: node.discard_my_data(),
+        }
+    }
+
+    /// Runs the handshake on both nodes; returns both action lists.
+    fn meet(a: &mut Node, b: &mut Node) -> (Vec<Action>, Vec<Action>) {
+        let (ia, ib) = (info(a), info(b));
+        let ra = step(
+            a,
+            Event::PeerConnected {
+                peer: ib,
+                local_dials: true,
+                local_dirty_bits: 0,
+            },
+        );
+        let rb = step(
+            b,
+            Event::PeerConnected {
+                peer: ia,
+                local_dials: false,
+                local_dirty_bits: 0,
+            },
+        );
+        (ra, rb)
+    }
+
+    /// A connected, UpToDate pair sharing generation 0xC1.
+    fn pair() -> (Node, Node) {
+        let mut a = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        let mut b = a.clone();
+        meet(&mut a, &mut b);
+        assert_eq!(a.disk(), DiskState::UpToDate);
+        (a, b)
+    }
+
+    fn has_log(actions: &[Action], level: Level) -> bool {
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Log { level: l, .. } if *l == level))
+    }
+
+    fn without_logs(actions: Vec<Action>) -> Vec<Action> {
+        actions
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Log { .. }))
+            .collect()
+    }
+
+    // ---- from_meta ------------------------------------------------------
+
+    #[test]
+    fn from_meta_disk_states() {
+        let d = |gens, f, has_peer| Node::from_meta(gens, f, has_peer).disk();
+        let c1 = g(0xC1, 0, [0, 0]);
+        assert_eq!(d(c1, UTD | flags::PEER_OUTDATED, true), DiskState::UpToDate);
+        assert_eq!(d(c1, UTD, true), DiskState::Consistent);
+        assert_eq!(d(c1, UTD, false), DiskState::UpToDate);
+        assert_eq!(d(c1, flags::CONSISTENT, true), DiskState::Consistent);
+        assert_eq!(
+            d(c1, flags::CONSISTENT | flags::OUTDATED, true),
+            DiskState::Outdated
+        );
+        assert_eq!(d(c1, 0, true), DiskState::Inconsistent);
+        assert_eq!(d(c1, flags::OUTDATED, true), DiskState::Inconsistent);
+        let jc = g(UUID_JUST_CREATED, 0, [0, 0]);
+        assert_eq!(
+            d(jc, UTD | flags::PEER_OUTDATED, true),
+            DiskState::Inconsistent
+        );
+    }
+
+    #[test]
+    fn from_meta_roles_connection_and_crash() {
+        let c1 = g(0xC1, 0, [0, 0]);
+        let n = Node::from_meta(c1, UTD | flags::PRIMARY | flags::CLEAN_SHUTDOWN, true);
+        assert_eq!(n.role(), Role::Secondary);
+        assert_eq!(n.conn(), ConnState::Connecting);
+        assert_eq!(
+            n.meta_flags() & (flags::PRIMARY | flags::CLEAN_SHUTDOWN | flags::CRASHED_PRIMARY),
+            0
+        );
+        let n = Node::from_meta(c1, UTD | flags::PRIMARY, false);
+        assert_eq!(n.conn(), ConnState::StandAlone);
+        assert_eq!(
+            n.meta_flags() & flags::CRASHED_PRIMARY,
+            flags::CRASHED_PRIMARY
+        );
+        assert_eq!(n.meta_flags() & flags::PRIMARY, 0);
+        // Kept bits stay.
+        let n = Node::from_meta(c1, UTD | flags::FULL_SYNC | flags::CRASHED_PRIMARY, true);
+        assert_eq!(
+            n.meta_flags(),
+            flags::CONSISTENT | flags::FULL_SYNC | flags::CRASHED_PRIMARY
+        );
+    }
+
+    // ---- promote --------------------------------------------------------
+
+    #[test]
+    fn promote_refused_when_peer_is_primary_even_forced() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        step(
+            &mut b,
+            Event::PeerStateChanged {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            },
+        );
+        for force in [false, true] {
+            assert_eq!(
+                refused(&mut b, Event::Promote { force }),
+                "promote refused: peer is Primary"
+            );
+        }
+    }
+
+    #[test]
+    fn promote_refused_without_up_to_date_data() {
+        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        assert_eq!(
+            refused(&mut n, Event::Promote { force: false }),
+            "promote refused: local data is Consistent, not UpToDate (use --force)"
+        );
+        let mut n = Node::from_meta(
+            g(0xC1, 0, [0, 0]),
+            flags::CONSISTENT | flags::OUTDATED,
+            true,
+        );
+        assert_eq!(
+            refused(&mut n, Event::Promote { force: false }),
+            "promote refused: local data is Outdated, not UpToDate (use --force)"
+        );
+    }
+
+    #[test]
+    fn promote_of_a_sync_target_refused_without_force() {
+        let mut a = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        meet(&mut a, &mut b);
+        assert_eq!(b.repl(), ReplState::SyncTarget);
+        assert_eq!(
+            refused(&mut b, Event::Promote { force: false }),
+            "promote refused: local data is Inconsistent, not UpToDate (use --force)"
+        );
+    }
+
+    #[test]
+    fn forced_promote_is_loud_and_starts_a_generation() {
+        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        let acts = step(&mut n, Event::Promote { force: true });
+        assert!(has_log(&acts, Level::Error));
+        assert_eq!(without_logs(acts), vec![Action::Persist]);
+        assert_eq!(n.role(), Role::Primary);
+        assert_eq!(n.disk(), DiskState::UpToDate);
+        assert_eq!(n.gens().bitmap, 0xC1);
+        assert_ne!(n.gens().current, 0xC1);
+        assert_eq!(n.meta_flags() & flags::PRIMARY, flags::PRIMARY);
+    }
+
+    #[test]
+    fn forced_promote_while_connected_renegotiates() {
+        let mut a = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        meet(&mut a, &mut b);
+        let acts = without_logs(step(&mut b, Event::Promote { force: true }));
+        assert!(matches!(
+            acts.as_slice(),
+            [Action::Persist, Action::DropLink { .. }]
+        ));
+        assert_eq!(b.conn(), ConnState::Connecting);
+        step(
+            &mut a,
+            Event::PeerLost {
+                reason: "dropped".into(),
+            },
+        );
+        // Both moved on from 0xC1: split brain, not a sync either way.
+        let (_, rb) = meet(&mut a, &mut b);
+        assert!(rb.iter().any(|x| matches!(x, Action::StandAlone { .. })));
+        assert_eq!(
+            b.last_verdict().map(|v| v.decision),
+            Some(Decision::SplitBrain)
+        );
+    }
+
+    #[test]
+    fn promote_disconnected_makes_a_new_current_uuid() {
+        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+        assert_eq!(n.disk(), DiskState::UpToDate);
+        let acts = without_logs(step(&mut n, Event::Promote { force: false }));
+        assert_eq!(acts, vec![Action::Persist]);
+        assert_eq!(n.gens().bitmap, 0xC1);
+        assert_eq!(n.gens().current, 0x1001);
+    }
+
+    #[test]
+    fn promote_connected_to_up_to_date_peer_keeps_the_uuid() {
+        let (mut a, _) = pair();
+        let acts = without_logs(step(&mut a, Event::Promote { force: false }));
+        assert_eq!(acts, vec![Action::Persist, Action::SendState]);
+        assert_eq!(a.gens(), g(0xC1, 0, [0, 0]));
+        assert!(step(&mut a, Event::Promote { force: false }).is_empty());
+    }
+
+    #[test]
+    fn promote_refused_when_diskless_or_writes_on_secondary() {
+        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        n.disk = DiskState::Diskless;
+        assert_eq!(
+            refused(&mut n, Event::Promote { force: true }),
+            "promote refused: no local disk"
+        );
+        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        assert_eq!(
+            refused(&mut n, Event::LocalWrite),
+            "write refused: not Primary"
+        );
+    }
+
+    // ---- demote ---------------------------------------------------------
+
+    #[test]
+    fn demote_refused_with_clients_unless_forced() {
+        let (mut a, _) = pair();
+        step(&mut a, Event::Promote { force: false });
+        assert_eq!(
+            refused(
+                &mut a,
+                Event::Demote {
+                    force: false,
+                    clients: 2
+                }
+            ),
+            "demote refused: 2 NBD clients attached (use --force)"
+        );
+        assert_eq!(
+            refused(
+                &mut a,
+                Event::Demote {
+                    force: false,
+                    clients: 1
+                }
+            ),
+            "demote refused: 1 NBD client attached (use --force)"
+        );
+        let acts = without_logs(step(
+            &mut a,
+            Event::Demote {
+                force: true,
+                clients: 2,
+            },
+        ));
+        assert_eq!(
+            acts,
+            vec![
+                Action::DisconnectClients,
+                Action::Persist,
+                Action::SendState
+            ]
+        );
+        assert_eq!(a.role(), Role::Secondary);
+        assert_eq!(a.meta_flags() & flags::PRIMARY, 0);
+        assert!(step(
+            &mut a,
+            Event::Demote {
+                force: false,
+                clients: 3
+            }
+        )
+        .is_empty());
+    }
+
+    // ---- losing the peer ------------------------------------------------
+
+    #[test]
+    fn primary_losing_peer_rotates_without_outdating_it() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        step(
+            &mut b,
+            Event::PeerStateChanged {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            },
+        );
+        let acts = without_logs(step(
+            &mut a,
+            Event::PeerLost {
+                reason: "timeout".into(),
+            },
+        ));
+        assert_eq!(acts, vec![Action::Persist]);
+        assert_eq!(a.conn(), ConnState::Connecting);
+        assert_eq!(a.gens().bitmap, 0xC1);
+        assert_ne!(a.gens().current, 0xC1);
+        assert_eq!(a.meta_flags() & flags::PEER_OUTDATED, 0);
+        assert_eq!(a.peer(), None);
+        // The Secondary keeps UpToDate in memory; a restart makes it Consistent.
+        assert!(without_logs(step(
+            &mut b,
+            Event::PeerLost {
+                reason: "timeout".into()
+            }
+        ))
+        .is_empty());
+        assert_eq!(b.disk(), DiskState::UpToDate);
+        let b2 = Node::from_meta(b.gens(), b.meta_flags(), true);
+        assert_eq!(b2.disk(), DiskState::Consistent);
+        // On reconnect the Primary is bitmap-based sync source.
+        let (ra, _) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: false
+        }));
+        assert_eq!(
+            a.last_verdict().map(|v| v.rule),
+            Some(Rule::PeerCurrentIsLocalBitmap)
+        );
+    }
+
+    #[test]
+    fn a_set_bitmap_uuid_means_no_new_generation_unless_forced() {
+        let gens = g(0xC2, 0xC1, [0x11, 0]);
+        // Promote while disconnected: the peer lacks 0xC2 already.
+        let mut n = Node::from_meta(gens, UTD | flags::PEER_OUTDATED, true);
+        step(&mut n, Event::Promote { force: false });
+        assert_eq!(n.gens(), gens);
+        // Forced: always a new generation.
+        let mut f = Node::from_meta(gens, UTD, true);
+        step(&mut f, Event::Promote { force: true });
+        assert_eq!(f.gens(), g(0x1001, 0xC1, [0xC2, 0x11]));
+        // A Primary source losing its target mid-sync keeps its UUIDs.
+        let mut a = Node::from_meta(gens, UTD | flags::PEER_OUTDATED, true);
+        let mut b = Node::from_meta(g(0xC1, 0, [0x11, 0]), UTD, true);
+        step(&mut a, Event::Promote { force: false });
+        meet(&mut a, &mut b);
+        assert_eq!(a.repl(), ReplState::SyncSource);
+        step(
+            &mut a,
+            Event::PeerLost {
+                reason: "cable".into(),
+            },
+        );
+        assert_eq!(a.gens(), gens);
+        // And the sync resumes from the same bitmap on reconnect.
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "cable".into(),
+            },
+        );
+        let (ra, _) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: false
+        }));
+    }
+
+    #[test]
+    fn a_missed_sync_finish_is_corrected_at_the_handshake() {
+        // The target recorded the end of the resync, the source crashed
+        // before doing so.
+        let mut source =
+            Node::from_meta(g(0xC2, 0xC1, [0x11, 0]), UTD | flags::PEER_OUTDATED, true);
+        let mut target = Node::from_meta(g(0xC2, 0, [0xC1, 0x11]), UTD, true);
+        let (rs, rt) = meet(&mut source, &mut target);
+        assert_eq!(
+            source.last_verdict().map(|v| v.rule),
+            Some(Rule::LocalMissedSyncFinish)
+        );
+        assert_eq!(
+            target.last_verdict().map(|v| v.rule),
+            Some(Rule::PeerMissedSyncFinish)
+        );
+        assert_eq!(
+            without_logs(rs),
+            vec![
+                Action::Persist,
+                Action::StartSync {
+                    source: true,
+                    full: false
+                }
+            ]
+        );
+        assert!(rt.contains(&Action::StartSync {
+            source: false,
+            full: false
+        }));
+        // The source's bitmap UUID is retired at once: the peer has 0xC2.
+        assert_eq!(source.gens(), g(0xC2, 0, [0xC1, 0x11]));
+        // Losing the peer now starts a new generation again.
+        step(&mut source, Event::Promote { force: false });
+        step(
+            &mut source,
+            Event::PeerLost {
+                reason: "cable".into(),
+            },
+        );
+        assert_eq!(source.gens().bitmap, 0xC2);
+    }
+
+    #[test]
+    fn admin_disconnect_of_primary_rotates_and_drops_link() {
+        let (mut a, _) = pair();
+        step(&mut a, Event::Promote { force: false });
+        let acts = without_logs(step(&mut a, Event::Disconnect));
+        assert!(matches!(
+            acts.as_slice(),
+            [Action::Persist, Action::DropLink { .. }]
+        ));
+        assert_eq!(a.conn(), ConnState::StandAlone);
+        assert_eq!(a.gens().bitmap, 0xC1);
+        assert!(step(&mut a, Event::Disconnect).is_empty());
+        step(
+            &mut a,
+            Event::Connect {
+                discard_my_data: false,
+            },
+        );
+        assert_eq!(a.conn(), ConnState::Connecting);
+        assert_eq!(
+            refused(
+                &mut Node::from_meta(g(0xC1, 0, [0, 0]), UTD, false),
+                Event::Connect {
+                    discard_my_data: false
+                }
+            ),
+            "connect refused: no peer configured"
+        );
+        let (mut c, _) = pair();
+        assert_eq!(
+            refused(
+                &mut c,
+                Event::Connect {
+                    discard_my_data: false
+                }
+            ),
+            "connect refused: already connected"
+        );
+    }
+
+    // ---- handshake ------------------------------------------------------
+
+    #[test]
+    fn no_sync_makes_consistent_disks_up_to_date() {
+        let mut a = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(
+            g(0xC1, 0, [0, 0]),
+            flags::CONSISTENT | flags::OUTDATED,
+            true,
+        );
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert_eq!(without_logs(ra), vec![Action::Persist]);
+        assert_eq!(without_logs(rb), vec![Action::Persist]);
+        for n in [&a, &b] {
+            assert_eq!(n.disk(), DiskState::UpToDate);
+            assert_eq!(n.repl(), ReplState::Established);
+            assert_eq!(n.peer(), Some((Role::Secondary, DiskState::UpToDate)));
+            assert_eq!(n.last_verdict().map(|v| v.rule), Some(Rule::SameCurrent));
+        }
+    }
+
+    #[test]
+    fn sync_target_becomes_inconsistent_then_up_to_date() {
+        let mut a = Node::from_meta(g(0xC2, 0xC1, [0x11, 0]), UTD | flags::CRASHED_PRIMARY, true);
+        let mut b = Node::from_meta(g(0xC1, 0, [0x11, 0]), UTD | flags::FULL_SYNC, true);
+        let (ra, rb) = meet(&mut a, &mut b);
+        // b's FULL_SYNC flag makes it full.
+        assert_eq!(
+            without_logs(ra),
+            vec![Action::StartSync {
+                source: true,
+                full: true
+            }]
+        );
+        assert_eq!(
+            without_logs(rb),
+            vec![
+                Action::Persist,
+                Action::StartSync {
+                    source: false,
+                    full: true
+                }
+            ]
+        );
+        assert_eq!(b.disk(), DiskState::Inconsistent);
+        assert_eq!(b.meta_flags() & flags::CONSISTENT, 0);
+        assert_eq!(a.peer(), Some((Role::Secondary, DiskState::Inconsistent)));
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncSource, ReplState::SyncTarget)
+        );
+        // A restarted target stays Inconsistent and resumes.
+        let b2 = Node::from_meta(b.gens(), b.meta_flags(), true);
+        assert_eq!(b2.disk(), DiskState::Inconsistent);
+
+        assert_eq!(
+            without_logs(step(&mut a, Event::SyncFinished)),
+            vec![Action::Persist]
+        );
+        assert_eq!(
+            without_logs(step(&mut b, Event::SyncFinished)),
+            vec![Action::Persist]
+        );
+        assert_eq!(a.gens(), b.gens());
+        assert_eq!(a.gens(), g(0xC2, 0, [0xC1, 0x11]));
+        for n in [&a, &b] {
+            assert_eq!(n.disk(), DiskState::UpToDate);
+            assert_eq!(n.repl(), ReplState::Established);
+            assert_eq!(n.peer().map(|p| p.1), Some(DiskState::UpToDate));
+            assert_eq!(
+                n.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
+                0
+            );
+        }
+        // A stale SyncFinished does nothing.
+        assert!(step(&mut a, Event::SyncFinished).is_empty());
+    }
+
+    #[test]
+    fn split_brain_goes_stand_alone_on_both() {
+        let mut a = Node::from_meta(g(0xA2, 0xC1, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xB2, 0xC1, [0, 0]), UTD, true);
+        let (ra, rb) = meet(&mut a, &mut b);
+        for (n, acts) in [(&a, ra), (&b, rb)] {
+            assert_eq!(n.conn(), ConnState::StandAlone);
+            assert!(has_log(&acts, Level::Error));
+            let reason = acts.iter().find_map(|x| match x {
+                Action::StandAlone { reason } => Some(reason.clone()),
+                _ => None,
+            });
+            assert!(reason.expect("StandAlone").contains("rule 90"));
+            assert_eq!(
+                n.last_verdict().map(|v| v.decision),
+                Some(Decision::SplitBrain)
+            );
+        }
+        assert_eq!(
+            refused(
+                &mut a,
+                Event::PeerConnected {
+                    peer: info(&b),
+                    local_dials: true,
+                    local_dirty_bits: 0
+                }
+            ),
+            "handshake refused: this node is StandAlone (run connect)"
+        );
+    }
+
+    #[test]
+    fn unrelated_data_goes_stand_alone() {
+        let mut a = Node::from_meta(g(0xA2, 0, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xB2, 0, [0, 0]), UTD, true);
+        let (ra, _) = meet(&mut a, &mut b);
+        assert!(ra
+            .iter()
+            .any(|x| matches!(x, Action::StandAlone { reason } if reason.contains("unrelated"))));
+        assert_eq!(
+            (a.conn(), b.conn()),
+            (ConnState::StandAlone, ConnState::StandAlone)
+        );
+    }
+
+    #[test]
+    fn discard_my_data_resolves_split_brain_bitmap_based() {
+        let mut a = Node::from_meta(g(0xA2, 0xC1, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xB2, 0xC1, [0, 0]), UTD, true);
+        step(
+            &mut b,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        assert!(b.discard_my_data());
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: false
+        }));
+        assert!(rb.contains(&Action::StartSync {
+            source: false,
+            full: false
+        }));
+        assert!(!b.discard_my_data());
+        assert_eq!(
+            b.last_verdict().map(|v| (v.decision, v.rule)),
+            Some((
+                Decision::SyncTarget { full: false },
+                Rule::SplitBrainBitmapsEqual
+            ))
+        );
+        step(&mut a, Event::SyncFinished);
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(a.gens(), b.gens());
+        assert!(!b.gens().contains(0xB2));
+    }
+
+    #[test]
+    fn both_discarding_is_refused() {
+        let mut a = Node::from_meta(g(0xA2, 0xC1, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xB2, 0xC1, [0, 0]), UTD, true);
+        step(
+            &mut a,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        step(
+            &mut b,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        let (ra, _) = meet(&mut a, &mut b);
+        assert!(ra.iter().any(
+            |x| matches!(x, Action::StandAlone { reason } if reason.contains("both nodes asked"))
+        ));
+        assert_eq!(
+            (a.conn(), b.conn()),
+            (ConnState::StandAlone, ConnState::StandAlone)
+        );
+    }
+
+    #[test]
+    fn two_primaries_are_refused() {
+        let mut a = Node::from_meta(g(0xC1, 0, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+        let mut b = a.clone();
+        step(&mut a, Event::Promote { force: false });
+        step(&mut b, Event::Promote { force: false });
+        // Even a discard-my-data (which would resolve the split brain).
+        step(
+            &mut a,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        let (ra, rb) = meet(&mut a, &mut b);
+        for acts in [ra, rb] {
+            assert!(acts.iter().any(
+                |x| matches!(x, Action::StandAlone { reason } if reason.contains("both nodes are Primary"))
+            ));
+        }
+        assert_eq!(
+            (a.conn(), b.conn()),
+            (ConnState::StandAlone, ConnState::StandAlone)
+        );
+    }
+
+    #[test]
+    fn a_primary_never_becomes_sync_target() {
+        let mut behind = Node::from_meta(g(0xC1, 0, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+        behind.role = Role::Primary;
+        let mut ahead = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD, true);
+        let (rp, ra) = meet(&mut behind, &mut ahead);
+        assert!(rp.iter().any(
+            |x| matches!(x, Action::StandAlone { reason } if reason.contains("this node is Primary"))
+        ));
+        assert!(ra.iter().any(
+            |x| matches!(x, Action::StandAlone { reason } if reason.contains("the peer is Primary"))
+        ));
+        assert_eq!(behind.disk(), DiskState::UpToDate);
+    }
+
+    #[test]
+    fn an_inconsistent_node_is_never_sync_source() {
+        // Both Inconsistent, UUIDs say sync: nobody has valid data.
+        let mut a = Node::from_meta(g(0xC2, 0xC1, [0, 0]), 0, true);
+        let mut b = Node::from_meta(g(0xC1, 0, [0, 0]), 0, true);
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(ra.iter().any(
+            |x| matches!(x, Action::StandAlone { reason } if reason.contains("would be sync source"))
+        ));
+        assert!(rb.iter().any(
+            |x| matches!(x, Action::StandAlone { reason } if reason.contains("would be sync source"))
+        ));
+    }
+
+    #[test]
+    fn dual_primary_race_goes_stand_alone() {
+        let (mut a, _) = pair();
+        step(&mut a, Event::Promote { force: false });
+        let acts = without_logs(step(
+            &mut a,
+            Event::PeerStateChanged {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            },
+        ));
+        assert!(matches!(
+            acts.as_slice(),
+            [Action::Persist, Action::StandAlone { .. }]
+        ));
+        assert_eq!(a.conn(), ConnState::StandAlone);
+        assert_eq!(a.gens().bitmap, 0xC1);
+    }
+
+    #[test]
+    fn shutdown_sets_clean_shutdown_and_clears_primary() {
+        let (mut a, _) = pair();
+        step(&mut a, Event::Promote { force: false });
+        let acts = without_logs(step(&mut a, Event::Shutdown));
+        assert!(matches!(
+            acts.as_slice(),
+            [Action::Persist, Action::DropLink { .. }]
+        ));
+        let f = a.meta_flags();
+        assert_eq!(
+            f & (flags::CLEAN_SHUTDOWN | flags::PRIMARY),
+            flags::CLEAN_SHUTDOWN
+        );
+        let back = Node::from_meta(a.gens(), f, true);
+        assert_eq!(
+            back.meta_flags() & (flags::CLEAN_SHUTDOWN | flags::CRASHED_PRIMARY),
+            0
+        );
+    }
+
+    #[test]
+    fn skip_initial_sync_with_new_current_uuid_and_sync_done() {
+        let jc = g(UUID_JUST_CREATED, 0, [0, 0]);
+        let mut a = Node::from_meta(jc, 0, true);
+        let mut b = Node::from_meta(jc, 0, true);
+        meet(&mut a, &mut b);
+        assert_eq!(
+            a.last_verdict().map(|v| v.rule),
+            Some(Rule::BothJustCreated)
+        );
+        assert_eq!(a.disk(), DiskState::Inconsistent);
+        assert!(refused(
+            &mut a,
+            Event::NewCurrentUuid {
+                clear_bitmap: false
+            }
+        )
+        .contains("refused"));
+        let acts = without_logs(step(&mut a, Event::NewCurrentUuid { clear_bitmap: true }));
+        assert_eq!(acts, vec![Action::Persist, Action::SendState]);
+        assert_eq!(a.disk(), DiskState::UpToDate);
+        let current = a.gens().current;
+        assert_eq!(
+            without_logs(step(&mut b, Event::SyncDone { current })),
+            vec![Action::Persist]
+        );
+        assert_eq!(a.gens(), b.gens());
+        assert_eq!(b.disk(), DiskState::UpToDate);
+        assert_eq!(a.peer(), Some((Role::Secondary, DiskState::UpToDate)));
+        // Repeating is harmless; another generation is refused.
+        assert!(step(&mut b, Event::SyncDone { current }).is_empty());
+        assert!(refused(&mut b, Event::SyncDone { current: 0x77 }).contains("refused"));
+    }
+
+    #[test]
+    fn new_current_uuid_stand_alone() {
+        let mut n = Node::from_meta(g(0xC2, 0xC1, [0x11, 0]), UTD, false);
+        step(
+            &mut n,
+            Event::NewCurrentUuid {
+                clear_bitmap: false,
+            },
+        );
+        assert_eq!(n.gens(), g(0x1001, 0xC2, [0xC1, 0x11]));
+        let mut c = Node::from_meta(g(0xC2, 0, [0, 0]), UTD, true);
+        assert!(
+            refused(&mut c, Event::NewCurrentUuid { clear_bitmap: true })
+                .contains("disconnect first")
+        );
+    }
+
+    #[test]
+    fn fresh_uuids_skip_known_and_empty_values() {
+        let mut n = Node::from_meta(g(0x1001, 0, [0, 0]), UTD | flags::PEER_OUTDATED, false);
+        let mut vals = [0u64, UUID_JUST_CREATED, 0x1001, 0x2002].into_iter();
+        n.handle(Event::Promote { force: false }, &mut || {
+            vals.next().unwrap_or(0)
+        })
+        .expect("promoted");
+        assert_eq!(n.gens().current, 0x2002);
+        let mut m = Node::from_meta(g(0xC1, 0, [0, 0]), UTD | flags::PEER_OUTDATED, false);
+        m.handle(Event::Promote { force: false }, &mut || 0xC1)
+            .expect("promoted");
+        assert_eq!(m.gens(), g(5, 0xC1, [0, 0]));
+    }
+
+    #[test]
+    fn serde_names() {
+        assert_eq!(
+            serde_json::to_string(&DiskState::UpToDate).unwrap(),
+            r#""UpToDate""#
+        );
+        assert_eq!(
+            serde_json::to_string(&ConnState::StandAlone).unwrap(),
+            r#""StandAlone""#
+        );
+        assert_eq!(
+            serde_json::to_string(&ReplState::SyncTarget).unwrap(),
+            r#""SyncTarget""#
+        );
+        assert_eq!(DiskState::Consistent.to_string(), "Consistent");
+    }
+}
+
+/// A simulated pair: random histories of promote, demote, writes, link
+/// loss, reconnects, syncs, crashes and restarts, with a model of which
+/// writes each copy holds.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod sim {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::core::uuid::Rule;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Promote(usize, bool),
+        Demote(usize),
+        Write(usize),
+        LinkLoss,
+        Disconnect(usize),
+        Connect(usize, bool),
+        Handshake,
+        SyncDone,
+        /// The resync completes, but node `n` crashes before recording it.
+        SyncDoneCrash(usize),
+        Crash(usize),
+        Restart(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..2usize, prop::bool::weighted(0.25)).prop_map(|(n, f)| Op::Promote(n, f)),
+            2 => (0..2usize).prop_map(Op::Demote),
+            6 => (0..2usize).prop_map(Op::Write),
+            2 => Just(Op::LinkLoss),
+            1 => (0..2usize).prop_map(Op::Disconnect),
+            2 => (0..2usize, prop::bool::weighted(0.3)).prop_map(|(n, d)| Op::Connect(n, d)),
+            4 => Just(Op::Handshake),
+            3 => Just(Op::SyncDone),
+            1 => (0..2usize).prop_map(Op::SyncDoneCrash),
+            1 => (0..2usize).prop_map(Op::Crash),
+            1 => (0..2usize).prop_map(Op::Restart),
+        ]
+    }
+
+    struct Sim {
+        nodes: [Node; 2],
+        /// The writes each copy holds.
+        data: [BTreeSet<u32>; 2],
+        /// The metadata as last persisted.
+        persisted: [(Generations, u32); 2],
+        link: bool,
+        next_write: u32,
+        next_uuid: u64,
+        /// The pair connected with data on both sides at some point (so
+        /// their UUIDs share a generation).
+        shared_data: bool,
+        handshakes: usize,
+    }
+
+    impl Sim {
+        fn new(fresh_pair: bool) -> Sim {
+            let (gens, f) = if fresh_pair {
+                (
+                    Generations {
+                        current: UUID_JUST_CREATED,
+                        ..Generations::default()
+                    },
+                    0,
+                )
+            } else {
+                (
+                    Generations {
+                        current: 0xC0,
+                        ..Generations::default()
+                    },
+                    flags::CONSISTENT | flags::UP_TO_DATE,
+                )
+            };
+            let n = Node::from_meta(gens, f, true);
+            let p = (n.gens(), n.meta_flags());
+            Sim {
+                nodes: [n.clone(), n],
+                data: [BTreeSet::new(), BTreeSet::new()],
+                persisted: [p, p],
+                link: false,
+                next_write: 0,
+                next_uuid: 0x1_0000,
+                shared_data: !fresh_pair,
+                handshakes: 0,
+            }
+        }
+
+        fn deliver(&mut self, i: usize, ev: Event) -> Result<(), String> {
+            let before = self.nodes[i].clone();
+            let next_uuid = &mut self.next_uuid;
+            let mut fresh = || {
+                *next_uuid += 0x101;
+                *next_uuid
+            };
+            match self.nodes[i].handle(ev.clone(), &mut fresh) {
+                Err(r) => {
+                    assert_eq!(self.nodes[i], before, "refused {ev:?} but changed");
+                    Err(r.message)
+                }
+                Ok(actions) => {
+                    for a in actions {
+                        self.perform(i, a);
+                    }
+                    self.check_node(i);
+                    Ok(())
+                }
+            }
+        }
+
+        fn perform(&mut self, i: usize, action: Action) {
+            match action {
+                Action::Persist => {
+                    self.persisted[i] = (self.nodes[i].gens(), self.nodes[i].meta_flags())
+                }
+                Action::DropLink { reason } | Action::StandAlone { reason } => {
+                    if self.link {
+                        self.link = false;
+                        self.deliver(1 - i, Event::PeerLost { reason })
+                            .expect("PeerLost is never refused");
+                    }
+                }
+                Action::SendState => {
+                    if self.link {
+                        let (role, disk) = (self.nodes[i].role(), self.nodes[i].disk());
+                        self.deliver(1 - i, Event::PeerStateChanged { role, disk })
+                            .expect("PeerStateChanged is never refused");
+                    }
+                }
+                Action::StartSync { .. } | Action::DisconnectClients | Action::Log { .. } => {}
+            }
+        }
+
+        fn check_node(&self, i: usize) {
+            let n = &self.nodes[i];
+            if n.role() == Role::Primary {
+                assert_eq!(n.disk(), DiskState::UpToDate, "a Primary is UpToDate");
+            }
+            let connected = n.conn() == ConnState::Connected;
+            assert_eq!(connected, n.peer().is_some());
+            assert_eq!(connected, n.peer_gens().is_some());
+            assert_eq!(connected, n.repl() != ReplState::Off);
+            assert_eq!(
+                self.persisted[i],
+                (n.gens(), n.meta_flags()),
+                "node {i}: a metadata change was not persisted"
+            );
+        }
+
+        fn check_pair(&self) {
+            let [a, b] = &self.nodes;
+            let both = a.conn() == ConnState::Connected && b.conn() == ConnState::Connected;
+            assert_eq!(self.link, both, "link state");
+            if !self.link {
+                return;
+            }
+            assert_eq!(a.peer(), Some((b.role(), b.disk())), "a's view of b");
+            assert_eq!(b.peer(), Some((a.role(), a.disk())), "b's view of a");
+            assert!(a.role() == Role::Secondary || b.role() == Role::Secondary);
+            match (a.repl(), b.repl()) {
+                (ReplState::Established, ReplState::Established) => {
+                    assert_eq!(
+                        self.data[0], self.data[1],
+                        "Established with different data"
+                    )
+                }
+                (ReplState::SyncSource, ReplState::SyncTarget)
+                | (ReplState::SyncTarget, ReplState::SyncSource) => {}
+                other => panic!("connected pair in {other:?}"),
+            }
+        }
+
+        fn run(&mut self, op: &Op) {
+            match *op {
+                Op::Promote(n, force) => {
+                    let _ = self.deliver(n, Event::Promote { force });
+                }
+                Op::Demote(n) => {
+                    let _ = self.deliver(
+                        n,
+                        Event::Demote {
+                            force: false,
+                            clients: 0,
+                        },
+                    );
+                }
+                Op::Write(n) => {
+                    if self.nodes[n].role() != Role::Primary {
+                        return;
+                    }
+                    self.next_write += 1;
+                    self.data[n].insert(self.next_write);
+                    let replicated = self.link
+                        && matches!(
+                            self.nodes[n].repl(),
+                            ReplState::Established | ReplState::SyncSource
+                        );
+                    if replicated {
+                        self.data[1 - n].insert(self.next_write);
+                    } else {
+                        self.deliver(n, Event::LocalWrite)
+                            .expect("a Primary takes writes");
+                        assert!(self.nodes[n].has_unreplicated_writes());
+                    }
+                }
+                Op::LinkLoss => {
+                    if self.link {
+                        self.link = false;
+                        for i in 0..2 {
+                            self.deliver(
+                                i,
+                                Event::PeerLost {
+                                    reason: "link loss".into(),
+                                },
+                            )
+                            .expect("PeerLost is never refused");
+                        }
+                    }
+                }
+                Op::Disconnect(n) => {
+                    let _ = self.deliver(n, Event::Disconnect);
+                }
+                Op::Connect(n, discard) => {
+                    let _ = self.deliver(
+                        n,
+                        Event::Connect {
+                            discard_my_data: discard,
+                        },
+                    );
+                }
+                Op::Handshake => self.handshake(),
+                Op::SyncDone | Op::SyncDoneCrash(_) => {
+                    let (s, t) = match (self.nodes[0].repl(), self.nodes[1].repl()) {
+                        (ReplState::SyncSource, ReplState::SyncTarget) => (0, 1),
+                        (ReplState::SyncTarget, ReplState::SyncSource) => (1, 0),
+                        _ => return,
+                    };
+                    assert!(self.link);
+                    self.data[t] = self.data[s].clone();
+                    if let Op::SyncDoneCrash(n) = *op {
+                        // The target records the end first, the source
+                        // only once the target confirmed it.
+                        if n == s {
+                            self.deliver(t, Event::SyncFinished)
+                                .expect("target finishes");
+                            self.shared_data = true;
+                        }
+                        return self.run(&Op::Crash(n));
+                    }
+                    self.deliver(s, Event::SyncFinished)
+                        .expect("source finishes");
+                    self.deliver(t, Event::SyncFinished)
+                        .expect("target finishes");
+                    assert_eq!(
+                        self.nodes[0].gens(),
+                        self.nodes[1].gens(),
+                        "UUIDs after sync"
+                    );
+                    self.shared_data |= !self.nodes[0].gens().just_created();
+                }
+                Op::Crash(n) => {
+                    if self.link {
+                        self.link = false;
+                        self.deliver(
+                            1 - n,
+                            Event::PeerLost {
+                                reason: "peer crashed".into(),
+                            },
+                        )
+                        .expect("PeerLost is never refused");
+                    }
+                    self.restart(n);
+                }
+                Op::Restart(n) => {
+                    self.deliver(n, Event::Shutdown).expect("shutdown");
+                    self.restart(n);
+                }
+            }
+        }
+
+        fn restart(&mut self, n: usize) {
+            let (gens, f) = self.persisted[n];
+            self.nodes[n] = Node::from_meta(gens, f, true);
+            self.persisted[n] = (self.nodes[n].gens(), self.nodes[n].meta_flags());
+        }
+
+        fn handshake(&mut self) {
+            if self.link || self.nodes.iter().any(|n| n.conn() != ConnState::Connecting) {
+                return;
+            }
+            self.handshakes += 1;
+            let dirty: Vec<u64> = (0..2)
+                .map(|i| self.data[i].difference(&self.data[1 - i]).count() as u64)
+                .collect();
+            let infos: Vec<PeerInfo> = (0..2)
+                .map(|i| PeerInfo {
+                    role: self.nodes[i].role(),
+                    disk: self.nodes[i].disk(),
+                    uuids: self.nodes[i].uuid_view(dirty[i]),
+                    discard_my_data: self.nodes[i].discard_my_data(),
+                })
+                .collect();
+            let raw = [
+                compare(&infos[0].uuids, &infos[1].uuids, true),
+                compare(&infos[1].uuids, &infos[0].uuids, false),
+            ];
+            // (a) both sides decide the same thing.
+            assert_eq!(
+                raw[0].decision,
+                raw[1].decision.mirrored(),
+                "asymmetric {raw:?}"
+            );
+            // (b) a sync source has every write the target has, and
+            // independent writes on both sides are never synced over.
+            let a_has_b = self.data[1].is_subset(&self.data[0]);
+            let b_has_a = self.data[0].is_subset(&self.data[1]);
+            match raw[0].decision {
+                Decision::SyncSource { .. } => {
+                    assert!(a_has_b, "source A lacks writes of B: {raw:?}")
+                }
+                Decision::SyncTarget { .. } => {
+                    assert!(b_has_a, "source B lacks writes of A: {raw:?}")
+                }
+                // (c) no sync only with equal data.
+                Decision::NoSync => assert!(a_has_b && b_has_a, "NoSync with different data"),
+                Decision::SplitBrain | Decision::Unrelated => {}
+            }
+            if !a_has_b && !b_has_a {
+                if self.shared_data {
+                    assert_eq!(raw[0].decision, Decision::SplitBrain, "{raw:?}");
+                } else {
+                    assert!(!raw[0].decision.is_sync(), "{raw:?}");
+                }
+            }
+            for i in 0..2 {
+                self.deliver(
+                    i,
+                    Event::PeerConnected {
+                        peer: infos[1 - i].clone(),
+                        local_dials: i == 0,
+                        local_dirty_bits: dirty[i],
+                    },
+                )
+                .expect("handshake while Connecting");
+            }
+            let connected = self.nodes.iter().map(|n| n.conn() == ConnState::Connected);
+            let connected: Vec<bool> = connected.collect();
+            assert_eq!(
+                connected[0], connected[1],
+                "one side connected, the other not"
+            );
+            let v: Vec<Decision> = self
+                .nodes
+                .iter()
+                .map(|n| n.last_verdict().expect("verdict").decision)
+                .collect();
+            assert_eq!(v[0], v[1].mirrored(), "final decisions differ");
+            if connected[0] {
+                self.link = true;
+                self.shared_data |= infos.iter().all(|i| !i.uuids.gens.just_created());
+                match (self.nodes[0].repl(), self.nodes[1].repl()) {
+                    (ReplState::Established, _) => {}
+                    // A sync target's own writes are gone from the moment
+                    // it starts receiving (only --discard-my-data makes
+                    // that more than a no-op).
+                    (ReplState::SyncSource, _) => self.data[1] = &self.data[1] & &self.data[0],
+                    (_, ReplState::SyncSource) => self.data[0] = &self.data[0] & &self.data[1],
+                    (ReplState::SyncTarget | ReplState::Off, _) => {}
+                }
+            }
+        }
+    }
+
+    fn simulate(fresh_pair: bool, ops: &[Op]) -> Sim {
+        let mut sim = Sim::new(fresh_pair);
+        for op in ops {
+            sim.run(op);
+            sim.check_pair();
+        }
+        sim
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn random_histories_never_lose_writes(
+            fresh_pair in any::<bool>(),
+            ops in prop::collection::vec(op(), 0..40),
+        ) {
+            simulate(fresh_pair, &ops);
+        }
+    }
+
+    #[test]
+    fn a_scripted_history_runs_through_the_simulator() {
+        use Op::*;
+        let rule = |sim: &Sim| sim.nodes[0].last_verdict().map(|v| v.rule);
+        // Connect, write, lose the link, write on both: split brain.
+        let mut ops = vec![
+            Handshake,
+            Promote(0, false),
+            Write(0),
+            LinkLoss,
+            Write(0),
+            Promote(1, false),
+            Write(1),
+            Handshake,
+        ];
+        let sim = simulate(false, &ops);
+        assert_eq!(rule(&sim), Some(Rule::SplitBrainBitmapsEqual));
+        assert_eq!(sim.nodes[1].conn(), ConnState::StandAlone);
+        // B gives up its changes; the bitmap-based rollback converges.
+        ops.extend([
+            Demote(1),
+            Connect(1, true),
+            Connect(0, false),
+            Handshake,
+            SyncDone,
+        ]);
+        let sim = simulate(false, &ops);
+        assert_eq!(sim.data[0], sim.data[1]);
+        assert_eq!(sim.nodes[1].repl(), ReplState::Established);
+        // The Primary crashes after a replicated write: it comes back a
+        // crashed Primary and is sync source on reconnect.
+        ops.extend([Write(0), Crash(0), Handshake]);
+        let sim = simulate(false, &ops);
+        assert_eq!(rule(&sim), Some(Rule::CrashedPrimaryLocal));
+        assert_eq!(sim.nodes[0].repl(), ReplState::SyncSource);
+        ops.push(SyncDone);
+        let sim = simulate(false, &ops);
+        assert_eq!(sim.handshakes, 4);
+        assert_eq!(sim.nodes[0].meta_flags() & flags::CRASHED_PRIMARY, 0);
+    }
+}
