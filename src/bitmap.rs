@@ -63,6 +63,32 @@ impl DirtyBitmap {
         }
     }
 
+    /// The bits as little-endian bytes (bit `b` is bit `b % 8` of byte
+    /// `b / 8`), `blocks.div_ceil(8)` long: the on-disk form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.blocks.div_ceil(8) as usize);
+        out
+    }
+
+    /// Sets every bit that is set in `bytes` (the form `to_bytes` gives);
+    /// bits beyond the device are ignored.
+    pub fn merge_bytes(&mut self, bytes: &[u8]) {
+        for (i, byte) in bytes.iter().enumerate() {
+            for bit in 0..8u64 {
+                let b = i as u64 * 8 + bit;
+                if byte & (1 << bit) != 0 && b < self.blocks {
+                    self.update(b..b + 1, true);
+                }
+            }
+        }
+    }
+
+    /// Marks every block.
+    pub fn set_all(&mut self) {
+        self.update(0..self.blocks, true);
+    }
+
     /// Marks every block the byte range touches.
     pub fn set_range(&mut self, offset: u64, len: u64) {
         let r = self.block_range(offset, len);
@@ -171,5 +197,20 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.count(), 3);
         assert_eq!(a.runs().collect::<Vec<_>>(), [(0, 8192), (65536, 4096)]);
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let mut a = DirtyBitmap::new(100 * 4096, 4096);
+        a.set_range(0, 1);
+        a.set_range(9 * 4096, 4096);
+        a.set_range(99 * 4096, 4096);
+        let bytes = a.to_bytes();
+        assert_eq!(bytes.len(), 13);
+        let mut b = DirtyBitmap::new(100 * 4096, 4096);
+        b.merge_bytes(&bytes);
+        assert_eq!(a, b);
+        b.merge_bytes(&[0xff; 20]);
+        assert_eq!(b.count(), 100);
     }
 }

@@ -19,9 +19,10 @@
 
 pub mod bitmap;
 pub mod config;
-pub mod core;
 pub mod control;
+pub mod core;
 pub mod daemon;
+pub mod events;
 pub mod meta;
 pub mod nbd;
 pub mod net;

@@ -41,10 +41,61 @@ struct Shared {
     admission: Arc<dyn Admission>,
     cfg: NbdConfig,
     stopping: AtomicBool,
-    /// Clones of every open connection's socket, to shut them at stop.
-    conns: Mutex<HashMap<u64, Stream>>,
+    /// Every open connection: a clone of its socket (to shut it at stop
+    /// or on `disconnect`) and, once past the handshake, its export.
+    conns: Mutex<HashMap<u64, Conn>>,
     drained: Condvar,
     next_id: AtomicU64,
+}
+
+struct Conn {
+    stream: Stream,
+    export: Option<String>,
+}
+
+/// A handle on the server's client connections, for role changes: how
+/// many clients use an export, and closing them (`demote --force`).
+#[derive(Clone)]
+pub struct Clients(Arc<Shared>);
+
+impl Clients {
+    /// Clients past the handshake on `export`.
+    pub fn attached(&self, export: &str) -> usize {
+        lock(&self.0.conns)
+            .values()
+            .filter(|c| c.export.as_deref() == Some(export))
+            .count()
+    }
+
+    /// Closes every client of `export` and waits (up to `timeout`) for
+    /// their connection threads to finish; returns how many were closed.
+    pub fn disconnect(&self, export: &str, timeout: Duration) -> usize {
+        let mut conns = lock(&self.0.conns);
+        let ids: Vec<u64> = conns
+            .iter()
+            .filter(|(_, c)| c.export.as_deref() == Some(export))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            if let Some(c) = conns.get(id) {
+                c.stream.shutdown(Shutdown::Both);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        while ids.iter().any(|id| conns.contains_key(id)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            conns = self
+                .0
+                .drained
+                .wait_timeout(conns, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        ids.len()
+    }
 }
 
 enum Listener {
@@ -152,6 +203,11 @@ impl Server {
         })
     }
 
+    /// A handle on the client connections, usable after `shutdown` too.
+    pub fn clients(&self) -> Clients {
+        Clients(self.shared.clone())
+    }
+
     /// The bound TCP address (useful when configured with port 0).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
@@ -175,8 +231,8 @@ impl Server {
         let mut conns = lock(&self.shared.conns);
         // Closing only the read side ends each connection's request stream
         // while letting replies to requests already read go out.
-        for s in conns.values() {
-            s.shutdown(Shutdown::Read);
+        for c in conns.values() {
+            c.stream.shutdown(Shutdown::Read);
         }
         let timeout = Duration::from_millis(self.shared.cfg.shutdown_timeout_ms);
         let deadline = Instant::now() + timeout;
@@ -187,8 +243,8 @@ impl Server {
                     "{} connection(s) still busy after {timeout:?}; closing them",
                     conns.len()
                 );
-                for s in conns.values() {
-                    s.shutdown(Shutdown::Both);
+                for c in conns.values() {
+                    c.stream.shutdown(Shutdown::Both);
                 }
                 break;
             }
@@ -243,7 +299,13 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
             }
             match stream.try_clone() {
                 Ok(clone) => {
-                    conns.insert(id, clone);
+                    conns.insert(
+                        id,
+                        Conn {
+                            stream: clone,
+                            export: None,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(peer, "refusing connection: {e}");
@@ -255,7 +317,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                serve_connection(&shared2, stream, &peer);
+                serve_connection(&shared2, id, stream, &peer);
                 let mut conns = lock(&shared2.conns);
                 conns.remove(&id);
                 shared2.drained.notify_all();
@@ -267,7 +329,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
     }
 }
 
-fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str) {
+fn serve_connection(shared: &Shared, id: u64, mut stream: Stream, peer: &str) {
     tracing::info!(peer, "connection opened");
     let timeout = Duration::from_millis(shared.cfg.handshake_timeout_ms);
     if let Err(e) = stream.set_timeouts(Some(timeout)) {
@@ -286,6 +348,9 @@ fn serve_connection(shared: &Shared, mut stream: Stream, peer: &str) {
             return;
         }
     };
+    if let Some(c) = lock(&shared.conns).get_mut(&id) {
+        c.export = Some(export.name.clone());
+    }
     if let Err(e) = stream.set_timeouts(None) {
         tracing::info!(peer, export = %export.name, "connection closed: {e}");
         return;
