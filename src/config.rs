@@ -154,6 +154,20 @@ pub struct ResourceOnNode {
     pub disk: PathBuf,
     /// Replication address of that node for this resource.
     pub address: SocketAddr,
+    /// Where the metadata (superblock, bitmap, activity log) lives:
+    /// `"internal"` (the default: at the end of `disk`, which shrinks the
+    /// exported size) or the path of a separate file or block device.
+    #[serde(default)]
+    pub meta_disk: Option<PathBuf>,
+}
+
+/// Where a replicated resource keeps its metadata on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaDisk {
+    /// At the end of the backing disk.
+    Internal,
+    /// In a separate file or device, from offset 0.
+    External(PathBuf),
 }
 
 /// `[nbd]`: how NBD clients reach this daemon.
@@ -220,20 +234,9 @@ pub struct ResourceConfig {
     /// Shared secret the two nodes prove to each other (HMAC-SHA256).
     #[serde(default)]
     pub secret: Option<String>,
-    /// The node that is Primary (serves NBD clients); the other node is
-    /// Secondary. Defaults to this node for single-node resources.
-    #[serde(default)]
-    pub primary: Option<String>,
     /// Per-node disks and replication addresses (exactly two nodes).
     #[serde(default)]
     pub on: BTreeMap<String, ResourceOnNode>,
-}
-
-/// This node's role for a resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub enum Role {
-    Primary,
-    Secondary,
 }
 
 /// The peer side of a replicated resource, as seen from this node.
@@ -255,7 +258,8 @@ pub struct LocalResource {
     pub size: Option<u64>,
     pub read_only: bool,
     pub description: String,
-    pub role: Role,
+    /// Replicated resources only: where the metadata is.
+    pub meta: Option<MetaDisk>,
     pub peer: Option<PeerConfig>,
 }
 
@@ -406,10 +410,11 @@ impl Config {
                     ));
                 }
             }
-            if let Some(p) = &r.primary {
-                if !r.on.is_empty() && !r.on.contains_key(p) {
+            for (node, on) in &r.on {
+                if on.meta_disk.as_deref() == Some(on.disk.as_path()) {
                     return invalid(format!(
-                        "resource {:?}: primary = {p:?} is not one of its nodes",
+                        "resource {:?} on {node:?}: meta_disk is the data disk; \
+                         use meta_disk = \"internal\" for metadata at its end",
                         r.name
                     ));
                 }
@@ -439,8 +444,8 @@ impl Config {
         }
         let mut resources = Vec::new();
         for r in &self.resources {
-            let (disk, peer) = if let Some(disk) = &r.disk {
-                (disk.clone(), None)
+            let (disk, peer, meta) = if let Some(disk) = &r.disk {
+                (disk.clone(), None, None)
             } else {
                 let Some(mine) = r.on.get(node) else {
                     return invalid(format!(
@@ -461,13 +466,11 @@ impl Config {
                             secret: r.secret.clone().unwrap_or_default(),
                             timing: self.replication.clone(),
                         });
-                (mine.disk.clone(), peer)
-            };
-            let role = match &r.primary {
-                Some(p) if p == node => Role::Primary,
-                Some(_) => Role::Secondary,
-                None if peer.is_none() => Role::Primary,
-                None => Role::Secondary,
+                let meta = peer.as_ref().map(|_| match &mine.meta_disk {
+                    Some(p) if p.as_os_str() != "internal" => MetaDisk::External(p.clone()),
+                    _ => MetaDisk::Internal,
+                });
+                (mine.disk.clone(), peer, meta)
             };
             resources.push(LocalResource {
                 name: r.name.clone(),
@@ -475,7 +478,7 @@ impl Config {
                 size: r.size,
                 read_only: r.read_only,
                 description: r.description.clone(),
-                role,
+                meta,
                 peer,
             });
         }

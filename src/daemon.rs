@@ -1,7 +1,6 @@
 //! What the `repld` binary runs: logging setup, the serve-until-signalled
 //! loop, and the self-contained demo.
 
-use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -12,13 +11,15 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::config::{Config, NodeView, Role};
+use crate::config::{Config, NodeView};
 use crate::control::ControlServer;
+use crate::events::Events;
+use crate::meta::{Location, MetaStore};
 use crate::nbd::handshake::Admission;
 use crate::nbd::{Export, Exports};
 use crate::repl::Replica;
 use crate::server::Server;
-use crate::store::{FileStore, Store};
+use crate::store::Store;
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
@@ -32,19 +33,17 @@ pub fn init_logging() {
         .init();
 }
 
-/// Only a Primary serves NBD clients; a Secondary tells them why not.
+/// Only a Primary serves NBD clients; a Secondary (or a resource that is
+/// down) tells them why not.
 struct RoleAdmission {
-    roles: HashMap<String, (Role, String)>,
+    replicas: Vec<Arc<Replica>>,
 }
 
 impl Admission for RoleAdmission {
     fn admit(&self, export: &Export) -> Result<(), String> {
-        match self.roles.get(&export.name) {
-            Some((Role::Secondary, node)) => Err(format!(
-                "resource {} is Secondary on node {node}; connect to the Primary",
-                export.name
-            )),
-            _ => Ok(()),
+        match self.replicas.iter().find(|r| r.name == export.name) {
+            Some(r) => r.admit(),
+            None => Ok(()),
         }
     }
 }
@@ -56,14 +55,11 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// Opens every resource of this node and wraps it for replication.
-fn open_replicas(view: &NodeView) -> Result<Vec<Arc<Replica>>> {
+/// Wraps every resource of this node for replication.
+fn open_replicas(view: &NodeView, events: &Arc<Events>) -> Result<Vec<Arc<Replica>>> {
     let mut replicas = Vec::new();
     for r in &view.resources {
-        let store = FileStore::open(&r.disk, r.size, r.read_only)
-            .with_context(|| format!("resource {:?}", r.name))?;
-        let replica = Replica::new(&r.name, r.role, Arc::new(store), r.peer.clone())?;
-        replicas.push(replica);
+        replicas.push(Replica::new(r, &view.node, events.clone())?);
     }
     Ok(replicas)
 }
@@ -74,7 +70,8 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
     // Register before starting, so an early signal is not lost.
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let view = config.for_node(node)?;
-    let replicas = open_replicas(&view)?;
+    let events = Events::new();
+    let replicas = open_replicas(&view, &events)?;
     let exports = Exports::new(
         view.resources
             .iter()
@@ -91,22 +88,30 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
         view.default_resource.clone(),
     );
     let admission = RoleAdmission {
-        roles: replicas
-            .iter()
-            .map(|r| (r.name.clone(), (r.role, node.to_owned())))
-            .collect(),
+        replicas: replicas.clone(),
     };
     for r in &replicas {
-        tracing::info!(resource = %r.name, role = ?r.role, node, "resource up");
         r.start()?;
     }
-    let control = ControlServer::start(&view.control_socket, node.to_owned(), replicas.clone())?;
     let server = match Server::start_with(view.nbd.clone(), exports, Arc::new(admission)) {
         Ok(s) => s,
         Err(e) => {
-            control.stop();
             replicas.iter().for_each(|r| r.stop());
             return Err(e.into());
+        }
+    };
+    let control = match ControlServer::start(
+        &view.control_socket,
+        node.to_owned(),
+        replicas.clone(),
+        server.clients(),
+        events,
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = server.shutdown();
+            replicas.iter().for_each(|r| r.stop());
+            return Err(e);
         }
     };
     tracing::info!(
@@ -181,7 +186,6 @@ control_socket = "{d}/beta.ctl"
 name = "r0"
 description = "replblk demo volume"
 secret = "demo-secret-change-me"
-primary = "alpha"
 
 [resource.on.alpha]
 disk = "{d}/alpha.img"
@@ -195,6 +199,37 @@ address = "127.0.0.1:{beta_repl}"
         alpha_repl = port.wrapping_add(2),
         beta_repl = port.wrapping_add(3),
     )
+}
+
+/// Once both nodes are connected: both fresh disks are zero-filled, so
+/// identical; declare them UpToDate without a sync and promote alpha.
+fn bring_up_demo(dir: &Path) -> Result<()> {
+    let alpha = dir.join("alpha.ctl");
+    let timeout = Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = crate::control::request(
+            &alpha,
+            &serde_json::json!({"verb": "status", "resource": "r0"}),
+            timeout,
+        );
+        if let Ok(s) = &status {
+            if s["resources"][0]["connection"] == "Connected" {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the demo nodes did not connect within 30 s: {status:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for req in [
+        serde_json::json!({"verb": "new-current-uuid", "resource": "r0", "clear_bitmap": true}),
+        serde_json::json!({"verb": "promote", "resource": "r0"}),
+    ] {
+        crate::control::request(&alpha, &req, timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(())
 }
 
 /// Starts a replicated pair on loopback with temporary 1 GiB disks:
@@ -212,6 +247,18 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
     let config_path = dir.0.join("replblk.toml");
     std::fs::write(&config_path, demo_config(&dir.0, port)).context("writing the demo config")?;
     Config::load(&config_path)?;
+    for name in ["alpha", "beta"] {
+        let disk = dir.0.join(format!("{name}.img"));
+        MetaStore::create(
+            &disk,
+            &Location::Internal,
+            name,
+            "r0",
+            crate::meta::DEFAULT_GRANULARITY,
+            false,
+        )
+        .with_context(|| format!("creating metadata on {}", disk.display()))?;
+    }
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let exe = std::env::current_exe().context("locating repld")?;
     let mut nodes = DemoNodes(Vec::new());
@@ -225,6 +272,7 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
             .with_context(|| format!("starting node {name}"))?;
         nodes.0.push(child);
     }
+    bring_up_demo(&dir.0)?;
     let d = dir.0.display();
     println!("replblk demo: a replicated pair on loopback (config {d}/replblk.toml)");
     println!("  node alpha (Primary):   nbd://127.0.0.1:{port}/r0   disk {d}/alpha.img");

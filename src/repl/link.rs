@@ -58,6 +58,25 @@ pub fn read_raw(stream: &mut impl Read, body: &mut Vec<u8>) -> Result<u16, LinkE
     Ok(header.kind)
 }
 
+/// After authentication both sides send their `State` and read the
+/// peer's, within the handshake deadline.
+pub fn exchange_state(
+    stream: &mut TcpStream,
+    mine: repl::StateFrame,
+    timeout: Duration,
+) -> Result<repl::StateFrame, LinkError> {
+    let deadline = Instant::now() + timeout;
+    write_frame(stream, &Frame::State(mine))?;
+    match expect_frame(stream, "State", deadline)? {
+        Frame::State(st) => Ok(st),
+        other => Err(refuse(
+            stream,
+            RefuseCode::ProtocolError,
+            format!("expected State, got frame kind {}", other.kind()),
+        )),
+    }
+}
+
 /// Reads one whole frame.
 pub fn read_frame(stream: &mut impl Read) -> Result<Frame, LinkError> {
     let mut body = Vec::new();
@@ -353,6 +372,15 @@ struct Sender {
 /// an idle link is still read once per ping interval.
 pub struct Session {
     sender: Mutex<Sender>,
+    /// The sequence number the next data frame received must carry. It
+    /// lives here, not in the receive loop, so the numbering continues
+    /// when the roles swap within one session.
+    pub expected_seq: AtomicU64,
+    /// Handles `State` and `SyncDone` frames, whichever thread reads them.
+    hook: Hook,
+    /// Completed by the next `State` frame from the peer (see
+    /// `expect_state`).
+    state_slot: Mutex<Option<Arc<Slot>>>,
     reader: Mutex<io::BufReader<TcpStream>>,
     ping_timeout: Duration,
     pending: Mutex<Pending>,
@@ -366,9 +394,20 @@ pub struct Session {
     rtt_us: AtomicU64,
 }
 
+/// What a session does with the peer's state frames.
+pub type Hook = Box<dyn Fn(Frame) -> Result<(), LinkError> + Send + Sync>;
+
 impl Session {
-    pub fn new(stream: &TcpStream, peer: String, ping_timeout: Duration) -> io::Result<Session> {
+    pub fn new(
+        stream: &TcpStream,
+        peer: String,
+        ping_timeout: Duration,
+        hook: Hook,
+    ) -> io::Result<Session> {
         Ok(Session {
+            expected_seq: AtomicU64::new(1),
+            hook,
+            state_slot: Mutex::new(None),
             sender: Mutex::new(Sender {
                 stream: stream.try_clone()?,
                 next_seq: 1,
@@ -396,6 +435,15 @@ impl Session {
         let slot = Slot::new();
         *lock(&self.ping) = Some((nonce, Instant::now(), slot.clone()));
         self.send_control(&Frame::Ping { nonce });
+        slot
+    }
+
+    /// A slot the next `State` from the peer completes (after the hook
+    /// handled it). Send a `State` with the REPLY flag after this and
+    /// `wait_for` the slot: it reads the link itself on the Primary.
+    pub fn expect_state(&self) -> Arc<Slot> {
+        let slot = Slot::new();
+        *lock(&self.state_slot) = Some(slot.clone());
         slot
     }
 
@@ -539,6 +587,14 @@ impl Session {
                 Ok(())
             }
             Frame::Refuse { code, message } => Err(LinkError::PeerRefused { code, message }),
+            f @ Frame::State(_) => {
+                (self.hook)(f)?;
+                if let Some(slot) = lock(&self.state_slot).take() {
+                    slot.complete(Remote::Done);
+                }
+                Ok(())
+            }
+            f @ Frame::SyncDone { .. } => (self.hook)(f),
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {} from a {from}",
                 other.kind()
@@ -602,6 +658,7 @@ impl Session {
                 .filter(|(_, _, s)| s.outcome().is_none())
                 .map(|(_, _, s)| s.clone())
         });
+        let next = next.or_else(|| lock(&self.state_slot).clone());
         if let Some(slot) = next {
             slot.give_read_turn();
         }

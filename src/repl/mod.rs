@@ -1,13 +1,21 @@
-//! Synchronous replication of one resource to its peer (protocol C).
+//! Synchronous replication of one resource to its peer (protocol C), and
+//! the resource's life cycle around the pure state machine in
+//! `crate::core`: metadata, up/down, roles, the peer link.
 //!
-//! A `Replica` owns the local store, the out-of-sync bitmap and the link to
-//! the peer. On the Primary it is the `Store` the NBD frontend writes to:
-//! each write takes an interval lock on its range, is sent to the peer and
-//! written locally at the same time, and completes only when both are done
-//! (or, if the peer is lost, after the local write, with the range marked
-//! out of sync). A FLUSH becomes a Barrier that the peer acknowledges only
-//! when every earlier write is durable there. On the Secondary the link's
-//! receiver applies frames in order and acknowledges them.
+//! A `Replica` owns the local store, its metadata, the out-of-sync bitmap
+//! and the link to the peer. On the Primary it is the `Store` the NBD
+//! frontend writes to: each write takes an interval lock on its range, is
+//! sent to the peer and written locally at the same time, and completes
+//! only when both are done (or, if the peer is lost, after the local
+//! write, with the range marked out of sync). A FLUSH becomes a Barrier
+//! that the peer acknowledges only when every earlier write is durable
+//! there. On the Secondary the link's receiver applies frames in order and
+//! acknowledges them.
+//!
+//! Roles change within a session: each side runs the session in the mode
+//! of its current role (the Primary has no receiver thread, the Secondary
+//! runs the apply loop) and switches mode when its role changes, telling
+//! the peer with a `State` frame.
 
 pub mod intervals;
 pub mod link;
@@ -16,67 +24,141 @@ use crate::sync::lock;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use replblk_proto::repl::{data_flags, kind as repl_kind, Frame, WriteRef};
+use replblk_proto::repl::{
+    data_flags, kind as repl_kind, state_flags, Frame, StateFrame, WriteRef,
+};
 use serde::Serialize;
+use serde_json::Value;
 
-use crate::bitmap::{DirtyBitmap, DEFAULT_GRANULARITY};
-use crate::config::{PeerConfig, Role};
-use crate::store::Store;
+use crate::bitmap::DirtyBitmap;
+use crate::config::{LocalResource, MetaDisk, PeerConfig};
+use crate::core::state::{Action, Event, Level, Node, PeerInfo};
+pub use crate::core::state::{ConnState, DiskState, ReplState, Role};
+use crate::core::uuid::{Decision, Rule, UuidView};
+use crate::core::{flags as md_flags, Generations, UUID_JUST_CREATED};
+use crate::events::Events;
+use crate::meta::{self, Location, MetaStore, Superblock};
+use crate::store::{FileStore, Store};
 use intervals::IntervalLock;
 use link::{LinkError, Remote, Session};
 
-/// State of the link to the peer, as reported by `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum ConnState {
-    /// No peer configured.
-    StandAlone,
-    /// Trying to reach (or waiting for) the peer.
-    Connecting,
-    /// Authenticated session established.
-    Connected,
+/// How long a promote waits for the peer to confirm it is not promoting
+/// too, and for the session to switch to the Primary's mode.
+const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a demote waits for replicated requests still in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The sync decision last taken, as `status` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecisionStatus {
+    pub decision: Decision,
+    pub rule: Rule,
+    pub rule_number: u32,
+    pub description: &'static str,
 }
 
-/// A snapshot for `replctl status`.
+/// Generation identifiers in hex, as `status` and `dump-md` show them.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationStatus {
+    pub current: String,
+    pub bitmap: String,
+    pub history: Vec<String>,
+}
+
+impl From<Generations> for GenerationStatus {
+    fn from(g: Generations) -> Self {
+        GenerationStatus {
+            current: format!("{:016X}", g.current),
+            bitmap: format!("{:016X}", g.bitmap),
+            history: g.history.iter().map(|h| format!("{h:016X}")).collect(),
+        }
+    }
+}
+
+/// A snapshot for `replctl status` (stable JSON; see docs/control.md).
 #[derive(Debug, Clone, Serialize)]
 pub struct ResourceStatus {
     pub name: String,
+    pub node: String,
+    /// Attached: metadata read, disk open.
+    pub up: bool,
+    pub down_reason: Option<String>,
     pub role: Role,
+    pub disk: DiskState,
     pub size: u64,
     pub connection: ConnState,
+    pub replication: ReplState,
     pub peer: Option<String>,
+    pub peer_role: Option<Role>,
+    pub peer_disk: Option<DiskState>,
     pub out_of_sync_bytes: u64,
     pub out_of_sync_blocks: u64,
     pub bitmap_granularity: u64,
+    pub decision: Option<DecisionStatus>,
+    pub generations: Option<GenerationStatus>,
     pub last_error: Option<String>,
     /// Round trip of the last keepalive Ping, while connected.
     pub ping_rtt_us: Option<u64>,
 }
 
-struct LinkState {
-    conn: ConnState,
+/// A status as one `events` line: the status fields plus `"type"`.
+pub fn event_json(kind: &str, status: &ResourceStatus) -> Value {
+    let mut v = serde_json::to_value(status).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("type".into(), Value::String(kind.into()));
+    }
+    v
+}
+
+/// Mutable state of a replicated resource, behind one lock. Never held
+/// while waiting on the network.
+struct Inner {
+    /// The state machine; `None` while the resource is down.
+    node: Option<Node>,
+    meta: Option<MetaStore>,
+    sb: Option<Superblock>,
+    down_reason: Option<String>,
     last_error: Option<String>,
+    /// What the last emitted event said, to emit only changes.
+    last_event: String,
 }
 
 pub struct Replica {
     pub name: String,
-    pub role: Role,
-    store: Arc<dyn Store>,
-    size: u64,
+    local_node: String,
+    disk_path: PathBuf,
+    /// `None` for a single-node resource (no metadata, no roles).
+    meta_loc: Option<Location>,
+    cfg_size: Option<u64>,
+    read_only: bool,
     peer: Option<PeerConfig>,
+    events: Arc<Events>,
+    store: RwLock<Option<Arc<dyn Store>>>,
+    size: AtomicU64,
+    /// Primary and attached: the write path is open.
+    serving: AtomicBool,
+    /// Replicated requests between their role check and completion.
+    inflight: AtomicUsize,
+    inner: Mutex<Inner>,
+    /// Serialises role changes with the state exchange of a new session.
+    transition: Mutex<()>,
     oos: Mutex<DirtyBitmap>,
     intervals: IntervalLock,
     session: Mutex<Option<Arc<Session>>>,
-    state: Mutex<LinkState>,
+    /// The role the session currently runs as, for promote to wait on.
+    mode: Mutex<Option<Role>>,
+    mode_cv: Condvar,
     stopping: AtomicBool,
-    stop_lock: Mutex<()>,
-    stop_cv: Condvar,
+    wake_lock: Mutex<()>,
+    wake_cv: Condvar,
     listener: Option<TcpListener>,
     manager: Mutex<Option<JoinHandle<()>>>,
 }
@@ -91,23 +173,94 @@ pub enum ReplicaError {
     },
     #[error("resource {resource:?}: cannot start the peer link thread: {source}")]
     Thread { resource: String, source: io::Error },
+    #[error("resource {resource:?}: {message}")]
+    Open { resource: String, message: String },
+}
+
+/// What a state-machine step asks the shell to do outside the lock.
+#[derive(Default)]
+struct Effects {
+    disconnect_clients: bool,
+    drop_link: Option<String>,
+    send_state: bool,
+}
+
+fn disk_to_wire(d: DiskState) -> u8 {
+    match d {
+        DiskState::Diskless => 0,
+        DiskState::Inconsistent => 1,
+        DiskState::Outdated => 2,
+        DiskState::Consistent => 3,
+        DiskState::UpToDate => 4,
+    }
+}
+
+fn disk_from_wire(d: u8) -> DiskState {
+    match d {
+        1 => DiskState::Inconsistent,
+        2 => DiskState::Outdated,
+        3 => DiskState::Consistent,
+        4 => DiskState::UpToDate,
+        _ => DiskState::Diskless,
+    }
+}
+
+fn role_from_wire(r: u8) -> Role {
+    if r == 1 {
+        Role::Primary
+    } else {
+        Role::Secondary
+    }
+}
+
+/// A new random generation identifier (never 0 or the just-created one).
+fn fresh_uuid() -> u64 {
+    loop {
+        let mut b = [0u8; 8];
+        if getrandom::getrandom(&mut b).is_err() {
+            // No randomness: time is unique enough for a generation name.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0x5eed);
+            b = t.to_le_bytes();
+        }
+        let u = u64::from_le_bytes(b) & !1;
+        if u > UUID_JUST_CREATED {
+            return u;
+        }
+    }
+}
+
+/// Decrements the in-flight count when a request finishes.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+enum ModeEnd {
+    RoleChanged,
+    Over(String),
 }
 
 impl Replica {
-    /// Wraps `store`; with a peer, binds the replication listener if this
-    /// node is the one that accepts.
+    /// Wraps resource `res` of node `node`. A single-node resource opens
+    /// its store here; a replicated one binds the replication listener
+    /// (if this node accepts) and is brought up by `start`.
     pub fn new(
-        name: &str,
-        role: Role,
-        store: Arc<dyn Store>,
-        peer: Option<PeerConfig>,
+        res: &LocalResource,
+        node: &str,
+        events: Arc<Events>,
     ) -> Result<Arc<Replica>, ReplicaError> {
-        let size = store.size();
+        let peer = res.peer.clone();
         let listener = match &peer {
             Some(p) if !dials(p) => {
                 Some(
                     TcpListener::bind(p.local_address).map_err(|source| ReplicaError::Bind {
-                        resource: name.to_owned(),
+                        resource: res.name.clone(),
                         addr: p.local_address.to_string(),
                         source,
                     })?,
@@ -115,36 +268,68 @@ impl Replica {
             }
             _ => None,
         };
-        let conn = if peer.is_some() {
-            ConnState::Connecting
-        } else {
-            ConnState::StandAlone
+        let meta_loc = match (&peer, &res.meta) {
+            (Some(_), Some(MetaDisk::External(p))) => Some(Location::External(p.clone())),
+            (Some(_), _) => Some(Location::Internal),
+            (None, _) => None,
         };
-        Ok(Arc::new(Replica {
-            name: name.to_owned(),
-            role,
-            store,
-            size,
+        let replica = Arc::new(Replica {
+            name: res.name.clone(),
+            local_node: node.to_owned(),
+            disk_path: res.disk.clone(),
+            meta_loc,
+            cfg_size: res.size,
+            read_only: res.read_only,
             peer,
-            oos: Mutex::new(DirtyBitmap::new(size, DEFAULT_GRANULARITY)),
+            events,
+            store: RwLock::new(None),
+            size: AtomicU64::new(0),
+            serving: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            inner: Mutex::new(Inner {
+                node: None,
+                meta: None,
+                sb: None,
+                down_reason: Some("not brought up yet".into()),
+                last_error: None,
+                last_event: String::new(),
+            }),
+            transition: Mutex::new(()),
+            oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
             intervals: IntervalLock::new(),
             session: Mutex::new(None),
-            state: Mutex::new(LinkState {
-                conn,
-                last_error: None,
-            }),
+            mode: Mutex::new(None),
+            mode_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
-            stop_lock: Mutex::new(()),
-            stop_cv: Condvar::new(),
+            wake_lock: Mutex::new(()),
+            wake_cv: Condvar::new(),
             listener,
             manager: Mutex::new(None),
-        }))
+        });
+        if replica.peer.is_none() {
+            let store = FileStore::open(&res.disk, res.size, res.read_only).map_err(|e| {
+                ReplicaError::Open {
+                    resource: res.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            replica.size.store(store.size(), Ordering::SeqCst);
+            *replica.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+            replica.serving.store(true, Ordering::SeqCst);
+            lock(&replica.inner).down_reason = None;
+        }
+        Ok(replica)
     }
 
-    /// Starts the peer link thread (no-op without a peer).
+    /// Brings a replicated resource up (a failure is logged and leaves it
+    /// down, visible in `status`) and starts the peer link thread.
     pub fn start(self: &Arc<Self>) -> Result<(), ReplicaError> {
         if self.peer.is_none() {
             return Ok(());
+        }
+        match self.up() {
+            Ok(msg) => tracing::info!(resource = %self.name, "{msg}"),
+            Err(e) => tracing::error!(resource = %self.name, "resource stays down: {e}"),
         }
         let me = self.clone();
         let handle = std::thread::Builder::new()
@@ -158,13 +343,11 @@ impl Replica {
         Ok(())
     }
 
-    /// Stops the link thread and closes the session.
+    /// Stops the link thread and closes the session; then, if up, writes
+    /// the metadata as a clean shutdown (a Primary comes back Secondary).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        {
-            let _g = lock(&self.stop_lock);
-            self.stop_cv.notify_all();
-        }
+        self.wake();
         if let Some(l) = &self.listener {
             // SAFETY: shutdown(2) on our own listening socket wakes accept().
             unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
@@ -175,28 +358,623 @@ impl Replica {
         if let Some(h) = lock(&self.manager).take() {
             let _ = h.join();
         }
+        if self.peer.is_some() {
+            self.detach("daemon stopped");
+        }
+    }
+
+    fn wake(&self) {
+        let _g = lock(&self.wake_lock);
+        self.wake_cv.notify_all();
+    }
+
+    fn current_store(&self) -> io::Result<Arc<dyn Store>> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "resource is down"))
+    }
+
+    /// The local role (a single-node resource always serves).
+    pub fn role(&self) -> Role {
+        if self.peer.is_none() {
+            return Role::Primary;
+        }
+        lock(&self.inner)
+            .node
+            .as_ref()
+            .map_or(Role::Secondary, |n| n.role())
     }
 
     pub fn status(&self) -> ResourceStatus {
+        let inner = lock(&self.inner);
         let oos = lock(&self.oos);
-        let state = lock(&self.state);
+        let node = inner.node.as_ref();
+        let single = self.peer.is_none();
+        let peer_state = node.and_then(|n| n.peer());
         ResourceStatus {
             name: self.name.clone(),
-            role: self.role,
-            size: self.size,
-            connection: state.conn,
+            node: self.local_node.clone(),
+            up: single || node.is_some(),
+            down_reason: inner.down_reason.clone(),
+            role: if single {
+                Role::Primary
+            } else {
+                node.map_or(Role::Secondary, |n| n.role())
+            },
+            disk: if single {
+                DiskState::UpToDate
+            } else {
+                node.map_or(DiskState::Diskless, |n| n.disk())
+            },
+            size: self.size(),
+            connection: node.map_or(ConnState::StandAlone, |n| n.conn()),
+            replication: node.map_or(ReplState::Off, |n| n.repl()),
             peer: self.peer.as_ref().map(|p| p.peer_node.clone()),
-            out_of_sync_bytes: oos.bytes(self.size),
+            peer_role: peer_state.map(|p| p.0),
+            peer_disk: peer_state.map(|p| p.1),
+            out_of_sync_bytes: oos.bytes(self.size()),
             out_of_sync_blocks: oos.count(),
             bitmap_granularity: oos.granularity(),
-            last_error: state.last_error.clone(),
+            decision: node.and_then(|n| n.last_verdict()).map(|v| DecisionStatus {
+                decision: v.decision,
+                rule: v.rule,
+                rule_number: v.rule.number(),
+                description: v.rule.describe(),
+            }),
+            generations: node.map(|n| n.gens().into()),
+            last_error: inner.last_error.clone(),
             ping_rtt_us: self.current_session().and_then(|s| s.rtt_us()),
+        }
+    }
+
+    /// Emits a `change` event if anything `events` shows has changed.
+    fn emit_if_changed(&self) {
+        let status = self.status();
+        let print = format!(
+            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            status.up,
+            status.role,
+            status.disk,
+            status.connection,
+            status.replication,
+            status.peer_role,
+            status.peer_disk,
+            status.decision.as_ref().map(|d| (d.decision, d.rule)),
+            status.down_reason,
+        );
+        let changed = {
+            let mut inner = lock(&self.inner);
+            if inner.last_event == print {
+                false
+            } else {
+                inner.last_event = print;
+                true
+            }
+        };
+        if changed {
+            self.events.emit(event_json("change", &status));
         }
     }
 
     /// Out-of-sync byte runs `(offset, length)`.
     pub fn out_of_sync_runs(&self) -> Vec<(u64, u64)> {
         lock(&self.oos).runs().collect()
+    }
+
+    /// Whether `wait-sync` may return: `Ok(true)` once connected with both
+    /// disks UpToDate; an error when waiting cannot help.
+    pub fn sync_state(&self) -> Result<bool, String> {
+        let inner = lock(&self.inner);
+        let Some(node) = inner.node.as_ref() else {
+            if self.peer.is_none() {
+                return Err("single-node resource: nothing to sync with".into());
+            }
+            return Err(format!(
+                "resource is down: {}",
+                inner.down_reason.as_deref().unwrap_or("")
+            ));
+        };
+        if node.conn() == ConnState::StandAlone {
+            return Err(format!(
+                "resource is StandAlone{}",
+                inner
+                    .last_error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(node.conn() == ConnState::Connected
+            && node.repl() == ReplState::Established
+            && node.disk() == DiskState::UpToDate
+            && node.peer().map(|p| p.1) == Some(DiskState::UpToDate))
+    }
+
+    /// Refuses NBD clients unless this node serves the resource.
+    pub fn admit(&self) -> Result<(), String> {
+        if self.peer.is_none() {
+            return Ok(());
+        }
+        let inner = lock(&self.inner);
+        let node = &self.local_node;
+        match inner.node.as_ref() {
+            None => Err(format!(
+                "resource {} is down on node {node}: {}",
+                self.name,
+                inner.down_reason.as_deref().unwrap_or("not attached")
+            )),
+            Some(n) if n.role() == Role::Primary => Ok(()),
+            Some(n) => {
+                let peer = self.peer.as_ref().map_or("", |p| p.peer_node.as_str());
+                let hint = match n.peer() {
+                    Some((Role::Primary, _)) => format!("connect to the Primary, {peer}"),
+                    _ => "no node is Primary; promote one with `replctl promote`".into(),
+                };
+                Err(format!(
+                    "resource {} is Secondary on node {node} (disk {:?}); {hint}",
+                    self.name,
+                    n.disk()
+                ))
+            }
+        }
+    }
+
+    // ---- metadata and attach/detach -----------------------------------
+
+    fn location(&self) -> Result<&Location, String> {
+        self.meta_loc
+            .as_ref()
+            .ok_or_else(|| format!("resource {} is single-node: it has no metadata", self.name))
+    }
+
+    /// `create-md`: fresh metadata on a resource that is down.
+    pub fn create_md(&self, force: bool) -> Result<String, String> {
+        let loc = self.location()?;
+        let inner = lock(&self.inner);
+        if inner.node.is_some() {
+            return Err(format!(
+                "create-md refused: {} is up; run `replctl down {}` first",
+                self.name, self.name
+            ));
+        }
+        let (store, sb) = MetaStore::create(
+            &self.disk_path,
+            loc,
+            &self.local_node,
+            &self.name,
+            meta::DEFAULT_GRANULARITY,
+            force,
+        )
+        .map_err(|e| format!("create-md refused: {e}"))?;
+        if force {
+            tracing::warn!(resource = %self.name, "metadata re-created with --force: generations reset");
+        }
+        Ok(format!(
+            "metadata written on {} (usable size {} bytes); bring it up with `replctl up {}`",
+            store.md_path().display(),
+            sb.data_size,
+            self.name
+        ))
+    }
+
+    /// `dump-md`: both superblock slots as read from disk now.
+    pub fn dump_md(&self) -> Result<Value, String> {
+        let loc = self.location()?;
+        let inspection = MetaStore::inspect(&self.disk_path, loc).map_err(|e| e.to_string())?;
+        serde_json::to_value(inspection).map_err(|e| e.to_string())
+    }
+
+    /// `up`: reads the metadata (never re-initialising it), opens the disk
+    /// and starts connecting. The node comes up Secondary.
+    pub fn up(&self) -> Result<String, String> {
+        let loc = self.location()?.clone();
+        let result = self.attach(&loc);
+        match &result {
+            Ok(_) => self.wake(),
+            Err(e) => lock(&self.inner).down_reason = Some(e.clone()),
+        }
+        self.emit_if_changed();
+        result
+    }
+
+    fn attach(&self, loc: &Location) -> Result<String, String> {
+        let mut inner = lock(&self.inner);
+        if inner.node.is_some() {
+            return Err(format!("{} is already up", self.name));
+        }
+        let (mut md, mut sb) = MetaStore::open(&self.disk_path, loc, &self.local_node, &self.name)
+            .map_err(|e| e.to_string())?;
+        let size = match self.cfg_size {
+            Some(s) if s > sb.data_size => {
+                return Err(format!(
+                    "size = {s} is larger than the {} usable bytes of {}",
+                    sb.data_size,
+                    self.disk_path.display()
+                ))
+            }
+            Some(s) => s,
+            None => sb.data_size,
+        };
+        let store = FileStore::open(&self.disk_path, Some(size), self.read_only)
+            .map_err(|e| e.to_string())?;
+        let mut bitmap = DirtyBitmap::new(size, u64::from(sb.granularity));
+        let clean = sb.flags & md_flags::CLEAN_SHUTDOWN != 0;
+        if clean {
+            let mut bytes = vec![0u8; bitmap.to_bytes().len()];
+            md.read_bitmap(&mut bytes).map_err(|e| e.to_string())?;
+            bitmap.merge_bytes(&bytes);
+        } else if sb.gens.bitmap != 0 || sb.flags & md_flags::PRIMARY != 0 {
+            // The bitmap is written at clean shutdown only (the activity
+            // log that bounds a crash's damage comes later): after a crash
+            // every block counts as out of sync.
+            bitmap.set_all();
+            tracing::warn!(
+                resource = %self.name,
+                "metadata was not shut down cleanly: every block is marked out of sync"
+            );
+        }
+        let node = Node::from_meta(sb.gens, sb.flags, true);
+        sb.gens = node.gens();
+        sb.flags = node.meta_flags();
+        md.write(&mut sb).map_err(|e| e.to_string())?;
+        let msg = format!(
+            "{} up as Secondary: disk {:?}, current generation {:016X}, {} out-of-sync blocks",
+            self.name,
+            node.disk(),
+            sb.gens.current,
+            bitmap.count()
+        );
+        *lock(&self.oos) = bitmap;
+        self.size.store(size, Ordering::SeqCst);
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+        inner.node = Some(node);
+        inner.meta = Some(md);
+        inner.sb = Some(sb);
+        inner.down_reason = None;
+        inner.last_error = None;
+        Ok(msg)
+    }
+
+    /// `down`: drops the link, writes the metadata as a clean shutdown and
+    /// closes the disk. Refused while Primary.
+    pub fn down(&self) -> Result<String, String> {
+        self.location()?;
+        {
+            let inner = lock(&self.inner);
+            match inner.node.as_ref() {
+                None => return Err(format!("{} is already down", self.name)),
+                Some(n) if n.role() == Role::Primary => {
+                    return Err(format!(
+                        "down refused: {} is Primary; demote it first",
+                        self.name
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        self.detach("brought down by the operator");
+        self.emit_if_changed();
+        Ok(format!("{} is down", self.name))
+    }
+
+    /// Closes the session, records a clean shutdown, writes the bitmap and
+    /// closes the disk.
+    fn detach(&self, why: &str) {
+        self.serving.store(false, Ordering::SeqCst);
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let Some(mut node) = inner.node.take() else {
+            return;
+        };
+        if let Some(s) = lock(&self.session).clone() {
+            s.fail(why);
+        }
+        if let Err(r) = node.handle(Event::Shutdown, &mut fresh_uuid) {
+            tracing::warn!(resource = %self.name, "shutdown: {}", r.message);
+        }
+        let bitmap = lock(&self.oos).to_bytes();
+        if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
+            sb.gens = node.gens();
+            sb.flags = node.meta_flags();
+            // Bitmap first: the superblock's CLEAN_SHUTDOWN vouches for it.
+            let written = md
+                .write_bitmap(0, &bitmap)
+                .and_then(|_| md.sync())
+                .and_then(|_| md.write(sb));
+            if let Err(e) = written {
+                tracing::error!(resource = %self.name, "writing metadata at shutdown failed: {e}");
+            }
+        }
+        if let Ok(store) = self.current_store() {
+            if let Err(e) = store.flush() {
+                tracing::error!(resource = %self.name, "flushing the disk at shutdown failed: {e}");
+            }
+        }
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
+        inner.meta = None;
+        inner.sb = None;
+        inner.down_reason = Some(why.to_owned());
+    }
+
+    // ---- the state machine --------------------------------------------
+
+    /// Feeds one event to the state machine; persists and logs what it
+    /// asks for, and returns the effects that need the network.
+    fn step(&self, event: Event) -> Result<Effects, String> {
+        let mut fx = Effects::default();
+        {
+            let mut inner = lock(&self.inner);
+            let inner = &mut *inner;
+            let Some(node) = inner.node.as_mut() else {
+                return Err(format!(
+                    "resource {} is down: {}",
+                    self.name,
+                    inner.down_reason.as_deref().unwrap_or("not attached")
+                ));
+            };
+            let actions = node.handle(event, &mut fresh_uuid).map_err(|r| r.message)?;
+            let mut persist = false;
+            for action in actions {
+                match action {
+                    Action::Persist => persist = true,
+                    Action::DisconnectClients => fx.disconnect_clients = true,
+                    Action::DropLink { reason } => fx.drop_link = Some(reason),
+                    Action::StandAlone { reason } => {
+                        tracing::error!(resource = %self.name, "going StandAlone: {reason}");
+                        inner.last_error = Some(reason.clone());
+                        fx.drop_link = Some(reason);
+                    }
+                    Action::StartSync { source, full } => {
+                        let what = if full { "full" } else { "bitmap-based" };
+                        let dir = if source { "source" } else { "target" };
+                        tracing::warn!(
+                            resource = %self.name,
+                            "a {what} resync is needed with this node as sync {dir}"
+                        );
+                    }
+                    Action::SendState => fx.send_state = true,
+                    Action::Log { level, message } => match level {
+                        Level::Info => tracing::info!(resource = %self.name, "{message}"),
+                        Level::Warn => tracing::warn!(resource = %self.name, "{message}"),
+                        Level::Error => tracing::error!(resource = %self.name, "{message}"),
+                    },
+                }
+            }
+            let role = node.role();
+            if persist {
+                let (gens, flags) = (node.gens(), node.meta_flags());
+                if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
+                    sb.gens = gens;
+                    sb.flags = flags;
+                    if let Err(e) = md.write(sb) {
+                        tracing::error!(resource = %self.name, "writing metadata failed: {e}");
+                        inner.last_error = Some(format!("writing metadata failed: {e}"));
+                    }
+                }
+            }
+            if role != Role::Primary {
+                self.serving.store(false, Ordering::SeqCst);
+            }
+        }
+        self.emit_if_changed();
+        Ok(fx)
+    }
+
+    /// Carries out the network side of `fx`.
+    fn effects(&self, fx: &Effects) {
+        if let Some(s) = self.current_session() {
+            if let Some(reason) = &fx.drop_link {
+                s.fail(reason);
+            } else if fx.send_state {
+                self.send_state(&s, false);
+            }
+        }
+        self.wake();
+    }
+
+    fn state_frame(&self, reply: bool) -> StateFrame {
+        let inner = lock(&self.inner);
+        let dirty = lock(&self.oos).count();
+        let mut st = StateFrame {
+            dirty_bits: dirty,
+            ..StateFrame::default()
+        };
+        if let Some(n) = inner.node.as_ref() {
+            let g = n.gens();
+            st.role = u8::from(n.role() == Role::Primary);
+            st.disk = disk_to_wire(n.disk());
+            st.md_flags = n.meta_flags();
+            st.current = g.current;
+            st.bitmap = g.bitmap;
+            st.history = g.history;
+            if n.discard_my_data() {
+                st.state_flags |= state_flags::DISCARD_MY_DATA;
+            }
+        }
+        if reply {
+            st.state_flags |= state_flags::REPLY;
+        }
+        st
+    }
+
+    fn send_state(&self, session: &Session, reply: bool) {
+        session.send_control(&Frame::State(self.state_frame(reply)));
+    }
+
+    /// `promote`: refused if the peer is Primary or (without force) the
+    /// data is not UpToDate. While connected the peer confirms first.
+    pub fn promote(&self, force: bool) -> Result<String, String> {
+        self.location()?;
+        let _t = lock(&self.transition);
+        if self.role() == Role::Primary {
+            return Ok(format!("{} is already Primary", self.name));
+        }
+        let fx = self.step(Event::Promote { force })?;
+        if let Some(s) = self.current_session() {
+            // The peer answers with its own State; a Primary there means
+            // both promoted at once, and this side backs off.
+            let answered = self.confirm_state(&s);
+            let peer_primary = lock(&self.inner)
+                .node
+                .as_ref()
+                .and_then(|n| n.peer())
+                .is_some_and(|p| p.0 == Role::Primary);
+            if peer_primary {
+                let _ = self.step(Event::Demote {
+                    force: true,
+                    clients: 0,
+                });
+                self.send_state(&s, false);
+                return Err("promote refused: peer is Primary".into());
+            }
+            if answered && !self.wait_mode(Role::Primary) {
+                tracing::warn!(resource = %self.name, "session did not switch to Primary mode in time");
+            }
+        }
+        self.effects(&fx);
+        self.serving.store(true, Ordering::SeqCst);
+        let forced = if force { " (forced)" } else { "" };
+        Ok(format!("{} is Primary{forced}", self.name))
+    }
+
+    /// Sends our State asking for the peer's, and waits until it has been
+    /// handled (the link fails if the peer does not answer in time).
+    fn confirm_state(&self, session: &Session) -> bool {
+        let slot = session.expect_state();
+        self.send_state(session, true);
+        let what = format!("the peer did not answer a state change within {ROLE_CHANGE_TIMEOUT:?}");
+        session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done
+    }
+
+    fn set_mode(&self, mode: Option<Role>) {
+        *lock(&self.mode) = mode;
+        self.mode_cv.notify_all();
+    }
+
+    fn wait_mode(&self, want: Role) -> bool {
+        let deadline = Instant::now() + ROLE_CHANGE_TIMEOUT;
+        let mut m = lock(&self.mode);
+        while *m != Some(want) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.current_session().is_none() {
+                return false;
+            }
+            m = self
+                .mode_cv
+                .wait_timeout(m, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// `demote`: refused while `clients` NBD clients are attached unless
+    /// `force`, which closes them with `disconnect_clients` first.
+    pub fn demote(
+        &self,
+        force: bool,
+        clients: usize,
+        disconnect_clients: &dyn Fn() -> usize,
+    ) -> Result<String, String> {
+        self.location()?;
+        let _t = lock(&self.transition);
+        if self.role() == Role::Secondary {
+            return Ok(format!("{} is already Secondary", self.name));
+        }
+        let fx = self.step(Event::Demote { force, clients })?;
+        self.serving.store(false, Ordering::SeqCst);
+        if fx.disconnect_clients {
+            let n = disconnect_clients();
+            tracing::warn!(resource = %self.name, "demote --force: closed {n} NBD client(s)");
+        }
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Ok(store) = self.current_store() {
+            if let Err(e) = store.flush() {
+                tracing::error!(resource = %self.name, "flush on demote failed: {e}");
+            }
+        }
+        self.effects(&fx);
+        if self.current_session().is_some() && !self.wait_mode(Role::Secondary) {
+            tracing::warn!(resource = %self.name, "session did not switch to Secondary mode in time");
+        }
+        Ok(format!("{} is Secondary", self.name))
+    }
+
+    /// `connect`: leave StandAlone and (re)connect to the peer.
+    pub fn connect(&self, discard_my_data: bool) -> Result<String, String> {
+        self.location()?;
+        let fx = self.step(Event::Connect { discard_my_data })?;
+        self.effects(&fx);
+        Ok(format!("{} is connecting", self.name))
+    }
+
+    /// `disconnect`: drop the link and stay StandAlone.
+    pub fn disconnect(&self) -> Result<String, String> {
+        self.location()?;
+        let fx = self.step(Event::Disconnect)?;
+        if let Some(s) = self.current_session() {
+            s.fail("disconnected by the operator");
+        }
+        self.effects(&fx);
+        Ok(format!("{} is StandAlone", self.name))
+    }
+
+    /// `new-current-uuid [--clear-bitmap]`.
+    pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<String, String> {
+        self.location()?;
+        let _t = lock(&self.transition);
+        let fx = self.step(Event::NewCurrentUuid { clear_bitmap })?;
+        if clear_bitmap {
+            lock(&self.oos).clear_range(0, u64::MAX);
+            let current = lock(&self.inner)
+                .node
+                .as_ref()
+                .map_or(0, |n| n.gens().current);
+            if let Some(s) = self.current_session() {
+                s.send_control(&Frame::SyncDone { current });
+                self.send_state(&s, false);
+            }
+        }
+        self.effects(&fx);
+        Ok(format!("{}: new current generation", self.name))
+    }
+
+    /// `State` and `SyncDone` frames from the peer (any reading thread).
+    fn on_peer_frame(&self, frame: Frame) -> Result<(), LinkError> {
+        match frame {
+            Frame::State(st) => {
+                let fx = self
+                    .step(Event::PeerStateChanged {
+                        role: role_from_wire(st.role),
+                        disk: disk_from_wire(st.disk),
+                    })
+                    .map_err(LinkError::Protocol)?;
+                if st.state_flags & state_flags::REPLY != 0 {
+                    if let Some(s) = self.current_session() {
+                        self.send_state(&s, false);
+                    }
+                }
+                self.effects(&fx);
+                Ok(())
+            }
+            Frame::SyncDone { current } => {
+                let fx = self
+                    .step(Event::SyncDone { current })
+                    .map_err(LinkError::Protocol)?;
+                lock(&self.oos).clear_range(0, u64::MAX);
+                self.effects(&fx);
+                Ok(())
+            }
+            other => Err(LinkError::Protocol(format!(
+                "unexpected frame kind {}",
+                other.kind()
+            ))),
+        }
     }
 
     fn mark_out_of_sync(&self, offset: u64, len: u64) {
@@ -222,20 +1000,23 @@ impl Replica {
         offset: u64,
         len: u64,
         send: impl FnOnce(&Session) -> Option<Arc<link::Slot>>,
-        local: impl FnOnce() -> io::Result<()>,
+        local: impl FnOnce(&dyn Store) -> io::Result<()>,
     ) -> io::Result<()> {
-        if self.role == Role::Secondary {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let _inflight = InFlight(&self.inflight);
+        if !self.serving.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
+        let store = self.current_store()?;
         if self.peer.is_none() {
             // A single-node resource has nobody to be out of sync with.
-            return local();
+            return local(&*store);
         }
         let _range = self.intervals.lock(offset, len);
         let remote = self
             .current_session()
             .and_then(|s| send(&s).map(|slot| (s, slot)));
-        let result = local();
+        let result = local(&*store);
         let in_sync = match remote {
             Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
                 Remote::Done => true,
@@ -255,21 +1036,25 @@ impl Replica {
 
     // ---- the peer link ------------------------------------------------
 
-    fn set_state(&self, conn: ConnState, error: Option<String>) {
-        let mut s = lock(&self.state);
-        s.conn = conn;
-        if error.is_some() {
-            s.last_error = error;
-        }
+    fn set_link_error(&self, error: String) {
+        lock(&self.inner).last_error = Some(error);
     }
 
-    /// Sleeps up to `d`, returning early (true) when stopping.
+    /// Whether the link thread should be connecting now.
+    fn wants_link(&self) -> bool {
+        lock(&self.inner)
+            .node
+            .as_ref()
+            .is_some_and(|n| n.conn() != ConnState::StandAlone)
+    }
+
+    /// Sleeps up to `d` or until woken, returning true when stopping.
     fn pause(&self, d: Duration) -> bool {
-        let g = lock(&self.stop_lock);
+        let g = lock(&self.wake_lock);
         if self.stopping.load(Ordering::SeqCst) {
             return true;
         }
-        let _ = self.stop_cv.wait_timeout(g, d);
+        let _ = self.wake_cv.wait_timeout(g, d);
         self.stopping.load(Ordering::SeqCst)
     }
 
@@ -282,14 +1067,19 @@ impl Replica {
         let mut backoff = min_backoff;
         let mut last_logged: Option<String> = None;
         while !self.stopping.load(Ordering::SeqCst) {
-            self.set_state(ConnState::Connecting, None);
-            let attempt = self.establish(&cfg);
-            match attempt {
-                Ok(stream) => {
+            if !self.wants_link() {
+                if self.pause(Duration::from_secs(1)) {
+                    break;
+                }
+                continue;
+            }
+            match self.establish(&cfg) {
+                Ok(Some(stream)) => {
                     last_logged = None;
                     backoff = min_backoff;
                     self.run_session(&cfg, stream);
                 }
+                Ok(None) => {}
                 Err(e) => {
                     if self.stopping.load(Ordering::SeqCst) {
                         break;
@@ -304,7 +1094,8 @@ impl Replica {
                         }
                         last_logged = Some(msg.clone());
                     }
-                    self.set_state(ConnState::Connecting, Some(msg));
+                    self.set_link_error(msg);
+                    self.emit_if_changed();
                     backoff = if e.is_refusal() {
                         max_backoff
                     } else {
@@ -318,8 +1109,10 @@ impl Replica {
         }
     }
 
-    /// Dials or accepts one connection and authenticates it.
-    fn establish(&self, cfg: &PeerConfig) -> Result<TcpStream, LinkError> {
+    /// Dials or accepts one connection, authenticates it, exchanges state
+    /// and takes the sync decision. `Ok(None)`: the decision (or the
+    /// operator) says not to run a session.
+    fn establish(&self, cfg: &PeerConfig) -> Result<Option<TcpStream>, LinkError> {
         let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
         let (mut stream, dialer) = match &self.listener {
             None => (
@@ -339,99 +1132,296 @@ impl Replica {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(LinkError::Protocol("shutting down".into()));
         }
+        if !self.wants_link() {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Ok(None);
+        }
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        let agreed = link::handshake(&mut stream, cfg, &self.name, self.size, dialer)?;
+        let size = self.size();
+        let agreed = link::handshake(&mut stream, cfg, &self.name, size, dialer)?;
+        let _t = lock(&self.transition);
+        let theirs = link::exchange_state(&mut stream, self.state_frame(false), timeout)?;
+        let peer = PeerInfo {
+            role: role_from_wire(theirs.role),
+            disk: disk_from_wire(theirs.disk),
+            uuids: UuidView {
+                gens: Generations {
+                    current: theirs.current,
+                    bitmap: theirs.bitmap,
+                    history: theirs.history,
+                },
+                flags: theirs.md_flags,
+                dirty_bits: theirs.dirty_bits,
+            },
+            discard_my_data: theirs.state_flags & state_flags::DISCARD_MY_DATA != 0,
+        };
+        let dirty = lock(&self.oos).count();
+        let fx = self
+            .step(Event::PeerConnected {
+                peer,
+                local_dials: dialer,
+                local_dirty_bits: dirty,
+            })
+            .map_err(LinkError::Protocol)?;
+        let (verdict, source) = {
+            let inner = lock(&self.inner);
+            let node = inner.node.as_ref();
+            (
+                node.and_then(|n| n.last_verdict()),
+                node.is_some_and(|n| n.repl() == ReplState::SyncSource),
+            )
+        };
+        let full = verdict.is_some_and(|v| v.decision.is_full());
+        if source && (full || theirs.dirty_bits > 0) {
+            // A full sync, or a target with changes of its own (which only
+            // it knows the blocks of): send every block.
+            lock(&self.oos).set_all();
+        }
+        if let Some(v) = verdict {
+            tracing::info!(
+                resource = %self.name, peer = %cfg.peer_node,
+                "sync decision: {:?} by rule {} ({:?}: {})",
+                v.decision, v.rule.number(), v.rule, v.rule.describe()
+            );
+        }
+        if let Some(reason) = fx.drop_link {
+            let _ = stream.shutdown(Shutdown::Both);
+            self.set_link_error(reason);
+            return Ok(None);
+        }
         tracing::info!(
             resource = %self.name, peer = %cfg.peer_node,
             addr = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
             version = agreed.version, "peer connected"
         );
-        Ok(stream)
+        Ok(Some(stream))
     }
 
-    fn run_session(&self, cfg: &PeerConfig, stream: TcpStream) {
+    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: TcpStream) {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
-        let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
+        let weak: Weak<Replica> = Arc::downgrade(self);
+        let hook: link::Hook = Box::new(move |frame| match weak.upgrade() {
+            Some(r) => r.on_peer_frame(frame),
+            None => Ok(()),
+        });
         // Silence for ping_timeout on read, or a peer that stops draining
         // our writes for as long, ends the session.
         let setup = stream
             .set_read_timeout(Some(ping_timeout))
             .and_then(|_| stream.set_write_timeout(Some(ping_timeout)))
-            .and_then(|_| Session::new(&stream, cfg.peer_node.clone(), ping_timeout));
+            .and_then(|_| Session::new(&stream, cfg.peer_node.clone(), ping_timeout, hook));
         let session = match setup {
             Ok(s) => Arc::new(s),
             Err(e) => {
-                self.set_state(ConnState::Connecting, Some(e.to_string()));
+                let _ = self.step(Event::PeerLost {
+                    reason: e.to_string(),
+                });
                 return;
             }
         };
         *lock(&self.session) = Some(session.clone());
-        self.set_state(ConnState::Connected, None);
         if self.stopping.load(Ordering::SeqCst) {
             session.fail("shutting down");
         }
-        let reason = match self.role {
-            // The Primary has no receiver thread (see `Session`): this
-            // thread pings and, while waiting for each Pong, reads the link
-            // if no writer is already doing so.
-            Role::Primary => {
+        let is_source = lock(&self.inner)
+            .node
+            .as_ref()
+            .is_some_and(|n| n.repl() == ReplState::SyncSource);
+        let resync = if is_source {
+            let (me, s) = (self.clone(), session.clone());
+            std::thread::Builder::new()
+                .name(format!("resync-{}", self.name))
+                .spawn(move || me.resync(&s))
+                .map_err(|e| tracing::error!(resource = %self.name, "cannot start the resync: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let reason = loop {
+            if !session.is_alive() {
+                break session.reason().unwrap_or_else(|| "shutting down".into());
+            }
+            let role = self.role();
+            self.set_mode(Some(role));
+            // The peer may have seen an older state during the exchange.
+            self.send_state(&session, false);
+            let end = match role {
+                Role::Primary => self.primary_mode(cfg, &session),
+                Role::Secondary => self.secondary_mode(cfg, &session),
+            };
+            match end {
+                ModeEnd::RoleChanged => continue,
+                ModeEnd::Over(why) => break why,
+            }
+        };
+        self.set_mode(None);
+        if let Some(r) = resync {
+            let _ = r.join();
+        }
+        *lock(&self.session) = None;
+        tracing::warn!(resource = %self.name, peer = %cfg.peer_node, "peer disconnected: {reason}");
+        // A daemon shutting down is not losing its peer: its metadata is
+        // written as a clean shutdown instead (see `detach`).
+        if self.wants_link() && !self.stopping.load(Ordering::SeqCst) {
+            let _ = self.step(Event::PeerLost {
+                reason: reason.clone(),
+            });
+        }
+        self.set_link_error(reason);
+        self.emit_if_changed();
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+
+    /// Sends every out-of-sync block to the peer (this node is the sync
+    /// source), clearing each range once the peer acknowledged it, then
+    /// tells the peer it is in sync and, once it confirmed, records the
+    /// end of the sync. Application writes keep flowing meanwhile: the
+    /// interval lock orders each resync chunk against them.
+    ///
+    /// This is the plain version: no rate control, no progress report
+    /// (the resync issue adds those).
+    fn resync(&self, session: &Arc<Session>) {
+        const CHUNK: u64 = 256 * 1024;
+        let started = Instant::now();
+        let total = lock(&self.oos).count();
+        tracing::info!(resource = %self.name, peer = %session.peer, blocks = total, "resync started");
+        loop {
+            if !session.is_alive() || self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let next = lock(&self.oos).runs().next();
+            let Some((offset, len)) = next else {
+                break;
+            };
+            let len = len.min(CHUNK);
+            let _range = self.intervals.lock(offset, len);
+            let mut buf = vec![0u8; len as usize];
+            let read = self
+                .current_store()
+                .and_then(|store| store.read_at(&mut buf, offset));
+            if let Err(e) = read {
+                tracing::error!(resource = %self.name, offset, "resync: reading the local disk failed: {e}");
+                session.fail(&format!("resync read failed: {e}"));
+                return;
+            }
+            let Some(slot) = session.send_write(offset, 0, &buf) else {
+                return;
+            };
+            if session.wait(&slot, self.ack_timeout()) != Remote::Done {
+                return;
+            }
+            lock(&self.oos).clear_range(offset, len);
+        }
+        // Durable on the target before it may call itself UpToDate.
+        let Some(barrier) = session.send_frame(|seq| Frame::Barrier { seq }) else {
+            return;
+        };
+        if session.wait(&barrier, self.ack_timeout()) != Remote::Done {
+            return;
+        }
+        let current = lock(&self.inner)
+            .node
+            .as_ref()
+            .map_or(0, |n| n.gens().current);
+        session.send_control(&Frame::SyncDone { current });
+        // The target records the end first; its answer confirms it.
+        if !self.confirm_state(session) {
+            return;
+        }
+        match self.step(Event::SyncFinished) {
+            Ok(fx) => self.effects(&fx),
+            Err(e) => {
+                tracing::warn!(resource = %self.name, "resync finished, but: {e}");
+                return;
+            }
+        }
+        tracing::info!(
+            resource = %self.name, peer = %session.peer, blocks = total,
+            elapsed_ms = started.elapsed().as_millis() as u64, "resync finished"
+        );
+    }
+
+    /// The Primary has no receiver thread (see `Session`): this thread
+    /// pings and, while waiting for each Pong, reads the link if no
+    /// writer is already doing so.
+    fn primary_mode(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
+        let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
+        let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
+        let mut next_ping = Instant::now() + interval;
+        let mut nonce = 0u64;
+        while session.is_alive() {
+            if self.role() != Role::Primary {
+                return ModeEnd::RoleChanged;
+            }
+            let left = next_ping.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                if self.pause(left) {
+                    session.fail("shutting down");
+                }
+                continue;
+            }
+            next_ping = Instant::now() + interval;
+            nonce += 1;
+            let pong = session.ping(nonce);
+            let what = format!("no answer to a ping within {ping_timeout:?}");
+            session.wait_for(&pong, ping_timeout, &what);
+        }
+        ModeEnd::Over(session.reason().unwrap_or_else(|| "shutting down".into()))
+    }
+
+    fn secondary_mode(&self, cfg: &PeerConfig, session: &Arc<Session>) -> ModeEnd {
+        let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let pinger = session.clone();
+            let done = &done;
+            scope.spawn(move || {
                 let mut nonce = 0u64;
-                while session.is_alive() {
-                    if self.pause(interval) {
-                        session.fail("shutting down");
+                while pinger.is_alive() && !done.load(Ordering::SeqCst) {
+                    if self.pause(interval) || done.load(Ordering::SeqCst) {
                         break;
                     }
                     nonce += 1;
-                    let pong = session.ping(nonce);
-                    let what = format!("no answer to a ping within {ping_timeout:?}");
-                    session.wait_for(&pong, ping_timeout, &what);
-                }
-                session.reason().unwrap_or_else(|| "shutting down".into())
-            }
-            Role::Secondary => std::thread::scope(|scope| {
-                let pinger = session.clone();
-                scope.spawn(move || {
-                    let mut nonce = 0u64;
-                    while pinger.is_alive() {
-                        std::thread::sleep(interval);
-                        nonce += 1;
-                        if pinger.is_alive() {
-                            pinger.ping(nonce);
-                        }
+                    if pinger.is_alive() {
+                        pinger.ping(nonce);
                     }
-                });
-                let why = match self.receive_as_secondary(&session, scope) {
-                    Ok(()) => "shutting down".to_owned(),
-                    Err(e) => session.describe(e),
-                };
-                session.fail(&why);
-                session.reason().unwrap_or(why)
-            }),
-        };
-        *lock(&self.session) = None;
-        tracing::warn!(resource = %self.name, peer = %cfg.peer_node, "peer disconnected: {reason}");
-        self.set_state(ConnState::Connecting, Some(reason));
-        let _ = stream.shutdown(Shutdown::Both);
+                }
+            });
+            let end = match self.receive_as_secondary(session, scope) {
+                Ok(end) => end,
+                Err(e) => {
+                    let why = session.describe(e);
+                    session.fail(&why);
+                    ModeEnd::Over(session.reason().unwrap_or(why))
+                }
+            };
+            done.store(true, Ordering::SeqCst);
+            self.wake();
+            end
+        })
     }
 
     fn receive_as_secondary<'s>(
         &'s self,
         session: &'s Arc<Session>,
         scope: &'s std::thread::Scope<'s, '_>,
-    ) -> Result<(), LinkError> {
+    ) -> Result<ModeEnd, LinkError> {
+        let store = self
+            .current_store()
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
         // Durability requests (FUA writes, barriers) go to a flusher thread
         // that fdatasyncs once per batch and then acknowledges the batch,
         // so the receiver keeps applying later writes meanwhile.
         let (to_flusher, flush_queue) = mpsc::channel::<u64>();
         let flusher_session = session.clone();
-        let store = self.store.clone();
+        let flusher_store = store.clone();
         scope.spawn(move || {
             while let Ok(first) = flush_queue.recv() {
                 let mut batch = vec![first];
                 batch.extend(flush_queue.try_iter());
-                let status = match store.flush() {
+                let status = match flusher_store.flush() {
                     Ok(()) => 0,
                     Err(e) => {
                         tracing::error!("flush on the secondary failed: {e}");
@@ -444,7 +1434,6 @@ impl Replica {
             }
         });
         let mut reader = session.reader();
-        let mut expected = 1u64;
         let mut body = Vec::new();
         // Acks are batched: written when no further frame is already
         // buffered, i.e. just before the receiver could block on the socket.
@@ -454,14 +1443,19 @@ impl Replica {
                 session.send_raw(&acks);
                 acks.clear();
             }
+            if self.role() != Role::Secondary {
+                break Ok(ModeEnd::RoleChanged);
+            }
             let kind = match link::read_raw(&mut *reader, &mut body) {
                 Ok(k) => k,
                 Err(e) => break Err(e),
             };
             if !session.is_alive() {
-                break Ok(());
+                break Ok(ModeEnd::Over(
+                    session.reason().unwrap_or_else(|| "shutting down".into()),
+                ));
             }
-            match self.apply(session, kind, &body, &mut expected) {
+            match self.apply(session, &*store, kind, &body) {
                 Ok(Applied::Nothing) => {}
                 Ok(Applied::Done { seq, durable: true }) => {
                     if to_flusher.send(seq).is_err() {
@@ -483,23 +1477,23 @@ impl Replica {
         result
     }
 
-    fn check_seq(expected: &mut u64, seq: u64) -> Result<(), LinkError> {
-        if seq != *expected {
+    fn check_seq(session: &Session, seq: u64) -> Result<(), LinkError> {
+        let expected = session.expected_seq.load(Ordering::Relaxed);
+        if seq != expected {
             return Err(LinkError::Protocol(format!(
-                "sequence number {seq} where {} was due",
-                *expected
+                "sequence number {seq} where {expected} was due"
             )));
         }
-        *expected += 1;
+        session.expected_seq.store(expected + 1, Ordering::Relaxed);
         Ok(())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), LinkError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(LinkError::Protocol(format!(
                 "range {offset}+{len} is outside the {}-byte device",
-                self.size
+                self.size()
             ))),
         }
     }
@@ -508,15 +1502,15 @@ impl Replica {
     fn apply(
         &self,
         session: &Session,
+        store: &dyn Store,
         kind: u16,
         body: &[u8],
-        expected: &mut u64,
     ) -> Result<Applied, LinkError> {
         let protocol = |e: replblk_proto::DecodeError| LinkError::Protocol(e.to_string());
         let (seq, durable, result) = if kind == repl_kind::WRITE {
             // The hot path: decoded in place, no copy of the payload.
             let w = WriteRef::decode_body(body).map_err(protocol)?;
-            Self::check_seq(expected, w.seq)?;
+            Self::check_seq(session, w.seq)?;
             self.check_range(w.offset, w.payload.len() as u64)?;
             if !w.crc_ok() {
                 // Nothing from this frame is written; the primary marks the
@@ -528,7 +1522,7 @@ impl Replica {
                     w.payload.len()
                 )));
             }
-            let r = self.store.write_at(w.payload, w.offset, false);
+            let r = store.write_at(w.payload, w.offset, false);
             (w.seq, w.flags & data_flags::FUA != 0, r)
         } else {
             match Frame::decode_body(kind, body).map_err(protocol)? {
@@ -538,9 +1532,9 @@ impl Replica {
                     length,
                     flags,
                 } => {
-                    Self::check_seq(expected, seq)?;
+                    Self::check_seq(session, seq)?;
                     self.check_range(offset, length)?;
-                    let r = self.store.trim(offset, length);
+                    let r = store.trim(offset, length);
                     (seq, flags & data_flags::FUA != 0, r)
                 }
                 Frame::WriteZeroes {
@@ -549,16 +1543,19 @@ impl Replica {
                     length,
                     flags,
                 } => {
-                    Self::check_seq(expected, seq)?;
+                    Self::check_seq(session, seq)?;
                     self.check_range(offset, length)?;
-                    let r =
-                        self.store
-                            .write_zeroes(offset, length, flags & data_flags::NO_HOLE == 0);
+                    let r = store.write_zeroes(offset, length, flags & data_flags::NO_HOLE == 0);
                     (seq, flags & data_flags::FUA != 0, r)
                 }
                 Frame::Barrier { seq } => {
-                    Self::check_seq(expected, seq)?;
+                    Self::check_seq(session, seq)?;
                     (seq, true, Ok(()))
+                }
+                // Acks reach a Secondary that is a sync source.
+                Frame::Ack { seq, status } => {
+                    session.acknowledge(seq, status)?;
+                    return Ok(Applied::Nothing);
                 }
                 other => {
                     session.handle_control(other, "Primary")?;
@@ -606,11 +1603,11 @@ fn jitter(d: Duration) -> Duration {
 
 impl Store for Replica {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Relaxed)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.store.read_at(buf, offset)
+        self.current_store()?.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
@@ -619,19 +1616,20 @@ impl Store for Replica {
             offset,
             buf.len() as u64,
             |s| s.send_write(offset, flags, buf),
-            || self.store.write_at(buf, offset, durable),
+            |store| store.write_at(buf, offset, durable),
         )
     }
 
     fn flush(&self) -> io::Result<()> {
-        if self.role == Role::Secondary {
-            return self.store.flush();
+        let store = self.current_store()?;
+        if !self.serving.load(Ordering::SeqCst) || self.peer.is_none() {
+            return store.flush();
         }
         let remote = self.current_session().and_then(|s| {
             s.send_frame(|seq| Frame::Barrier { seq })
                 .map(|slot| (s, slot))
         });
-        let local = self.store.flush();
+        let local = store.flush();
         if let Some((session, slot)) = remote {
             if session.wait(&slot, self.ack_timeout()) != Remote::Done {
                 tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
@@ -652,7 +1650,7 @@ impl Store for Replica {
                     flags: 0,
                 })
             },
-            || self.store.trim(offset, len),
+            |store| store.trim(offset, len),
         )
     }
 
@@ -669,11 +1667,11 @@ impl Store for Replica {
                     flags,
                 })
             },
-            || self.store.write_zeroes(offset, len, may_unmap),
+            |store| store.write_zeroes(offset, len, may_unmap),
         )
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.store.cache(offset, len)
+        self.current_store()?.cache(offset, len)
     }
 }
