@@ -21,7 +21,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use replblk_proto::nbd::{cmd_flags, tflags, Command as NbdCommand};
 use replblk_proto::repl::{
-    self, auth_mac, auth_verify, Frame, FrameHeader, Hello, RefuseCode, WriteFrame, CHALLENGE_LEN,
+    self, auth_mac, auth_verify, Frame, FrameHeader, Hello, RefuseCode, StateFrame, WriteFrame,
+    CHALLENGE_LEN,
 };
 use serde_json::Value;
 
@@ -407,7 +408,7 @@ fn killing_the_secondary_mid_fio_keeps_the_primary_serving_and_marks_every_diffe
 }
 
 #[test]
-fn a_restarted_secondary_reconnects_and_replicates_new_writes_while_the_out_of_sync_set_is_kept() {
+fn a_restarted_secondary_reconnects_and_the_out_of_sync_set_is_resynced() {
     let mut pair = Pair::start_default();
     let addr = pair.primary_addr();
     let write = |offset: u64, byte: u8| {
@@ -425,31 +426,37 @@ fn a_restarted_secondary_reconnects_and_replicates_new_writes_while_the_out_of_s
     wait_for_log_line(&pair, ALPHA, "peer disconnected");
     assert_in_sync(&pair);
 
-    // Killed while a write happens: that range stays out of sync across the
-    // reconnect (there is no resync yet), later writes replicate again.
+    // Killed, then a write while it is away: exactly that range is out of
+    // sync, and the reconnect resyncs it (rule 70: alpha's bitmap
+    // generation is beta's current one).
     pair.kill(BETA);
     pair.wait_status(ALPHA, "losing the peer", |s| !s.connected());
     write(MIB, 0x22);
     let before = pair.status(ALPHA);
     assert_eq!(before.out_of_sync_blocks, 16, "{before:?}");
+    assert_eq!(pair.out_of_sync_runs(ALPHA), [(MIB, 64 * KIB)]);
     pair.start(BETA);
     pair.wait_connected();
+    pair.ok(ALPHA, &["wait-sync", "r0", "--timeout", "20"]);
     write(2 * MIB, 0x33);
     let after = pair.status(ALPHA);
     assert!(after.connected(), "{after:?}");
-    assert_eq!(after.out_of_sync_blocks, 16, "{after:?}");
-    assert_eq!(pair.out_of_sync_runs(ALPHA), [(MIB, 64 * KIB)]);
+    assert_eq!(after.out_of_sync_blocks, 0, "{after:?}");
+    assert_eq!(
+        after.raw["resources"][0]["decision"]["rule_number"],
+        70,
+        "{after:?}\n{}\n{}",
+        pair.log(ALPHA),
+        pair.log(BETA)
+    );
 
     stop_both(&mut pair);
-    let a = read_disk(&pair.alpha().disk);
+    assert_disks_identical(&pair);
     let b = read_disk(&pair.beta().disk);
-    let diff = differing_blocks(&a, &b);
-    let expected: Vec<usize> = (MIB as usize / BLOCK..(MIB + 64 * KIB) as usize / BLOCK).collect();
-    assert_eq!(
-        diff, expected,
-        "only the range written while beta was down may differ"
-    );
     assert!(b[..64 * KIB as usize].iter().all(|&x| x == 0x11));
+    assert!(b[MIB as usize..(MIB + 64 * KIB) as usize]
+        .iter()
+        .all(|&x| x == 0x22));
     assert!(b[2 * MIB as usize..(2 * MIB + 64 * KIB) as usize]
         .iter()
         .all(|&x| x == 0x33));
@@ -661,7 +668,7 @@ impl FakePeer {
         loop {
             match self.recv().expect("a frame from beta") {
                 Frame::Ping { nonce } => self.send(&Frame::Pong { nonce }),
-                Frame::Pong { .. } => {}
+                Frame::Pong { .. } | Frame::State(_) => {}
                 f => return f,
             }
         }
@@ -753,6 +760,7 @@ fn garbage_on_the_replication_port_is_dropped_and_a_real_peer_still_connects() {
     // A real alpha still gets through, and replication works.
     pair.start(ALPHA);
     pair.wait_connected();
+    pair.promote_fresh_alpha();
     let mut client = Client::connect(&pair.primary_addr(), "r0");
     assert_eq!(client.write(MIB, &[0x3c; 256 * KIB as usize]), 0);
     assert_eq!(client.flush(), 0);
@@ -794,6 +802,18 @@ fn a_replicated_write_with_a_bad_crc_is_not_applied_and_closes_the_link() {
     match fake.recv().expect("beta's AuthOk") {
         Frame::AuthOk => {}
         other => panic!("expected AuthOk, got {other:?}"),
+    }
+    // State exchange: a fresh Primary meets beta's fresh metadata, so no
+    // sync is needed and the session starts.
+    fake.send(&Frame::State(StateFrame {
+        role: 1,
+        disk: 1,
+        current: 4,
+        ..StateFrame::default()
+    }));
+    match fake.recv().expect("beta's State") {
+        Frame::State(st) => assert_eq!((st.role, st.current), (0, 4), "{st:?}"),
+        other => panic!("expected State, got {other:?}"),
     }
 
     // A good write is applied and acknowledged: the session is real.

@@ -295,6 +295,9 @@ class ReplicatedPairServer(Server):
         self.repl_ports = (free_port(), free_port())
         self.beta_nbd = free_port()
         self.ctl = workdir / f"{label}-alpha.ctl"
+        self.beta_ctl = workdir / f"{label}-beta.ctl"
+        # External metadata keeps the data files the same size as nbdkit's.
+        self.meta = (workdir / f"{label}-alpha.md", workdir / f"{label}-beta.md")
 
     def images(self) -> List[Path]:
         return [self.image, self.beta_image]
@@ -306,32 +309,53 @@ class ReplicatedPairServer(Server):
             f"[nodes.alpha]\nnbd_listen = {json.dumps(f'127.0.0.1:{alpha_port}')}\n"
             f"control_socket = {json.dumps(str(self.ctl))}\n\n"
             f"[nodes.beta]\nnbd_listen = {json.dumps(f'127.0.0.1:{self.beta_nbd}')}\n"
-            f"control_socket = {json.dumps(str(d / (self.label + '-beta.ctl')))}\n\n"
+            f"control_socket = {json.dumps(str(self.beta_ctl))}\n\n"
             "[[resource]]\n"
             f"name = {json.dumps(EXPORT_NAME)}\n"
-            "secret = \"bench-secret\"\nprimary = \"alpha\"\n\n"
+            "secret = \"bench-secret\"\n\n"
             "[resource.on.alpha]\n"
             f"disk = {json.dumps(str(self.image))}\n"
+            f"meta_disk = {json.dumps(str(self.meta[0]))}\n"
             f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[0]}')}\n\n"
             "[resource.on.beta]\n"
             f"disk = {json.dumps(str(self.beta_image))}\n"
+            f"meta_disk = {json.dumps(str(self.meta[1]))}\n"
             f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[1]}')}\n")
+
+    def replctl(self, ctl: Path, *args: str) -> subprocess.CompletedProcess:
+        replctl = self.binary.parent / "replctl"
+        return subprocess.run([str(replctl), "--socket", str(ctl), *args],
+                              capture_output=True, text=True, timeout=60)
 
     def start(self) -> None:
         def alpha_cmd(port: int) -> List[str]:
             self._write_config(port)
             return [str(self.binary), "--config", str(self.config_path), "--node", "alpha"]
 
+        for md in self.meta:
+            with open(md, "wb") as f:
+                f.truncate(8 * MiB)
+
         self.alpha.start(alpha_cmd)
         # beta's NBD port is fixed in the config written for alpha.
         self.beta.start(lambda _port: [str(self.binary), "--config", str(self.config_path),
                                        "--node", "beta"], fixed_port=self.beta_nbd)
-        replctl = self.binary.parent / "replctl"
+        # Bootstrap as an operator would: metadata on both nodes, then (the
+        # images are identical copies) skip the initial sync and promote.
+        for ctl in (self.ctl, self.beta_ctl):
+            for verb in (["create-md", EXPORT_NAME, "--force"], ["up", EXPORT_NAME]):
+                r = self.replctl(ctl, *verb)
+                if r.returncode != 0:
+                    raise BenchError(f"{self.label}: replctl {' '.join(verb)}: {r.stderr}")
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            r = subprocess.run([str(replctl), "--socket", str(self.ctl), "status", "--json"],
-                               capture_output=True, text=True, timeout=10)
+            r = self.replctl(self.ctl, "status", "--json")
             if r.returncode == 0 and '"connection":"Connected"' in r.stdout:
+                for verb in (["new-current-uuid", EXPORT_NAME, "--clear-bitmap"],
+                             ["promote", EXPORT_NAME]):
+                    r = self.replctl(self.ctl, *verb)
+                    if r.returncode != 0:
+                        raise BenchError(f"{self.label}: replctl {' '.join(verb)}: {r.stderr}")
                 return
             time.sleep(0.1)
         raise BenchError(f"{self.label}: alpha and beta did not connect within "

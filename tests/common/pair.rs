@@ -1,9 +1,13 @@
 //! Two-node harness for replication tests: writes the config of a
-//! replicated resource `r0` shared by nodes "alpha" (Primary, the one that
-//! dials) and "beta" (Secondary, the one that accepts), starts one real
-//! `repld` per node (each with its own log file, optionally under a wrapper
-//! such as `ip netns exec NS`), waits until both report `Connected`, and
-//! stops or kills them by PID. Dropping a `Pair` SIGKILLs whatever is still
+//! replicated resource `r0` shared by nodes "alpha" (the one that dials)
+//! and "beta" (the one that accepts), starts one real `repld` per node
+//! (each with its own log file, optionally under a wrapper such as
+//! `ip netns exec NS`), and bootstraps the pair as an operator would with
+//! `replctl`: `create-md` and `up` on each node, then, once connected,
+//! `new-current-uuid --clear-bitmap` (both fresh disks are zero-filled)
+//! and `promote` on alpha; a pair started unconnected gets
+//! `promote --force` on alpha instead. It stops or kills the daemons by
+//! PID. Dropping a `Pair` SIGKILLs whatever is still
 //! running and removes the temporary directory (configs, disks, logs,
 //! control sockets).
 //!
@@ -63,9 +67,24 @@ pub struct PairBuilder {
     resource: String,
     replication: Vec<(String, String)>,
     specs: [NodeSpec; 2],
+    internal_meta: bool,
+    bootstrap: bool,
 }
 
 impl PairBuilder {
+    /// Metadata at the end of each backing file (default: a separate
+    /// `NODE.md` file, so the backing files hold data only).
+    pub fn internal_meta(mut self) -> Self {
+        self.internal_meta = true;
+        self
+    }
+
+    /// Start the daemons only: no metadata, nothing up, nobody promoted.
+    pub fn fresh(mut self) -> Self {
+        self.bootstrap = false;
+        self
+    }
+
     /// Size of both sparse backing files (unless overridden per node).
     pub fn disk_size(mut self, size: u64) -> Self {
         self.disk_size = size;
@@ -138,7 +157,7 @@ impl PairBuilder {
         }
         text.push_str(&format!(
             "\n[[resource]]\nname = {resource:?}\ndescription = \"replicated test volume\"\n\
-             secret = {secret:?}\nprimary = {ALPHA:?}\n"
+             secret = {secret:?}\n"
         ));
         for n in nodes {
             text.push_str(&format!(
@@ -147,6 +166,9 @@ impl PairBuilder {
                 n.disk.display().to_string(),
                 n.repl_addr
             ));
+            if !self.internal_meta {
+                text.push_str(&format!("meta_disk = {:?}\n", n.meta.display().to_string()));
+            }
         }
         text
     }
@@ -155,15 +177,33 @@ impl PairBuilder {
     /// (bounded) until both report `Connected` if both were started.
     pub fn start(self) -> Pair {
         let both = self.specs.iter().all(|s| s.start);
-        let pair = self.start_unconnected();
-        if both {
+        let bootstrap = self.bootstrap;
+        let pair = self.start_nodes();
+        if both && bootstrap {
             pair.wait_connected();
+            pair.promote_fresh_alpha();
+        } else if both {
+            pair.wait_connected();
+        } else if bootstrap && self_started(&pair, ALPHA) {
+            let r = pair.alpha().resource.clone();
+            pair.ok(ALPHA, &["promote", &r, "--force"]);
         }
         pair
     }
 
-    /// Like `start`, but only waits for the started daemons to listen.
+    /// Like `start`, but does not wait for the nodes to connect: alpha is
+    /// promoted with `--force` right away.
     pub fn start_unconnected(self) -> Pair {
+        let bootstrap = self.bootstrap;
+        let pair = self.start_nodes();
+        if bootstrap && self_started(&pair, ALPHA) {
+            let r = pair.alpha().resource.clone();
+            pair.ok(ALPHA, &["promote", &r, "--force"]);
+        }
+        pair
+    }
+
+    fn start_nodes(self) -> Pair {
         let dir = tempfile::Builder::new()
             .prefix("replblk-pair-")
             .tempdir_in(std::env::var_os("REPLBLK_TEST_DIR").unwrap_or_else(|| "/var/tmp".into()))
@@ -176,6 +216,7 @@ impl PairBuilder {
                 config: PathBuf::new(),
                 log: dir.path().join(format!("{name}.log")),
                 disk: dir.path().join(format!("{name}.img")),
+                meta: dir.path().join(format!("{name}.md")),
                 disk_size: spec.disk_size.unwrap_or(self.disk_size),
                 ctl: dir.path().join(format!("{name}.ctl")),
                 ip,
@@ -188,12 +229,18 @@ impl PairBuilder {
                 wrapper: spec.wrapper.clone(),
                 child: None,
                 log_start: 0,
+                md_created: false,
             }
         });
         for n in &nodes {
             File::create(&n.disk)
                 .and_then(|f| f.set_len(n.disk_size))
                 .expect("backing file");
+            if !self.internal_meta {
+                File::create(&n.meta)
+                    .and_then(|f| f.set_len(META_FILE_SIZE))
+                    .expect("metadata file");
+            }
         }
         let texts = [self.config_text(0, &nodes), self.config_text(1, &nodes)];
         if texts[0] == texts[1] {
@@ -206,7 +253,11 @@ impl PairBuilder {
                 std::fs::write(&n.config, text).expect("config");
             }
         }
-        let mut pair = Pair { nodes, dir };
+        let mut pair = Pair {
+            nodes,
+            dir,
+            bootstrap: self.bootstrap,
+        };
         for (i, spec) in self.specs.iter().enumerate() {
             if spec.start {
                 pair.start(NAMES[i]);
@@ -216,12 +267,21 @@ impl PairBuilder {
     }
 }
 
+/// Room for the metadata of disks up to a few GiB.
+pub const META_FILE_SIZE: u64 = 4 << 20;
+
+fn self_started(pair: &Pair, node: &str) -> bool {
+    pair.node(node).child.is_some()
+}
+
 /// One node of the pair.
 pub struct Node {
     pub name: &'static str,
     pub config: PathBuf,
     pub log: PathBuf,
     pub disk: PathBuf,
+    /// External metadata file (unused with `internal_meta`).
+    pub meta: PathBuf,
     pub disk_size: u64,
     pub ctl: PathBuf,
     pub ip: IpAddr,
@@ -235,6 +295,7 @@ pub struct Node {
     child: Option<Child>,
     /// Where the current daemon's output starts in the (appended) log.
     log_start: u64,
+    md_created: bool,
 }
 
 impl Node {
@@ -373,9 +434,23 @@ impl Status {
 pub struct Pair {
     nodes: [Node; 2],
     pub dir: tempfile::TempDir,
+    bootstrap: bool,
 }
 
 impl Pair {
+    /// On a connected pair of freshly created metadata: skip the initial
+    /// sync (both disks are zero-filled) and promote alpha; waits until
+    /// beta sees alpha Primary and itself UpToDate.
+    pub fn promote_fresh_alpha(&self) {
+        let r = self.alpha().resource.clone();
+        self.ok(ALPHA, &["new-current-uuid", &r, "--clear-bitmap"]);
+        self.ok(ALPHA, &["promote", &r]);
+        self.wait_status(BETA, "seeing alpha Primary and UpToDate", |s| {
+            s.raw["resources"][0]["peer_role"] == "Primary"
+                && s.raw["resources"][0]["disk"] == "UpToDate"
+        });
+    }
+
     pub fn builder() -> PairBuilder {
         PairBuilder {
             disk_size: 64 << 20,
@@ -399,6 +474,8 @@ impl Pair {
                     ..NodeSpec::default()
                 },
             ],
+            internal_meta: false,
+            bootstrap: true,
         }
     }
 
@@ -442,9 +519,16 @@ impl Pair {
     }
 
     /// Starts a node that is not running (never started, stopped or killed)
-    /// and waits until it listens for NBD.
+    /// and waits until it listens for NBD. The first start of a node also
+    /// runs `create-md` and `up` (unless the pair is `fresh`).
     pub fn start(&mut self, node: &str) {
         self.node_mut(node).spawn();
+        if self.bootstrap && !self.node(node).md_created {
+            let r = self.node(node).resource.clone();
+            self.ok(node, &["create-md", &r]);
+            self.ok(node, &["up", &r]);
+            self.node_mut(node).md_created = true;
+        }
     }
 
     /// SIGTERM and a bounded wait; the daemon must exit 0. Returns the log
@@ -477,6 +561,32 @@ impl Pair {
     pub fn restart(&mut self, node: &str) {
         self.stop(node);
         self.start(node);
+    }
+
+    /// Runs `replctl --socket CTL ARGS` on `node`: stdout, or the failure
+    /// (stdout and stderr).
+    pub fn ctl(&self, node: &str, args: &[&str]) -> Result<String, String> {
+        let (ok, out, err) = run_tool(
+            Command::new(env!("CARGO_BIN_EXE_replctl"))
+                .arg("--socket")
+                .arg(&self.node(node).ctl)
+                .args(args),
+        );
+        if ok {
+            Ok(out)
+        } else {
+            Err(format!("{out}{err}"))
+        }
+    }
+
+    /// `ctl` that must succeed.
+    pub fn ok(&self, node: &str, args: &[&str]) -> String {
+        self.ctl(node, args).unwrap_or_else(|e| {
+            panic!(
+                "replctl {args:?} on {node} failed: {e}\n--- log:\n{}",
+                self.log(node)
+            )
+        })
     }
 
     /// Raw `replctl --socket CTL ARGS --json` answer, or the error output.
@@ -669,5 +779,82 @@ impl Drop for NetnsLink {
         }
         // If moving an end into a namespace failed, the pair is still here.
         let _ = run_tool(Command::new("ip").args(["link", "del", &self.veth[0]]));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// `replctl events` watcher
+// ---------------------------------------------------------------------------
+
+/// A running `replctl events --json` on one node, its lines read on a
+/// thread; killed by PID when dropped.
+pub struct EventWatch {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<Value>,
+    pub seen: Vec<Value>,
+}
+
+impl EventWatch {
+    pub fn start(pair: &Pair, node: &str) -> EventWatch {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_replctl"))
+            .arg("--socket")
+            .arg(&pair.node(node).ctl)
+            .args(["events", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting replctl events");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("replctl events printed non-JSON ({e}): {line}"));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        EventWatch {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded by `WAIT`) for an event satisfying `check`, and
+    /// returns it; every event read is kept in `seen`.
+    pub fn wait_for(&mut self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if check(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "no event for {what} within {WAIT:?}; events seen:\n{}",
+                    self.seen
+                        .iter()
+                        .map(|v| v.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own unreaped child's PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
     }
 }
