@@ -614,3 +614,49 @@ fn internal_metadata_shrinks_the_export_and_survives_writes_to_the_last_block() 
         &format!("read -P 0x99 {} 4k", size - 4096),
     );
 }
+
+#[test]
+fn a_killed_primary_comes_back_secondary_and_the_copies_converge() {
+    let mut pair = Pair::start_default();
+    qemu_io_ok(&pair.primary_uri(), "write -P 0x61 0 2M");
+    pair.kill(ALPHA);
+    pair.start(ALPHA);
+    let s = st(&pair, ALPHA);
+    assert_eq!(s["role"], "Secondary", "{s}");
+    pair.wait_connected();
+    wait_synced(&pair);
+    let a = st(&pair, ALPHA);
+    assert_eq!(a["decision"]["rule"], "crashed-primary-local", "{a}");
+    assert_eq!(a["out_of_sync_bytes"], 0, "{a}");
+    pair.ok(ALPHA, &["promote", "r0"]);
+    qemu_io_ok(&pair.primary_uri(), "read -P 0x61 0 2M");
+}
+
+#[test]
+fn failover_after_the_primary_dies_and_the_old_primary_resyncs_from_the_new_one() {
+    let mut pair = Pair::start_default();
+    qemu_io_ok(&pair.primary_uri(), "write -P 0x11 0 1M");
+    pair.kill(ALPHA);
+    pair.wait_status(BETA, "losing alpha", |s| !s.connected());
+    // beta was UpToDate when it lost its Primary: it may take over.
+    pair.ok(BETA, &["promote", "r0"]);
+    let uri = pair.beta().uri();
+    qemu_io_ok(&uri, "read -P 0x11 0 1M");
+    qemu_io_ok(&uri, "write -P 0x22 512k 1M");
+    pair.start(ALPHA);
+    pair.wait_connected();
+    wait_synced(&pair);
+    let a = st(&pair, ALPHA);
+    assert_eq!(a["role"], "Secondary", "{a}");
+    assert!(
+        a["decision"]["decision"].get("sync-target").is_some(),
+        "{a}"
+    );
+    pair.ok(BETA, &["demote", "r0"]);
+    pair.ok(ALPHA, &["promote", "r0"]);
+    qemu_io_ok(&pair.primary_uri(), "read -P 0x11 0 512k");
+    qemu_io_ok(&pair.primary_uri(), "read -P 0x22 512k 1M");
+    let a = std::fs::read(&pair.alpha().disk).expect("alpha disk");
+    let b = std::fs::read(&pair.beta().disk).expect("beta disk");
+    assert!(a == b, "the copies differ after the resync");
+}

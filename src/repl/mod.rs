@@ -714,7 +714,10 @@ impl Replica {
                     inner.down_reason.as_deref().unwrap_or("not attached")
                 ));
             };
+            let before = (node.role(), node.disk());
             let actions = node.handle(event, &mut fresh_uuid).map_err(|r| r.message)?;
+            // The peer always hears of a change of our role or disk.
+            fx.send_state = (node.role(), node.disk()) != before;
             let mut persist = false;
             for action in actions {
                 match action {
