@@ -147,12 +147,11 @@ struct DemoNodes(Vec<Child>);
 
 impl Drop for DemoNodes {
     fn drop(&mut self) {
-        for c in &self.0 {
+        // The Primary first, so its final flush still reaches its peer.
+        for c in &mut self.0 {
             // SAFETY: kill(2) on our own child's PID.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for c in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(30);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     break;
@@ -247,9 +246,10 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
     let config_path = dir.0.join("replblk.toml");
     std::fs::write(&config_path, demo_config(&dir.0, port)).context("writing the demo config")?;
     Config::load(&config_path)?;
+    let mut data_size = 0;
     for name in ["alpha", "beta"] {
         let disk = dir.0.join(format!("{name}.img"));
-        MetaStore::create(
+        let (_, sb) = MetaStore::create(
             &disk,
             &Location::Internal,
             name,
@@ -258,6 +258,7 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
             false,
         )
         .with_context(|| format!("creating metadata on {}", disk.display()))?;
+        data_size = sb.data_size;
     }
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
     let exe = std::env::current_exe().context("locating repld")?;
@@ -279,7 +280,10 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
     println!("  node beta  (Secondary): refuses NBD clients          disk {d}/beta.img");
     println!("  try:    qemu-io -f raw nbd://127.0.0.1:{port}/r0 -c 'write -P 0xab 0 1M'");
     println!("  status: cargo run --release --bin replctl -- --socket {d}/alpha.ctl status");
-    println!("  copies: cmp {d}/alpha.img {d}/beta.img   (identical once writes are acknowledged)");
+    println!(
+        "  copies: cmp -n {data_size} {d}/alpha.img {d}/beta.img   (data identical once acknowledged;"
+    );
+    println!("          the metadata at the end of each file differs)");
     println!("  stop with Ctrl-C (the temporary files are removed)");
     let _ = signals.forever().next();
     drop(nodes);
