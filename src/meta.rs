@@ -1441,4 +1441,27 @@ mod tests {
         assert_eq!(pick(&[at(5), bad()]), Some(0));
         assert_eq!(pick(&[bad(), bad()]), None);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Hostile disk contents: decoding never panics, and whatever it
+        /// accepts encodes back to the same bytes.
+        #[test]
+        fn decode_of_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000)
+        ) {
+            if let Ok(sb) = decode(&bytes) {
+                proptest::prop_assert_eq!(&encode(&sb)[..], &bytes[..SUPERBLOCK_SIZE]);
+            }
+        }
+
+        /// A valid superblock with any single byte changed is rejected.
+        #[test]
+        fn any_one_changed_byte_is_caught(at in 0usize..SUPERBLOCK_SIZE, xor in 1u8..=255) {
+            let mut buf = encode(&sample());
+            buf[at] ^= xor;
+            proptest::prop_assert!(decode(&buf).is_err());
+        }
+    }
 }
