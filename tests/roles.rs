@@ -660,3 +660,32 @@ fn failover_after_the_primary_dies_and_the_old_primary_resyncs_from_the_new_one(
     let b = std::fs::read(&pair.beta().disk).expect("beta disk");
     assert!(a == b, "the copies differ after the resync");
 }
+
+#[test]
+fn down_is_refused_on_the_primary_and_down_then_up_on_the_secondary_resumes_in_sync() {
+    let pair = Pair::start_default();
+    refused(&pair, ALPHA, &["down", "r0"], "down refused: r0 is Primary");
+    pair.ok(BETA, &["down", "r0"]);
+    let b = st(&pair, BETA);
+    assert_eq!(
+        (b["up"].clone(), b["disk"].clone()),
+        (false.into(), "Diskless".into()),
+        "{b}"
+    );
+    refused(&pair, BETA, &["promote", "r0"], "is down");
+    // The metadata was written as a clean shutdown.
+    let dump = pair.replctl(BETA, &["dump-md", "r0"]).expect("dump-md");
+    let active = dump["metadata"]["active"].as_u64().expect("active slot") as usize;
+    let flags = dump["metadata"]["slots"][active]["Ok"]["flags"]
+        .as_u64()
+        .expect("flags");
+    assert_ne!(flags & 16, 0, "CLEAN_SHUTDOWN not set: {dump}");
+    qemu_io_ok(&pair.primary_uri(), "write -P 0x4d 5M 64k");
+    pair.ok(BETA, &["up", "r0"]);
+    pair.wait_connected();
+    wait_synced(&pair);
+    let d = std::fs::read(&pair.beta().disk).expect("beta disk");
+    assert!(d[5 * MIB as usize..(5 * MIB + 64 * KIB) as usize]
+        .iter()
+        .all(|&x| x == 0x4d));
+}
