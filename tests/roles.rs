@@ -195,12 +195,20 @@ fn a_secondary_refuses_nbd_clients_and_the_client_is_told_why() {
     assert!(!ok, "qemu-img opened the Secondary: {out}");
     assert!(err.contains("r0 is Secondary on node beta"), "{err}");
     assert!(err.contains("connect to the Primary, alpha"), "{err}");
-    // libnbd reports the refusal (its 1.14 tools print the server's text
-    // only with LIBNBD_DEBUG=1).
+    // libnbd's tools do not print an error reply's text (only with
+    // LIBNBD_DEBUG=1), but `nbdinfo --list` shows the reason as the
+    // export's description, and a plain nbdinfo fails.
     let (ok, _, err) = run_tool(Command::new("nbdinfo").arg(&uri));
     assert!(!ok && err.contains("opt_go"), "{err}");
     let (_, _, debug) = run_tool(Command::new("nbdinfo").arg(&uri).env("LIBNBD_DEBUG", "1"));
     assert!(debug.contains("r0 is Secondary on node beta"), "{debug}");
+    let list_uri = format!("nbd://{}", pair.beta().nbd_addr());
+    let (ok, out, err) = run_tool(Command::new("nbdinfo").args(["--list", &list_uri]));
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("description: REFUSING CLIENTS: resource r0 is Secondary on node beta"),
+        "{out}"
+    );
     // The Primary serves.
     let (ok, out, err) = run_tool(Command::new("nbdinfo").arg(pair.primary_uri()));
     assert!(ok, "{out}{err}");

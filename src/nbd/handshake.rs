@@ -202,7 +202,7 @@ fn handle_option<S: Read + Write>(
                 let mut entry = BytesMut::new();
                 ServerEntry {
                     name: export.name.clone(),
-                    description: export.description.clone(),
+                    description: describe(export, admission),
                 }
                 .encode(&mut entry);
                 encode_option_reply(&mut s.out, option, rep::SERVER, &entry);
@@ -224,11 +224,16 @@ fn handle_option<S: Read + Write>(
                 s.error(option, rep::ERR_UNKNOWN, &msg)?;
                 return Ok(None);
             };
-            if let Err(why) = admission.admit(export) {
-                s.error(option, rep::ERR_POLICY, &why)?;
-                return Ok(None);
+            if option == opt::GO {
+                if let Err(why) = admission.admit(export) {
+                    s.error(option, rep::ERR_POLICY, &why)?;
+                    return Ok(None);
+                }
             }
-            send_info(s, option, export, &request)?;
+            // INFO answers even for a refused export, with the reason as
+            // its description: clients that never print an error reply's
+            // text (`nbdinfo --list`) show that.
+            send_info(s, option, export, &request, &describe(export, admission))?;
             if option == opt::GO {
                 Ok(Some(Outcome::Transmission(export.clone())))
             } else {
@@ -246,11 +251,21 @@ fn handle_option<S: Read + Write>(
     }
 }
 
+/// The description clients see: the configured one, or why the export
+/// refuses clients now.
+fn describe(export: &Export, admission: &dyn Admission) -> String {
+    match admission.admit(export) {
+        Ok(()) => export.description.clone(),
+        Err(why) => format!("REFUSING CLIENTS: {why}"),
+    }
+}
+
 fn send_info<S: Read + Write>(
     s: &mut Session<'_, S>,
     option: u32,
     export: &Export,
     request: &InfoRequest,
+    description: &str,
 ) -> Result<(), HandshakeError> {
     let mut items = vec![InfoReply::Export {
         size: export.size(),
@@ -259,8 +274,8 @@ fn send_info<S: Read + Write>(
     for kind in &request.requests {
         match *kind {
             info::NAME => items.push(InfoReply::Name(export.name.clone())),
-            info::DESCRIPTION if !export.description.is_empty() => {
-                items.push(InfoReply::Description(export.description.clone()))
+            info::DESCRIPTION if !description.is_empty() => {
+                items.push(InfoReply::Description(description.to_owned()))
             }
             info::BLOCK_SIZE => items.push(InfoReply::BlockSize {
                 minimum: MIN_BLOCK,
