@@ -145,6 +145,9 @@ pub struct Replica {
     size: AtomicU64,
     /// Primary and attached: the write path is open.
     serving: AtomicBool,
+    /// The state machine's role is Primary (read per frame by the
+    /// session loops, so kept outside the state lock).
+    primary: AtomicBool,
     /// Replicated requests between their role check and completion.
     inflight: AtomicUsize,
     inner: Mutex<Inner>,
@@ -285,6 +288,7 @@ impl Replica {
             store: RwLock::new(None),
             size: AtomicU64::new(0),
             serving: AtomicBool::new(false),
+            primary: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 node: None,
@@ -378,13 +382,11 @@ impl Replica {
 
     /// The local role (a single-node resource always serves).
     pub fn role(&self) -> Role {
-        if self.peer.is_none() {
-            return Role::Primary;
+        if self.peer.is_none() || self.primary.load(Ordering::SeqCst) {
+            Role::Primary
+        } else {
+            Role::Secondary
         }
-        lock(&self.inner)
-            .node
-            .as_ref()
-            .map_or(Role::Secondary, |n| n.role())
     }
 
     pub fn status(&self) -> ResourceStatus {
@@ -663,6 +665,7 @@ impl Replica {
     /// closes the disk.
     fn detach(&self, why: &str) {
         self.serving.store(false, Ordering::SeqCst);
+        self.primary.store(false, Ordering::SeqCst);
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         let Some(mut node) = inner.node.take() else {
@@ -746,6 +749,7 @@ impl Replica {
                 }
             }
             let role = node.role();
+            self.primary.store(role == Role::Primary, Ordering::SeqCst);
             if persist {
                 let (gens, flags) = (node.gens(), node.meta_flags());
                 if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
