@@ -697,3 +697,53 @@ fn down_is_refused_on_the_primary_and_down_then_up_on_the_secondary_resumes_in_s
         .iter()
         .all(|&x| x == 0x4d));
 }
+
+#[test]
+fn two_simultaneous_promotes_never_leave_two_primaries() {
+    let pair = Pair::start_default();
+    pair.ok(ALPHA, &["demote", "r0"]);
+    pair.wait_status(BETA, "seeing alpha Secondary", |s| {
+        s.raw["resources"][0]["peer_role"] == "Secondary"
+    });
+    let ctl = env!("CARGO_BIN_EXE_replctl");
+    for round in 0..5 {
+        let spawn = |node: &str| {
+            Command::new(ctl)
+                .arg("--socket")
+                .arg(&pair.node(node).ctl)
+                .args(["promote", "r0"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("replctl")
+        };
+        let (a, b) = (spawn(ALPHA), spawn(BETA));
+        let a = a.wait_with_output().expect("alpha promote");
+        let b = b.wait_with_output().expect("beta promote");
+        let primaries: Vec<&str> = [ALPHA, BETA]
+            .into_iter()
+            .filter(|n| st(&pair, n)["role"] == "Primary")
+            .collect();
+        assert!(
+            primaries.len() <= 1,
+            "round {round}: both Primary (alpha: {a:?}, beta: {b:?})"
+        );
+        // A refused promote says why.
+        for (node, out) in [(ALPHA, &a), (BETA, &b)] {
+            if !out.status.success() {
+                let e = String::from_utf8_lossy(&out.stderr);
+                assert!(e.contains("promote refused"), "{node}: {e}");
+            }
+        }
+        pair.wait_connected();
+        for n in primaries {
+            pair.ok(n, &["demote", "r0"]);
+        }
+        for node in [ALPHA, BETA] {
+            pair.wait_status(node, "both Secondary again", |s| {
+                s.role == "Secondary" && s.raw["resources"][0]["peer_role"] == "Secondary"
+            });
+        }
+    }
+    pair.assert_no_panic();
+}

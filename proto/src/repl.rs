@@ -70,9 +70,15 @@ pub mod state_flags {
     /// The sender was told to discard its data if the pair is in split
     /// brain (`replctl connect --discard-my-data`).
     pub const DISCARD_MY_DATA: u16 = 1 << 0;
-    /// The receiver must answer with its own `State` (without this bit).
+    /// The receiver must answer with its own `State`, carrying `ANSWER`
+    /// and the same `token`.
     pub const REPLY: u16 = 1 << 1;
-    pub const KNOWN: u16 = DISCARD_MY_DATA | REPLY;
+    /// The sender is being promoted: it waits for the answer to this
+    /// frame before it becomes Primary.
+    pub const PROMOTING: u16 = 1 << 2;
+    /// This frame answers the receiver's `REPLY` request `token`.
+    pub const ANSWER: u16 = 1 << 3;
+    pub const KNOWN: u16 = DISCARD_MY_DATA | REPLY | PROMOTING | ANSWER;
 }
 
 /// Largest `StateFrame::role` value (0 Secondary, 1 Primary).
@@ -95,10 +101,12 @@ pub struct StateFrame {
     pub history: [u64; 2],
     /// Blocks the sender has marked out of sync for the receiver.
     pub dirty_bits: u64,
+    /// Names a `REPLY` request; echoed in its `ANSWER` (0 otherwise).
+    pub token: u64,
 }
 
 impl StateFrame {
-    pub const LEN: usize = 48;
+    pub const LEN: usize = 56;
 }
 
 /// Why a peer refused the session (sent in `Refuse`, then the connection
@@ -497,6 +505,7 @@ impl Frame {
                 dst.put_u64(st.history[0]);
                 dst.put_u64(st.history[1]);
                 dst.put_u64(st.dirty_bits);
+                dst.put_u64(st.token);
             }
             Frame::SyncDone { current } => dst.put_u64(*current),
             Frame::Refuse { code, message } => {
@@ -624,6 +633,7 @@ impl Frame {
                     bitmap: src.get_u64(),
                     history: [src.get_u64(), src.get_u64()],
                     dirty_bits: src.get_u64(),
+                    token: src.get_u64(),
                 };
                 if st.role > MAX_ROLE || st.disk > MAX_DISK {
                     return Err(DecodeError::Invalid {

@@ -364,7 +364,7 @@ fn state_frame() -> impl Strategy<Value = StateFrame> {
         0..=MAX_DISK,
         0..=state_flags::KNOWN,
         any::<u32>(),
-        any::<[u64; 5]>(),
+        any::<[u64; 6]>(),
     )
         .prop_map(|(role, disk, state_flags, md_flags, u)| StateFrame {
             role,
@@ -375,6 +375,7 @@ fn state_frame() -> impl Strategy<Value = StateFrame> {
             bitmap: u[1],
             history: [u[2], u[3]],
             dirty_bits: u[4],
+            token: u[5],
         })
 }
 
@@ -526,8 +527,16 @@ fn protocol_constants_have_their_documented_values() {
     assert_eq!((MAX_NAME, MAX_MESSAGE), (255, 1024));
     assert_eq!(FrameHeader::LEN, 12);
     assert_eq!(WriteFrame::FIXED, 24);
-    assert_eq!(StateFrame::LEN, 48);
-    assert_eq!((state_flags::DISCARD_MY_DATA, state_flags::REPLY), (1, 2));
+    assert_eq!(StateFrame::LEN, 56);
+    assert_eq!(
+        (
+            state_flags::DISCARD_MY_DATA,
+            state_flags::REPLY,
+            state_flags::PROMOTING,
+            state_flags::ANSWER
+        ),
+        (1, 2, 4, 8)
+    );
     assert_eq!((data_flags::FUA, data_flags::NO_HOLE), (1, 2));
     assert_eq!(data_flags::KNOWN, 3);
 }
@@ -619,9 +628,10 @@ fn state_and_sync_done_have_the_documented_layout() {
         bitmap: 5,
         history: [6, 7],
         dirty_bits: 8,
+        token: 9,
     });
     let mut body = vec![1, 4, 0, 2, 1, 2, 3, 4];
-    for v in [0x1111_2222_3333_4444u64, 5, 6, 7, 8] {
+    for v in [0x1111_2222_3333_4444u64, 5, 6, 7, 8, 9] {
         body.extend_from_slice(&v.to_be_bytes());
     }
     check_layout(&frame, 5, &body);
@@ -632,7 +642,7 @@ fn state_and_sync_done_have_the_documented_layout() {
 fn state_rejects_out_of_range_fields() {
     let good = [0u8; StateFrame::LEN];
     assert!(Frame::decode_body(kind::STATE, &good).is_ok());
-    for (at, value) in [(0, MAX_ROLE + 1), (1, MAX_DISK + 1), (2, 0x80)] {
+    for (at, value) in [(0, MAX_ROLE + 1), (1, MAX_DISK + 1), (2, 0x80), (3, 0x10)] {
         let mut bad = good;
         bad[at] = value;
         assert!(
@@ -640,7 +650,7 @@ fn state_rejects_out_of_range_fields() {
             "byte {at} = {value} was accepted"
         );
     }
-    assert!(Frame::decode_body(kind::STATE, &good[..47]).is_err());
+    assert!(Frame::decode_body(kind::STATE, &good[..StateFrame::LEN - 1]).is_err());
     assert!(Frame::decode_body(kind::SYNC_DONE, &[0; 7]).is_err());
 }
 

@@ -378,9 +378,10 @@ pub struct Session {
     pub expected_seq: AtomicU64,
     /// Handles `State` and `SyncDone` frames, whichever thread reads them.
     hook: Hook,
-    /// Completed by the next `State` frame from the peer (see
-    /// `expect_state`).
-    state_slot: Mutex<Option<Arc<Slot>>>,
+    /// Requests for the peer's `State` awaiting their `ANSWER`, by token
+    /// (see `expect_state`).
+    state_waiters: Mutex<HashMap<u64, Arc<Slot>>>,
+    next_token: AtomicU64,
     reader: Mutex<io::BufReader<TcpStream>>,
     ping_timeout: Duration,
     pending: Mutex<Pending>,
@@ -407,7 +408,8 @@ impl Session {
         Ok(Session {
             expected_seq: AtomicU64::new(1),
             hook,
-            state_slot: Mutex::new(None),
+            state_waiters: Mutex::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
             sender: Mutex::new(Sender {
                 stream: stream.try_clone()?,
                 next_seq: 1,
@@ -438,13 +440,15 @@ impl Session {
         slot
     }
 
-    /// A slot the next `State` from the peer completes (after the hook
-    /// handled it). Send a `State` with the REPLY flag after this and
-    /// `wait_for` the slot: it reads the link itself on the Primary.
-    pub fn expect_state(&self) -> Arc<Slot> {
+    /// A token and the slot that the peer's `ANSWER` to it completes
+    /// (after the hook handled that answer). Send a `State` with `REPLY`
+    /// and the token, then `wait_for` the slot: it reads the link itself
+    /// on the Primary.
+    pub fn expect_state(&self) -> (u64, Arc<Slot>) {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let slot = Slot::new();
-        *lock(&self.state_slot) = Some(slot.clone());
-        slot
+        lock(&self.state_waiters).insert(token, slot.clone());
+        (token, slot)
     }
 
     /// Records the round trip if `nonce` answers the last Ping.
@@ -587,10 +591,12 @@ impl Session {
                 Ok(())
             }
             Frame::Refuse { code, message } => Err(LinkError::PeerRefused { code, message }),
-            f @ Frame::State(_) => {
-                (self.hook)(f)?;
-                if let Some(slot) = lock(&self.state_slot).take() {
-                    slot.complete(Remote::Done);
+            Frame::State(st) => {
+                (self.hook)(Frame::State(st))?;
+                if st.state_flags & repl::state_flags::ANSWER != 0 {
+                    if let Some(slot) = lock(&self.state_waiters).remove(&st.token) {
+                        slot.complete(Remote::Done);
+                    }
                 }
                 Ok(())
             }
@@ -658,7 +664,7 @@ impl Session {
                 .filter(|(_, _, s)| s.outcome().is_none())
                 .map(|(_, _, s)| s.clone())
         });
-        let next = next.or_else(|| lock(&self.state_slot).clone());
+        let next = next.or_else(|| lock(&self.state_waiters).values().next().cloned());
         if let Some(slot) = next {
             slot.give_read_turn();
         }

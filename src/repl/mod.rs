@@ -153,6 +153,8 @@ pub struct Replica {
     inner: Mutex<Inner>,
     /// Serialises role changes with the state exchange of a new session.
     transition: Mutex<()>,
+    /// A promote announced to the peer, either way (see `promote`).
+    gate: Mutex<Gate>,
     oos: Mutex<DirtyBitmap>,
     intervals: IntervalLock,
     session: Mutex<Option<Arc<Session>>>,
@@ -178,6 +180,15 @@ pub enum ReplicaError {
     Thread { resource: String, source: io::Error },
     #[error("resource {resource:?}: {message}")]
     Open { resource: String, message: String },
+}
+
+/// Promotes announced and not yet decided.
+#[derive(Default)]
+struct Gate {
+    /// Ours: our State frames carry PROMOTING.
+    promoting: bool,
+    /// The peer's: our own promote is refused meanwhile.
+    peer_promoting: bool,
 }
 
 /// What a state-machine step asks the shell to do outside the lock.
@@ -299,6 +310,7 @@ impl Replica {
                 last_event: String::new(),
             }),
             transition: Mutex::new(()),
+            gate: Mutex::new(Gate::default()),
             oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
             intervals: IntervalLock::new(),
             session: Mutex::new(None),
@@ -775,13 +787,21 @@ impl Replica {
             if let Some(reason) = &fx.drop_link {
                 s.fail(reason);
             } else if fx.send_state {
-                self.send_state(&s, false);
+                self.send_state(&s, 0, 0);
             }
         }
         self.wake();
     }
 
-    fn state_frame(&self, reply: bool) -> StateFrame {
+    /// Our State with `flags` and `token`; `PROMOTING` is added while a
+    /// promote of ours awaits the peer's answer. Lock order: gate, then
+    /// the state lock.
+    fn state_frame(&self, flags: u16, token: u64) -> StateFrame {
+        let promoting = lock(&self.gate).promoting;
+        self.build_state(promoting, flags, token)
+    }
+
+    fn build_state(&self, promoting: bool, flags: u16, token: u64) -> StateFrame {
         let inner = lock(&self.inner);
         let dirty = lock(&self.oos).count();
         let mut st = StateFrame {
@@ -800,14 +820,16 @@ impl Replica {
                 st.state_flags |= state_flags::DISCARD_MY_DATA;
             }
         }
-        if reply {
-            st.state_flags |= state_flags::REPLY;
+        st.state_flags |= flags;
+        if promoting {
+            st.state_flags |= state_flags::PROMOTING;
         }
+        st.token = token;
         st
     }
 
-    fn send_state(&self, session: &Session, reply: bool) {
-        session.send_control(&Frame::State(self.state_frame(reply)));
+    fn send_state(&self, session: &Session, flags: u16, token: u64) {
+        session.send_control(&Frame::State(self.state_frame(flags, token)));
     }
 
     /// `promote`: refused if the peer is Primary or (without force) the
@@ -818,39 +840,74 @@ impl Replica {
         if self.role() == Role::Primary {
             return Ok(format!("{} is already Primary", self.name));
         }
-        let fx = self.step(Event::Promote { force })?;
-        if let Some(s) = self.current_session() {
-            // The peer answers with its own State; a Primary there means
-            // both promoted at once, and this side backs off.
-            let answered = self.confirm_state(&s);
+        // A dry run on a copy of the state machine: a refusal needs no
+        // round trip and changes nothing.
+        {
+            let inner = lock(&self.inner);
+            let node = inner.node.as_ref().ok_or_else(|| {
+                format!(
+                    "resource {} is down: {}",
+                    self.name,
+                    inner.down_reason.as_deref().unwrap_or("not attached")
+                )
+            })?;
+            node.clone()
+                .handle(Event::Promote { force }, &mut fresh_uuid)
+                .map_err(|r| r.message)?;
+        }
+        let session = self.current_session();
+        if let Some(s) = &session {
+            // Two-phase while connected: announce the promote and wait for
+            // the peer's answer. A peer that answered has recorded the
+            // announcement and refuses its own promote until it hears the
+            // outcome; a peer that was promoting itself says so, and both
+            // back off (see PROTOCOL.md 9.7).
+            {
+                let mut gate = lock(&self.gate);
+                if gate.peer_promoting {
+                    return Err("promote refused: the peer is being promoted".into());
+                }
+                gate.promoting = true;
+            }
+            let answered = self.confirm_state(s, state_flags::PROMOTING);
+            let conflict = {
+                let mut gate = lock(&self.gate);
+                gate.promoting = false;
+                gate.peer_promoting
+            };
             let peer_primary = lock(&self.inner)
                 .node
                 .as_ref()
                 .and_then(|n| n.peer())
                 .is_some_and(|p| p.0 == Role::Primary);
-            if peer_primary {
-                let _ = self.step(Event::Demote {
-                    force: true,
-                    clients: 0,
+            if !answered || conflict || peer_primary {
+                // Withdraw the announcement.
+                self.send_state(s, 0, 0);
+                return Err(if !answered {
+                    "promote refused: the peer did not answer".to_owned()
+                } else if peer_primary {
+                    "promote refused: peer is Primary".to_owned()
+                } else {
+                    "promote refused: the peer was being promoted at the same time".to_owned()
                 });
-                self.send_state(&s, false);
-                return Err("promote refused: peer is Primary".into());
-            }
-            if answered && !self.wait_mode(Role::Primary) {
-                tracing::warn!(resource = %self.name, "session did not switch to Primary mode in time");
             }
         }
+        let fx = self.step(Event::Promote { force })?;
         self.effects(&fx);
+        if session.is_some() && self.current_session().is_some() && !self.wait_mode(Role::Primary) {
+            tracing::warn!(resource = %self.name, "session did not switch to Primary mode in time");
+        }
         self.serving.store(true, Ordering::SeqCst);
         let forced = if force { " (forced)" } else { "" };
         Ok(format!("{} is Primary{forced}", self.name))
     }
 
-    /// Sends our State asking for the peer's, and waits until it has been
-    /// handled (the link fails if the peer does not answer in time).
-    fn confirm_state(&self, session: &Session) -> bool {
-        let slot = session.expect_state();
-        self.send_state(session, true);
+    /// Sends our State asking for the peer's, and waits until its answer
+    /// has been handled (the link fails if the peer does not answer in
+    /// time).
+    fn confirm_state(&self, session: &Session, flags: u16) -> bool {
+        let (token, slot) = session.expect_state();
+        self.send_state(session, state_flags::REPLY | flags, token);
         let what = format!("the peer did not answer a state change within {ROLE_CHANGE_TIMEOUT:?}");
         session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done
     }
@@ -944,7 +1001,7 @@ impl Replica {
                 .map_or(0, |n| n.gens().current);
             if let Some(s) = self.current_session() {
                 s.send_control(&Frame::SyncDone { current });
-                self.send_state(&s, false);
+                self.send_state(&s, 0, 0);
             }
         }
         self.effects(&fx);
@@ -961,9 +1018,18 @@ impl Replica {
                         disk: disk_from_wire(st.disk),
                     })
                     .map_err(LinkError::Protocol)?;
-                if st.state_flags & state_flags::REPLY != 0 {
-                    if let Some(s) = self.current_session() {
-                        self.send_state(&s, false);
+                {
+                    // Under the gate, so a promote of ours either started
+                    // before this (and the answer says PROMOTING) or sees
+                    // the peer's announcement and is refused.
+                    let mut gate = lock(&self.gate);
+                    gate.peer_promoting = st.state_flags & state_flags::PROMOTING != 0;
+                    if st.state_flags & state_flags::REPLY != 0 {
+                        if let Some(s) = self.current_session() {
+                            let answer =
+                                self.build_state(gate.promoting, state_flags::ANSWER, st.token);
+                            s.send_control(&Frame::State(answer));
+                        }
                     }
                 }
                 self.effects(&fx);
@@ -1149,7 +1215,8 @@ impl Replica {
         let size = self.size();
         let agreed = link::handshake(&mut stream, cfg, &self.name, size, dialer)?;
         let _t = lock(&self.transition);
-        let theirs = link::exchange_state(&mut stream, self.state_frame(false), timeout)?;
+        let theirs = link::exchange_state(&mut stream, self.state_frame(0, 0), timeout)?;
+        lock(&self.gate).peer_promoting = false;
         let peer = PeerInfo {
             role: role_from_wire(theirs.role),
             disk: disk_from_wire(theirs.disk),
@@ -1253,7 +1320,7 @@ impl Replica {
             let role = self.role();
             self.set_mode(Some(role));
             // The peer may have seen an older state during the exchange.
-            self.send_state(&session, false);
+            self.send_state(&session, 0, 0);
             let end = match role {
                 Role::Primary => self.primary_mode(cfg, &session),
                 Role::Secondary => self.secondary_mode(cfg, &session),
@@ -1264,6 +1331,7 @@ impl Replica {
             }
         };
         self.set_mode(None);
+        lock(&self.gate).peer_promoting = false;
         if let Some(r) = resync {
             let _ = r.join();
         }
@@ -1334,7 +1402,7 @@ impl Replica {
             .map_or(0, |n| n.gens().current);
         session.send_control(&Frame::SyncDone { current });
         // The target records the end first; its answer confirms it.
-        if !self.confirm_state(session) {
+        if !self.confirm_state(session, 0) {
             return;
         }
         match self.step(Event::SyncFinished) {
