@@ -747,3 +747,23 @@ fn two_simultaneous_promotes_never_leave_two_primaries() {
     }
     pair.assert_no_panic();
 }
+
+#[test]
+fn a_secondary_can_be_the_sync_source() {
+    let mut pair = Pair::start_default();
+    pair.stop(BETA);
+    pair.wait_status(ALPHA, "losing beta", |s| !s.connected());
+    qemu_io_ok(&pair.primary_uri(), "write -P 0x5e 9M 192k");
+    pair.ok(ALPHA, &["demote", "r0"]);
+    pair.start(BETA);
+    pair.wait_connected();
+    wait_synced(&pair);
+    let a = st(&pair, ALPHA);
+    assert_eq!(
+        (a["role"].clone(), a["decision"]["rule_number"].clone()),
+        ("Secondary".into(), 70.into()),
+        "{a}"
+    );
+    pair.ok(BETA, &["promote", "r0"]);
+    qemu_io_ok(&pair.beta().uri(), "read -P 0x5e 9M 192k");
+}
