@@ -556,4 +556,47 @@ mod tests {
         let err = Config::parse(&format!("[nbd]\nlisten = \"nowhere\"\n{MINIMAL}")).unwrap_err();
         assert!(err.to_string().contains("nowhere"), "{err}");
     }
+
+    #[test]
+    fn the_shipped_example_parses_and_resolves_for_both_nodes() {
+        let text = include_str!("../examples/replblk.toml");
+        let config = Config::parse(text).expect("examples/replblk.toml is valid");
+        for node in ["alpha", "beta"] {
+            let view = config.for_node(node).expect("resolves");
+            let r = &view.resources[0];
+            assert_eq!(r.meta, Some(MetaDisk::Internal), "{node}");
+            assert!(r.peer.is_some(), "{node}");
+        }
+    }
+
+    #[test]
+    fn meta_disk_is_internal_by_default_or_a_path_but_never_the_data_disk() {
+        let base = "[[resource]]\nname = \"r0\"\nsecret = \"s\"\n\
+                    [resource.on.a]\ndisk = \"/d/a\"\naddress = \"127.0.0.1:1\"\n";
+        let b = |extra: &str| {
+            format!("{base}{extra}[resource.on.b]\ndisk = \"/d/b\"\naddress = \"127.0.0.1:2\"\n")
+        };
+        let c = Config::parse(&b("meta_disk = \"/m/a\"\n")).expect("valid");
+        assert_eq!(
+            c.for_node("a").expect("a").resources[0].meta,
+            Some(MetaDisk::External("/m/a".into()))
+        );
+        assert_eq!(
+            c.for_node("b").expect("b").resources[0].meta,
+            Some(MetaDisk::Internal)
+        );
+        let c = Config::parse(&b("meta_disk = \"internal\"\n")).expect("valid");
+        assert_eq!(
+            c.for_node("a").expect("a").resources[0].meta,
+            Some(MetaDisk::Internal)
+        );
+        let err = Config::parse(&b("meta_disk = \"/d/a\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("meta_disk is the data disk"), "{err}");
+        // Roles are runtime state now: the old key is refused by name.
+        let with_primary = b("").replacen("secret", "primary = \"a\"\nsecret", 1);
+        let err = Config::parse(&with_primary).unwrap_err().to_string();
+        assert!(err.contains("unknown field `primary`"), "{err}");
+    }
 }
