@@ -512,7 +512,7 @@ fn events_streams_one_line_per_change_and_status_json_matches() {
     // The text form, one line per change.
     let (ok, out, _) = run_tool(
         Command::new("timeout")
-            .args(["1", env!("CARGO_BIN_EXE_replctl"), "--socket"])
+            .args(["3", env!("CARGO_BIN_EXE_replctl"), "--socket"])
             .arg(&pair.alpha().ctl)
             .arg("events"),
     );

@@ -339,6 +339,9 @@ impl Node {
             .open(&self.log)
             .expect("log file");
         self.log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        // A killed daemon leaves its control socket behind; the new one
+        // would replace it, but waiting for it must not see the old one.
+        let _ = std::fs::remove_file(&self.ctl);
         let repld = env!("CARGO_BIN_EXE_repld");
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
@@ -361,6 +364,17 @@ impl Node {
                 .unwrap_or_else(|e| panic!("cannot start {}: {cmd:?}: {e}", self.name)),
         );
         self.nbd_port = self.wait_for_port();
+        // The control socket comes up just after the NBD listener.
+        let deadline = Instant::now() + WAIT;
+        while !self.ctl.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no control socket within {WAIT:?}:\n{}",
+                self.name,
+                self.current_log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait_for_port(&mut self) -> u16 {
