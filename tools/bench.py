@@ -340,6 +340,12 @@ class ReplicatedPairServer(Server):
         # beta's NBD port is fixed in the config written for alpha.
         self.beta.start(lambda _port: [str(self.binary), "--config", str(self.config_path),
                                        "--node", "beta"], fixed_port=self.beta_nbd)
+        # The control socket comes up just after the NBD listener.
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not (self.ctl.exists() and self.beta_ctl.exists()):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.label}: no control sockets within {READY_TIMEOUT_S:.0f}s")
+            time.sleep(0.02)
         # Bootstrap as an operator would: metadata on both nodes, then (the
         # images are identical copies) skip the initial sync and promote.
         for ctl in (self.ctl, self.beta_ctl):
