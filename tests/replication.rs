@@ -857,3 +857,104 @@ fn a_replicated_write_with_a_bad_crc_is_not_applied_and_closes_the_link() {
     );
     beta_survives(&mut pair);
 }
+
+#[test]
+fn writes_a_peer_acknowledged_but_never_made_durable_count_as_out_of_sync_when_it_vanishes() {
+    // A fake beta acknowledges writes as applied but never answers a
+    // barrier, then disappears, as a Secondary machine that crashed with
+    // those writes in its page cache would.
+    let pair = Pair::builder().only(ALPHA).start_unconnected();
+    let size = pair.alpha().disk_size;
+    let listener = TcpListener::bind(pair.beta().repl_addr).expect("binding beta's address");
+    let addr = pair.primary_addr();
+    // Bootstrapping promoted alpha with --force: a new generation.
+    let current = u64::from_str_radix(
+        pair.status(ALPHA).raw["resources"][0]["generations"]["current"]
+            .as_str()
+            .expect("current generation"),
+        16,
+    )
+    .expect("hex");
+    let (stream, _) = listener.accept().expect("alpha dials beta");
+    let mut fake = FakePeer::with(stream);
+    let theirs = match fake.recv().expect("alpha's Hello") {
+        Frame::Hello(h) => h,
+        other => panic!("expected Hello, got {other:?}"),
+    };
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    rand::thread_rng().fill_bytes(&mut challenge);
+    fake.send(&Frame::Hello(Hello {
+        min_version: repl::PROTOCOL_MIN,
+        max_version: repl::PROTOCOL_MAX,
+        features: repl::features::NONE,
+        node: BETA.into(),
+        peer: ALPHA.into(),
+        resource: "r0".into(),
+        size,
+        challenge,
+    }));
+    let mac = auth_mac(SECRET.as_bytes(), &theirs.challenge, BETA, "r0").expect("mac");
+    fake.send(&Frame::Auth { mac });
+    assert!(matches!(fake.recv(), Ok(Frame::Auth { .. })), "no Auth");
+    assert!(matches!(fake.recv(), Ok(Frame::AuthOk)), "no AuthOk");
+    fake.send(&Frame::AuthOk);
+    assert!(matches!(fake.recv(), Ok(Frame::State(_))), "no State");
+    // Same generation, UpToDate: no sync needed.
+    fake.send(&Frame::State(StateFrame {
+        disk: 4,
+        md_flags: 3,
+        current,
+        ..StateFrame::default()
+    }));
+    pair.wait_status(ALPHA, "connected to the fake beta", |s| s.connected());
+
+    let writer = std::thread::spawn(move || {
+        let mut client = Client::connect(&addr, "r0");
+        let status = client.write(MIB, &[0x7e; 64 * KIB as usize]);
+        client.disconnect();
+        status
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the write never reached the fake beta"
+        );
+        match fake.recv_data() {
+            Frame::Write(w) => {
+                fake.send(&Frame::Ack {
+                    seq: w.seq,
+                    status: 0,
+                });
+                if w.offset == MIB {
+                    break;
+                }
+            }
+            // Barriers (the periodic one) are never answered.
+            Frame::Barrier { .. } => {}
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+    assert_eq!(
+        writer.join().expect("writer"),
+        0,
+        "the client's write failed"
+    );
+    assert_eq!(
+        pair.status(ALPHA).out_of_sync_blocks,
+        0,
+        "acknowledged: in sync while the link is up"
+    );
+    drop(fake);
+    pair.wait_status(ALPHA, "losing the fake beta", |s| !s.connected());
+    let runs = pair.out_of_sync_runs(ALPHA);
+    assert!(
+        runs.iter()
+            .any(|&(o, l)| o <= MIB && MIB + 64 * KIB <= o + l),
+        "the acknowledged but unflushed write is not out of sync: {runs:?}\n{}",
+        pair.log(ALPHA)
+    );
+    assert!(pair
+        .log(ALPHA)
+        .contains("had not yet made durable are marked out of sync"));
+}

@@ -352,9 +352,28 @@ impl Slot {
     }
 }
 
+/// What a sequenced frame in flight means for durability on the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    /// A data frame for this range; `durable` when sent with FUA.
+    Data {
+        offset: u64,
+        len: u64,
+        durable: bool,
+    },
+    /// A barrier: once acknowledged, every earlier data frame is durable.
+    Barrier,
+}
+
 struct Pending {
     alive: bool,
     slots: HashMap<u64, Arc<Slot>>,
+    tracks: HashMap<u64, Track>,
+    /// Data frames the peer acknowledged as applied but that no
+    /// acknowledged barrier has made durable yet: `(seq, offset, len)`.
+    /// If the peer's machine crashes they may be lost there, so when the
+    /// session ends they count as out of sync (DRBD's transfer log).
+    unstable: Vec<(u64, u64, u64)>,
 }
 
 struct Sender {
@@ -421,6 +440,8 @@ impl Session {
             pending: Mutex::new(Pending {
                 alive: true,
                 slots: HashMap::new(),
+                tracks: HashMap::new(),
+                unstable: Vec::new(),
             }),
             control: stream.try_clone()?,
             failed: AtomicBool::new(false),
@@ -482,6 +503,7 @@ impl Session {
         let slots: Vec<_> = {
             let mut p = lock(&self.pending);
             p.alive = false;
+            p.tracks.clear();
             p.slots.drain().map(|(_, s)| s).collect()
         };
         for s in slots {
@@ -500,6 +522,7 @@ impl Session {
     /// number and writes the frame. `None` if the session is already down.
     fn send_sequenced(
         &self,
+        track: Track,
         build: impl FnOnce(&mut TcpStream, u64) -> io::Result<()>,
     ) -> Option<Arc<Slot>> {
         let slot = Slot::new();
@@ -511,6 +534,7 @@ impl Session {
                 return None;
             }
             p.slots.insert(seq, slot.clone());
+            p.tracks.insert(seq, track);
         }
         sender.next_seq += 1;
         let sent = build(&mut sender.stream, seq);
@@ -523,7 +547,12 @@ impl Session {
 
     pub fn send_write(&self, offset: u64, flags: u32, payload: &[u8]) -> Option<Arc<Slot>> {
         let crc = crc32c::crc32c(payload);
-        self.send_sequenced(|stream, seq| {
+        let track = Track::Data {
+            offset,
+            len: payload.len() as u64,
+            durable: flags & repl::data_flags::FUA != 0,
+        };
+        self.send_sequenced(track, |stream, seq| {
             let mut head = BytesMut::with_capacity(FrameHeader::LEN + repl::WriteFrame::FIXED);
             repl::WriteRef::encode_head(&mut head, seq, offset, flags, crc, payload.len());
             write_all_vectored(stream, &mut [IoSlice::new(&head), IoSlice::new(payload)])
@@ -531,8 +560,23 @@ impl Session {
     }
 
     /// Sends a frame that carries a sequence number chosen here.
-    pub fn send_frame(&self, make: impl FnOnce(u64) -> Frame) -> Option<Arc<Slot>> {
-        self.send_sequenced(|stream, seq| write_frame(stream, &make(seq)))
+    pub fn send_frame(&self, track: Track, make: impl FnOnce(u64) -> Frame) -> Option<Arc<Slot>> {
+        self.send_sequenced(track, |stream, seq| write_frame(stream, &make(seq)))
+    }
+
+    /// Data frames acknowledged but not yet made durable by a barrier.
+    pub fn unstable_count(&self) -> usize {
+        lock(&self.pending).unstable.len()
+    }
+
+    /// After the session failed: the ranges of acknowledged data frames no
+    /// barrier made durable (see `Pending::unstable`).
+    /// No acknowledgement is accepted after this: a late one completes
+    /// its request as lost, so its writer marks the range itself.
+    pub fn take_unstable(&self) -> Vec<(u64, u64)> {
+        let mut p = lock(&self.pending);
+        p.alive = false;
+        p.unstable.drain(..).map(|(_, o, l)| (o, l)).collect()
     }
 
     /// Sends bytes holding whole unsequenced frames (batched acks).
@@ -553,8 +597,31 @@ impl Session {
 
     /// Completes the request `seq` with the peer's answer.
     pub fn acknowledge(&self, seq: u64, status: u32) -> Result<(), LinkError> {
-        let slot = lock(&self.pending).slots.remove(&seq);
+        let (slot, alive) = {
+            let mut p = lock(&self.pending);
+            let slot = p.slots.remove(&seq);
+            let alive = p.alive;
+            match (p.tracks.remove(&seq), status) {
+                _ if !alive => {}
+                (
+                    Some(Track::Data {
+                        offset,
+                        len,
+                        durable: false,
+                    }),
+                    0,
+                ) => p.unstable.push((seq, offset, len)),
+                // A barrier covers every frame sent before it.
+                (Some(Track::Barrier), 0) => p.unstable.retain(|&(s, _, _)| s > seq),
+                _ => {}
+            }
+            (slot, alive)
+        };
         match slot {
+            Some(s) if !alive => {
+                s.complete(Remote::Lost);
+                Ok(())
+            }
             Some(s) => {
                 s.complete(if status == 0 {
                     Remote::Done

@@ -48,7 +48,7 @@ use crate::events::Events;
 use crate::meta::{self, Location, MetaStore, Superblock};
 use crate::store::{FileStore, Store};
 use intervals::IntervalLock;
-use link::{LinkError, Remote, Session};
+use link::{LinkError, Remote, Session, Track};
 
 /// How long a promote waits for the peer to confirm it is not promoting
 /// too, and for the session to switch to the Primary's mode.
@@ -1332,8 +1332,22 @@ impl Replica {
         };
         self.set_mode(None);
         lock(&self.gate).peer_promoting = false;
+        session.fail(&reason);
+        // The resync thread clears ranges it saw acknowledged: it must be
+        // gone before those ranges are marked again below.
         if let Some(r) = resync {
             let _ = r.join();
+        }
+        let unstable = session.take_unstable();
+        if !unstable.is_empty() {
+            let bytes: u64 = unstable.iter().map(|r| r.1).sum();
+            for (offset, len) in &unstable {
+                self.mark_out_of_sync(*offset, *len);
+            }
+            tracing::info!(
+                resource = %self.name, writes = unstable.len(), bytes,
+                "writes the peer acknowledged but had not yet made durable are marked out of sync"
+            );
         }
         *lock(&self.session) = None;
         tracing::warn!(resource = %self.name, peer = %cfg.peer_node, "peer disconnected: {reason}");
@@ -1390,7 +1404,7 @@ impl Replica {
             lock(&self.oos).clear_range(offset, len);
         }
         // Durable on the target before it may call itself UpToDate.
-        let Some(barrier) = session.send_frame(|seq| Frame::Barrier { seq }) else {
+        let Some(barrier) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) else {
             return;
         };
         if session.wait(&barrier, self.ack_timeout()) != Remote::Done {
@@ -1442,6 +1456,14 @@ impl Replica {
             let pong = session.ping(nonce);
             let what = format!("no answer to a ping within {ping_timeout:?}");
             session.wait_for(&pong, ping_timeout, &what);
+            // Writes acknowledged but not yet durable on the peer would
+            // count as out of sync if the link dropped: a barrier per ping
+            // interval bounds them when clients do not flush.
+            if session.is_alive() && session.unstable_count() > 0 {
+                if let Some(b) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) {
+                    session.wait(&b, self.ack_timeout());
+                }
+            }
         }
         ModeEnd::Over(session.reason().unwrap_or_else(|| "shutting down".into()))
     }
@@ -1701,7 +1723,7 @@ impl Store for Replica {
             return store.flush();
         }
         let remote = self.current_session().and_then(|s| {
-            s.send_frame(|seq| Frame::Barrier { seq })
+            s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq })
                 .map(|slot| (s, slot))
         });
         let local = store.flush();
@@ -1718,7 +1740,12 @@ impl Store for Replica {
             offset,
             len,
             |s| {
-                s.send_frame(|seq| Frame::Trim {
+                let track = Track::Data {
+                    offset,
+                    len,
+                    durable: false,
+                };
+                s.send_frame(track, |seq| Frame::Trim {
                     seq,
                     offset,
                     length: len,
@@ -1735,7 +1762,12 @@ impl Store for Replica {
             offset,
             len,
             |s| {
-                s.send_frame(|seq| Frame::WriteZeroes {
+                let track = Track::Data {
+                    offset,
+                    len,
+                    durable: false,
+                };
+                s.send_frame(track, |seq| Frame::WriteZeroes {
                     seq,
                     offset,
                     length: len,
