@@ -53,6 +53,9 @@ use link::{LinkError, Remote, Session, Track};
 /// How long a promote waits for the peer to confirm it is not promoting
 /// too, and for the session to switch to the Primary's mode.
 const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Acknowledged writes kept until a barrier makes them durable on the
+/// peer (about 24 bytes each) before the keepalive thread sends one.
+const UNSTABLE_CAP: usize = 65536;
 /// How long a demote waits for replicated requests still in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1456,10 +1459,12 @@ impl Replica {
             let pong = session.ping(nonce);
             let what = format!("no answer to a ping within {ping_timeout:?}");
             session.wait_for(&pong, ping_timeout, &what);
-            // Writes acknowledged but not yet durable on the peer would
-            // count as out of sync if the link dropped: a barrier per ping
-            // interval bounds them when clients do not flush.
-            if session.is_alive() && session.unstable_count() > 0 {
+            // Writes acknowledged but not yet durable on the peer are kept
+            // (they count as out of sync if the link drops). Client
+            // flushes clear them; without any, a barrier bounds the list.
+            // Not every interval: a barrier is an fdatasync on the peer,
+            // which would force write-back that the local side does not do.
+            if session.is_alive() && session.unstable_count() > UNSTABLE_CAP {
                 if let Some(b) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) {
                     session.wait(&b, self.ack_timeout());
                 }
