@@ -231,17 +231,6 @@ fn done(result: Result<String, String>) -> Value {
     }
 }
 
-/// Parses and answers one request line (not `events`/`wait-sync`).
-pub fn handle_line(line: &str, ctx: &Context) -> Value {
-    match serde_json::from_str::<Request>(line.trim()) {
-        Ok(Request::Events {}) | Ok(Request::WaitSync { .. }) => {
-            json!({"ok": false, "error": "this verb needs its own connection"})
-        }
-        Ok(r) => handle(r, ctx),
-        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-    }
-}
-
 fn handle(request: Request, ctx: &Context) -> Value {
     let with = |name: &str, f: &dyn Fn(&Arc<Replica>) -> Value| match find(ctx, name) {
         Ok(r) => f(r),
@@ -375,12 +364,12 @@ fn wait_sync(conn: &UnixStream, ctx: &Context, resource: &str, timeout_ms: u64) 
 }
 
 /// Sends one request to a control socket and returns the answer, or the
-/// daemon's error message (for the demo and tools in this crate).
-pub fn request(socket: &Path, req: &Value, timeout: Duration) -> Result<Value, String> {
+/// daemon's error message (`replctl` and the demo use it). `None` waits
+/// for the answer indefinitely (`wait-sync`).
+pub fn request(socket: &Path, req: &Value, timeout: Option<Duration>) -> Result<Value, String> {
     let mut conn = UnixStream::connect(socket)
         .map_err(|e| format!("cannot reach repld at {}: {e}", socket.display()))?;
-    conn.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    conn.set_read_timeout(timeout).map_err(|e| e.to_string())?;
     writeln!(conn, "{req}").map_err(|e| e.to_string())?;
     let mut line = String::new();
     BufReader::new(conn)

@@ -210,7 +210,7 @@ fn bring_up_demo(dir: &Path) -> Result<()> {
         let status = crate::control::request(
             &alpha,
             &serde_json::json!({"verb": "status", "resource": "r0"}),
-            timeout,
+            Some(timeout),
         );
         if let Ok(s) = &status {
             if s["resources"][0]["connection"] == "Connected" {
@@ -226,7 +226,7 @@ fn bring_up_demo(dir: &Path) -> Result<()> {
         serde_json::json!({"verb": "new-current-uuid", "resource": "r0", "clear_bitmap": true}),
         serde_json::json!({"verb": "promote", "resource": "r0"}),
     ] {
-        crate::control::request(&alpha, &req, timeout).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::control::request(&alpha, &req, Some(timeout)).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(())
 }

@@ -107,15 +107,7 @@ fn connect(socket: &Path, req: &Value) -> Result<UnixStream> {
 }
 
 fn request(socket: &Path, req: &Value, timeout: Option<Duration>) -> Result<Value> {
-    let conn = connect(socket, req)?;
-    conn.set_read_timeout(timeout)?;
-    let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
-    let answer: Value = serde_json::from_str(&line).context("repld sent an unreadable answer")?;
-    if answer["ok"] != json!(true) {
-        bail!("{}", answer["error"].as_str().unwrap_or("request failed"));
-    }
-    Ok(answer)
+    replblk::control::request(socket, req, timeout).map_err(anyhow::Error::msg)
 }
 
 fn s<'a>(v: &'a Value, key: &str) -> &'a str {
