@@ -365,6 +365,17 @@ pub enum Track {
     Barrier,
 }
 
+impl Track {
+    /// A data frame sent without FUA.
+    pub fn plain(offset: u64, len: u64) -> Track {
+        Track::Data {
+            offset,
+            len,
+            durable: false,
+        }
+    }
+}
+
 struct Pending {
     alive: bool,
     slots: HashMap<u64, Arc<Slot>>,

@@ -1745,12 +1745,7 @@ impl Store for Replica {
             offset,
             len,
             |s| {
-                let track = Track::Data {
-                    offset,
-                    len,
-                    durable: false,
-                };
-                s.send_frame(track, |seq| Frame::Trim {
+                s.send_frame(Track::plain(offset, len), |seq| Frame::Trim {
                     seq,
                     offset,
                     length: len,
@@ -1767,12 +1762,7 @@ impl Store for Replica {
             offset,
             len,
             |s| {
-                let track = Track::Data {
-                    offset,
-                    len,
-                    durable: false,
-                };
-                s.send_frame(track, |seq| Frame::WriteZeroes {
+                s.send_frame(Track::plain(offset, len), |seq| Frame::WriteZeroes {
                     seq,
                     offset,
                     length: len,
