@@ -566,24 +566,7 @@ fn a_dialer_refused_for_a_wrong_secret_retries_no_faster_than_reconnect_max_ms()
         attempts += 1;
         stream.set_nonblocking(false).expect("blocking");
         let mut fake = FakePeer::with(stream);
-        let theirs = match fake.recv().expect("alpha's Hello") {
-            Frame::Hello(h) => h,
-            other => panic!("expected Hello, got {other:?}"),
-        };
-        let mut challenge = [0u8; CHALLENGE_LEN];
-        rand::thread_rng().fill_bytes(&mut challenge);
-        fake.send(&Frame::Hello(Hello {
-            min_version: repl::PROTOCOL_MIN,
-            max_version: repl::PROTOCOL_MAX,
-            features: repl::features::NONE,
-            node: BETA.into(),
-            peer: ALPHA.into(),
-            resource: "r0".into(),
-            size,
-            challenge,
-        }));
-        let mac = auth_mac(b"some-other-secret", &theirs.challenge, BETA, "r0").expect("mac");
-        fake.send(&Frame::Auth { mac });
+        fake.answer_as_beta(size, b"some-other-secret");
         assert!(matches!(fake.recv(), Ok(Frame::Auth { .. })), "no Auth");
         match fake.recv() {
             Ok(Frame::Refuse { code, message }) => {
@@ -661,6 +644,29 @@ impl FakePeer {
         self.stream.read_exact(&mut body)?;
         Frame::decode_body(header.kind, &body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+
+    /// Plays beta to a dialing alpha: reads alpha's Hello, answers with
+    /// beta's Hello and an Auth made with `secret`.
+    fn answer_as_beta(&mut self, size: u64, secret: &[u8]) {
+        let theirs = match self.recv().expect("alpha's Hello") {
+            Frame::Hello(h) => h,
+            other => panic!("expected Hello, got {other:?}"),
+        };
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        rand::thread_rng().fill_bytes(&mut challenge);
+        self.send(&Frame::Hello(Hello {
+            min_version: repl::PROTOCOL_MIN,
+            max_version: repl::PROTOCOL_MAX,
+            features: repl::features::NONE,
+            node: BETA.into(),
+            peer: ALPHA.into(),
+            resource: "r0".into(),
+            size,
+            challenge,
+        }));
+        let mac = auth_mac(secret, &theirs.challenge, BETA, "r0").expect("mac");
+        self.send(&Frame::Auth { mac });
     }
 
     /// The next frame that is not a keepalive (Pings are answered).
@@ -877,24 +883,7 @@ fn writes_a_peer_acknowledged_but_never_made_durable_count_as_out_of_sync_when_i
     .expect("hex");
     let (stream, _) = listener.accept().expect("alpha dials beta");
     let mut fake = FakePeer::with(stream);
-    let theirs = match fake.recv().expect("alpha's Hello") {
-        Frame::Hello(h) => h,
-        other => panic!("expected Hello, got {other:?}"),
-    };
-    let mut challenge = [0u8; CHALLENGE_LEN];
-    rand::thread_rng().fill_bytes(&mut challenge);
-    fake.send(&Frame::Hello(Hello {
-        min_version: repl::PROTOCOL_MIN,
-        max_version: repl::PROTOCOL_MAX,
-        features: repl::features::NONE,
-        node: BETA.into(),
-        peer: ALPHA.into(),
-        resource: "r0".into(),
-        size,
-        challenge,
-    }));
-    let mac = auth_mac(SECRET.as_bytes(), &theirs.challenge, BETA, "r0").expect("mac");
-    fake.send(&Frame::Auth { mac });
+    fake.answer_as_beta(size, SECRET.as_bytes());
     assert!(matches!(fake.recv(), Ok(Frame::Auth { .. })), "no Auth");
     assert!(matches!(fake.recv(), Ok(Frame::AuthOk)), "no AuthOk");
     fake.send(&Frame::AuthOk);
