@@ -12,12 +12,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Config, NodeView};
-use crate::control::ControlServer;
+use crate::control::proto::{MessageAnswer, Request, StatusAnswer};
+use crate::control::{client, ControlServer};
 use crate::events::Events;
 use crate::meta::{Location, MetaStore};
 use crate::nbd::handshake::Admission;
 use crate::nbd::{Export, Exports};
-use crate::repl::Replica;
+use crate::repl::{ConnState, Replica};
 use crate::server::Server;
 use crate::store::Store;
 
@@ -42,7 +43,7 @@ struct RoleAdmission {
 impl Admission for RoleAdmission {
     fn admit(&self, export: &Export) -> Result<(), String> {
         match self.replicas.iter().find(|r| r.name == export.name) {
-            Some(r) => r.admit(),
+            Some(r) => r.admit().map_err(|e| e.to_string()),
             None => Ok(()),
         }
     }
@@ -207,13 +208,18 @@ fn bring_up_demo(dir: &Path) -> Result<()> {
     let timeout = Duration::from_secs(10);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = crate::control::request(
+        let status = client::request::<StatusAnswer>(
             &alpha,
-            &serde_json::json!({"verb": "status", "resource": "r0"}),
+            &Request::Status {
+                resource: Some("r0".into()),
+            },
             Some(timeout),
         );
         if let Ok(s) = &status {
-            if s["resources"][0]["connection"] == "Connected" {
+            if s.resources
+                .iter()
+                .all(|r| r.connection == ConnState::Connected)
+            {
                 break;
             }
         }
@@ -223,10 +229,16 @@ fn bring_up_demo(dir: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     for req in [
-        serde_json::json!({"verb": "new-current-uuid", "resource": "r0", "clear_bitmap": true}),
-        serde_json::json!({"verb": "promote", "resource": "r0"}),
+        Request::NewCurrentUuid {
+            resource: "r0".into(),
+            clear_bitmap: true,
+        },
+        Request::Promote {
+            resource: "r0".into(),
+            force: false,
+        },
     ] {
-        crate::control::request(&alpha, &req, Some(timeout)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        client::request::<MessageAnswer>(&alpha, &req, Some(timeout))?;
     }
     Ok(())
 }

@@ -12,7 +12,8 @@
 //! - `net`: one stream type over TCP and unix sockets.
 //! - `nbd`: the NBD frontend: exports, handshake, transmission phase.
 //! - `server`: NBD listeners, connection lifecycle, graceful shutdown.
-//! - `control`: the control socket `replctl` talks to.
+//! - `control`: the control socket `replctl` talks to, and its messages
+//!   and client side, shared with `replctl`.
 //! - `daemon`: what `repld` runs: logging, signals, the demo pair.
 //!
 //! Wire formats live in the `replblk-proto` crate, which does no I/O.

@@ -82,7 +82,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::core::{flags, Generations, HISTORY, UUID_JUST_CREATED};
@@ -145,7 +145,7 @@ pub enum Location {
 }
 
 /// The decoded contents of one superblock slot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Superblock {
     pub seq: u64,
     pub node: String,
@@ -604,7 +604,7 @@ fn check_names(node: &str, resource: &str) -> Result<(), String> {
 
 /// What `dump-md` shows: both slots as read, and which one is in use.
 /// As JSON each slot is `{"Ok": {superblock}}` or `{"Err": "reason"}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inspection {
     pub md_path: String,
     pub md_start: u64,

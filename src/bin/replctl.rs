@@ -1,15 +1,20 @@
 //! `replctl`: the operator's tool. Sends one request to the local repld's
 //! control socket and prints the answer (or, for `events`, the stream).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use replblk::control::client;
+use replblk::control::proto::{
+    DumpMdAnswer, MessageAnswer, OutOfSyncAnswer, Request, ResourceStatus, StatusAnswer,
+    StatusEvent,
+};
+use replblk::core::Decision;
+use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(name = "replctl", version, about = "Control a local replblk daemon")]
@@ -65,6 +70,10 @@ enum Verb {
         /// Disconnect attached NBD clients first.
         #[arg(long)]
         force: bool,
+        /// Wait this many seconds for clients to go (--force) and requests
+        /// in flight to finish before refusing (default 30).
+        #[arg(long)]
+        timeout: Option<f64>,
     },
     /// Start (re)connecting to the peer.
     Connect {
@@ -99,52 +108,69 @@ enum Verb {
     },
 }
 
-fn connect(socket: &Path, req: &Value) -> Result<UnixStream> {
-    let mut conn = UnixStream::connect(socket)
-        .with_context(|| format!("cannot reach repld at {}", socket.display()))?;
-    writeln!(conn, "{req}")?;
-    Ok(conn)
+/// Answers arrive within this, except for verbs that wait on purpose.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn request<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    timeout: Option<Duration>,
+) -> Result<T> {
+    Ok(client::request(socket, req, timeout)?)
 }
 
-fn request(socket: &Path, req: &Value, timeout: Option<Duration>) -> Result<Value> {
-    replblk::control::request(socket, req, timeout).map_err(anyhow::Error::msg)
+/// The JSON name of an enum value (`"UpToDate"`, `"crashed-primary-local"`).
+fn name<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "?".to_owned(),
+    }
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or("-")
+fn name_or_dash<T: Serialize>(value: &Option<T>) -> String {
+    value.as_ref().map_or_else(|| "-".to_owned(), name)
 }
 
-fn print_status(answer: &Value) {
-    let node = answer["node"].as_str().unwrap_or("?");
-    for r in answer["resources"].as_array().into_iter().flatten() {
-        println!("{} role:{} node:{node}", s(r, "name"), s(r, "role"));
-        println!("  disk:{}", s(r, "disk"));
-        if let Some(e) = r["down_reason"].as_str() {
+fn decision_name(d: Decision) -> String {
+    let how = |full: bool| if full { "full" } else { "bitmap-based" };
+    match d {
+        Decision::SyncSource { full } => format!("sync-source ({})", how(full)),
+        Decision::SyncTarget { full } => format!("sync-target ({})", how(full)),
+        other => name(&other),
+    }
+}
+
+fn print_status(answer: &StatusAnswer) {
+    let node = &answer.node;
+    for r in &answer.resources {
+        println!("{} role:{} node:{node}", r.name, name(&r.role));
+        println!("  disk:{}", name(&r.disk));
+        if let Some(e) = &r.down_reason {
             println!("  down: {e}");
         }
-        match r["peer"].as_str() {
+        match &r.peer {
             Some(peer) => {
                 println!(
                     "  {peer} connection:{} role:{}",
-                    s(r, "connection"),
-                    s(r, "peer_role")
+                    name(&r.connection),
+                    name_or_dash(&r.peer_role)
                 );
                 println!(
                     "    replication:{} peer-disk:{} out-of-sync:{} bytes",
-                    s(r, "replication"),
-                    s(r, "peer_disk"),
-                    r["out_of_sync_bytes"]
+                    name(&r.replication),
+                    name_or_dash(&r.peer_disk),
+                    r.out_of_sync_bytes
                 );
-                if let Some(d) = r["decision"].as_object() {
+                if let Some(d) = &r.decision {
                     println!(
                         "    last decision: {} (rule {} {}: {})",
-                        d.get("decision").and_then(Value::as_str).unwrap_or("?"),
-                        d.get("rule_number").unwrap_or(&Value::Null),
-                        d.get("rule").and_then(Value::as_str).unwrap_or("?"),
-                        d.get("description").and_then(Value::as_str).unwrap_or("")
+                        decision_name(d.decision),
+                        d.rule_number,
+                        name(&d.rule),
+                        d.description
                     );
                 }
-                if let Some(e) = r["last_error"].as_str() {
+                if let Some(e) = &r.last_error {
                     println!("    last error: {e}");
                 }
             }
@@ -154,42 +180,34 @@ fn print_status(answer: &Value) {
 }
 
 /// One event as a `drbdsetup events2`-like line.
-fn event_line(e: &Value) -> String {
-    let mut line = format!("{} {}", s(e, "type"), s(e, "name"));
-    for (key, label) in [
-        ("role", "role"),
-        ("disk", "disk"),
-        ("connection", "connection"),
-        ("replication", "replication"),
-        ("peer_role", "peer-role"),
-        ("peer_disk", "peer-disk"),
-    ] {
-        if let Some(v) = e[key].as_str() {
-            line.push_str(&format!(" {label}:{v}"));
-        }
+fn event_line(e: &StatusEvent) -> String {
+    let r: &ResourceStatus = &e.status;
+    let mut line = format!("{} {}", name(&e.kind), r.name);
+    line.push_str(&format!(" role:{}", name(&r.role)));
+    line.push_str(&format!(" disk:{}", name(&r.disk)));
+    line.push_str(&format!(" connection:{}", name(&r.connection)));
+    line.push_str(&format!(" replication:{}", name(&r.replication)));
+    if let Some(role) = &r.peer_role {
+        line.push_str(&format!(" peer-role:{}", name(role)));
     }
-    if let Some(d) = e["decision"].as_object() {
-        if let Some(rule) = d.get("rule").and_then(Value::as_str) {
-            line.push_str(&format!(" rule:{rule}"));
-        }
+    if let Some(disk) = &r.peer_disk {
+        line.push_str(&format!(" peer-disk:{}", name(disk)));
+    }
+    if let Some(d) = &r.decision {
+        line.push_str(&format!(" rule:{}", name(&d.rule)));
     }
     line
 }
 
 fn events(socket: &Path, as_json: bool) -> Result<()> {
-    let conn = connect(socket, &json!({"verb": "events"}))?;
     let stdout = std::io::stdout();
-    for line in BufReader::new(conn).lines() {
-        let line = line?;
-        let value: Value = serde_json::from_str(&line).context("unreadable event")?;
-        if value.get("ok") == Some(&json!(false)) {
-            bail!("{}", value["error"].as_str().unwrap_or("events refused"));
-        }
+    for item in client::events(socket)? {
+        let (line, event) = item?;
         let mut out = stdout.lock();
         if as_json {
             writeln!(out, "{line}")?;
         } else {
-            writeln!(out, "{}", event_line(&value))?;
+            writeln!(out, "{}", event_line(&event))?;
         }
         // Line-buffered, so scripts reading a pipe see each change at once.
         out.flush()?;
@@ -197,17 +215,18 @@ fn events(socket: &Path, as_json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_md(answer: &Value) {
-    let md = &answer["metadata"];
+fn print_md(answer: &DumpMdAnswer) {
+    let md = &answer.metadata;
     println!(
         "resource {} metadata on {} at offset {}",
-        s(answer, "resource"),
-        s(md, "md_path"),
-        md["md_start"]
+        answer.resource, md.md_path, md.md_start
     );
-    for (i, slot) in md["slots"].as_array().into_iter().flatten().enumerate() {
-        let active = md["active"].as_u64() == Some(i as u64);
-        let mark = if active { " (active)" } else { "" };
+    for (i, slot) in md.slots.iter().enumerate() {
+        let mark = if md.active == Some(i) {
+            " (active)"
+        } else {
+            ""
+        };
         println!(
             "slot {i}{mark}: {}",
             serde_json::to_string_pretty(slot).unwrap_or_default()
@@ -215,102 +234,109 @@ fn print_md(answer: &Value) {
     }
 }
 
-fn simple(socket: &Path, req: Value) -> Result<()> {
-    let answer = request(socket, &req, Some(Duration::from_secs(60)))?;
-    if let Some(m) = answer["message"].as_str() {
-        println!("{m}");
-    }
+/// A verb answered with one line of text.
+fn simple(socket: &Path, req: Request, timeout: Option<Duration>) -> Result<()> {
+    let answer: MessageAnswer = request(socket, &req, timeout)?;
+    println!("{}", answer.message);
     Ok(())
+}
+
+/// `--timeout S` in milliseconds.
+fn timeout_ms(timeout: f64) -> Result<u64> {
+    if timeout.is_finite() && timeout > 0.0 {
+        Ok((timeout * 1000.0).ceil() as u64)
+    } else {
+        bail!("--timeout {timeout}: must be a positive number of seconds")
+    }
 }
 
 fn run(args: Args) -> Result<()> {
     let socket = args.socket.as_path();
+    let wait = Some(ANSWER_TIMEOUT);
     match args.verb {
         Verb::Status { resource, json } => {
-            let a = request(
-                socket,
-                &json!({"verb": "status", "resource": resource}),
-                Some(Duration::from_secs(10)),
-            )?;
+            let req = Request::Status { resource };
             if json {
-                println!("{a}");
+                println!("{}", client::request_line(socket, &req, wait)?);
             } else {
-                print_status(&a);
+                print_status(&request(socket, &req, wait)?);
             }
             Ok(())
         }
         Verb::Events { json } => events(socket, json),
-        Verb::CreateMd { resource, force } => simple(
-            socket,
-            json!({"verb": "create-md", "resource": resource, "force": force}),
-        ),
+        Verb::CreateMd { resource, force } => {
+            simple(socket, Request::CreateMd { resource, force }, wait)
+        }
         Verb::DumpMd { resource, json } => {
-            let a = request(
-                socket,
-                &json!({"verb": "dump-md", "resource": resource}),
-                Some(Duration::from_secs(10)),
-            )?;
+            let req = Request::DumpMd { resource };
             if json {
-                println!("{a}");
+                println!("{}", client::request_line(socket, &req, wait)?);
             } else {
-                print_md(&a);
+                print_md(&request(socket, &req, wait)?);
             }
             Ok(())
         }
-        Verb::Up { resource } => simple(socket, json!({"verb": "up", "resource": resource})),
-        Verb::Down { resource } => simple(socket, json!({"verb": "down", "resource": resource})),
-        Verb::Promote { resource, force } => simple(
-            socket,
-            json!({"verb": "promote", "resource": resource, "force": force}),
-        ),
-        Verb::Demote { resource, force } => simple(
-            socket,
-            json!({"verb": "demote", "resource": resource, "force": force}),
-        ),
+        Verb::Up { resource } => simple(socket, Request::Up { resource }, wait),
+        Verb::Down { resource } => simple(socket, Request::Down { resource }, wait),
+        Verb::Promote { resource, force } => {
+            simple(socket, Request::Promote { resource, force }, wait)
+        }
+        Verb::Demote {
+            resource,
+            force,
+            timeout,
+        } => {
+            let timeout_ms = timeout.map(timeout_ms).transpose()?;
+            // The daemon waits up to the timeout, then answers.
+            let answer_within =
+                ANSWER_TIMEOUT + timeout_ms.map_or(Duration::from_secs(30), Duration::from_millis);
+            let req = Request::Demote {
+                resource,
+                force,
+                timeout_ms,
+            };
+            simple(socket, req, Some(answer_within))
+        }
         Verb::Connect {
             resource,
             discard_my_data,
         } => simple(
             socket,
-            json!({"verb": "connect", "resource": resource, "discard_my_data": discard_my_data}),
+            Request::Connect {
+                resource,
+                discard_my_data,
+            },
+            wait,
         ),
-        Verb::Disconnect { resource } => {
-            simple(socket, json!({"verb": "disconnect", "resource": resource}))
-        }
+        Verb::Disconnect { resource } => simple(socket, Request::Disconnect { resource }, wait),
         Verb::NewCurrentUuid {
             resource,
             clear_bitmap,
         } => simple(
             socket,
-            json!({"verb": "new-current-uuid", "resource": resource, "clear_bitmap": clear_bitmap}),
+            Request::NewCurrentUuid {
+                resource,
+                clear_bitmap,
+            },
+            wait,
         ),
         Verb::WaitSync { resource, timeout } => {
-            let timeout_ms = match timeout {
-                Some(t) if t.is_finite() && t > 0.0 => (t * 1000.0).ceil() as u64,
-                Some(t) => bail!("--timeout {t}: must be a positive number of seconds"),
-                None => 0,
+            let timeout_ms = timeout.map(timeout_ms).transpose()?.unwrap_or(0);
+            let req = Request::WaitSync {
+                resource,
+                timeout_ms,
             };
-            let a = request(
-                socket,
-                &json!({"verb": "wait-sync", "resource": resource, "timeout_ms": timeout_ms}),
-                None,
-            )?;
-            if let Some(m) = a["message"].as_str() {
-                println!("{m}");
-            }
-            Ok(())
+            // The daemon answers at the timeout, or never: wait for it.
+            simple(socket, req, None)
         }
         Verb::OutOfSync { resource, json } => {
-            let a = request(
-                socket,
-                &json!({"verb": "out-of-sync", "resource": resource}),
-                Some(Duration::from_secs(10)),
-            )?;
+            let req = Request::OutOfSync { resource };
             if json {
-                println!("{a}");
+                println!("{}", client::request_line(socket, &req, wait)?);
             } else {
-                for run in a["runs"].as_array().into_iter().flatten() {
-                    println!("{} {}", run[0], run[1]);
+                let answer: OutOfSyncAnswer = request(socket, &req, wait)?;
+                for (offset, length) in answer.runs {
+                    println!("{offset} {length}");
                 }
             }
             Ok(())

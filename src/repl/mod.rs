@@ -17,8 +17,10 @@
 //! runs the apply loop) and switches mode when its role changes, telling
 //! the peer with a `State` frame.
 
+pub mod error;
 pub mod intervals;
 pub mod link;
+pub use error::VerbError;
 
 use crate::sync::lock;
 use std::io;
@@ -56,20 +58,21 @@ const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Acknowledged writes kept until a barrier makes them durable on the
 /// peer (about 24 bytes each) before the keepalive thread sends one.
 const UNSTABLE_CAP: usize = 65536;
-/// How long a demote waits for replicated requests still in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a demote waits, unless told otherwise, for its NBD clients to
+/// go (`--force`) and replicated requests in flight to finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The sync decision last taken, as `status` reports it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DecisionStatus {
     pub decision: Decision,
     pub rule: Rule,
     pub rule_number: u32,
-    pub description: &'static str,
+    pub description: String,
 }
 
 /// Generation identifiers in hex, as `status` and `dump-md` show them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct GenerationStatus {
     pub current: String,
     pub bitmap: String,
@@ -87,7 +90,7 @@ impl From<Generations> for GenerationStatus {
 }
 
 /// A snapshot for `replctl status` (stable JSON; see docs/control.md).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ResourceStatus {
     pub name: String,
     pub node: String,
@@ -438,7 +441,7 @@ impl Replica {
                 decision: v.decision,
                 rule: v.rule,
                 rule_number: v.rule.number(),
-                description: v.rule.describe(),
+                description: v.rule.describe().to_owned(),
             }),
             generations: node.map(|n| n.gens().into()),
             last_error: inner.last_error.clone(),
@@ -482,26 +485,18 @@ impl Replica {
 
     /// Whether `wait-sync` may return: `Ok(true)` once connected with both
     /// disks UpToDate; an error when waiting cannot help.
-    pub fn sync_state(&self) -> Result<bool, String> {
+    pub fn sync_state(&self) -> Result<bool, VerbError> {
         let inner = lock(&self.inner);
         let Some(node) = inner.node.as_ref() else {
             if self.peer.is_none() {
-                return Err("single-node resource: nothing to sync with".into());
+                return Err(VerbError::NothingToSync);
             }
-            return Err(format!(
-                "resource is down: {}",
-                inner.down_reason.as_deref().unwrap_or("")
-            ));
+            return Err(self.down_error(&inner));
         };
         if node.conn() == ConnState::StandAlone {
-            return Err(format!(
-                "resource is StandAlone{}",
-                inner
-                    .last_error
-                    .as_ref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
-            ));
+            return Err(VerbError::StandAlone {
+                last_error: inner.last_error.clone(),
+            });
         }
         Ok(node.conn() == ConnState::Connected
             && node.repl() == ReplState::Established
@@ -510,51 +505,80 @@ impl Replica {
     }
 
     /// Refuses NBD clients unless this node serves the resource.
-    pub fn admit(&self) -> Result<(), String> {
+    pub fn admit(&self) -> Result<(), VerbError> {
         if self.peer.is_none() {
             return Ok(());
         }
         let inner = lock(&self.inner);
-        let node = &self.local_node;
+        let node = self.local_node.clone();
         match inner.node.as_ref() {
-            None => Err(format!(
-                "resource {} is down on node {node}: {}",
-                self.name,
-                inner.down_reason.as_deref().unwrap_or("not attached")
-            )),
+            None => Err(VerbError::NotServingDown {
+                resource: self.name.clone(),
+                node,
+                reason: inner
+                    .down_reason
+                    .clone()
+                    .unwrap_or_else(|| "not attached".into()),
+            }),
             Some(n) if n.role() == Role::Primary => Ok(()),
-            Some(n) => {
-                let peer = self.peer.as_ref().map_or("", |p| p.peer_node.as_str());
-                let hint = match n.peer() {
-                    Some((Role::Primary, _)) => format!("connect to the Primary, {peer}"),
-                    _ => "no node is Primary; promote one with `replctl promote`".into(),
-                };
-                Err(format!(
-                    "resource {} is Secondary on node {node} (disk {:?}); {hint}",
-                    self.name,
-                    n.disk()
-                ))
+            Some(n) => Err(VerbError::NotServingSecondary {
+                resource: self.name.clone(),
+                node,
+                disk: n.disk(),
+                primary: match n.peer() {
+                    Some((Role::Primary, _)) => self.peer.as_ref().map(|p| p.peer_node.clone()),
+                    _ => None,
+                },
+            }),
+        }
+    }
+
+    /// Whether the state machine would take `event`, tried on a copy.
+    fn dry_run(&self, event: Event) -> Result<(), VerbError> {
+        let inner = lock(&self.inner);
+        let node = inner.node.as_ref().ok_or_else(|| self.down_error(&inner))?;
+        node.clone().handle(event, &mut fresh_uuid)?;
+        Ok(())
+    }
+
+    /// `step` for an operator verb, with its failure as a `VerbError`.
+    fn verb_step(&self, event: Event) -> Result<Effects, VerbError> {
+        {
+            let inner = lock(&self.inner);
+            if inner.node.is_none() {
+                return Err(self.down_error(&inner));
             }
+        }
+        self.step(event)
+            .map_err(|message| crate::core::state::Refusal { message }.into())
+    }
+
+    fn down_error(&self, inner: &Inner) -> VerbError {
+        VerbError::Down {
+            resource: self.name.clone(),
+            reason: inner
+                .down_reason
+                .clone()
+                .unwrap_or_else(|| "not attached".into()),
         }
     }
 
     // ---- metadata and attach/detach -----------------------------------
 
-    fn location(&self) -> Result<&Location, String> {
-        self.meta_loc
-            .as_ref()
-            .ok_or_else(|| format!("resource {} is single-node: it has no metadata", self.name))
+    fn location(&self) -> Result<&Location, VerbError> {
+        self.meta_loc.as_ref().ok_or_else(|| VerbError::SingleNode {
+            resource: self.name.clone(),
+        })
     }
 
     /// `create-md`: fresh metadata on a resource that is down.
-    pub fn create_md(&self, force: bool) -> Result<String, String> {
+    pub fn create_md(&self, force: bool) -> Result<String, VerbError> {
         let loc = self.location()?;
         let inner = lock(&self.inner);
         if inner.node.is_some() {
-            return Err(format!(
-                "create-md refused: {} is up; run `replctl down {}` first",
-                self.name, self.name
-            ));
+            return Err(VerbError::CreateMdWhileUp {
+                resource: self.name.clone(),
+            });
         }
         let (store, sb) = MetaStore::create(
             &self.disk_path,
@@ -564,7 +588,7 @@ impl Replica {
             meta::DEFAULT_GRANULARITY,
             force,
         )
-        .map_err(|e| format!("create-md refused: {e}"))?;
+        .map_err(VerbError::CreateMd)?;
         if force {
             tracing::warn!(resource = %self.name, "metadata re-created with --force: generations reset");
         }
@@ -577,50 +601,49 @@ impl Replica {
     }
 
     /// `dump-md`: both superblock slots as read from disk now.
-    pub fn dump_md(&self) -> Result<Value, String> {
+    pub fn dump_md(&self) -> Result<meta::Inspection, VerbError> {
         let loc = self.location()?;
-        let inspection = MetaStore::inspect(&self.disk_path, loc).map_err(|e| e.to_string())?;
-        serde_json::to_value(inspection).map_err(|e| e.to_string())
+        Ok(MetaStore::inspect(&self.disk_path, loc)?)
     }
 
     /// `up`: reads the metadata (never re-initialising it), opens the disk
     /// and starts connecting. The node comes up Secondary.
-    pub fn up(&self) -> Result<String, String> {
+    pub fn up(&self) -> Result<String, VerbError> {
         let loc = self.location()?.clone();
         let result = self.attach(&loc);
         match &result {
             Ok(_) => self.wake(),
-            Err(e) => lock(&self.inner).down_reason = Some(e.clone()),
+            Err(e) => lock(&self.inner).down_reason = Some(e.to_string()),
         }
         self.emit_if_changed();
         result
     }
 
-    fn attach(&self, loc: &Location) -> Result<String, String> {
+    fn attach(&self, loc: &Location) -> Result<String, VerbError> {
         let mut inner = lock(&self.inner);
         if inner.node.is_some() {
-            return Err(format!("{} is already up", self.name));
+            return Err(VerbError::AlreadyUp {
+                resource: self.name.clone(),
+            });
         }
-        let (mut md, mut sb) = MetaStore::open(&self.disk_path, loc, &self.local_node, &self.name)
-            .map_err(|e| e.to_string())?;
+        let (mut md, mut sb) = MetaStore::open(&self.disk_path, loc, &self.local_node, &self.name)?;
         let size = match self.cfg_size {
             Some(s) if s > sb.data_size => {
-                return Err(format!(
-                    "size = {s} is larger than the {} usable bytes of {}",
-                    sb.data_size,
-                    self.disk_path.display()
-                ))
+                return Err(VerbError::SizeTooLarge {
+                    size: s,
+                    usable: sb.data_size,
+                    path: self.disk_path.clone(),
+                })
             }
             Some(s) => s,
             None => sb.data_size,
         };
-        let store = FileStore::open(&self.disk_path, Some(size), self.read_only)
-            .map_err(|e| e.to_string())?;
+        let store = FileStore::open(&self.disk_path, Some(size), self.read_only)?;
         let mut bitmap = DirtyBitmap::new(size, u64::from(sb.granularity));
         let clean = sb.flags & md_flags::CLEAN_SHUTDOWN != 0;
         if clean {
             let mut bytes = vec![0u8; bitmap.to_bytes().len()];
-            md.read_bitmap(&mut bytes).map_err(|e| e.to_string())?;
+            md.read_bitmap(&mut bytes)?;
             bitmap.merge_bytes(&bytes);
         } else if sb.gens.bitmap != 0 || sb.flags & md_flags::PRIMARY != 0 {
             // The bitmap is written at clean shutdown only (the activity
@@ -635,7 +658,7 @@ impl Replica {
         let node = Node::from_meta(sb.gens, sb.flags, true);
         sb.gens = node.gens();
         sb.flags = node.meta_flags();
-        md.write(&mut sb).map_err(|e| e.to_string())?;
+        md.write(&mut sb)?;
         let msg = format!(
             "{} up as Secondary: disk {:?}, current generation {:016X}, {} out-of-sync blocks",
             self.name,
@@ -656,17 +679,20 @@ impl Replica {
 
     /// `down`: drops the link, writes the metadata as a clean shutdown and
     /// closes the disk. Refused while Primary.
-    pub fn down(&self) -> Result<String, String> {
+    pub fn down(&self) -> Result<String, VerbError> {
         self.location()?;
         {
             let inner = lock(&self.inner);
             match inner.node.as_ref() {
-                None => return Err(format!("{} is already down", self.name)),
+                None => {
+                    return Err(VerbError::AlreadyDown {
+                        resource: self.name.clone(),
+                    })
+                }
                 Some(n) if n.role() == Role::Primary => {
-                    return Err(format!(
-                        "down refused: {} is Primary; demote it first",
-                        self.name
-                    ))
+                    return Err(VerbError::DownWhilePrimary {
+                        resource: self.name.clone(),
+                    })
                 }
                 Some(_) => {}
             }
@@ -837,7 +863,7 @@ impl Replica {
 
     /// `promote`: refused if the peer is Primary or (without force) the
     /// data is not UpToDate. While connected the peer confirms first.
-    pub fn promote(&self, force: bool) -> Result<String, String> {
+    pub fn promote(&self, force: bool) -> Result<String, VerbError> {
         self.location()?;
         let _t = lock(&self.transition);
         if self.role() == Role::Primary {
@@ -845,19 +871,7 @@ impl Replica {
         }
         // A dry run on a copy of the state machine: a refusal needs no
         // round trip and changes nothing.
-        {
-            let inner = lock(&self.inner);
-            let node = inner.node.as_ref().ok_or_else(|| {
-                format!(
-                    "resource {} is down: {}",
-                    self.name,
-                    inner.down_reason.as_deref().unwrap_or("not attached")
-                )
-            })?;
-            node.clone()
-                .handle(Event::Promote { force }, &mut fresh_uuid)
-                .map_err(|r| r.message)?;
-        }
+        self.dry_run(Event::Promote { force })?;
         let session = self.current_session();
         if let Some(s) = &session {
             // Two-phase while connected: announce the promote and wait for
@@ -868,7 +882,7 @@ impl Replica {
             {
                 let mut gate = lock(&self.gate);
                 if gate.peer_promoting {
-                    return Err("promote refused: the peer is being promoted".into());
+                    return Err(VerbError::PeerPromoting);
                 }
                 gate.promoting = true;
             }
@@ -887,15 +901,15 @@ impl Replica {
                 // Withdraw the announcement.
                 self.send_state(s, 0, 0);
                 return Err(if !answered {
-                    "promote refused: the peer did not answer".to_owned()
+                    VerbError::PeerSilent
                 } else if peer_primary {
-                    "promote refused: peer is Primary".to_owned()
+                    VerbError::PeerPrimary
                 } else {
-                    "promote refused: the peer was being promoted at the same time".to_owned()
+                    VerbError::PromoteRace
                 });
             }
         }
-        let fx = self.step(Event::Promote { force })?;
+        let fx = self.verb_step(Event::Promote { force })?;
         self.effects(&fx);
         if session.is_some() && self.current_session().is_some() && !self.wait_mode(Role::Primary) {
             tracing::warn!(resource = %self.name, "session did not switch to Primary mode in time");
@@ -938,25 +952,28 @@ impl Replica {
     }
 
     /// `demote`: refused while `clients` NBD clients are attached unless
-    /// `force`, which closes them with `disconnect_clients` first.
+    /// `force`, which closes them with `disconnect_clients` first (given
+    /// how long it may wait for them). Waits up to `wait` in all for them
+    /// and for replicated requests in flight.
     pub fn demote(
         &self,
         force: bool,
+        wait: Duration,
         clients: usize,
-        disconnect_clients: &dyn Fn() -> usize,
-    ) -> Result<String, String> {
+        disconnect_clients: &dyn Fn(Duration) -> usize,
+    ) -> Result<String, VerbError> {
         self.location()?;
         let _t = lock(&self.transition);
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already Secondary", self.name));
         }
-        let fx = self.step(Event::Demote { force, clients })?;
+        let fx = self.verb_step(Event::Demote { force, clients })?;
         self.serving.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + wait;
         if fx.disconnect_clients {
-            let n = disconnect_clients();
+            let n = disconnect_clients(wait);
             tracing::warn!(resource = %self.name, "demote --force: closed {n} NBD client(s)");
         }
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
         while self.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -973,17 +990,17 @@ impl Replica {
     }
 
     /// `connect`: leave StandAlone and (re)connect to the peer.
-    pub fn connect(&self, discard_my_data: bool) -> Result<String, String> {
+    pub fn connect(&self, discard_my_data: bool) -> Result<String, VerbError> {
         self.location()?;
-        let fx = self.step(Event::Connect { discard_my_data })?;
+        let fx = self.verb_step(Event::Connect { discard_my_data })?;
         self.effects(&fx);
         Ok(format!("{} is connecting", self.name))
     }
 
     /// `disconnect`: drop the link and stay StandAlone.
-    pub fn disconnect(&self) -> Result<String, String> {
+    pub fn disconnect(&self) -> Result<String, VerbError> {
         self.location()?;
-        let fx = self.step(Event::Disconnect)?;
+        let fx = self.verb_step(Event::Disconnect)?;
         if let Some(s) = self.current_session() {
             s.fail("disconnected by the operator");
         }
@@ -992,10 +1009,10 @@ impl Replica {
     }
 
     /// `new-current-uuid [--clear-bitmap]`.
-    pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<String, String> {
+    pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<String, VerbError> {
         self.location()?;
         let _t = lock(&self.transition);
-        let fx = self.step(Event::NewCurrentUuid { clear_bitmap })?;
+        let fx = self.verb_step(Event::NewCurrentUuid { clear_bitmap })?;
         if clear_bitmap {
             lock(&self.oos).clear_range(0, u64::MAX);
             let current = lock(&self.inner)

@@ -1,10 +1,14 @@
 //! The control socket `replctl` talks to: a unix socket, readable and
 //! writable by root only. Each connection carries one JSON request line
 //! and gets one JSON response line, except `events`, which streams one
-//! JSON line per state change until the client hangs up. Documented in
-//! `docs/control.md`.
+//! JSON line per state change until the client hangs up. The messages are
+//! the types in `proto`, shared with the client side in `client`;
+//! documented in `docs/control.md`.
 
-use std::io::{BufRead, BufReader, Write};
+pub mod client;
+pub mod proto;
+
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,75 +19,53 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use thiserror::Error;
 
 use crate::events::Events;
-use crate::repl::Replica;
+use crate::repl::{ConnState, DiskState, Replica, VerbError};
 use crate::server::Clients;
+use proto::{
+    Answer, DumpMdAnswer, EventKind, MessageAnswer, OutOfSyncAnswer, Request, Response,
+    StatusAnswer, StatusEvent,
+};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// Control connections served at once (each has a thread; `events` and
 /// `wait-sync` hold theirs for a long time).
 const MAX_CONNECTIONS: usize = 64;
-/// How long `demote --force` and `down` wait for clients to go.
-const DISCONNECT_WAIT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "verb", rename_all = "kebab-case", deny_unknown_fields)]
-enum Request {
-    Status {
-        #[serde(default)]
-        resource: Option<String>,
-    },
-    OutOfSync {
+/// Why a request failed; the Display is the `error` text of the answer.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("bad request: {0}")]
+    BadRequest(serde_json::Error),
+    #[error("reading request: {0}")]
+    Read(io::Error),
+    #[error("too many control connections")]
+    Busy,
+    #[error("no resource named {0:?}")]
+    NoSuchResource(String),
+    #[error("down refused: {attached} NBD client(s) attached to {resource}")]
+    ClientsAttached { resource: String, attached: usize },
+    #[error("this verb needs its own connection")]
+    NeedsOwnConnection,
+    #[error("wait-sync {resource}: {error}")]
+    WaitSync { resource: String, error: VerbError },
+    #[error(
+        "wait-sync {resource}: timed out after {timeout_ms} ms (disk {disk:?}, peer disk {peer_disk:?}, connection {connection:?})"
+    )]
+    WaitSyncTimeout {
         resource: String,
-    },
-    CreateMd {
-        resource: String,
-        #[serde(default)]
-        force: bool,
-    },
-    DumpMd {
-        resource: String,
-    },
-    Up {
-        resource: String,
-    },
-    Down {
-        resource: String,
-    },
-    Promote {
-        resource: String,
-        #[serde(default)]
-        force: bool,
-    },
-    Demote {
-        resource: String,
-        #[serde(default)]
-        force: bool,
-    },
-    Connect {
-        resource: String,
-        #[serde(default)]
-        discard_my_data: bool,
-    },
-    Disconnect {
-        resource: String,
-    },
-    NewCurrentUuid {
-        resource: String,
-        #[serde(default)]
-        clear_bitmap: bool,
-    },
-    WaitSync {
-        resource: String,
-        /// 0 waits until synced or the client hangs up.
-        #[serde(default)]
         timeout_ms: u64,
+        disk: DiskState,
+        peer_disk: Option<DiskState>,
+        connection: ConnState,
     },
-    Events {},
+    #[error("wait-sync: interrupted")]
+    Interrupted,
+    #[error(transparent)]
+    Verb(#[from] VerbError),
 }
 
 /// What the request handlers can reach.
@@ -174,8 +156,7 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<Context>) {
         };
         if ctx.active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             ctx.active.fetch_sub(1, Ordering::SeqCst);
-            let busy = json!({"ok": false, "error": "too many control connections"});
-            let _ = writeln!(conn, "{busy}");
+            let _ = writeln!(conn, "{}", Response::error(&ControlError::Busy).to_line());
             continue;
         }
         let c = ctx.clone();
@@ -192,101 +173,109 @@ fn accept_loop(listener: &UnixListener, ctx: &Arc<Context>) {
     }
 }
 
-fn serve(conn: UnixStream, ctx: &Context) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+fn read_request(conn: &UnixStream) -> Result<Request, ControlError> {
     let mut line = String::new();
-    let read = conn
-        .try_clone()
-        .map(|c| BufReader::new(std::io::Read::take(c, MAX_REQUEST)).read_line(&mut line));
-    let mut conn = conn;
-    let request = match read {
-        Ok(Ok(_)) => serde_json::from_str::<Request>(line.trim())
-            .map_err(|e| json!({"ok": false, "error": format!("bad request: {e}")})),
-        Ok(Err(e)) | Err(e) => Err(json!({"ok": false, "error": format!("reading request: {e}")})),
-    };
-    let response = match request {
-        Ok(Request::Events {}) => return stream_events(conn, ctx),
-        Ok(Request::WaitSync {
-            resource,
-            timeout_ms,
-        }) => wait_sync(&conn, ctx, &resource, timeout_ms),
-        Ok(r) => handle(r, ctx),
-        Err(e) => e,
-    };
-    let _ = writeln!(conn, "{response}");
+    let reader = conn.try_clone().map_err(ControlError::Read)?;
+    BufReader::new(io::Read::take(reader, MAX_REQUEST))
+        .read_line(&mut line)
+        .map_err(ControlError::Read)?;
+    serde_json::from_str(line.trim()).map_err(ControlError::BadRequest)
 }
 
-fn find<'a>(ctx: &'a Context, name: &str) -> Result<&'a Arc<Replica>, Value> {
+fn serve(mut conn: UnixStream, ctx: &Context) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+    let response = match read_request(&conn) {
+        Ok(Request::Events {}) => return stream_events(conn, ctx),
+        Ok(request) => match handle(request, ctx, &conn) {
+            Ok(answer) => Response::Ok(answer),
+            Err(e) => Response::error(&e),
+        },
+        Err(e) => Response::error(&e),
+    };
+    let _ = writeln!(conn, "{}", response.to_line());
+}
+
+fn find<'a>(ctx: &'a Context, name: &str) -> Result<&'a Arc<Replica>, ControlError> {
     ctx.replicas
         .iter()
         .find(|r| r.name == name)
-        .ok_or_else(|| json!({"ok": false, "error": format!("no resource named {name:?}")}))
+        .ok_or_else(|| ControlError::NoSuchResource(name.to_owned()))
 }
 
-fn done(result: Result<String, String>) -> Value {
-    match result {
-        Ok(message) => json!({"ok": true, "message": message}),
-        Err(error) => json!({"ok": false, "error": error}),
-    }
+fn message(result: Result<String, VerbError>) -> Result<Answer, ControlError> {
+    Ok(Answer::Message(MessageAnswer { message: result? }))
 }
 
-fn handle(request: Request, ctx: &Context) -> Value {
-    let with = |name: &str, f: &dyn Fn(&Arc<Replica>) -> Value| match find(ctx, name) {
-        Ok(r) => f(r),
-        Err(e) => e,
-    };
+/// Carries out one request (`conn` is watched for a hang-up by verbs that
+/// wait).
+fn handle(request: Request, ctx: &Context, conn: &UnixStream) -> Result<Answer, ControlError> {
     match request {
         Request::Status { resource } => {
-            let chosen: Vec<_> = match resource {
-                Some(name) => match find(ctx, &name) {
-                    Ok(r) => vec![r.status()],
-                    Err(e) => return e,
-                },
+            let resources = match resource {
+                Some(name) => vec![find(ctx, &name)?.status()],
                 None => ctx.replicas.iter().map(|r| r.status()).collect(),
             };
-            json!({"ok": true, "node": ctx.node, "resources": chosen})
+            Ok(Answer::Status(StatusAnswer {
+                node: ctx.node.clone(),
+                resources,
+            }))
         }
-        Request::OutOfSync { resource } => with(
-            &resource,
-            &|r| json!({"ok": true, "resource": r.name, "runs": r.out_of_sync_runs()}),
-        ),
-        Request::CreateMd { resource, force } => with(&resource, &|r| done(r.create_md(force))),
-        Request::DumpMd { resource } => with(&resource, &|r| match r.dump_md() {
-            Ok(dump) => json!({"ok": true, "resource": r.name, "metadata": dump}),
-            Err(error) => json!({"ok": false, "error": error}),
-        }),
-        Request::Up { resource } => with(&resource, &|r| done(r.up())),
-        Request::Down { resource } => with(&resource, &|r| {
+        Request::OutOfSync { resource } => {
+            let r = find(ctx, &resource)?;
+            Ok(Answer::OutOfSync(OutOfSyncAnswer {
+                resource: r.name.clone(),
+                runs: r.out_of_sync_runs(),
+            }))
+        }
+        Request::CreateMd { resource, force } => message(find(ctx, &resource)?.create_md(force)),
+        Request::DumpMd { resource } => {
+            let r = find(ctx, &resource)?;
+            Ok(Answer::DumpMd(Box::new(DumpMdAnswer {
+                resource: r.name.clone(),
+                metadata: r.dump_md()?,
+            })))
+        }
+        Request::Up { resource } => message(find(ctx, &resource)?.up()),
+        Request::Down { resource } => {
+            let r = find(ctx, &resource)?;
             let attached = ctx.clients.attached(&r.name);
             if attached > 0 {
-                return done(Err(format!(
-                    "down refused: {attached} NBD client(s) attached to {}",
-                    r.name
-                )));
+                return Err(ControlError::ClientsAttached {
+                    resource: r.name.clone(),
+                    attached,
+                });
             }
-            done(r.down())
-        }),
-        Request::Promote { resource, force } => with(&resource, &|r| done(r.promote(force))),
-        Request::Demote { resource, force } => with(&resource, &|r| {
-            let attached = ctx.clients.attached(&r.name);
-            let result = r.demote(force, attached, &|| {
-                ctx.clients.disconnect(&r.name, DISCONNECT_WAIT)
-            });
-            done(result)
-        }),
+            message(r.down())
+        }
+        Request::Promote { resource, force } => message(find(ctx, &resource)?.promote(force)),
+        Request::Demote {
+            resource,
+            force,
+            timeout_ms,
+        } => {
+            let r = find(ctx, &resource)?;
+            let wait = timeout_ms.map_or(crate::repl::DRAIN_TIMEOUT, Duration::from_millis);
+            message(
+                r.demote(force, wait, ctx.clients.attached(&r.name), &|wait| {
+                    ctx.clients.disconnect(&r.name, wait)
+                }),
+            )
+        }
         Request::Connect {
             resource,
             discard_my_data,
-        } => with(&resource, &|r| done(r.connect(discard_my_data))),
-        Request::Disconnect { resource } => with(&resource, &|r| done(r.disconnect())),
+        } => message(find(ctx, &resource)?.connect(discard_my_data)),
+        Request::Disconnect { resource } => message(find(ctx, &resource)?.disconnect()),
         Request::NewCurrentUuid {
             resource,
             clear_bitmap,
-        } => with(&resource, &|r| done(r.new_current_uuid(clear_bitmap))),
-        Request::Events {} | Request::WaitSync { .. } => {
-            json!({"ok": false, "error": "this verb needs its own connection"})
-        }
+        } => message(find(ctx, &resource)?.new_current_uuid(clear_bitmap)),
+        Request::WaitSync {
+            resource,
+            timeout_ms,
+        } => wait_sync(conn, ctx, &resource, timeout_ms),
+        Request::Events {} => Err(ControlError::NeedsOwnConnection),
     }
 }
 
@@ -311,7 +300,11 @@ fn stream_events(mut conn: UnixStream, ctx: &Context) {
     let rx = ctx.events.subscribe();
     let _ = conn.set_write_timeout(Some(Duration::from_secs(30)));
     for r in &ctx.replicas {
-        let line = crate::repl::event_json("exists", &r.status());
+        let event = StatusEvent {
+            kind: EventKind::Exists,
+            status: r.status(),
+        };
+        let line = serde_json::to_string(&event).unwrap_or_default();
         if writeln!(conn, "{line}").is_err() {
             return;
         }
@@ -337,51 +330,42 @@ fn stream_events(mut conn: UnixStream, ctx: &Context) {
 /// `wait-sync`: answers once the resource is connected with both disks
 /// UpToDate, or fails at the timeout, when the link is StandAlone (split
 /// brain, refusal) or when the resource is down.
-fn wait_sync(conn: &UnixStream, ctx: &Context, resource: &str, timeout_ms: u64) -> Value {
-    let r = match find(ctx, resource) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
+fn wait_sync(
+    conn: &UnixStream,
+    ctx: &Context,
+    resource: &str,
+    timeout_ms: u64,
+) -> Result<Answer, ControlError> {
+    let r = find(ctx, resource)?;
     let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
     loop {
         match r.sync_state() {
-            Ok(true) => return json!({"ok": true, "message": format!("{resource} is in sync")}),
+            Ok(true) => {
+                return Ok(Answer::Message(MessageAnswer {
+                    message: format!("{resource} is in sync"),
+                }))
+            }
             Ok(false) => {}
-            Err(e) => return json!({"ok": false, "error": format!("wait-sync {resource}: {e}")}),
+            Err(error) => {
+                return Err(ControlError::WaitSync {
+                    resource: resource.to_owned(),
+                    error,
+                })
+            }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             let s = r.status();
-            return json!({"ok": false, "error": format!(
-                "wait-sync {resource}: timed out after {timeout_ms} ms (disk {:?}, peer disk {:?}, connection {:?})",
-                s.disk, s.peer_disk, s.connection
-            )});
+            return Err(ControlError::WaitSyncTimeout {
+                resource: resource.to_owned(),
+                timeout_ms,
+                disk: s.disk,
+                peer_disk: s.peer_disk,
+                connection: s.connection,
+            });
         }
         if ctx.stopping.load(Ordering::SeqCst) || hung_up(conn) {
-            return json!({"ok": false, "error": "wait-sync: interrupted"});
+            return Err(ControlError::Interrupted);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Sends one request to a control socket and returns the answer, or the
-/// daemon's error message (`replctl` and the demo use it). `None` waits
-/// for the answer indefinitely (`wait-sync`).
-pub fn request(socket: &Path, req: &Value, timeout: Option<Duration>) -> Result<Value, String> {
-    let mut conn = UnixStream::connect(socket)
-        .map_err(|e| format!("cannot reach repld at {}: {e}", socket.display()))?;
-    conn.set_read_timeout(timeout).map_err(|e| e.to_string())?;
-    writeln!(conn, "{req}").map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let answer: Value =
-        serde_json::from_str(&line).map_err(|e| format!("unreadable answer: {e}"))?;
-    if answer["ok"] != json!(true) {
-        return Err(answer["error"]
-            .as_str()
-            .unwrap_or("request failed")
-            .to_owned());
-    }
-    Ok(answer)
 }
