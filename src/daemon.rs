@@ -41,10 +41,20 @@ struct RoleAdmission {
 }
 
 impl Admission for RoleAdmission {
-    fn admit(&self, export: &Export) -> Result<(), String> {
+    fn check(&self, export: &Export) -> Result<(), String> {
         match self.replicas.iter().find(|r| r.name == export.name) {
-            Some(r) => r.admit().map_err(|e| e.to_string()),
+            Some(r) => r.check_admission().map_err(|e| e.to_string()),
             None => Ok(()),
+        }
+    }
+
+    fn admit(&self, export: &Export, attach: &mut dyn FnMut()) -> Result<(), String> {
+        match self.replicas.iter().find(|r| r.name == export.name) {
+            Some(r) => r.admit(attach).map_err(|e| e.to_string()),
+            None => {
+                attach();
+                Ok(())
+            }
         }
     }
 }

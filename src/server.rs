@@ -42,7 +42,7 @@ struct Shared {
     cfg: NbdConfig,
     stopping: AtomicBool,
     /// Every open connection: a clone of its socket (to shut it at stop
-    /// or on `disconnect`) and, once past the handshake, its export.
+    /// or on `disconnect`) and, once admitted to one, its export.
     conns: Mutex<HashMap<u64, Conn>>,
     drained: Condvar,
     next_id: AtomicU64,
@@ -59,7 +59,8 @@ struct Conn {
 pub struct Clients(Arc<Shared>);
 
 impl Clients {
-    /// Clients past the handshake on `export`.
+    /// Clients admitted to `export` (counted from their admission, in
+    /// one step with the role check; see `Admission::admit`).
     pub fn attached(&self, export: &str) -> usize {
         lock(&self.0.conns)
             .values()
@@ -336,7 +337,20 @@ fn serve_connection(shared: &Shared, id: u64, mut stream: Stream, peer: &str) {
         tracing::info!(peer, "connection closed: {e}");
         return;
     }
-    let outcome = handshake::serve(&mut stream, &shared.exports, &*shared.admission, timeout);
+    // Admitted clients are counted (their export recorded) as part of the
+    // admission, not after the handshake: see `Admission::admit`.
+    let mut attach = |export: &crate::nbd::Export| {
+        if let Some(c) = lock(&shared.conns).get_mut(&id) {
+            c.export = Some(export.name.clone());
+        }
+    };
+    let outcome = handshake::serve(
+        &mut stream,
+        &shared.exports,
+        &*shared.admission,
+        &mut attach,
+        timeout,
+    );
     let export = match outcome {
         Ok(Outcome::Transmission(export)) => export,
         Ok(Outcome::Aborted) => {
@@ -348,9 +362,6 @@ fn serve_connection(shared: &Shared, id: u64, mut stream: Stream, peer: &str) {
             return;
         }
     };
-    if let Some(c) = lock(&shared.conns).get_mut(&id) {
-        c.export = Some(export.name.clone());
-    }
     if let Err(e) = stream.set_timeouts(None) {
         tracing::info!(peer, export = %export.name, "connection closed: {e}");
         return;

@@ -9,15 +9,18 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use replblk_proto::nbd::{info as nbd_info, opt as nbd_opt, rep as nbd_rep, InfoRequest};
 use serde_json::Value;
 
-use common::client::Client;
+use common::client::{connect_raw, greet, read_option_reply, send_option, Client, OptReply};
 use common::pair::{EventWatch, Pair, ALPHA, BETA};
 use common::run_tool;
 
@@ -289,6 +292,83 @@ fn demote_is_refused_while_clients_are_attached_and_force_disconnects_them() {
     assert_eq!(
         c.read(0, 8192).expect("read"),
         [[7u8; 4096], [8u8; 4096]].concat()
+    );
+}
+
+/// Sends NBD_OPT_GO for `r0` asking for the export's description and does
+/// not read the reply. The pair's description is made larger than the
+/// socket buffers, so the server, having admitted the client, stays
+/// blocked sending that reply: the client is held between its admission
+/// and the end of its handshake until the test reads.
+fn go_and_stall(addr: &str) -> TcpStream {
+    let mut s = connect_raw(addr);
+    greet(&mut s);
+    let mut data = BytesMut::new();
+    InfoRequest {
+        name: "r0".into(),
+        requests: vec![nbd_info::DESCRIPTION],
+    }
+    .encode(&mut data);
+    send_option(&mut s, nbd_opt::GO, &data);
+    // The reply starts arriving once the server has admitted the client.
+    let mut first = [0u8; 1];
+    s.peek(&mut first).expect("the GO reply starts");
+    s
+}
+
+/// Reads the replies to an NBD_OPT_GO up to the final one.
+fn go_replies(s: &mut TcpStream) -> Vec<OptReply> {
+    let mut replies = Vec::new();
+    loop {
+        let r = read_option_reply(s);
+        let last = r.header.reply_type != nbd_rep::INFO;
+        replies.push(r);
+        if last {
+            return replies;
+        }
+    }
+}
+
+/// Larger than loopback's socket buffers (4 MiB send, 128 KiB initial
+/// receive) together.
+const HUGE_DESCRIPTION: usize = 8 << 20;
+
+#[test]
+fn demote_counts_a_client_admitted_but_still_in_its_handshake() {
+    let pair = Pair::builder()
+        .description(&"d".repeat(HUGE_DESCRIPTION))
+        .start();
+    let mut s = go_and_stall(&pair.primary_addr());
+    let e = refused(&pair, ALPHA, &["demote", "r0"], "demote refused");
+    assert!(e.contains("1 NBD client"), "{e}");
+    // The client finishes its handshake and is served by the Primary.
+    let replies = go_replies(&mut s);
+    let mut client = Client::after_go(s, &replies);
+    assert_eq!(client.write(0, &[5; 4096]), 0);
+    assert_eq!(st(&pair, ALPHA)["role"], "Primary");
+}
+
+#[test]
+fn demote_force_closes_a_client_admitted_but_still_in_its_handshake() {
+    let pair = Pair::builder()
+        .description(&"d".repeat(HUGE_DESCRIPTION))
+        .start();
+    let mut s = go_and_stall(&pair.primary_addr());
+    pair.ok(ALPHA, &["demote", "r0", "--force"]);
+    assert_eq!(st(&pair, ALPHA)["role"], "Secondary");
+    // Its connection was closed: what was sent can be read, then the
+    // stream ends instead of entering transmission with a Secondary.
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("the client is still connected to the Secondary ({e})"),
+    }
+    assert!(
+        rest.len() < HUGE_DESCRIPTION,
+        "the whole reply arrived: the client was not closed"
     );
 }
 

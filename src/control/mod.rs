@@ -257,7 +257,7 @@ fn handle(request: Request, ctx: &Context, conn: &UnixStream) -> Result<Answer, 
             let r = find(ctx, &resource)?;
             let wait = timeout_ms.map_or(crate::repl::DRAIN_TIMEOUT, Duration::from_millis);
             message(
-                r.demote(force, wait, ctx.clients.attached(&r.name), &|wait| {
+                r.demote(force, wait, &|| ctx.clients.attached(&r.name), &|wait| {
                     ctx.clients.disconnect(&r.name, wait)
                 }),
             )

@@ -57,15 +57,27 @@ pub enum Outcome {
 /// Gatekeeper consulted before an export is handed out, so later layers
 /// (roles) can refuse clients with a reason the client will print.
 pub trait Admission: Send + Sync {
-    /// `Err(message)` refuses the client with `NBD_REP_ERR_POLICY`.
-    fn admit(&self, export: &Export) -> Result<(), String>;
+    /// Whether `export` takes clients now; `Err(why)` is shown as its
+    /// description (`NBD_OPT_INFO`, `NBD_OPT_LIST`).
+    fn check(&self, export: &Export) -> Result<(), String>;
+
+    /// Admits a client to `export` for transmission, calling `attach` to
+    /// count it as attached in the same step as the check, so that a role
+    /// change either counts the client or refuses it. `Err(message)`
+    /// refuses the client with `NBD_REP_ERR_POLICY`.
+    fn admit(&self, export: &Export, attach: &mut dyn FnMut()) -> Result<(), String>;
 }
 
 /// Admits every client.
 pub struct AdmitAll;
 
 impl Admission for AdmitAll {
-    fn admit(&self, _export: &Export) -> Result<(), String> {
+    fn check(&self, _export: &Export) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn admit(&self, _export: &Export, attach: &mut dyn FnMut()) -> Result<(), String> {
+        attach();
         Ok(())
     }
 }
@@ -107,11 +119,14 @@ impl<S: Read + Write> Session<'_, S> {
     }
 }
 
-/// Runs the server side of the handshake on a fresh connection.
+/// Runs the server side of the handshake on a fresh connection. `attach`
+/// is called (through `admission`) with the export a client is admitted
+/// to, before its reply is sent.
 pub fn serve<S: Read + Write>(
     stream: &mut S,
     exports: &Exports,
     admission: &dyn Admission,
+    attach: &mut dyn FnMut(&Export),
     timeout: Duration,
 ) -> Result<Outcome, HandshakeError> {
     let mut s = Session {
@@ -154,7 +169,8 @@ pub fn serve<S: Read + Write>(
         }
         let mut data = vec![0u8; header.length as usize];
         s.read_exact(&mut data)?;
-        if let Some(outcome) = handle_option(&mut s, header.option, &data, exports, admission)? {
+        let outcome = handle_option(&mut s, header.option, &data, exports, admission, attach)?;
+        if let Some(outcome) = outcome {
             return Ok(outcome);
         }
     }
@@ -167,6 +183,7 @@ fn handle_option<S: Read + Write>(
     data: &[u8],
     exports: &Exports,
     admission: &dyn Admission,
+    attach: &mut dyn FnMut(&Export),
 ) -> Result<Option<Outcome>, HandshakeError> {
     match option {
         opt::EXPORT_NAME => {
@@ -175,7 +192,7 @@ fn handle_option<S: Read + Write>(
                 // This option has no error reply: the spec says hang up.
                 return Err(HandshakeError::UnknownExport(name));
             };
-            if let Err(why) = admission.admit(export) {
+            if let Err(why) = admission.admit(export, &mut || attach(export)) {
                 return Err(HandshakeError::Protocol(format!(
                     "refused export {name:?} to NBD_OPT_EXPORT_NAME client: {why}"
                 )));
@@ -225,7 +242,7 @@ fn handle_option<S: Read + Write>(
                 return Ok(None);
             };
             if option == opt::GO {
-                if let Err(why) = admission.admit(export) {
+                if let Err(why) = admission.admit(export, &mut || attach(export)) {
                     s.error(option, rep::ERR_POLICY, &why)?;
                     return Ok(None);
                 }
@@ -254,7 +271,7 @@ fn handle_option<S: Read + Write>(
 /// The description clients see: the configured one, or why the export
 /// refuses clients now.
 fn describe(export: &Export, admission: &dyn Admission) -> String {
-    match admission.admit(export) {
+    match admission.check(export) {
         Ok(()) => export.description.clone(),
         Err(why) => format!("REFUSING CLIENTS: {why}"),
     }

@@ -159,6 +159,8 @@ pub struct Replica {
     inner: Mutex<Inner>,
     /// Serialises role changes with the state exchange of a new session.
     transition: Mutex<()>,
+    /// Serialises admitting NBD clients with demoting (see `admit`).
+    admission: Mutex<()>,
     /// A promote announced to the peer, either way (see `promote`).
     gate: Mutex<Gate>,
     oos: Mutex<DirtyBitmap>,
@@ -316,6 +318,7 @@ impl Replica {
                 last_event: String::new(),
             }),
             transition: Mutex::new(()),
+            admission: Mutex::new(()),
             gate: Mutex::new(Gate::default()),
             oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
             intervals: IntervalLock::new(),
@@ -504,8 +507,9 @@ impl Replica {
             && node.peer().map(|p| p.1) == Some(DiskState::UpToDate))
     }
 
-    /// Refuses NBD clients unless this node serves the resource.
-    pub fn admit(&self) -> Result<(), VerbError> {
+    /// Whether this node serves the resource to NBD clients now (only a
+    /// Primary does), for descriptions (`NBD_OPT_INFO`, `NBD_OPT_LIST`).
+    pub fn check_admission(&self) -> Result<(), VerbError> {
         if self.peer.is_none() {
             return Ok(());
         }
@@ -531,6 +535,18 @@ impl Replica {
                 },
             }),
         }
+    }
+
+    /// Admits an NBD client unless this node does not serve the resource
+    /// (see `check_admission`). `attach` counts the client as attached; it
+    /// runs under the admission lock together with the role check, and
+    /// `demote` holds that lock from counting the clients to changing the
+    /// role, so a demote either counts the client or the client is refused.
+    pub fn admit(&self, attach: &mut dyn FnMut()) -> Result<(), VerbError> {
+        let _admission = lock(&self.admission);
+        self.check_admission()?;
+        attach();
+        Ok(())
     }
 
     /// Whether the state machine would take `event`, tried on a copy.
@@ -951,15 +967,15 @@ impl Replica {
         true
     }
 
-    /// `demote`: refused while `clients` NBD clients are attached unless
-    /// `force`, which closes them with `disconnect_clients` first (given
-    /// how long it may wait for them). Waits up to `wait` in all for them
-    /// and for replicated requests in flight.
+    /// `demote`: refused while NBD clients are attached (`clients` counts
+    /// them) unless `force`, which closes them with `disconnect_clients`
+    /// first (given how long it may wait for them). Waits up to `wait` in
+    /// all for them and for replicated requests in flight.
     pub fn demote(
         &self,
         force: bool,
         wait: Duration,
-        clients: usize,
+        clients: &dyn Fn() -> usize,
         disconnect_clients: &dyn Fn(Duration) -> usize,
     ) -> Result<String, VerbError> {
         self.location()?;
@@ -967,8 +983,16 @@ impl Replica {
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already Secondary", self.name));
         }
-        let fx = self.verb_step(Event::Demote { force, clients })?;
+        // Clients are admitted under this lock (see `admit`): every one
+        // admitted before is counted here, and none is admitted until the
+        // role has changed.
+        let admission = lock(&self.admission);
+        let fx = self.verb_step(Event::Demote {
+            force,
+            clients: clients(),
+        })?;
         self.serving.store(false, Ordering::SeqCst);
+        drop(admission);
         let deadline = Instant::now() + wait;
         if fx.disconnect_clients {
             let n = disconnect_clients(wait);

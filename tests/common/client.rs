@@ -96,6 +96,11 @@ impl Client {
         let mut stream = connect_raw(addr);
         greet(&mut stream);
         let replies = go(&mut stream, opt::GO, export, &[]);
+        Client::after_go(stream, &replies)
+    }
+
+    /// The client of a stream whose NBD_OPT_GO got `replies`.
+    pub fn after_go(stream: TcpStream, replies: &[OptReply]) -> Client {
         let last = replies.last().expect("a reply");
         assert_eq!(
             last.header.reply_type,
@@ -105,7 +110,7 @@ impl Client {
         );
         let mut size = 0;
         let mut flags = 0;
-        for r in &replies {
+        for r in replies {
             if let Ok(InfoReply::Export { size: s, flags: f }) = InfoReply::decode_data(&r.data) {
                 size = s;
                 flags = f;

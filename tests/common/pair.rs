@@ -63,6 +63,7 @@ struct NodeSpec {
 
 pub struct PairBuilder {
     disk_size: u64,
+    description: String,
     secret: String,
     resource: String,
     replication: Vec<(String, String)>,
@@ -88,6 +89,12 @@ impl PairBuilder {
     /// Size of both sparse backing files (unless overridden per node).
     pub fn disk_size(mut self, size: u64) -> Self {
         self.disk_size = size;
+        self
+    }
+
+    /// The resource's description (what NBD clients are shown).
+    pub fn description(mut self, text: &str) -> Self {
+        self.description = text.into();
         self
     }
 
@@ -156,8 +163,9 @@ impl PairBuilder {
             ));
         }
         text.push_str(&format!(
-            "\n[[resource]]\nname = {resource:?}\ndescription = \"replicated test volume\"\n\
-             secret = {secret:?}\n"
+            "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n\
+             secret = {secret:?}\n",
+            self.description
         ));
         for n in nodes {
             text.push_str(&format!(
@@ -468,6 +476,7 @@ impl Pair {
     pub fn builder() -> PairBuilder {
         PairBuilder {
             disk_size: 64 << 20,
+            description: "replicated test volume".into(),
             secret: "pair-test-secret".into(),
             resource: "r0".into(),
             replication: [
