@@ -17,7 +17,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use replblk_proto::nbd::{info as nbd_info, opt as nbd_opt, rep as nbd_rep, InfoRequest};
+use replblk_proto::nbd::{
+    info as nbd_info, opt as nbd_opt, rep as nbd_rep, Command as NbdCommand, InfoRequest,
+};
 use serde_json::Value;
 
 use common::client::{connect_raw, greet, read_option_reply, send_option, Client, OptReply};
@@ -369,6 +371,68 @@ fn demote_force_closes_a_client_admitted_but_still_in_its_handshake() {
     assert!(
         rest.len() < HUGE_DESCRIPTION,
         "the whole reply arrived: the client was not closed"
+    );
+}
+
+/// SIGCONT for a process stopped by the test, also when the test fails.
+struct Stopped(u32);
+
+impl Stopped {
+    fn stop(pid: u32) -> Stopped {
+        // SAFETY: kill(2) on the PID of a repld the pair started.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn demote_is_refused_and_stays_primary_while_requests_are_still_in_flight() {
+    let pair = Pair::builder()
+        .replication("ping_timeout_ms", "60000")
+        .replication("ack_timeout_ms", "60000")
+        .start();
+    let mut client = Client::connect(&pair.primary_addr(), "r0");
+    // beta stops: alpha's write waits for its acknowledgement.
+    let beta = Stopped::stop(pair.beta().pid().expect("beta runs"));
+    client.send(NbdCommand::Write, 0, 0, 4096, &[9; 4096]);
+    std::thread::sleep(Duration::from_secs(1));
+    let e = refused(
+        &pair,
+        ALPHA,
+        &["demote", "r0", "--force", "--timeout", "2"],
+        "demote refused: 1 request(s) still in flight after 2s",
+    );
+    assert!(e.contains("stays Primary"), "{e}");
+    assert_eq!(st(&pair, ALPHA)["role"], "Primary");
+    // It still serves: a new client is admitted and can read.
+    let mut reader = Client::connect(&pair.primary_addr(), "r0");
+    assert!(reader.read(0, 4096).is_ok());
+    drop(reader);
+    // Once beta answers, the write completes and the demote goes through.
+    drop(beta);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match pair.ctl(ALPHA, &["demote", "r0"]) {
+            Ok(_) => break,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "demote still refused: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(st(&pair, ALPHA)["role"], "Secondary");
+    let b = std::fs::read(&pair.beta().disk).expect("beta disk");
+    assert!(
+        b[..4096].iter().all(|&x| x == 9),
+        "the write was not replicated"
     );
 }
 

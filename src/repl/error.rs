@@ -4,6 +4,7 @@
 //! wording is part of the interface (docs/control.md).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -55,6 +56,10 @@ pub enum VerbError {
     PeerPrimary,
     #[error("promote refused: the peer was being promoted at the same time")]
     PromoteRace,
+    /// Replicated requests did not finish within the demote's wait; the
+    /// node stays Primary.
+    #[error("demote refused: {requests} request(s) still in flight after {waited:?}; the node stays Primary")]
+    InFlight { requests: usize, waited: Duration },
     #[error("resource is StandAlone{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     StandAlone { last_error: Option<String> },
     /// An NBD client asked for a resource that is down here.

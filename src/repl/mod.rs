@@ -968,9 +968,10 @@ impl Replica {
     }
 
     /// `demote`: refused while NBD clients are attached (`clients` counts
-    /// them) unless `force`, which closes them with `disconnect_clients`
-    /// first (given how long it may wait for them). Waits up to `wait` in
-    /// all for them and for replicated requests in flight.
+    /// them) unless `force`, which closes them first with
+    /// `disconnect_clients` (given how long it may wait for them). Refused
+    /// too, staying Primary, if replicated requests are still in flight
+    /// after `wait`; the role changes only once none are.
     pub fn demote(
         &self,
         force: bool,
@@ -983,24 +984,42 @@ impl Replica {
         if self.role() == Role::Secondary {
             return Ok(format!("{} is already Secondary", self.name));
         }
-        // Clients are admitted under this lock (see `admit`): every one
-        // admitted before is counted here, and none is admitted until the
-        // role has changed.
-        let admission = lock(&self.admission);
-        let fx = self.verb_step(Event::Demote {
-            force,
-            clients: clients(),
-        })?;
+        // Held until the role is decided: clients are admitted under this
+        // lock (see `admit`), so every one admitted before is counted here
+        // and none is admitted meanwhile.
+        let _admission = lock(&self.admission);
+        let clients = clients();
+        let event = Event::Demote { force, clients };
+        self.dry_run(event.clone())?;
         self.serving.store(false, Ordering::SeqCst);
-        drop(admission);
         let deadline = Instant::now() + wait;
-        if fx.disconnect_clients {
+        if clients > 0 {
             let n = disconnect_clients(wait);
             tracing::warn!(resource = %self.name, "demote --force: closed {n} NBD client(s)");
         }
         while self.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
+        let requests = self.inflight.load(Ordering::SeqCst);
+        let stepped = if requests > 0 {
+            Err(VerbError::InFlight {
+                requests,
+                waited: wait,
+            })
+        } else {
+            self.verb_step(event)
+        };
+        let fx = match stepped {
+            Ok(fx) => fx,
+            Err(e) => {
+                // Still Primary: serve again, unless the resource went down.
+                if self.role() == Role::Primary {
+                    self.serving.store(true, Ordering::SeqCst);
+                }
+                tracing::warn!(resource = %self.name, "{e}");
+                return Err(e);
+            }
+        };
         if let Ok(store) = self.current_store() {
             if let Err(e) = store.flush() {
                 tracing::error!(resource = %self.name, "flush on demote failed: {e}");
