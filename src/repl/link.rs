@@ -480,7 +480,18 @@ impl Session {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let slot = Slot::new();
         lock(&self.state_waiters).insert(token, slot.clone());
+        if !self.is_alive() {
+            // `fail` may have emptied the waiters before this one came.
+            self.forget_state(token);
+            slot.complete(Remote::Lost);
+        }
         (token, slot)
+    }
+
+    /// Drops the request `token` of `expect_state` when its wait ended
+    /// without an answer; a late answer is then ignored.
+    pub fn forget_state(&self, token: u64) {
+        lock(&self.state_waiters).remove(&token);
     }
 
     /// Records the round trip if `nonce` answers the last Ping.
@@ -522,6 +533,11 @@ impl Session {
         }
         if let Some((_, _, slot)) = lock(&self.ping).as_ref() {
             slot.complete(Remote::Lost);
+        }
+        // No answer to a State request can come any more.
+        let waiters: Vec<_> = lock(&self.state_waiters).drain().map(|(_, s)| s).collect();
+        for s in waiters {
+            s.complete(Remote::Lost);
         }
     }
 

@@ -942,7 +942,11 @@ impl Replica {
         let (token, slot) = session.expect_state();
         self.send_state(session, state_flags::REPLY | flags, token);
         let what = format!("the peer did not answer a state change within {ROLE_CHANGE_TIMEOUT:?}");
-        session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done
+        let answered = session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done;
+        if !answered {
+            session.forget_state(token);
+        }
+        answered
     }
 
     fn set_mode(&self, mode: Option<Role>) {
