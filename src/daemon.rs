@@ -227,8 +227,8 @@ fn bring_up_demo(dir: &Path) -> Result<()> {
         );
         if let Ok(s) = &status {
             if s.resources
-                .iter()
-                .all(|r| r.connection == ConnState::Connected)
+                .first()
+                .is_some_and(|r| r.connection == ConnState::Connected)
             {
                 break;
             }
