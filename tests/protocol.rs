@@ -355,6 +355,13 @@ fn bad_request_magic_or_oversized_write_drops_only_that_connection() {
 
     assert_eq!(other.write(0, &pattern(2, 4096)), 0);
     other.disconnect();
+    // The server logs each close after shutting the socket, so the client
+    // can see the close first.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logged = |log: &str| log.contains("bad request") && log.contains("exceeds");
+    while !logged(&d.log_text()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let log = d.log_text();
     assert!(log.contains("bad request"), "{log}");
     assert!(log.contains("exceeds"), "{log}");
