@@ -46,9 +46,9 @@ use crate::core::uuid::{Decision, Rule, UuidView};
 use crate::core::{flags as md_flags, Generations, UUID_JUST_CREATED};
 use crate::events::Events;
 use crate::meta::{self, Location, MetaStore, Superblock};
-use crate::store::{FileStore, Store};
+use crate::store::{Batch, Done, FileStore, Modify, Store};
 use intervals::IntervalLock;
-use link::{LinkError, Remote, Session, Track};
+use link::{LinkError, Remote, Session, Track, Waiter};
 
 /// How long a promote waits for the peer to confirm it is not promoting
 /// too, and for the session to switch to the Primary's mode.
@@ -56,6 +56,14 @@ const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Acknowledged writes kept until a barrier makes them durable on the
 /// peer (about 24 bytes each) before the keepalive thread sends one.
 const UNSTABLE_CAP: usize = 65536;
+
+/// The Primary's receiver wakes at least this often to notice role
+/// changes, shutdown and ping deadlines.
+const PRIMARY_TICK: Duration = Duration::from_millis(50);
+
+/// Durable requests (FUA writes, barriers) queued for the Secondary's
+/// flusher at most; past this the receiver waits (back-pressure).
+const FLUSH_QUEUE: usize = 4096;
 /// How long a demote waits for replicated requests still in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -135,6 +143,8 @@ struct Inner {
 }
 
 pub struct Replica {
+    /// This replica, for completions that outlive the submitting call.
+    me: Weak<Replica>,
     pub name: String,
     local_node: String,
     disk_path: PathBuf,
@@ -290,7 +300,8 @@ impl Replica {
             (Some(_), _) => Some(Location::Internal),
             (None, _) => None,
         };
-        let replica = Arc::new(Replica {
+        let replica = Arc::new_cyclic(|me| Replica {
+            me: me.clone(),
             name: res.name.clone(),
             local_node: node.to_owned(),
             disk_path: res.disk.clone(),
@@ -912,7 +923,9 @@ impl Replica {
         let (token, slot) = session.expect_state();
         self.send_state(session, state_flags::REPLY | flags, token);
         let what = format!("the peer did not answer a state change within {ROLE_CHANGE_TIMEOUT:?}");
-        session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done
+        let answered = session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done;
+        session.forget_state(token);
+        answered
     }
 
     fn set_mode(&self, mode: Option<Role>) {
@@ -1435,41 +1448,117 @@ impl Replica {
         );
     }
 
-    /// The Primary has no receiver thread (see `Session`): this thread
-    /// pings and, while waiting for each Pong, reads the link if no
-    /// writer is already doing so.
+    /// The Primary's receiver. With more than one request in flight it
+    /// reads the link and completes the requests that Acks answer,
+    /// replying to their clients once per batch of Acks; with at most one,
+    /// the submitter reads its own Ack (`Session::after_submit`) and this
+    /// thread only looks at the link once per tick. It also pings.
     fn primary_mode(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
+        session.set_primary_reading(true);
+        let end = self.receive_as_primary(cfg, session);
+        session.set_primary_reading(false);
+        end
+    }
+
+    fn receive_as_primary(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
         let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
         let mut next_ping = Instant::now() + interval;
         let mut nonce = 0u64;
+        let mut ping: Option<(Instant, Arc<link::Slot>)> = None;
+        let mut body = Vec::new();
+        let mut batch = Batch::default();
         while session.is_alive() {
             if self.role() != Role::Primary {
                 return ModeEnd::RoleChanged;
             }
-            let left = next_ping.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                if self.pause(left) {
-                    session.fail("shutting down");
+            if self.stopping.load(Ordering::SeqCst) {
+                session.fail("shutting down");
+                break;
+            }
+            let now = Instant::now();
+            if let Some((sent, slot)) = &ping {
+                if slot.outcome().is_some() {
+                    ping = None;
+                } else if now.duration_since(*sent) > ping_timeout {
+                    session.fail(&format!("no answer to a ping within {ping_timeout:?}"));
+                    break;
                 }
+            }
+            if ping.is_none() && now >= next_ping {
+                next_ping = now + interval;
+                nonce += 1;
+                ping = Some((now, session.ping(nonce)));
+                // Writes acknowledged but not yet durable on the peer are
+                // kept (they count as out of sync if the link drops).
+                // Client flushes clear them; without any, a barrier bounds
+                // the list. Not every interval: a barrier is an fdatasync
+                // on the peer, which would force write-back that the local
+                // side does not do.
+                if session.unstable_count() > UNSTABLE_CAP {
+                    let _ = session
+                        .submit_frame(Track::Barrier, Waiter::Nobody, |seq| Frame::Barrier { seq });
+                    session.activate();
+                }
+            }
+            let active = session.is_active();
+            if !active {
+                session.park(PRIMARY_TICK);
+            }
+            // Idle: only look (a submitter may be reading its own Ack).
+            // Active: wait for the read side, a submitter hands it over
+            // once its own Ack is in.
+            let reader = if active {
+                Some(session.reader())
+            } else {
+                session.try_reader()
+            };
+            let Some(mut reader) = reader else {
                 continue;
-            }
-            next_ping = Instant::now() + interval;
-            nonce += 1;
-            let pong = session.ping(nonce);
-            let what = format!("no answer to a ping within {ping_timeout:?}");
-            session.wait_for(&pong, ping_timeout, &what);
-            // Writes acknowledged but not yet durable on the peer are kept
-            // (they count as out of sync if the link drops). Client
-            // flushes clear them; without any, a barrier bounds the list.
-            // Not every interval: a barrier is an fdatasync on the peer,
-            // which would force write-back that the local side does not do.
-            if session.is_alive() && session.unstable_count() > UNSTABLE_CAP {
-                if let Some(b) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) {
-                    session.wait(&b, self.ack_timeout());
+            };
+            for (kind, body) in session.take_stash() {
+                let handled = Frame::decode_body(kind, &body)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))
+                    .and_then(|frame| session.handle_incoming(frame, &mut batch));
+                if let Err(e) = handled {
+                    let why = session.describe(e);
+                    session.fail(&why);
                 }
             }
+            let fd = reader.get_ref().as_raw_fd();
+            let tick_end = Instant::now() + PRIMARY_TICK;
+            while session.is_alive() {
+                if reader.buffer().is_empty() {
+                    // Everything read so far is handled: send the replies.
+                    batch.run();
+                    if active && !session.stay_active() {
+                        break;
+                    }
+                    let wait = if active {
+                        tick_end.saturating_duration_since(Instant::now())
+                    } else {
+                        Duration::ZERO
+                    };
+                    if wait.is_zero() && active {
+                        break;
+                    }
+                    if !crate::net::wait_readable(fd, wait) {
+                        break;
+                    }
+                }
+                let handled = link::read_raw(&mut *reader, &mut body).and_then(|kind| {
+                    let frame = Frame::decode_body(kind, &body)
+                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                    session.handle_incoming(frame, &mut batch)
+                });
+                if let Err(e) = handled {
+                    let why = session.describe(e);
+                    session.fail(&why);
+                }
+            }
+            batch.run();
         }
+        batch.run();
         ModeEnd::Over(session.reason().unwrap_or_else(|| "shutting down".into()))
     }
 
@@ -1513,10 +1602,13 @@ impl Replica {
         let store = self
             .current_store()
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        // Durability requests (FUA writes, barriers) go to a flusher thread
-        // that fdatasyncs once per batch and then acknowledges the batch,
-        // so the receiver keeps applying later writes meanwhile.
-        let (to_flusher, flush_queue) = mpsc::channel::<u64>();
+        // Durability requests (FUA writes, barriers) that arrive while
+        // more frames are already buffered go to a flusher thread that
+        // fdatasyncs once per batch and then acknowledges the batch, so the
+        // receiver keeps applying later writes meanwhile. One that arrives
+        // with nothing behind it is flushed here: no hand-off, and nothing
+        // waits to be applied (see `durable_here`).
+        let (to_flusher, flush_queue) = mpsc::sync_channel::<u64>(FLUSH_QUEUE);
         let flusher_session = session.clone();
         let flusher_store = store.clone();
         scope.spawn(move || {
@@ -1536,6 +1628,23 @@ impl Replica {
             }
         });
         let mut reader = session.reader();
+        // Frames a submitter read while this node was still Primary.
+        for (kind, body) in session.take_stash() {
+            match self.apply(session, &*store, kind, &body)? {
+                Applied::Nothing => {}
+                Applied::Done { seq, .. } => {
+                    // Durable or not: flush before acknowledging, rarely.
+                    let status = match store.flush() {
+                        Ok(()) => 0,
+                        Err(e) => crate::nbd::transmission::io_errno(e),
+                    };
+                    session.send_control(&Frame::Ack { seq, status });
+                }
+                Applied::Failed { seq, status } => {
+                    session.send_control(&Frame::Ack { seq, status })
+                }
+            }
+        }
         let mut body = Vec::new();
         // Acks are batched: written when no further frame is already
         // buffered, i.e. just before the receiver could block on the socket.
@@ -1559,6 +1668,21 @@ impl Replica {
             }
             match self.apply(session, &*store, kind, &body) {
                 Ok(Applied::Nothing) => {}
+                Ok(Applied::Done { seq, durable: true }) if reader.buffer().is_empty() => {
+                    // Acks of earlier writes need not wait for the flush.
+                    if !acks.is_empty() {
+                        session.send_raw(&acks);
+                        acks.clear();
+                    }
+                    let status = match store.flush() {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::error!(resource = %self.name, "flush on the secondary failed: {e}");
+                            crate::nbd::transmission::io_errno(e)
+                        }
+                    };
+                    Frame::Ack { seq, status }.encode(&mut acks);
+                }
                 Ok(Applied::Done { seq, durable: true }) => {
                     if to_flusher.send(seq).is_err() {
                         break Err(LinkError::Protocol("flusher stopped".into()));
@@ -1656,7 +1780,7 @@ impl Replica {
                 }
                 // Acks reach a Secondary that is a sync source.
                 Frame::Ack { seq, status } => {
-                    session.acknowledge(seq, status)?;
+                    session.acknowledge(seq, status, &mut Batch::default())?;
                     return Ok(Applied::Nothing);
                 }
                 other => {
@@ -1704,12 +1828,104 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Store for Replica {
+    fn as_dyn(&self) -> &dyn Store {
+        self
+    }
+
     fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Only the Primary serves: a client that slipped past a demote
+        // must not read a Secondary's data, which the Primary is changing.
+        if self.peer.is_some() && !self.serving.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.current_store()?.read_at(buf, offset)
+    }
+
+    /// The Primary's write path at depth: the calling worker writes
+    /// locally, queues the frame for the peer and returns; the thread that
+    /// reads the peer's Ack completes the request (replies to the client).
+    /// No thread waits for the network, so none has to be woken per write.
+    fn submit(&self, op: Modify<'_>, done: Done) {
+        let Some(me) = self.me.upgrade().filter(|_| self.peer.is_some()) else {
+            let result = op.apply(self);
+            return done(result, &mut Batch::default());
+        };
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if !self.serving.load(Ordering::SeqCst) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return done(
+                Err(io::Error::from_raw_os_error(libc::EPERM)),
+                &mut Batch::default(),
+            );
+        }
+        let store = match self.current_store() {
+            Ok(s) => s,
+            Err(e) => {
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+                return done(Err(e), &mut Batch::default());
+            }
+        };
+        let (offset, len) = op.range();
+        // Held until both copies have it: overlapping writes are never in
+        // flight together, so they land in the same order on both nodes.
+        let range = self.intervals.acquire(offset, len);
+        if let Err(e) = op.apply(&*store) {
+            self.mark_out_of_sync(offset, len);
+            self.intervals.release(range);
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return done(Err(e), &mut Batch::default());
+        }
+        let finish: link::Callback = Box::new(move |remote, batch| {
+            if remote != Remote::Done {
+                if let Remote::Failed(errno) = remote {
+                    tracing::warn!(resource = %me.name, offset, len, errno, "peer failed a write; range marked out of sync");
+                }
+                me.mark_out_of_sync(offset, len);
+            }
+            me.intervals.release(range);
+            me.inflight.fetch_sub(1, Ordering::SeqCst);
+            done(Ok(()), batch);
+        });
+        let track = Track::plain(offset, len);
+        let session = self.current_session();
+        let queued = match &session {
+            None => Err(Waiter::Call(finish)),
+            Some(s) => match op {
+                Modify::Write { buf, offset } => {
+                    s.submit_write(offset, 0, buf, track, Waiter::Call(finish))
+                }
+                Modify::Trim { offset, len } => {
+                    s.submit_frame(track, Waiter::Call(finish), |seq| Frame::Trim {
+                        seq,
+                        offset,
+                        length: len,
+                        flags: 0,
+                    })
+                }
+                Modify::WriteZeroes {
+                    offset,
+                    len,
+                    may_unmap,
+                } => s.submit_frame(track, Waiter::Call(finish), |seq| Frame::WriteZeroes {
+                    seq,
+                    offset,
+                    length: len,
+                    flags: if may_unmap { 0 } else { data_flags::NO_HOLE },
+                }),
+            },
+        };
+        match (queued, session) {
+            (Ok(seq), Some(s)) => s.after_submit(seq, self.ack_timeout()),
+            (Err(Waiter::Call(finish)), _) => {
+                // No peer: the local write stands, the range is out of sync.
+                finish(Remote::Lost, &mut Batch::default());
+            }
+            _ => {}
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
