@@ -580,6 +580,11 @@ impl Session {
         let mut body = Vec::new();
         let mut spun = false;
         while self.is_alive() && lock(&self.pending).flights.contains_key(&seq) {
+            // Another request went out meanwhile: the receiver is awake
+            // and takes over (ours included) once we let go.
+            if self.active.load(Ordering::SeqCst) && reader.buffer().is_empty() {
+                break;
+            }
             if reader.buffer().is_empty() {
                 batch.run();
                 if !spun {
