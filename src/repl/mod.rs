@@ -134,8 +134,10 @@ pub fn event_json(kind: &str, status: &ResourceStatus) -> Value {
 struct Inner {
     /// The state machine; `None` while the resource is down.
     node: Option<Node>,
-    meta: Option<MetaStore>,
+    /// The superblock as the state machine last left it, and how many
+    /// times it changed (see `MetaWriter`).
     sb: Option<Superblock>,
+    sb_version: u64,
     down_reason: Option<String>,
     last_error: Option<String>,
     /// What the last emitted event said, to emit only changes.
@@ -164,6 +166,9 @@ pub struct Replica {
     /// Replicated requests between their role check and completion.
     inflight: AtomicUsize,
     inner: Mutex<Inner>,
+    /// The metadata device, written outside the state lock so that a
+    /// metadata fsync never holds up `status` or other verbs.
+    meta: Mutex<MetaWriter>,
     /// Serialises role changes with the state exchange of a new session.
     transition: Mutex<()>,
     /// A promote announced to the peer, either way (see `promote`).
@@ -193,6 +198,16 @@ pub enum ReplicaError {
     Thread { resource: String, source: io::Error },
     #[error("resource {resource:?}: {message}")]
     Open { resource: String, message: String },
+}
+
+/// The open metadata and the version of the superblock it last wrote:
+/// a step writes its snapshot only if no later one was written first, so
+/// the metadata never goes back to an older state. Lock order: the state
+/// lock (`inner`) before this one, never the other way.
+#[derive(Default)]
+struct MetaWriter {
+    md: Option<MetaStore>,
+    written: u64,
 }
 
 /// Promotes announced and not yet decided.
@@ -317,12 +332,13 @@ impl Replica {
             inflight: AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 node: None,
-                meta: None,
                 sb: None,
+                sb_version: 0,
                 down_reason: Some("not brought up yet".into()),
                 last_error: None,
                 last_event: String::new(),
             }),
+            meta: Mutex::new(MetaWriter::default()),
             transition: Mutex::new(()),
             gate: Mutex::new(Gate::default()),
             oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
@@ -658,7 +674,11 @@ impl Replica {
         self.size.store(size, Ordering::SeqCst);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
         inner.node = Some(node);
-        inner.meta = Some(md);
+        inner.sb_version += 1;
+        *lock(&self.meta) = MetaWriter {
+            md: Some(md),
+            written: inner.sb_version,
+        };
         inner.sb = Some(sb);
         inner.down_reason = None;
         inner.last_error = None;
@@ -704,7 +724,8 @@ impl Replica {
             tracing::warn!(resource = %self.name, "shutdown: {}", r.message);
         }
         let bitmap = lock(&self.oos).to_bytes();
-        if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
+        let mut meta = lock(&self.meta);
+        if let (Some(md), Some(sb)) = (meta.md.as_mut(), inner.sb.as_mut()) {
             sb.gens = node.gens();
             sb.flags = node.meta_flags();
             // Bitmap first: the superblock's CLEAN_SHUTDOWN vouches for it.
@@ -722,7 +743,8 @@ impl Replica {
             }
         }
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
-        inner.meta = None;
+        meta.md = None;
+        drop(meta);
         inner.sb = None;
         inner.down_reason = Some(why.to_owned());
     }
@@ -733,6 +755,7 @@ impl Replica {
     /// asks for, and returns the effects that need the network.
     fn step(&self, event: Event) -> Result<Effects, String> {
         let mut fx = Effects::default();
+        let mut snapshot = None;
         {
             let mut inner = lock(&self.inner);
             let inner = &mut *inner;
@@ -778,17 +801,33 @@ impl Replica {
             self.primary.store(role == Role::Primary, Ordering::SeqCst);
             if persist {
                 let (gens, flags) = (node.gens(), node.meta_flags());
-                if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
+                if let Some(sb) = inner.sb.as_mut() {
                     sb.gens = gens;
                     sb.flags = flags;
-                    if let Err(e) = md.write(sb) {
-                        tracing::error!(resource = %self.name, "writing metadata failed: {e}");
-                        inner.last_error = Some(format!("writing metadata failed: {e}"));
-                    }
+                    inner.sb_version += 1;
+                    snapshot = Some((inner.sb_version, sb.clone()));
                 }
             }
             if role != Role::Primary {
                 self.serving.store(false, Ordering::SeqCst);
+            }
+        }
+        // Durable before the caller acts on the step (tells the peer,
+        // answers the operator), but outside the state lock.
+        if let Some((version, mut sb)) = snapshot {
+            let mut meta = lock(&self.meta);
+            if version > meta.written {
+                if let Some(md) = meta.md.as_mut() {
+                    match md.write(&mut sb) {
+                        Ok(()) => meta.written = version,
+                        Err(e) => {
+                            drop(meta);
+                            tracing::error!(resource = %self.name, "writing metadata failed: {e}");
+                            lock(&self.inner).last_error =
+                                Some(format!("writing metadata failed: {e}"));
+                        }
+                    }
+                }
             }
         }
         self.emit_if_changed();
