@@ -34,6 +34,9 @@ fn default_listen() -> Option<SocketAddr> {
 fn default_handshake_timeout_ms() -> u64 {
     10_000
 }
+fn default_send_timeout_ms() -> u64 {
+    30_000
+}
 fn default_workers() -> usize {
     8
 }
@@ -183,6 +186,9 @@ pub struct NbdConfig {
     /// A client must finish option haggling within this time.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// A client that does not take a reply for this long is disconnected.
+    #[serde(default = "default_send_timeout_ms")]
+    pub send_timeout_ms: u64,
     /// Requests served in parallel on one connection.
     #[serde(default = "default_workers")]
     pub workers_per_connection: usize,
@@ -200,6 +206,7 @@ impl Default for NbdConfig {
             listen: default_listen(),
             unix_socket: None,
             handshake_timeout_ms: default_handshake_timeout_ms(),
+            send_timeout_ms: default_send_timeout_ms(),
             workers_per_connection: default_workers(),
             max_connections: default_max_connections(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
@@ -336,6 +343,9 @@ impl Config {
         }
         if self.nbd.max_connections == 0 {
             return invalid("[nbd] max_connections must be at least 1".into());
+        }
+        if self.nbd.send_timeout_ms == 0 {
+            return invalid("[nbd] send_timeout_ms must be at least 1".into());
         }
         if self.nbd.handshake_timeout_ms == 0 {
             return invalid("[nbd] handshake_timeout_ms must be at least 1".into());

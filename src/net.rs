@@ -29,6 +29,13 @@ impl Stream {
         };
     }
 
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(timeout),
+            Stream::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+
     pub fn set_timeouts(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
@@ -119,6 +126,20 @@ impl AsRawFd for Stream {
             Stream::Unix(s) => s.as_raw_fd(),
         }
     }
+}
+
+/// Waits up to `timeout` for `fd` to become readable (or to report an
+/// error or hang-up, which a read then returns). True if it did.
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one pollfd on the stack, valid for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n != 0
 }
 
 /// Polls (without blocking) until the socket `fd` has bytes to read or

@@ -366,7 +366,11 @@ fn serve_connection(shared: &Shared, id: u64, mut stream: Stream, peer: &str) {
         tracing::info!(peer, export = %export.name, "connection closed: {e}");
         return;
     }
-    match transmission::serve(stream, &export, shared.cfg.workers_per_connection) {
+    let limits = transmission::Limits {
+        send_timeout: Duration::from_millis(shared.cfg.send_timeout_ms),
+        drain: Duration::from_millis(shared.cfg.shutdown_timeout_ms),
+    };
+    match transmission::serve(stream, &export, shared.cfg.workers_per_connection, limits) {
         Ok(summary) => {
             let requests = summary.requests;
             match summary.reason {

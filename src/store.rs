@@ -11,15 +11,105 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
 /// Largest zero-fill buffer used when the file system cannot zero a range.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Work that completions leave for the end of a batch: typically sending
+/// the replies that several completions queued on one connection, once.
+pub trait Deferred: Send + Sync {
+    fn run(&self);
+}
+
+/// Deferred work collected while completing a batch of requests, run
+/// once per distinct item when the batch ends (or the `Batch` is
+/// dropped, so nothing queued is ever forgotten).
+#[derive(Default)]
+pub struct Batch {
+    items: Vec<Arc<dyn Deferred>>,
+}
+
+impl Batch {
+    /// Schedules `item` for the end of the batch (callers defer an item
+    /// once, when it goes from idle to having work).
+    pub fn defer(&mut self, item: Arc<dyn Deferred>) {
+        self.items.push(item);
+    }
+
+    /// Runs and forgets everything deferred so far.
+    pub fn run(&mut self) {
+        for item in self.items.drain(..) {
+            item.run();
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+/// Called exactly once with the outcome of a submitted modification. It
+/// may run on another thread (the one that received the peer's
+/// acknowledgement), inside `batch`.
+pub type Done = Box<dyn FnOnce(io::Result<()>, &mut Batch) + Send>;
+
+/// A modification submitted with `Store::submit`.
+#[derive(Debug, Clone, Copy)]
+pub enum Modify<'a> {
+    Write {
+        buf: &'a [u8],
+        offset: u64,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    },
+}
+
+impl Modify<'_> {
+    pub fn range(&self) -> (u64, u64) {
+        match *self {
+            Modify::Write { buf, offset } => (offset, buf.len() as u64),
+            Modify::Trim { offset, len } | Modify::WriteZeroes { offset, len, .. } => (offset, len),
+        }
+    }
+
+    /// Carries the modification out on `store`, synchronously.
+    pub fn apply(&self, store: &dyn Store) -> io::Result<()> {
+        match *self {
+            Modify::Write { buf, offset } => store.write_at(buf, offset, false),
+            Modify::Trim { offset, len } => store.trim(offset, len),
+            Modify::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+            } => store.write_zeroes(offset, len, may_unmap),
+        }
+    }
+}
+
 /// Positional block storage. All methods may be called concurrently.
 pub trait Store: Send + Sync {
+    /// Starts a modification without FUA; `done` gets its outcome. The
+    /// caller's buffer is no longer needed when this returns, but `done`
+    /// may run later on another thread (a replicated store completes
+    /// when the peer acknowledges). The default runs it synchronously.
+    fn submit(&self, op: Modify<'_>, done: Done) {
+        let result = op.apply(self.as_dyn());
+        done(result, &mut Batch::default());
+    }
+    /// `self` as a trait object (for the default `submit`).
+    fn as_dyn(&self) -> &dyn Store;
     /// Usable bytes.
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`. The range is within `size()`.
@@ -166,6 +256,9 @@ impl FileStore {
 }
 
 impl Store for FileStore {
+    fn as_dyn(&self) -> &dyn Store {
+        self
+    }
     fn size(&self) -> u64 {
         self.size
     }
@@ -286,6 +379,9 @@ impl MemStore {
 }
 
 impl Store for MemStore {
+    fn as_dyn(&self) -> &dyn Store {
+        self
+    }
     fn size(&self) -> u64 {
         self.lock().len() as u64
     }

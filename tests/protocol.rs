@@ -634,3 +634,29 @@ fn a_port_already_in_use_is_reported() {
     assert!(err.contains("in use"), "{err}");
     finish(d);
 }
+
+#[test]
+fn a_client_that_stops_reading_replies_is_dropped_without_blocking_others() {
+    let d = Daemon::builder()
+        .nbd_extra("send_timeout_ms = 300\n")
+        .start();
+    let mut stalled = Client::connect(&d.addr(), "r0");
+    // Far more reply data than the socket buffers hold, never read: the
+    // workers block sending until the send timeout ends the connection.
+    for _ in 0..256 {
+        stalled.send(Command::Read, 0, 0, 256 * 1024, &[]);
+    }
+    assert_still_serving(&d);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_still_serving(&d);
+    assert!(
+        closed_by_server(&mut stalled.stream),
+        "a client that does not read its replies must be disconnected"
+    );
+    assert!(
+        d.log_text().contains("writing reply"),
+        "the reason is logged:\n{}",
+        d.log_text()
+    );
+    finish(d);
+}

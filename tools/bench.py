@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """fio-based benchmark: replblk's `repld` NBD server vs. the nbdkit file plugin.
 
-Every server gets its own backing file; all backing files are created the same
-way (same size, same content) before any server starts.  Each workload is run
-through fio's nbd engine against every server in turn (A B A B ...) for the
-requested number of rounds, and the median over rounds is reported together
-with same-run ratios against the baseline (nbdkit).
+Servers: a single `repld`, a replicated `repld` pair (Primary -> Secondary on
+loopback), `qemu-storage-daemon` mirroring synchronously to an nbdkit target
+(the userspace anchor for synchronous mirroring), and plain nbdkit (the
+baseline).  Every server gets its own backing file(s); all backing files are
+created the same way (same size, same content) before any server starts.  Each
+workload is run through fio's nbd engine against every server in turn
+(A B C D A B C D ...) for the requested number of rounds, and the median over
+rounds is reported together with same-run ratios against the baseline
+(nbdkit), the server processes' CPU time per I/O, and a loopback round trip.
 
 See docs/benchmark.md for how to run it and how to read the output.
 Python 3 standard library only.
@@ -22,14 +26,17 @@ import random
 import shutil
 import signal
 import socket
+import select
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPLD = REPO_ROOT / "target" / "release" / "repld"
@@ -42,6 +49,12 @@ STOP_TIMEOUT_S = 15.0
 FIO_GRACE_S = 60.0
 BUILD_TIMEOUT_S = 1800.0
 START_ATTEMPTS = 3
+QMP_TIMEOUT_S = 30.0
+TOOL_TIMEOUT_S = 60.0
+CPU_SAMPLE_INTERVAL_S = 0.025
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+RTT_ROUND_TRIPS = 1000
+RTT_MESSAGE_BYTES = 16
 
 
 # --------------------------------------------------------------------------
@@ -124,8 +137,9 @@ class BenchError(Exception):
 # one or more daemon processes, and exposes start(), stop(), uri().
 # Single-process servers only implement _command(port).  A multi-process
 # setup (e.g. a replicated pair of repld daemons) overrides images(), start(),
-# stop(), running() and uri() using several Daemon objects.  New servers are
-# added in build_servers().
+# stop(), running(), uri() and processes() using several Daemon objects.
+# processes() names the PIDs whose CPU time is measured; after_run() may add
+# figures sampled after each fio run.  New servers are added in build_servers().
 # --------------------------------------------------------------------------
 
 
@@ -140,9 +154,13 @@ class Daemon:
         self.proc: Optional[subprocess.Popen] = None
         self.exit_code: Optional[int] = None
 
-    def start(self, command_for_port, fixed_port: Optional[int] = None) -> None:
+    def start(self, command_for_port, fixed_port: Optional[int] = None,
+              ready: Optional[Callable[[int], bool]] = None) -> None:
         """command_for_port(port) -> argv.  Retries if the port got taken.
-        With fixed_port, the daemon's port is already in its config."""
+        With fixed_port, the daemon's port is already in its config.  The
+        daemon is ready when ready(port) is true (default: the port accepts
+        TCP connections)."""
+        ready = ready or port_accepts
         last = ""
         for attempt in range(1, START_ATTEMPTS + 1):
             port = fixed_port if fixed_port is not None else free_port()
@@ -156,11 +174,11 @@ class Daemon:
             self.port = port
             deadline = time.monotonic() + READY_TIMEOUT_S
             while time.monotonic() < deadline and self.proc.poll() is None:
-                if port_accepts(port):
+                if ready(port):
                     return
                 time.sleep(0.05)
             if self.proc.poll() is None:
-                last = f"not accepting connections on port {port} after {READY_TIMEOUT_S:.0f}s"
+                last = f"not ready (port {port}) after {READY_TIMEOUT_S:.0f}s"
                 self.stop(check=False)
                 break  # a hang is not a port race: do not retry
             last = f"exited with status {self.proc.returncode} before becoming ready"
@@ -241,6 +259,14 @@ class Server:
 
     def log_tail(self) -> str:
         return tail(self.daemon.log_path)
+
+    def processes(self) -> List[Tuple[str, Optional[int]]]:
+        """(role, pid) of every server process whose CPU time is measured."""
+        return [(self.kind, self.daemon.pid)]
+
+    def after_run(self) -> Dict[str, Any]:
+        """Extra per-run figures sampled right after each fio run."""
+        return {}
 
 
 class NbdkitServer(Server):
@@ -325,7 +351,7 @@ class ReplicatedPairServer(Server):
     def replctl(self, ctl: Path, *args: str) -> subprocess.CompletedProcess:
         replctl = self.binary.parent / "replctl"
         return subprocess.run([str(replctl), "--socket", str(ctl), *args],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
 
     def start(self) -> None:
         def alpha_cmd(port: int) -> List[str]:
@@ -380,8 +406,297 @@ class ReplicatedPairServer(Server):
     def describe(self) -> str:
         return f"alpha pid {self.alpha.pid}, beta pid {self.beta.pid}, {self.uri()}"
 
+    def version(self) -> str:
+        return str(self.binary)
+
+    def processes(self) -> List[Tuple[str, Optional[int]]]:
+        return [("primary", self.alpha.pid), ("secondary", self.beta.pid)]
+
+    def ping_rtt_us(self, ctl: Path) -> Optional[float]:
+        """ping_rtt_us of r0 from `replctl status --json` (the round trip of
+        the last keepalive Ping on the replication link), or None."""
+        try:
+            r = self.replctl(ctl, "status", "--json")
+            if r.returncode != 0:
+                return None
+            for res in json.loads(r.stdout).get("resources", []):
+                if res.get("name") == EXPORT_NAME and res.get("ping_rtt_us") is not None:
+                    return float(res["ping_rtt_us"])
+        except (OSError, subprocess.SubprocessError, ValueError, AttributeError, TypeError):
+            pass
+        return None
+
+    def after_run(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for key, ctl in (("ping_rtt_us", self.ctl), ("ping_rtt_us_secondary", self.beta_ctl)):
+            v = self.ping_rtt_us(ctl)
+            if v is not None:
+                out[key] = v
+        return out
+
     def log_tail(self) -> str:
         return tail(self.alpha.log_path) + "\n--- beta ---\n" + tail(self.beta.log_path)
+
+
+class Qmp:
+    """Minimal QMP client: JSON lines over a unix socket, one command at a
+    time, events skipped.  Every read has a timeout."""
+
+    def __init__(self, path: Path, deadline: float, owner: Daemon) -> None:
+        self.sock: Optional[socket.socket] = None
+        last: Exception = BenchError("no attempt")
+        while time.monotonic() < deadline and owner.running():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.settimeout(QMP_TIMEOUT_S)
+                s.connect(str(path))
+                self.sock = s
+                break
+            except OSError as e:
+                s.close()
+                last = e
+                time.sleep(0.05)
+        if self.sock is None:
+            raise BenchError(f"{owner.label}: cannot connect to QMP socket {path}: {last}\n"
+                             f"--- log ---\n{tail(owner.log_path)}")
+        self.label = owner.label
+        self.rfile = self.sock.makefile("rb")
+        self.serial = 0
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise BenchError(f"{self.label}: unexpected QMP greeting {greeting}")
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> Dict[str, Any]:
+        try:
+            line = self.rfile.readline(1 << 20)
+        except OSError as e:  # includes socket.timeout
+            raise BenchError(f"{self.label}: QMP read failed: {e}")
+        if not line:
+            raise BenchError(f"{self.label}: QMP connection closed")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise BenchError(f"{self.label}: unreadable QMP line {line[:200]!r}")
+
+    def execute(self, command: str, arguments: Optional[Dict[str, Any]] = None) -> Any:
+        assert self.sock is not None
+        self.serial += 1
+        ident = f"bench-{self.serial}"
+        msg: Dict[str, Any] = {"execute": command, "id": ident}
+        if arguments is not None:
+            msg["arguments"] = arguments
+        try:
+            self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            raise BenchError(f"{self.label}: QMP {command}: send failed: {e}")
+        for _ in range(10000):  # events may come first; bounded anyway
+            r = self._read()
+            if r.get("id") != ident:
+                continue
+            if "error" in r:
+                err = r["error"]
+                raise BenchError(f"{self.label}: QMP {command} failed: "
+                                 f"{err.get('class')}: {err.get('desc')}")
+            return r.get("return")
+        raise BenchError(f"{self.label}: no QMP answer to {command}")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.rfile.close()
+                self.sock.close()
+            except OSError:
+                pass
+            self.sock = None
+
+
+class QsdMirrorServer(Server):
+    """The userspace anchor for synchronous mirroring: qemu-storage-daemon
+    serves file A over NBD through a blockdev-mirror job (sync=none,
+    copy-mode=write-blocking) whose target is nbdkit serving file B on
+    loopback.  The export is the mirror's filter node `mtop`: a write is
+    acknowledged once both A and B have it (in the page cache; see
+    docs/benchmark.md for what a FLUSH covers)."""
+
+    kind = "qsd-mirror"
+
+    def __init__(self, label: str, workdir: Path) -> None:
+        super().__init__(label, workdir, workdir / f"{label}-a.img")
+        self.b_image = workdir / f"{label}-b.img"
+        self.qsd = self.daemon
+        self.target = Daemon(f"{label}-target", workdir)
+        self.qmp_path = workdir / f"{label}.qmp"
+        self.nbd_port: Optional[int] = None
+        self.size = 0
+        for path in (self.image, self.b_image, self.qmp_path):
+            if "," in str(path):
+                raise BenchError(f"{label}: qemu options cannot take a path with ',': {path}")
+        if len(str(self.qmp_path).encode()) >= 100:
+            raise BenchError(f"{label}: QMP socket path too long for a unix socket: "
+                             f"{self.qmp_path} (use a shorter --tmpdir)")
+
+    def images(self) -> List[Path]:
+        return [self.image, self.b_image]
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
+                                 text=True, timeout=10).stdout
+            return out.splitlines()[0].strip() if out else "?"
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    def _qsd_command(self, _port: int) -> List[str]:
+        return ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=file0,filename={self.image}",
+                "--blockdev", "driver=raw,node-name=src,file=file0",
+                "--chardev", f"socket,id=mon,path={self.qmp_path},server=on,wait=off",
+                "--monitor", "chardev=mon"]
+
+    def start(self) -> None:
+        self.size = self.image.stat().st_size
+        self.target.start(lambda port: ["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port),
+                                        "--exportname=t", "file", str(self.b_image)])
+        # qsd listens on nothing until QMP says so: ready = QMP socket exists.
+        try:
+            self.qmp_path.unlink()
+        except FileNotFoundError:
+            pass
+        self.qsd.start(self._qsd_command, fixed_port=0,
+                       ready=lambda _port: self.qmp_path.exists())
+        qmp = Qmp(self.qmp_path, time.monotonic() + READY_TIMEOUT_S, self.qsd)
+        try:
+            qmp.execute("blockdev-add", {
+                "driver": "nbd", "node-name": "tgt",
+                "server": {"type": "inet", "host": "127.0.0.1", "port": str(self.target.port)},
+                "export": "t"})
+            qmp.execute("blockdev-mirror", {
+                "job-id": "m0", "device": "src", "target": "tgt", "sync": "none",
+                "copy-mode": "write-blocking", "filter-node-name": "mtop"})
+            self._wait_job_ready(qmp)
+            last = ""
+            for _ in range(START_ATTEMPTS):  # the port may get taken meanwhile
+                port = free_port()
+                try:
+                    qmp.execute("nbd-server-start", {
+                        "addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+                    self.nbd_port = port
+                    break
+                except BenchError as e:
+                    last = str(e)
+            if self.nbd_port is None:
+                raise BenchError(last)
+            qmp.execute("block-export-add", {"type": "nbd", "id": "e0", "node-name": "mtop",
+                                             "name": EXPORT_NAME, "writable": True})
+        finally:
+            qmp.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not port_accepts(self.nbd_port):
+            if time.monotonic() > deadline or not self.running():
+                raise BenchError(f"{self.label}: export not reachable on port {self.nbd_port}\n"
+                                 f"{self.log_tail()}")
+            time.sleep(0.05)
+        self.check_mirroring()
+
+    def _wait_job_ready(self, qmp: Qmp) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        job: Dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            jobs = qmp.execute("query-block-jobs") or []
+            job = next((j for j in jobs if j.get("device") == "m0"), {})
+            if job.get("status") == "ready" and job.get("actively-synced", True):
+                return
+            if not job or job.get("status") in ("aborting", "concluded", "null"):
+                break
+            time.sleep(0.05)
+        raise BenchError(f"{self.label}: mirror job not ready and actively synced: {job}\n"
+                         f"{self.log_tail()}")
+
+    def _qemu_io(self, command: str) -> None:
+        cmd = ["qemu-io", "-f", "raw", self.uri(), "-c", command]
+        try:
+            res = run_bounded(cmd, timeout=TOOL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{self.label}: timed out: {' '.join(cmd)}")
+        text = (res.stdout + res.stderr).lower()
+        if res.returncode != 0 or "error" in text or "failed" in text:
+            raise BenchError(f"{self.label}: {' '.join(cmd)} failed (status {res.returncode}):\n"
+                             f"{res.stdout}{res.stderr}")
+
+    def check_mirroring(self) -> None:
+        """Write a pattern through the export and check that file B (the
+        target) has it as soon as the write is acknowledged, then write the
+        original bytes back so that all servers' data stay identical."""
+        length = 4096
+        offset = (self.size // 2) // MiB * MiB
+        with open(self.image, "rb") as f:
+            original = os.pread(f.fileno(), length, offset)
+        saved = self.workdir / f"{self.label}-check.bin"
+        saved.write_bytes(original)
+        pattern = bytes([0xA5]) * length
+        if original == pattern:
+            pattern = bytes([0x5A]) * length
+
+        def both() -> Tuple[bytes, bytes]:
+            with open(self.image, "rb") as a, open(self.b_image, "rb") as b:
+                return os.pread(a.fileno(), length, offset), os.pread(b.fileno(), length, offset)
+
+        self._qemu_io(f"write -P 0x{pattern[0]:02x} {offset} {length}")
+        a, b = both()
+        if a != pattern or b != pattern:
+            raise BenchError(
+                f"{self.label}: a write through nbd export {self.uri()} did not reach "
+                f"{'A' if a != pattern else ''}{' and ' if a != pattern and b != pattern else ''}"
+                f"{'B (the mirror target)' if b != pattern else ''} at offset {offset} by the "
+                f"time it was acknowledged; is the export on the filter node mtop?\n"
+                f"{self.log_tail()}")
+        self._qemu_io(f"write -s {saved} {offset} {length}")
+        a, b = both()
+        if a != original or b != original:
+            raise BenchError(f"{self.label}: could not restore the original bytes at {offset}")
+        saved.unlink()
+
+    def compare_images(self) -> None:
+        """After the run: every write went through the mirror, so A == B."""
+        chunk = 4 * MiB
+        with open(self.image, "rb") as a, open(self.b_image, "rb") as b:
+            offset = 0
+            while True:
+                x, y = a.read(chunk), b.read(chunk)
+                if x != y:
+                    n = next((i for i in range(min(len(x), len(y))) if x[i] != y[i]),
+                             min(len(x), len(y)))
+                    raise BenchError(f"{self.label}: files A and B differ at byte {offset + n} "
+                                     f"after the run: the mirror lost writes")
+                if not x:
+                    return
+                offset += len(x)
+
+    def stop(self, check: bool = True) -> None:
+        try:
+            self.qsd.stop(check)
+        finally:
+            self.target.stop(check)
+        if check:
+            self.compare_images()
+
+    def running(self) -> bool:
+        return self.qsd.running() and self.target.running()
+
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.nbd_port}/{EXPORT_NAME}"
+
+    def describe(self) -> str:
+        return (f"qsd pid {self.qsd.pid}, nbdkit target pid {self.target.pid} "
+                f"on port {self.target.port}, {self.uri()}")
+
+    def processes(self) -> List[Tuple[str, Optional[int]]]:
+        return [("qsd", self.qsd.pid), ("target", self.target.pid)]
+
+    def log_tail(self) -> str:
+        return tail(self.qsd.log_path) + "\n--- nbdkit target ---\n" + tail(self.target.log_path)
+
 
 
 # --------------------------------------------------------------------------
@@ -490,14 +805,122 @@ def run_bounded(cmd: List[str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+# --------------------------------------------------------------------------
+# CPU time of the server processes
+# --------------------------------------------------------------------------
+
+
+def cpu_ticks(pid: Optional[int]) -> Optional[int]:
+    """utime + stime of a process (all its threads), in clock ticks: fields
+    14 and 15 of /proc/PID/stat.  None if it cannot be read."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2:].split()  # fields 3.. (comm may hold spaces)
+        return int(fields[14 - 3]) + int(fields[15 - 3])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuSampler:
+    """Samples the CPU ticks of some processes every CPU_SAMPLE_INTERVAL_S
+    (wall-clock stamped, to line up with fio's report), from start() until
+    stop(), in a background thread."""
+
+    def __init__(self, pids: List[Tuple[str, Optional[int]]]) -> None:
+        self.pids = pids
+        self.samples: List[Tuple[float, Dict[str, Optional[int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        self.samples.append((time.time(), {role: cpu_ticks(pid) for role, pid in self.pids}))
+
+    def _loop(self) -> None:
+        # Bounded by stop(); the count bound is a safety net (about 3 hours).
+        for _ in range(500000):
+            if self._stop.wait(CPU_SAMPLE_INTERVAL_S):
+                return
+            self._sample()
+
+    def start(self) -> None:
+        self._sample()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+
+    def ticks_at(self, role: str, t: float) -> Optional[float]:
+        """Ticks of `role` at wall time t, interpolated between samples."""
+        pts = [(ts, v[role]) for ts, v in self.samples if v.get(role) is not None]
+        if not pts:
+            return None
+        times = [ts for ts, _ in pts]
+        i = bisect_left(times, t)
+        if i <= 0:
+            return float(pts[0][1])
+        if i >= len(pts):
+            return float(pts[-1][1])
+        (t0, v0), (t1, v1) = pts[i - 1], pts[i]
+        return v0 + (v1 - v0) * ((t - t0) / (t1 - t0) if t1 > t0 else 1.0)
+
+    def window(self, role: str, start: float, end: float) -> Optional[float]:
+        """CPU seconds used by `role` between wall times start and end."""
+        a, b = self.ticks_at(role, start), self.ticks_at(role, end)
+        return None if a is None or b is None else max(0.0, b - a) / CLK_TCK
+
+    def whole(self, role: str) -> Optional[float]:
+        """CPU seconds used by `role` between the first and last sample."""
+        first, last = self.samples[0][1].get(role), self.samples[-1][1].get(role)
+        return None if first is None or last is None else (last - first) / CLK_TCK
+
+
+def cpu_figures(sampler: CpuSampler, data: Dict[str, Any], job: Dict[str, Any],
+                ios: int) -> Dict[str, Any]:
+    """CPU microseconds per I/O of each server process over fio's measured
+    window (after --ramp_time; fio's total_ios counts only that window).
+
+    fio reports when it finished (timestamp_ms, wall clock) and how long the
+    measured part lasted (job_runtime, ms): the window is [end - runtime, end],
+    and the CPU ticks at both ends are interpolated from the samples.  If fio
+    did not report both, the whole fio run is used (which over-counts by the
+    ramp) and cpu_window says so."""
+    roles = [role for role, _ in sampler.pids]
+    out: Dict[str, Any] = {"cpu_s_whole_run": {r: sampler.whole(r) for r in roles}}
+    end = float(data.get("timestamp_ms", 0)) / 1000.0
+    runtime = float(job.get("job_runtime", 0)) / 1000.0
+    first, last = sampler.samples[0][0], sampler.samples[-1][0]
+    if runtime > 0 and first - 0.5 <= end - runtime and end <= last + 0.5:
+        secs = {r: sampler.window(r, end - runtime, end) for r in roles}
+        out["cpu_window"] = "measured"
+    else:
+        secs = dict(out["cpu_s_whole_run"])
+        out["cpu_window"] = "whole-run"
+    if any(v is None for v in secs.values()) or ios <= 0:
+        return out
+    parts = {r: secs[r] * 1e6 / ios for r in roles}
+    out["cpu_s"] = secs
+    out["cpu_parts_us_per_io"] = parts
+    out["cpu_us_per_io"] = sum(parts.values())
+    return out
+
+
 def run_fio(w: Workload, server: Server, runtime: int, ramp: int, workdir: Path,
             tag: str) -> Dict[str, Any]:
     out = workdir / f"fio-{tag}.json"
     cmd = fio_cmd(w, server.uri(), runtime, ramp, out)
+    sampler = CpuSampler(server.processes())
+    sampler.start()
     try:
         res = run_bounded(cmd, timeout=runtime + ramp + FIO_GRACE_S)
     except subprocess.TimeoutExpired:
         raise BenchError(f"fio {w.key} against {server.label} timed out: {' '.join(cmd)}")
+    finally:
+        sampler.stop()
     try:
         if res.returncode != 0:
             raise BenchError(f"fio {w.key} against {server.label} failed (status {res.returncode}):\n"
@@ -530,6 +953,10 @@ def run_fio(w: Workload, server: Server, runtime: int, ramp: int, workdir: Path,
             r["flush_p50_us"] = _pct(lat, "50.000000")
             r["flush_p99_us"] = _pct(lat, "99.000000")
             r["flush_total"] = int(sync["total_ios"])
+        ios = sum(int((job.get(k) or {}).get("total_ios", 0)) for k in ("read", "write"))
+        r["total_ios_rw"] = ios
+        r.update(cpu_figures(sampler, data, job, ios))
+        r.update(server.after_run())
         return r
     finally:
         try:
@@ -539,18 +966,94 @@ def run_fio(w: Workload, server: Server, runtime: int, ramp: int, workdir: Path,
 
 
 # --------------------------------------------------------------------------
+# Loopback round trip
+# --------------------------------------------------------------------------
+
+_ECHO_SERVER = r"""
+import socket, sys
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+srv.settimeout(30)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.settimeout(30)
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+buf = bytearray(4096)
+for _ in range(10000000):
+    n = conn.recv_into(buf)
+    if not n:
+        break
+    conn.sendall(memoryview(buf)[:n])
+"""
+
+
+def loopback_rtt_us(round_trips: int = RTT_ROUND_TRIPS, size: int = RTT_MESSAGE_BYTES,
+                    warmup: int = 50) -> float:
+    """Median round trip of `size`-byte messages over TCP on 127.0.0.1
+    between this process and an echo server in a child Python process
+    (TCP_NODELAY on both ends), in microseconds."""
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_child_setup)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT_S)
+        line = proc.stdout.readline().strip() if ready else b""
+        if not line.isdigit():
+            raise BenchError(f"loopback echo server did not start: "
+                             f"{proc.stderr.read(2000) if proc.poll() is not None else 'timeout'}")
+        msg = bytes(range(size))
+        buf = bytearray(size)
+        times: List[int] = []
+        with socket.create_connection(("127.0.0.1", int(line)), timeout=10) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            view = memoryview(buf)
+            for i in range(warmup + round_trips):
+                t0 = time.perf_counter_ns()
+                c.sendall(msg)
+                got = 0
+                while got < size:  # bounded: each recv has a timeout, stops at EOF
+                    n = c.recv_into(view[got:])
+                    if n == 0:
+                        raise BenchError("loopback echo server closed the connection")
+                    got += n
+                t1 = time.perf_counter_ns()
+                if i >= warmup:
+                    times.append(t1 - t0)
+        return statistics.median(times) / 1000.0
+    except OSError as e:
+        raise BenchError(f"loopback round trip measurement failed: {e}")
+    finally:
+        try:  # it exits at EOF; after a failure it may still wait in accept()
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
+
+
+# --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
 
-METRICS = ("iops", "mib_s", "p50_us", "p99_us", "mean_us", "flush_p50_us", "flush_p99_us")
+METRICS = ("iops", "mib_s", "p50_us", "p99_us", "mean_us", "flush_p50_us", "flush_p99_us",
+           "cpu_us_per_io", "ping_rtt_us", "ping_rtt_us_secondary")
 
 
-def medians(runs: List[Dict[str, Any]]) -> Dict[str, float]:
-    out = {}
+def medians(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Median over rounds of each metric separately (so the median CPU/IO
+    total need not equal the sum of the parts' medians with >2 rounds)."""
+    out: Dict[str, Any] = {}
     for m in METRICS:
         vals = [r[m] for r in runs if m in r]
         if vals:
             out[m] = statistics.median(vals)
+    parts = [r["cpu_parts_us_per_io"] for r in runs if "cpu_parts_us_per_io" in r]
+    if parts:
+        out["cpu_parts_us_per_io"] = {role: statistics.median(p[role] for p in parts)
+                                      for role in parts[0]}
     return out
 
 
@@ -564,33 +1067,176 @@ def fmt_ratio(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.2f}x"
 
 
-def print_table(workloads: List[Workload], servers: List[Server], baseline: Server,
-                med: Dict[str, Dict[str, Dict[str, float]]], rounds: int) -> None:
+def fmt_num(x: Optional[float], width: int, prec: int = 1) -> str:
+    return f"{'n/a':>{width}}" if x is None or x != x else f"{x:>{width}.{prec}f}"
+
+
+def ratios(m: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    return {"iops": ratio(m.get("iops"), b.get("iops")),
+            "p50": ratio(m.get("p50_us"), b.get("p50_us")),
+            "p99": ratio(m.get("p99_us"), b.get("p99_us")),
+            "cpu_per_io": ratio(m.get("cpu_us_per_io"), b.get("cpu_us_per_io"))}
+
+
+def find_kind(servers: List[Server], kind: str) -> Optional[Server]:
+    return next((s for s in servers if s.kind == kind), None)
+
+
+def comparisons(servers: List[Server], baseline: Server) -> List[Tuple[Server, Server]]:
+    """(server, reference) pairs for the ratio lines: every server against
+    the baseline, and the replicated pair also against qsd-mirror."""
+    out = [(s, baseline) for s in servers if s is not baseline]
+    pair, qsd = find_kind(servers, "repld-pair"), find_kind(servers, "qsd-mirror")
+    if pair and qsd:
+        out.append((pair, qsd))
+    return out
+
+
+def print_table(res: Dict[str, Any]) -> None:
+    workloads: List[Workload] = res["workloads"]
+    servers: List[Server] = res["servers"]
+    med = res["median"]
     lw = max(len("workload"), *(len(w.key) for w in workloads))
     sw = max(len("server"), *(len(s.label) for s in servers))
     hdr = (f"{'workload':<{lw}}  {'server':<{sw}}  {'IOPS':>10}  {'MiB/s':>9}  "
-           f"{'p50 (us)':>10}  {'p99 (us)':>10}")
+           f"{'p50 (us)':>10}  {'p99 (us)':>10}  {'CPU/IO (us)':>11}  CPU split (us/IO)")
     print()
-    print(f"Median over {rounds} round(s); latency = fio completion latency (clat).")
+    print(f"fill={res['fill']}: median over {res['rounds']} round(s); latency = fio completion "
+          f"latency (clat); CPU/IO = user+system CPU time of the server process(es) per "
+          f"read/write fio completed.")
     print(hdr)
     print("-" * len(hdr))
     for w in workloads:
         for s in servers:
             m = med[w.key][s.label]
+            parts = m.get("cpu_parts_us_per_io") or {}
+            split = " + ".join(f"{role} {v:.1f}" for role, v in parts.items()) if len(parts) > 1 else ""
             print(f"{w.key:<{lw}}  {s.label:<{sw}}  {m['iops']:>10.0f}  {m['mib_s']:>9.1f}  "
-                  f"{m['p50_us']:>10.1f}  {m['p99_us']:>10.1f}")
+                  f"{fmt_num(m.get('p50_us'), 10)}  {fmt_num(m.get('p99_us'), 10)}  "
+                  f"{fmt_num(m.get('cpu_us_per_io'), 11)}  {split}".rstrip())
             if "flush_p50_us" in m:
                 print(f"{'':<{lw}}  {'':<{sw}}  {'(flush latency)':>21}  "
-                      f"{m['flush_p50_us']:>10.1f}  {m['flush_p99_us']:>10.1f}")
-        b = med[w.key][baseline.label]
-        for s in servers:
-            if s is baseline:
-                continue
-            m = med[w.key][s.label]
-            print(f"{'':<{lw}}  ratio {s.label}/{baseline.label}: "
-                  f"IOPS {fmt_ratio(ratio(m['iops'], b['iops']))} (higher is better), "
-                  f"p50 latency {fmt_ratio(ratio(m['p50_us'], b['p50_us']))} (lower is better)")
+                      f"{fmt_num(m['flush_p50_us'], 10)}  {fmt_num(m['flush_p99_us'], 10)}")
+        for s, ref in comparisons(servers, res["baseline"]):
+            r = ratios(med[w.key][s.label], med[w.key][ref.label])
+            print(f"{'':<{lw}}  ratio {s.label}/{ref.label}: "
+                  f"IOPS {fmt_ratio(r['iops'])} (higher is better), "
+                  f"p50 latency {fmt_ratio(r['p50'])}, CPU/IO {fmt_ratio(r['cpu_per_io'])} "
+                  f"(lower is better)")
         print()
+
+
+def qd1_report(res: Dict[str, Any]) -> Dict[str, Any]:
+    """Round trips measured in this run, and for every QD1 workload the p50
+    that replication adds: repl-pair - repld (and qsd-mirror - nbdkit),
+    checked against the target  pair p50 <= single p50 + 1 round trip + 10 us
+    with the loopback TCP round trip."""
+    servers: List[Server] = res["servers"]
+    med = res["median"]
+    rtts = res["tcp_rtt_samples_us"]
+    rtt = statistics.median(rtts) if rtts else None
+    single, pair = find_kind(servers, "repld"), find_kind(servers, "repld-pair")
+    qsd, base = find_kind(servers, "qsd-mirror"), res["baseline"]
+    out: Dict[str, Any] = {"tcp_rtt_us": rtt, "tcp_rtt_samples_us": rtts,
+                           "tcp_round_trips": RTT_ROUND_TRIPS,
+                           "tcp_message_bytes": RTT_MESSAGE_BYTES, "workloads": {}}
+    if pair:
+        pings = [r["ping_rtt_us"] for w in res["workloads"]
+                 for r in res["runs"][w.key][pair.label] if "ping_rtt_us" in r]
+        out["pair_ping_rtt_us"] = statistics.median(pings) if pings else None
+    for w in res["workloads"]:
+        if w.iodepth != 1:
+            continue
+        e: Dict[str, Any] = {}
+        for key, a, b in (("pair_minus_single", pair, single), ("qsd_minus_nbdkit", qsd, base)):
+            if a is None or b is None or a is b:
+                continue
+            ma, mb = med[w.key][a.label], med[w.key][b.label]
+            d: Dict[str, Any] = {"servers": [a.label, b.label],
+                                 "p50_us": [ma.get("p50_us"), mb.get("p50_us")],
+                                 "added_p50_us": (ma["p50_us"] - mb["p50_us"])}
+            if "flush_p50_us" in ma and "flush_p50_us" in mb:
+                d["flush_p50_us"] = [ma["flush_p50_us"], mb["flush_p50_us"]]
+                d["added_flush_p50_us"] = ma["flush_p50_us"] - mb["flush_p50_us"]
+            if key == "pair_minus_single":
+                d["ping_rtt_us"] = ma.get("ping_rtt_us")
+                if rtt is not None:
+                    d["bound_us"] = rtt + 10.0
+                    d["target_met"] = d["added_p50_us"] <= rtt + 10.0
+            e[key] = d
+        out["workloads"][w.key] = e
+    return out
+
+
+def print_qd1(rep: Dict[str, Any], res: Dict[str, Any]) -> None:
+    rtts = rep["tcp_rtt_samples_us"]
+    print("Loopback round trip, measured in this run:")
+    if rtts:
+        print(f"  TCP ping-pong on 127.0.0.1 (Python, {RTT_MESSAGE_BYTES} B messages, median of "
+              f"{RTT_ROUND_TRIPS} round trips, once before each workload): {rep['tcp_rtt_us']:.1f} us "
+              f"(median of {len(rtts)} samples, {min(rtts):.1f}-{max(rtts):.1f})")
+    if rep.get("pair_ping_rtt_us") is not None:
+        print(f"  repl-pair keepalive ping_rtt_us (Primary, replctl status after each run; the "
+              f"last Ping was sent during the run, under load): median {rep['pair_ping_rtt_us']:.1f} us")
+    lw = max([len(k) for k in rep["workloads"]] + [8])
+    for key, e in rep["workloads"].items():
+        first = True
+        for d in e.values():
+            a, b = d["servers"]
+            lab = key if first else ""
+            first = False
+            line = (f"  {lab:<{lw}}  p50 {a} - {b} = {d['added_p50_us']:.1f} us "
+                    f"({d['p50_us'][0]:.1f} - {d['p50_us'][1]:.1f})")
+            if "bound_us" in d:
+                line += (f"; target <= 1 round trip + 10 us = {d['bound_us']:.1f} us: "
+                         f"{'met' if d['target_met'] else 'NOT met'}")
+            if d.get("ping_rtt_us") is not None:
+                line += f"; ping_rtt_us during these runs {d['ping_rtt_us']:.0f}"
+            print(line)
+            if "added_flush_p50_us" in d:
+                print(f"  {'':<{lw}}  flush (fio sync) p50 {a} - {b} = {d['added_flush_p50_us']:.1f} us "
+                      f"({d['flush_p50_us'][0]:.1f} - {d['flush_p50_us'][1]:.1f})")
+    if any("bound_us" in d for e in rep["workloads"].values() for d in e.values()):
+        print("  (QD1 p50 differences; the target for repl-pair is: pair p50 <= single p50 + "
+              "1 round trip + 10 us, with the TCP ping-pong round trip above)")
+    print()
+
+
+def fill_json(res: Dict[str, Any], rep: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    servers: List[Server] = res["servers"]
+    baseline: Server = res["baseline"]
+    med = res["median"]
+    out: Dict[str, Any] = {
+        "config": {
+            "rounds": args.rounds, "runtime_s": args.runtime, "ramp_s": args.ramp,
+            "size_bytes": args.size, "fill": res["fill"], "seed": args.seed,
+            "order": "per round, per workload: " + " ".join(s.label for s in servers),
+            "cpu": "utime+stime of each server process over fio's measured window "
+                   f"(after the ramp), {CPU_SAMPLE_INTERVAL_S * 1000:.0f} ms samples, "
+                   f"CLK_TCK {CLK_TCK}, divided by fio's read+write total_ios",
+        },
+        "loopback": {k: v for k, v in rep.items() if k != "workloads"},
+        "workloads": [],
+    }
+    for w in res["workloads"]:
+        b = med[w.key][baseline.label]
+        entry = {
+            "name": w.key,
+            "description": w.description,
+            "fio": {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "extra": list(w.extra)},
+            "median": med[w.key],
+            "runs": res["runs"][w.key],
+            "ratio_vs_baseline": {s.label: ratios(med[w.key][s.label], b)
+                                  for s in servers if s is not baseline},
+        }
+        for s, ref in comparisons(servers, baseline):
+            if ref is not baseline:
+                entry.setdefault(f"ratio_vs_{ref.kind.replace('-', '_')}", {})[s.label] = \
+                    ratios(med[w.key][s.label], med[w.key][ref.label])
+        if w.key in rep["workloads"]:
+            entry["qd1_added_latency"] = rep["workloads"][w.key]
+        out["workloads"].append(entry)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -622,6 +1268,8 @@ def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server]
         servers.append(ReplDServer("repld", workdir, workdir / "repld.img", args.repld))
         if not args.no_pair:
             servers.append(ReplicatedPairServer("repl-pair", workdir, args.repld))
+    if not args.no_qsd:
+        servers.append(QsdMirrorServer("qsd-mirror", workdir))
     baseline = NbdkitServer("nbdkit", workdir, workdir / "nbdkit.img")
     servers.append(baseline)
     return servers, baseline
@@ -668,9 +1316,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, help="seconds measured per fio run (default 10, --short: 1)")
     p.add_argument("--ramp", type=int, help="fio --ramp_time seconds, not measured (default 2, --short: 1)")
     p.add_argument("--size", type=parse_size, help="backing file size (default 1G, --short: 256M)")
-    p.add_argument("--fill", choices=("random", "zero"), default="random",
+    p.add_argument("--fill", choices=("random", "zero", "both"), default="random",
                    help="random: fully written with identical pseudo-random data (default); "
-                        "zero: fallocated, reads as zeroes")
+                        "zero: fallocated, reads as zeroes; both: the whole run once per fill "
+                        "(random first), one table each")
     p.add_argument("--seed", type=int, default=42, help="seed for --fill random (default 42)")
     p.add_argument("--workloads", help="comma-separated subset of: " +
                    ",".join(w.key for w in WORKLOADS))
@@ -684,6 +1333,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="parent of the temporary work directory (default /var/tmp; avoid tmpfs)")
     p.add_argument("--no-pair", action="store_true",
                    help="skip the replicated pair (alpha Primary -> beta Secondary on loopback)")
+    p.add_argument("--no-qsd", action="store_true",
+                   help="skip qsd-mirror (qemu-storage-daemon mirroring synchronously to nbdkit)")
     p.add_argument("--self-test-with-nbdkit", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.short else 3)
@@ -712,6 +1363,69 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return a
 
 
+def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
+    """One complete run for one --fill: fresh work directory, backing files
+    and servers; every round x workload x server; servers stopped and the
+    work directory removed (also on failure or interruption)."""
+    args.tmpdir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="replblk-bench.", dir=args.tmpdir))
+    servers: List[Server] = []
+    try:
+        servers, baseline = build_servers(args, workdir)
+        images = [p for s in servers for p in s.images()]
+        print(f"work dir {workdir}; creating {len(images)} x {args.size // MiB} MiB "
+              f"backing files (fill={fill})", flush=True)
+        make_images(images, args.size, fill, args.seed)
+
+        for s in servers:
+            s.start()
+            print(f"started {s.label}: {s.describe()}", flush=True)
+
+        runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {
+            w.key: {s.label: [] for s in servers} for w in args.workload_list}
+        rtts: List[float] = []
+        total = args.rounds * len(args.workload_list) * len(servers)
+        n = 0
+        for rnd in range(1, args.rounds + 1):
+            for w in args.workload_list:
+                rtt = loopback_rtt_us()
+                rtts.append(rtt)
+                print(f"round {rnd} {w.key}: loopback TCP round trip {rtt:.1f} us", flush=True)
+                for s in servers:  # A B C D ...
+                    n += 1
+                    # Write back dirty pages left by the previous run so that no
+                    # run pays for another one's writeback (matters for fsync).
+                    os.sync()
+                    r = run_fio(w, s, args.runtime, args.ramp, workdir, f"{rnd}-{w.key}-{n}")
+                    runs[w.key][s.label].append(r)
+                    print(f"[{n}/{total}] round {rnd} {w.key:<24} {s.label:<14} "
+                          f"{r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s "
+                          f"p50 {r['p50_us']:>8.1f} us p99 {r['p99_us']:>9.1f} us "
+                          f"CPU/IO {fmt_num(r.get('cpu_us_per_io'), 6)} us", flush=True)
+
+        for s in servers:
+            s.stop(check=True)
+
+        return {
+            "fill": fill, "rounds": args.rounds, "workloads": args.workload_list,
+            "servers": servers, "baseline": baseline, "runs": runs, "tcp_rtt_samples_us": rtts,
+            "median": {w.key: {s.label: medians(runs[w.key][s.label]) for s in servers}
+                       for w in args.workload_list},
+        }
+    finally:
+        # No interruptions while cleaning up: it must complete.
+        old = {sig: signal.signal(sig, signal.SIG_IGN)
+               for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        for s in servers:
+            try:
+                s.stop(check=False)
+            except Exception as e:  # keep cleaning up
+                print(f"warning: stopping {s.label}: {e}", file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
 
@@ -721,9 +1435,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
 
-    for tool in ("fio", "nbdkit"):
+    tools = {"fio": "fio", "nbdkit": "nbdkit"}
+    if not args.no_qsd:
+        tools.update({"qemu-storage-daemon": "qemu-utils", "qemu-io": "qemu-utils"})
+    for tool, package in tools.items():
         if shutil.which(tool) is None:
-            print(f"error: {tool} not found (apt-get install fio nbdkit)", file=sys.stderr)
+            print(f"error: {tool} not found (apt-get install {package}"
+                  f"{'; or --no-qsd' if package == 'qemu-utils' else ''})", file=sys.stderr)
             return 2
 
     try:
@@ -737,46 +1455,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args.tmpdir.mkdir(parents=True, exist_ok=True)
     warn_if_tmpfs(args.tmpdir.resolve())
-    workdir = Path(tempfile.mkdtemp(prefix="replblk-bench.", dir=args.tmpdir))
-    servers: List[Server] = []
-    status = 0
+    fills = ["random", "zero"] if args.fill == "both" else [args.fill]
+    results: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
     try:
-        servers, baseline = build_servers(args, workdir)
-        images = [p for s in servers for p in s.images()]
-        print(f"work dir {workdir}; creating {len(images)} x {args.size // MiB} MiB "
-              f"backing files (fill={args.fill})", flush=True)
-        make_images(images, args.size, args.fill, args.seed)
-
-        for s in servers:
-            s.start()
-            print(f"started {s.label}: {s.describe()}", flush=True)
-
-        runs: Dict[str, Dict[str, List[Dict[str, Any]]]] = {
-            w.key: {s.label: [] for s in servers} for w in args.workload_list}
-        total = args.rounds * len(args.workload_list) * len(servers)
-        n = 0
-        for rnd in range(1, args.rounds + 1):
-            for w in args.workload_list:
-                for s in servers:  # A B A B ...
-                    n += 1
-                    # Write back dirty pages left by the previous run so that no
-                    # run pays for another one's writeback (matters for fsync).
-                    os.sync()
-                    r = run_fio(w, s, args.runtime, args.ramp, workdir, f"{rnd}-{w.key}-{n}")
-                    runs[w.key][s.label].append(r)
-                    print(f"[{n}/{total}] round {rnd} {w.key:<24} {s.label:<14} "
-                          f"{r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s "
-                          f"p50 {r['p50_us']:>8.1f} us p99 {r['p99_us']:>9.1f} us", flush=True)
-
-        for s in servers:
-            s.stop(check=True)
-
-        med = {w.key: {s.label: medians(runs[w.key][s.label]) for s in servers}
-               for w in args.workload_list}
-        print_table(args.workload_list, servers, baseline, med, args.rounds)
+        for fill in fills:
+            res = run_matrix(args, fill)
+            rep = qd1_report(res)
+            results.append((res, rep))
+            print_table(res)
+            print_qd1(rep, res)
+        if len(results) > 1:
+            print("Both tables are above (one per --fill); compare ratios within a table.")
 
         if args.json:
-            result = {
+            servers, baseline = results[0][0]["servers"], results[0][0]["baseline"]
+            result: Dict[str, Any] = {
                 "meta": {
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "git": git_rev(),
@@ -784,51 +1477,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "kernel": platform.release(),
                     "cpus": os.cpu_count(),
                     "fio": fio_version(),
-                    "servers": {s.label: {"kind": s.kind, "version": s.version()} for s in servers},
+                    "servers": {s.label: {"kind": s.kind, "version": s.version(),
+                                          "processes": [role for role, _ in s.processes()]}
+                                for s in servers},
                     "baseline": baseline.label,
                 },
-                "config": {
-                    "rounds": args.rounds, "runtime_s": args.runtime, "ramp_s": args.ramp,
-                    "size_bytes": args.size, "fill": args.fill, "seed": args.seed,
-                    "order": "per round, per workload: " + " ".join(s.label for s in servers),
-                },
-                "workloads": [],
             }
-            for w in args.workload_list:
-                b = med[w.key][baseline.label]
-                result["workloads"].append({
-                    "name": w.key,
-                    "description": w.description,
-                    "fio": {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth, "extra": list(w.extra)},
-                    "median": med[w.key],
-                    "runs": runs[w.key],
-                    "ratio_vs_baseline": {
-                        s.label: {
-                            "iops": ratio(med[w.key][s.label]["iops"], b["iops"]),
-                            "p50": ratio(med[w.key][s.label]["p50_us"], b["p50_us"]),
-                            "p99": ratio(med[w.key][s.label]["p99_us"], b["p99_us"]),
-                        } for s in servers if s is not baseline},
-                })
+            per_fill = {res["fill"]: fill_json(res, rep, args) for res, rep in results}
+            if len(per_fill) == 1:
+                result.update(next(iter(per_fill.values())))
+            else:
+                result["config"] = dict(per_fill["random"]["config"], fill="both")
+                result["fills"] = per_fill
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2) + "\n")
             print(f"wrote {args.json}")
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
-        status = 1
+        return 1
     except KeyboardInterrupt as e:
         print(f"interrupted ({str(e) or 'SIGINT'})", file=sys.stderr)
-        status = 130
-    finally:
-        # No more interruptions: cleanup must complete.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        for s in servers:
-            try:
-                s.stop(check=False)
-            except Exception as e:  # keep cleaning up
-                print(f"warning: stopping {s.label}: {e}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
-    return status
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,13 +12,14 @@
 //! broken stream (bad magic, an oversized write payload, a short read) ends
 //! it, and only this connection.
 
+use crate::store::{Batch, Deferred, Modify};
 use crate::sync::lock;
 use std::io::{self, BufReader, Cursor, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use replblk_proto::nbd::{errno, Command, Request, SimpleReply};
 
@@ -43,8 +44,10 @@ const COMBINE_MAX: usize = 64 * 1024;
 #[derive(Default)]
 struct Outgoing {
     queue: Vec<u8>,
-    /// A worker is sending the queue; others only append to it.
+    /// A thread is sending the queue; others only append to it.
     flushing: bool,
+    /// A batch will send the queue when it ends (see `Replies::queue`).
+    scheduled: bool,
 }
 
 /// Why a connection's transmission phase ended.
@@ -65,22 +68,28 @@ pub struct Summary {
     pub reason: CloseReason,
 }
 
-struct Connection<'a> {
-    export: &'a Export,
-    reader: Mutex<BufReader<Stream>>,
+/// The sending side of a connection. Shared with the completions of
+/// submitted writes, which may finish on another thread (the one that
+/// read the peer's acknowledgement) and outlive the workers.
+struct Replies {
     writer: Mutex<Stream>,
-    /// Small replies waiting to be sent, combined into one send.
+    /// Replies waiting to be sent, combined into one send.
     out: Mutex<Outgoing>,
+    /// A clone used only to shut the socket, so that closing never waits
+    /// for a lock that a blocked send holds.
+    control: Stream,
     closing: AtomicBool,
     reason: Mutex<Option<CloseReason>>,
-    requests: AtomicU64,
     /// Requests read and not yet answered.
     in_flight: AtomicUsize,
+    idle_lock: Mutex<()>,
+    idle: Condvar,
 }
 
-impl Connection<'_> {
+impl Replies {
     /// Records the first reason and stops further reads. For errors the
-    /// socket is shut so blocked readers and the client see it at once.
+    /// socket is shut so blocked readers, blocked senders and the client
+    /// see it at once.
     fn close(&self, reason: CloseReason) {
         let mut slot = lock(&self.reason);
         if slot.is_none() {
@@ -89,22 +98,152 @@ impl Connection<'_> {
         drop(slot);
         self.closing.store(true, Ordering::SeqCst);
         if matches!(reason, CloseReason::Error(_)) {
-            lock(&self.writer).shutdown(Shutdown::Both);
+            self.control.shutdown(Shutdown::Both);
         }
+    }
+
+    /// A request was answered (or will never be).
+    fn finish_one(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _g = lock(&self.idle_lock);
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until every request read has been answered, up to `limit`.
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = lock(&self.idle_lock);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .idle
+                .wait_timeout(g, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Sends a reply now. Small replies completed while another thread is
+    /// sending are queued and go out together in that thread's next send,
+    /// so at depth N the client gets a few large sends instead of N tiny
+    /// ones; a lone reply is sent at once by its own worker.
+    fn send(&self, bytes: &[u8]) {
+        if bytes.len() > COMBINE_MAX {
+            let sent = lock(&self.writer).write_all(bytes);
+            if let Err(e) = sent {
+                self.close(CloseReason::Error(format!("writing reply: {e}")));
+            }
+            return;
+        }
+        lock(&self.out).queue.extend_from_slice(bytes);
+        self.drain();
+    }
+
+    /// Queues a small reply for the end of the caller's batch. Returns
+    /// true when the caller must defer a `drain` (the queue was idle).
+    fn queue(&self, bytes: &[u8]) -> bool {
+        let mut out = lock(&self.out);
+        out.queue.extend_from_slice(bytes);
+        if out.flushing || out.scheduled {
+            return false;
+        }
+        out.scheduled = true;
+        true
+    }
+
+    /// Sends whatever is queued, unless another thread already is.
+    fn drain(&self) {
+        let mut batch = Vec::new();
+        {
+            let mut out = lock(&self.out);
+            out.scheduled = false;
+            if out.flushing || out.queue.is_empty() {
+                return;
+            }
+            out.flushing = true;
+        }
+        loop {
+            {
+                let mut out = lock(&self.out);
+                if out.queue.is_empty() {
+                    out.flushing = false;
+                    return;
+                }
+                batch.clear();
+                std::mem::swap(&mut batch, &mut out.queue);
+            }
+            let sent = if self.closing.load(Ordering::SeqCst)
+                && lock(&self.reason)
+                    .as_ref()
+                    .is_some_and(|r| matches!(r, CloseReason::Error(_)))
+            {
+                // The socket is shut: drop replies instead of failing on each.
+                Ok(())
+            } else {
+                lock(&self.writer).write_all(&batch)
+            };
+            if let Err(e) = sent {
+                {
+                    let mut out = lock(&self.out);
+                    out.flushing = false;
+                    out.queue.clear();
+                }
+                self.close(CloseReason::Error(format!("writing reply: {e}")));
+                return;
+            }
+        }
+    }
+
+    /// Completes a submitted modification: queues its reply for the end
+    /// of `batch`.
+    fn complete(self: &Arc<Self>, cookie: u64, result: io::Result<()>, batch: &mut Batch) {
+        let error = match result {
+            Ok(()) => 0,
+            Err(e) => io_errno(e),
+        };
+        let header = SimpleReply { error, cookie }.to_bytes();
+        if self.queue(&header) {
+            batch.defer(self.clone());
+        }
+        self.finish_one();
+    }
+}
+
+impl Deferred for Replies {
+    fn run(&self) {
+        self.drain();
+    }
+}
+
+struct Connection<'a> {
+    export: &'a Export,
+    reader: Mutex<BufReader<Stream>>,
+    replies: Arc<Replies>,
+    requests: AtomicU64,
+}
+
+impl Connection<'_> {
+    fn close(&self, reason: CloseReason) {
+        self.replies.close(reason);
     }
 
     /// Reads the next request (and a write's payload into `payload`).
     /// `None` once the connection is closing.
     fn next_request(&self, payload: &mut Vec<u8>) -> Option<Request> {
         let mut reader = lock(&self.reader);
-        if self.closing.load(Ordering::SeqCst) {
+        if self.replies.closing.load(Ordering::SeqCst) {
             return None;
         }
         // Poll only when at most the previous request is still being
         // served: that is the depth-1 case the poll is for (its reply goes
         // out while we poll for the next request), and no other worker
         // needs the CPU.
-        if reader.buffer().is_empty() && self.in_flight.load(Ordering::SeqCst) <= 1 {
+        if reader.buffer().is_empty() && self.replies.in_flight.load(Ordering::SeqCst) <= 1 {
             crate::net::spin_until_readable(reader.get_ref().as_raw_fd(), SPIN);
         }
         let mut raw = [0u8; Request::LEN];
@@ -154,8 +293,35 @@ impl Connection<'_> {
             _ => {}
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.replies.in_flight.fetch_add(1, Ordering::SeqCst);
         Some(request)
+    }
+
+    /// The modification a valid WRITE, TRIM or WRITE_ZEROES without FUA
+    /// asks for: these are submitted and answered on completion, which
+    /// for a replicated resource comes with the peer's acknowledgement.
+    fn modification<'b>(&self, req: &Request, buf: &'b [u8]) -> Option<Modify<'b>> {
+        if req.unexpected_flags() != 0 || req.fua() || self.export.read_only {
+            return None;
+        }
+        let end = req.offset.checked_add(u64::from(req.length))?;
+        if end > self.export.store.size() {
+            return None;
+        }
+        let (offset, len) = (req.offset, u64::from(req.length));
+        match req.command {
+            Command::Write => Some(Modify::Write {
+                buf: &buf[..req.length as usize],
+                offset,
+            }),
+            Command::Trim => Some(Modify::Trim { offset, len }),
+            Command::WriteZeroes => Some(Modify::WriteZeroes {
+                offset,
+                len,
+                may_unmap: !req.no_hole(),
+            }),
+            _ => None,
+        }
     }
 
     /// Executes a request; on success a read's data is in `buf[16..]`.
@@ -248,57 +414,30 @@ impl Connection<'_> {
         } else {
             &header
         };
-        if let Err(e) = self.send(bytes) {
-            self.close(CloseReason::Error(format!("writing reply: {e}")));
-        }
-    }
-
-    /// Sends a reply. Small replies completed while another worker is
-    /// sending are queued and go out together in that worker's next send,
-    /// so at depth N the client gets a few large sends instead of N tiny
-    /// ones; a lone reply is sent at once by its own worker.
-    fn send(&self, bytes: &[u8]) -> io::Result<()> {
-        if bytes.len() > COMBINE_MAX {
-            return lock(&self.writer).write_all(bytes);
-        }
-        {
-            let mut out = lock(&self.out);
-            out.queue.extend_from_slice(bytes);
-            if out.flushing {
-                return Ok(());
-            }
-            out.flushing = true;
-        }
-        let mut batch = Vec::new();
-        loop {
-            {
-                let mut out = lock(&self.out);
-                if out.queue.is_empty() {
-                    out.flushing = false;
-                    return Ok(());
-                }
-                batch.clear();
-                std::mem::swap(&mut batch, &mut out.queue);
-            }
-            if let Err(e) = lock(&self.writer).write_all(&batch) {
-                lock(&self.out).flushing = false;
-                return Err(e);
-            }
-        }
+        self.replies.send(bytes);
     }
 
     fn worker(&self) {
         let mut buf = Vec::new();
         while let Some(req) = self.next_request(&mut buf) {
-            let result = self.execute(&req, &mut buf);
-            if let Err(code) = result {
-                tracing::debug!(
-                    command = ?req.command, offset = req.offset, length = req.length,
-                    flags = req.flags, error = code, "request failed"
+            if let Some(op) = self.modification(&req, &buf) {
+                let replies = self.replies.clone();
+                let cookie = req.cookie;
+                self.export.store.submit(
+                    op,
+                    Box::new(move |result, batch| replies.complete(cookie, result, batch)),
                 );
+            } else {
+                let result = self.execute(&req, &mut buf);
+                if let Err(code) = result {
+                    tracing::debug!(
+                        command = ?req.command, offset = req.offset, length = req.length,
+                        flags = req.flags, error = code, "request failed"
+                    );
+                }
+                self.reply(&req, result, &mut buf);
+                self.replies.finish_one();
             }
-            self.reply(&req, result, &mut buf);
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             // Do not keep a 32 MiB buffer around after one large request,
             // but do keep one for the common sizes up to a few MiB (a 1 MiB
             // read needs 1 MiB plus the reply header).
@@ -325,18 +464,33 @@ pub fn io_errno(e: io::Error) -> u32 {
 }
 
 /// Serves requests on `stream` until the client disconnects, the stream
-/// breaks, or the read side is shut down by the server.
-pub fn serve(stream: Stream, export: &Export, workers: usize) -> io::Result<Summary> {
+/// breaks, or the read side is shut down by the server. Returns once
+/// every request read has been answered (or `drain` passed).
+pub fn serve(
+    stream: Stream,
+    export: &Export,
+    workers: usize,
+    limits: Limits,
+) -> io::Result<Summary> {
     let writer = stream.try_clone()?;
+    // A client that stops reading its replies must not hold workers (or
+    // a completing peer thread) in `send` for ever.
+    writer.set_write_timeout(Some(limits.send_timeout))?;
+    let control = stream.try_clone()?;
     let conn = Connection {
         export,
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
-        writer: Mutex::new(writer),
-        out: Mutex::new(Outgoing::default()),
-        closing: AtomicBool::new(false),
-        reason: Mutex::new(None),
+        replies: Arc::new(Replies {
+            writer: Mutex::new(writer),
+            out: Mutex::new(Outgoing::default()),
+            control,
+            closing: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            idle_lock: Mutex::new(()),
+            idle: Condvar::new(),
+        }),
         requests: AtomicU64::new(0),
-        in_flight: AtomicUsize::new(0),
     };
     std::thread::scope(|scope| {
         for i in 1..workers.max(1) {
@@ -352,11 +506,30 @@ pub fn serve(stream: Stream, export: &Export, workers: usize) -> io::Result<Summ
         }
         conn.worker();
     });
-    let reason = lock(&conn.reason).take().unwrap_or(CloseReason::Eof);
+    // Submitted writes complete when the peer answers (or the session
+    // fails, at the latest after the ack timeout).
+    if !conn.replies.wait_idle(limits.drain) {
+        tracing::warn!(
+            requests = conn.replies.in_flight.load(Ordering::SeqCst),
+            "connection closed with requests still in flight"
+        );
+    }
+    let reason = lock(&conn.replies.reason)
+        .take()
+        .unwrap_or(CloseReason::Eof);
     Ok(Summary {
         requests: conn.requests.load(Ordering::Relaxed),
         reason,
     })
+}
+
+/// Time limits of the transmission phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A reply that cannot be sent for this long ends the connection.
+    pub send_timeout: Duration,
+    /// How long a closing connection waits for its requests in flight.
+    pub drain: Duration,
 }
 
 #[cfg(test)]

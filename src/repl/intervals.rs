@@ -33,6 +33,16 @@ impl IntervalLock {
     /// holds it. Zero-length ranges still take a one-byte slot so they are
     /// ordered with writes at the same offset.
     pub fn lock(&self, offset: u64, len: u64) -> IntervalGuard<'_> {
+        IntervalGuard {
+            lock: self,
+            id: self.acquire(offset, len),
+        }
+    }
+
+    /// Like `lock`, but the range stays held until `release(id)`, which
+    /// may come from another thread (a write completed by the peer's
+    /// acknowledgement).
+    pub fn acquire(&self, offset: u64, len: u64) -> u64 {
         let start = offset;
         let end = offset.saturating_add(len.max(1));
         let mut held = lock(&self.held);
@@ -44,7 +54,21 @@ impl IntervalLock {
         held.1 += 1;
         let id = held.1;
         held.0.push((start, end, id));
-        IntervalGuard { lock: self, id }
+        id
+    }
+
+    /// Releases a range taken with `acquire`.
+    pub fn release(&self, id: u64) {
+        let mut held = lock(&self.held);
+        if let Some(i) = held.0.iter().position(|&(_, _, h)| h == id) {
+            held.0.swap_remove(i);
+        }
+        let waiters = held.2;
+        drop(held);
+        // Waking costs a syscall; most releases have nobody waiting.
+        if waiters > 0 {
+            self.released.notify_all();
+        }
     }
 
     /// Ranges currently held (for tests and status).
@@ -55,14 +79,7 @@ impl IntervalLock {
 
 impl Drop for IntervalGuard<'_> {
     fn drop(&mut self) {
-        let mut held = lock(&self.lock.held);
-        held.0.retain(|&(_, _, id)| id != self.id);
-        let waiters = held.2;
-        drop(held);
-        // Waking costs a syscall; most releases have nobody waiting.
-        if waiters > 0 {
-            self.lock.released.notify_all();
-        }
+        self.lock.release(self.id);
     }
 }
 

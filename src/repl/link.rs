@@ -3,7 +3,7 @@
 //! failure).
 
 use crate::sync::lock;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::AsRawFd;
@@ -19,6 +19,7 @@ use replblk_proto::repl::{
 use thiserror::Error;
 
 use crate::config::PeerConfig;
+use crate::store::Batch;
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -119,10 +120,6 @@ pub fn write_frame(stream: &mut impl Write, frame: &Frame) -> io::Result<()> {
     frame.encode(&mut out);
     stream.write_all(&out)
 }
-
-/// How long a writer waiting for its Ack polls the socket before it
-/// sleeps in `recv`.
-const SPIN: Duration = Duration::from_micros(40);
 
 /// Writes all of `bufs`, resuming after partial writes.
 fn write_all_vectored(stream: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
@@ -312,43 +309,59 @@ pub enum Remote {
     Lost,
 }
 
-/// Completion slot for one sequence number (or one Ping).
+/// Completion slot for one sequence number (or one Ping), for a thread
+/// that waits for the answer.
 pub struct Slot {
-    state: Mutex<SlotState>,
+    outcome: Mutex<Option<Remote>>,
     changed: Condvar,
-}
-
-#[derive(Default)]
-struct SlotState {
-    outcome: Option<Remote>,
-    /// The previous reader passed the read side to this slot's waiter.
-    read_turn: bool,
+    /// The sequence number it answers (0: not a sequenced frame).
+    seq: AtomicU64,
 }
 
 impl Slot {
     fn new() -> Arc<Slot> {
         Arc::new(Slot {
-            state: Mutex::new(SlotState::default()),
+            outcome: Mutex::new(None),
             changed: Condvar::new(),
+            seq: AtomicU64::new(0),
         })
     }
 
     fn complete(&self, r: Remote) {
-        let mut st = lock(&self.state);
-        if st.outcome.is_none() {
-            st.outcome = Some(r);
+        let mut st = lock(&self.outcome);
+        if st.is_none() {
+            *st = Some(r);
         }
         drop(st);
         self.changed.notify_all();
     }
 
-    fn outcome(&self) -> Option<Remote> {
-        lock(&self.state).outcome
+    pub fn outcome(&self) -> Option<Remote> {
+        *lock(&self.outcome)
     }
+}
 
-    fn give_read_turn(&self) {
-        lock(&self.state).read_turn = true;
-        self.changed.notify_all();
+/// What runs when a submitted frame's answer arrives (or the session
+/// ends first): on the thread that read the answer, inside its batch.
+pub type Callback = Box<dyn FnOnce(Remote, &mut Batch) + Send>;
+
+/// Who learns the answer to a sequenced frame.
+pub enum Waiter {
+    /// A thread blocked in `wait`.
+    Slot(Arc<Slot>),
+    /// A submitted request, completed by whoever reads the answer.
+    Call(Callback),
+    /// Nobody (a barrier sent only to bound the transfer log).
+    Nobody,
+}
+
+impl Waiter {
+    fn complete(self, r: Remote, batch: &mut Batch) {
+        match self {
+            Waiter::Slot(s) => s.complete(r),
+            Waiter::Call(f) => f(r, batch),
+            Waiter::Nobody => {}
+        }
     }
 }
 
@@ -376,32 +389,48 @@ impl Track {
     }
 }
 
-struct Pending {
-    alive: bool,
-    slots: HashMap<u64, Arc<Slot>>,
-    tracks: HashMap<u64, Track>,
-    /// Data frames the peer acknowledged as applied but that no
-    /// acknowledged barrier has made durable yet: `(seq, offset, len)`.
-    /// If the peer's machine crashes they may be lost there, so when the
-    /// session ends they count as out of sync (DRBD's transfer log).
-    unstable: Vec<(u64, u64, u64)>,
+struct Flight {
+    waiter: Waiter,
+    track: Track,
 }
 
-struct Sender {
-    stream: TcpStream,
-    next_seq: u64,
+struct Pending {
+    alive: bool,
+    flights: HashMap<u64, Flight>,
+    /// Data frames the peer acknowledged as applied but that no
+    /// acknowledged barrier has made durable yet: seq -> (offset, len).
+    /// If the peer's machine crashes they may be lost there, so when the
+    /// session ends they count as out of sync (DRBD's transfer log).
+    unstable: BTreeMap<u64, (u64, u64)>,
 }
+
+/// Frames waiting to be sent. Whoever finds nobody sending sends the
+/// whole queue, in as few writes as it takes; meanwhile others append, so
+/// under load many frames go out per system call (DRBD's sender batches
+/// the same way).
+struct Outbox {
+    buf: BytesMut,
+    next_seq: u64,
+    sending: bool,
+}
+
+/// How long a lone request's submitter polls for its Ack before it
+/// sleeps (see `net::spin_until_readable`).
+const SPIN: Duration = Duration::from_micros(40);
+
+/// Payloads at least this large are written straight from the caller's
+/// buffer when nothing is queued ahead of them, instead of copied.
+const DIRECT_PAYLOAD: usize = 64 * 1024;
 
 /// An established, authenticated connection to the peer.
 ///
-/// On the Primary there is no dedicated receiver thread: a thread waiting
-/// for an Ack takes the read side itself (if free), reads frames and
-/// completes slots until its own is done, then passes the read side to
-/// another waiter. At queue depth 1 the writer reads its own Ack, saving a
-/// thread hand-off per write. The keepalive pinger reads the same way, so
-/// an idle link is still read once per ping interval.
+/// Sending: every thread appends frames to one outbox; sequence numbers
+/// are assigned there, so they follow wire order. Receiving: one thread
+/// per role reads the link (the Primary's receiver, the Secondary's apply
+/// loop) and completes what the frames answer; nobody else reads.
 pub struct Session {
-    sender: Mutex<Sender>,
+    outbox: Mutex<Outbox>,
+    writer: Mutex<TcpStream>,
     /// The sequence number the next data frame received must carry. It
     /// lives here, not in the receive loop, so the numbering continues
     /// when the roles swap within one session.
@@ -419,10 +448,19 @@ pub struct Session {
     failed: AtomicBool,
     reason: Mutex<Option<String>>,
     pub peer: String,
-    /// The last Ping sent: its nonce, when, and its slot on the Primary.
+    /// The last Ping sent: its nonce, when, and its slot.
     ping: Mutex<Option<(u64, Instant, Arc<Slot>)>>,
     /// Round trip of the last answered Ping, in microseconds (0: none yet).
     rtt_us: AtomicU64,
+    /// The Primary's receiver reads the link (more than one request is in
+    /// flight); when clear, a lone request's submitter reads its own Ack.
+    active: AtomicBool,
+    park: Mutex<()>,
+    park_cv: Condvar,
+    /// Frames (kind, body) a submitter read that are the receiver's.
+    stash: Mutex<Vec<(u16, Vec<u8>)>>,
+    /// The Primary's receiver runs, so a submitter may read the link.
+    primary_reading: AtomicBool,
 }
 
 /// What a session does with the peer's state frames.
@@ -440,19 +478,20 @@ impl Session {
             hook,
             state_waiters: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
-            sender: Mutex::new(Sender {
-                stream: stream.try_clone()?,
+            outbox: Mutex::new(Outbox {
+                buf: BytesMut::with_capacity(64 * 1024),
                 next_seq: 1,
+                sending: false,
             }),
+            writer: Mutex::new(stream.try_clone()?),
             // Small enough that a frame header read does not first copy a
             // large write payload through the buffer.
             reader: Mutex::new(io::BufReader::with_capacity(32 * 1024, stream.try_clone()?)),
             ping_timeout,
             pending: Mutex::new(Pending {
                 alive: true,
-                slots: HashMap::new(),
-                tracks: HashMap::new(),
-                unstable: Vec::new(),
+                flights: HashMap::new(),
+                unstable: BTreeMap::new(),
             }),
             control: stream.try_clone()?,
             failed: AtomicBool::new(false),
@@ -460,7 +499,133 @@ impl Session {
             rtt_us: AtomicU64::new(0),
             reason: Mutex::new(None),
             peer,
+            active: AtomicBool::new(false),
+            park: Mutex::new(()),
+            park_cv: Condvar::new(),
+            stash: Mutex::new(Vec::new()),
+            primary_reading: AtomicBool::new(false),
         })
+    }
+
+    /// On the Primary, after queuing request `seq`: at queue depth 1 the
+    /// submitter reads the link itself until `seq` is answered (one thread
+    /// from request to reply, no wake-up); at depth, it leaves the Acks to
+    /// the receiver and returns at once.
+    pub fn after_submit(&self, seq: u64, timeout: Duration) {
+        if self.primary_reading.load(Ordering::SeqCst)
+            && !self.active.load(Ordering::SeqCst)
+            && self.in_flight() == 1
+        {
+            if let Ok(mut reader) = self.reader.try_lock() {
+                self.read_own(&mut reader, seq, timeout);
+                return;
+            }
+        }
+        self.activate();
+    }
+
+    /// Wakes the receiver to read the link.
+    pub fn activate(&self) {
+        if !self.active.swap(true, Ordering::SeqCst) {
+            let _g = lock(&self.park);
+            self.park_cv.notify_all();
+        }
+    }
+
+    /// Whether the receiver should be reading, clearing the flag when
+    /// nothing is in flight (re-checked after clearing, so a request
+    /// submitted meanwhile is never left unread).
+    pub fn stay_active(&self) -> bool {
+        if self.in_flight() > 0 {
+            return true;
+        }
+        self.active.store(false, Ordering::SeqCst);
+        if self.in_flight() > 0 {
+            self.active.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    /// Parks the idle receiver until activated or `tick` passes.
+    pub fn park(&self, tick: Duration) {
+        let g = lock(&self.park);
+        if !self.active.load(Ordering::SeqCst) && self.is_alive() {
+            let _ = self.park_cv.wait_timeout(g, tick);
+        }
+    }
+
+    /// Frames (kind, body) a submitter read for the receiver.
+    pub fn take_stash(&self) -> Vec<(u16, Vec<u8>)> {
+        std::mem::take(&mut *lock(&self.stash))
+    }
+
+    /// The Primary's receiver starts or stops: submitters may read their
+    /// own Acks only while it runs.
+    pub fn set_primary_reading(&self, on: bool) {
+        self.primary_reading.store(on, Ordering::SeqCst);
+    }
+
+    /// Reads frames until `seq` is answered: Acks and Pongs are handled
+    /// here, anything else (a `State` whose handling may write metadata)
+    /// is left to the receiver.
+    fn read_own(&self, reader: &mut io::BufReader<TcpStream>, seq: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let fd = reader.get_ref().as_raw_fd();
+        let mut batch = Batch::default();
+        let mut body = Vec::new();
+        let mut spun = false;
+        while self.is_alive() && lock(&self.pending).flights.contains_key(&seq) {
+            // Another request went out meanwhile: the receiver is awake
+            // and takes over (ours included) once we let go.
+            if self.active.load(Ordering::SeqCst) && reader.buffer().is_empty() {
+                break;
+            }
+            if reader.buffer().is_empty() {
+                batch.run();
+                if !spun {
+                    crate::net::spin_until_readable(fd, SPIN);
+                    spun = true;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.fail(&format!("peer did not acknowledge within {timeout:?}"));
+                    break;
+                }
+                if !crate::net::wait_readable(fd, left.min(Duration::from_millis(50))) {
+                    continue;
+                }
+            }
+            let kind = match read_raw(reader, &mut body) {
+                Ok(kind) => kind,
+                Err(e) => {
+                    let why = self.describe(e);
+                    self.fail(&why);
+                    break;
+                }
+            };
+            if kind != repl::kind::ACK {
+                // Not ours to handle: the receiver takes it (and whatever
+                // follows) from here.
+                lock(&self.stash).push((kind, std::mem::take(&mut body)));
+                self.activate();
+                break;
+            }
+            let handled = match Frame::decode_body(kind, &body) {
+                Ok(Frame::Ack { seq, status }) => self.acknowledge(seq, status, &mut batch),
+                Ok(_) => Ok(()),
+                Err(e) => Err(LinkError::Protocol(e.to_string())),
+            };
+            if let Err(e) = handled {
+                let why = self.describe(e);
+                self.fail(&why);
+            }
+        }
+        batch.run();
     }
 
     /// Sends a Ping and remembers when, to time its Pong; returns the slot
@@ -488,12 +653,6 @@ impl Session {
         (token, slot)
     }
 
-    /// Drops the request `token` of `expect_state` when its wait ended
-    /// without an answer; a late answer is then ignored.
-    pub fn forget_state(&self, token: u64) {
-        lock(&self.state_waiters).remove(&token);
-    }
-
     /// Records the round trip if `nonce` answers the last Ping.
     pub fn pong(&self, nonce: u64) {
         if let Some((sent, at, slot)) = lock(&self.ping).as_ref() {
@@ -515,22 +674,23 @@ impl Session {
     }
 
     /// Ends the session once: records why, shuts the socket (waking the
-    /// receiver), and completes every pending request as `Lost`.
+    /// reader), and completes every pending request as `Lost`.
     pub fn fail(&self, why: &str) {
         if self.failed.swap(true, Ordering::SeqCst) {
             return;
         }
         *lock(&self.reason) = Some(why.to_owned());
         self.control.shutdown(Shutdown::Both).ok();
-        let slots: Vec<_> = {
+        let flights: Vec<Flight> = {
             let mut p = lock(&self.pending);
             p.alive = false;
-            p.tracks.clear();
-            p.slots.drain().map(|(_, s)| s).collect()
+            p.flights.drain().map(|(_, f)| f).collect()
         };
-        for s in slots {
-            s.complete(Remote::Lost);
+        let mut batch = Batch::default();
+        for f in flights {
+            f.waiter.complete(Remote::Lost, &mut batch);
         }
+        batch.run();
         if let Some((_, _, slot)) = lock(&self.ping).as_ref() {
             slot.complete(Remote::Lost);
         }
@@ -539,56 +699,164 @@ impl Session {
         for s in waiters {
             s.complete(Remote::Lost);
         }
+        self.active.store(true, Ordering::SeqCst);
+        let _g = lock(&self.park);
+        self.park_cv.notify_all();
     }
 
     pub fn reason(&self) -> Option<String> {
         lock(&self.reason).clone()
     }
 
-    /// Sends a sequenced data frame or barrier. `build` gets the sequence
-    /// number and writes the frame. `None` if the session is already down.
+    /// Requests in flight (sequenced frames not yet answered).
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).flights.len()
+    }
+
+    /// Queues a sequenced frame: `head` gets the sequence number and
+    /// encodes the frame (for a write, all but the payload, which
+    /// follows). Gives the waiter back if the session is already down.
     fn send_sequenced(
         &self,
         track: Track,
-        build: impl FnOnce(&mut TcpStream, u64) -> io::Result<()>,
-    ) -> Option<Arc<Slot>> {
-        let slot = Slot::new();
-        let mut sender = lock(&self.sender);
-        let seq = sender.next_seq;
+        waiter: Waiter,
+        head: impl FnOnce(&mut BytesMut, u64),
+        payload: &[u8],
+    ) -> Result<u64, Waiter> {
+        let mut ob = lock(&self.outbox);
+        let seq = ob.next_seq;
         {
             let mut p = lock(&self.pending);
             if !p.alive {
-                return None;
+                return Err(waiter);
             }
-            p.slots.insert(seq, slot.clone());
-            p.tracks.insert(seq, track);
+            if let Waiter::Slot(slot) = &waiter {
+                slot.seq.store(seq, Ordering::Relaxed);
+            }
+            p.flights.insert(seq, Flight { waiter, track });
         }
-        sender.next_seq += 1;
-        let sent = build(&mut sender.stream, seq);
-        drop(sender);
-        if let Err(e) = sent {
-            self.fail(&format!("sending to peer: {e}"));
+        ob.next_seq += 1;
+        if payload.len() >= DIRECT_PAYLOAD && !ob.sending && ob.buf.is_empty() {
+            ob.sending = true;
+            drop(ob);
+            let mut h = BytesMut::with_capacity(64);
+            head(&mut h, seq);
+            let sent = write_all_vectored(
+                &mut *lock(&self.writer),
+                &mut [IoSlice::new(&h), IoSlice::new(payload)],
+            );
+            self.sent(sent);
+        } else {
+            head(&mut ob.buf, seq);
+            ob.buf.extend_from_slice(payload);
+            if ob.sending {
+                return Ok(seq);
+            }
+            ob.sending = true;
+            drop(ob);
+            self.sent(Ok(()));
         }
-        Some(slot)
+        Ok(seq)
     }
 
+    /// Queues unsequenced bytes (acks, pings, state) and sends them
+    /// unless another thread is sending already.
+    fn send_unsequenced(&self, encode: impl FnOnce(&mut BytesMut)) {
+        let mut ob = lock(&self.outbox);
+        encode(&mut ob.buf);
+        if ob.sending {
+            return;
+        }
+        ob.sending = true;
+        drop(ob);
+        self.sent(Ok(()));
+    }
+
+    /// Called by the thread that holds the send turn: reports a failed
+    /// write, else sends whatever was queued meanwhile until the outbox
+    /// is empty, then gives up the turn.
+    fn sent(&self, mut result: io::Result<()>) {
+        let mut chunk = BytesMut::new();
+        loop {
+            if let Err(e) = result {
+                let mut ob = lock(&self.outbox);
+                ob.buf.clear();
+                ob.sending = false;
+                drop(ob);
+                self.fail(&format!("sending to peer: {e}"));
+                return;
+            }
+            {
+                let mut ob = lock(&self.outbox);
+                if ob.buf.is_empty() {
+                    ob.sending = false;
+                    // Keep a moderate buffer for the next batch.
+                    if chunk.capacity() > ob.buf.capacity() && chunk.capacity() <= 1 << 20 {
+                        chunk.clear();
+                        std::mem::swap(&mut chunk, &mut ob.buf);
+                    }
+                    return;
+                }
+                chunk.clear();
+                std::mem::swap(&mut chunk, &mut ob.buf);
+            }
+            result = if self.failed.load(Ordering::SeqCst) {
+                Err(io::Error::new(io::ErrorKind::NotConnected, "session ended"))
+            } else {
+                lock(&self.writer).write_all(&chunk)
+            };
+        }
+    }
+
+    /// Sends a data frame for the resync or a durable write; returns the
+    /// slot its Ack completes, or `None` if the session is down.
     pub fn send_write(&self, offset: u64, flags: u32, payload: &[u8]) -> Option<Arc<Slot>> {
-        let crc = crc32c::crc32c(payload);
+        let slot = Slot::new();
         let track = Track::Data {
             offset,
             len: payload.len() as u64,
             durable: flags & repl::data_flags::FUA != 0,
         };
-        self.send_sequenced(track, |stream, seq| {
-            let mut head = BytesMut::with_capacity(FrameHeader::LEN + repl::WriteFrame::FIXED);
-            repl::WriteRef::encode_head(&mut head, seq, offset, flags, crc, payload.len());
-            write_all_vectored(stream, &mut [IoSlice::new(&head), IoSlice::new(payload)])
-        })
+        self.submit_write(offset, flags, payload, track, Waiter::Slot(slot.clone()))
+            .ok()
+            .map(|_| slot)
     }
 
-    /// Sends a frame that carries a sequence number chosen here.
+    /// Queues a data frame whose Ack completes `waiter`.
+    pub fn submit_write(
+        &self,
+        offset: u64,
+        flags: u32,
+        payload: &[u8],
+        track: Track,
+        waiter: Waiter,
+    ) -> Result<u64, Waiter> {
+        let crc = crc32c::crc32c(payload);
+        self.send_sequenced(
+            track,
+            waiter,
+            |buf, seq| repl::WriteRef::encode_head(buf, seq, offset, flags, crc, payload.len()),
+            payload,
+        )
+    }
+
+    /// Queues a frame built here with its sequence number.
+    pub fn submit_frame(
+        &self,
+        track: Track,
+        waiter: Waiter,
+        make: impl FnOnce(u64) -> Frame,
+    ) -> Result<u64, Waiter> {
+        self.send_sequenced(track, waiter, |buf, seq| make(seq).encode(buf), &[])
+    }
+
+    /// Sends a frame that carries a sequence number chosen here; returns
+    /// the slot its Ack completes, or `None` if the session is down.
     pub fn send_frame(&self, track: Track, make: impl FnOnce(u64) -> Frame) -> Option<Arc<Slot>> {
-        self.send_sequenced(track, |stream, seq| write_frame(stream, &make(seq)))
+        let slot = Slot::new();
+        self.submit_frame(track, Waiter::Slot(slot.clone()), make)
+            .ok()
+            .map(|_| slot)
     }
 
     /// Data frames acknowledged but not yet made durable by a barrier.
@@ -603,32 +871,27 @@ impl Session {
     pub fn take_unstable(&self) -> Vec<(u64, u64)> {
         let mut p = lock(&self.pending);
         p.alive = false;
-        p.unstable.drain(..).map(|(_, o, l)| (o, l)).collect()
+        std::mem::take(&mut p.unstable).into_values().collect()
     }
 
     /// Sends bytes holding whole unsequenced frames (batched acks).
     pub fn send_raw(&self, bytes: &[u8]) {
-        let sent = lock(&self.sender).stream.write_all(bytes);
-        if let Err(e) = sent {
-            self.fail(&format!("sending to peer: {e}"));
-        }
+        self.send_unsequenced(|buf| buf.extend_from_slice(bytes));
     }
 
-    /// Sends an unsequenced frame (Ack, Ping, Pong).
+    /// Sends an unsequenced frame (Ack, Ping, Pong, State).
     pub fn send_control(&self, frame: &Frame) {
-        let sent = write_frame(&mut lock(&self.sender).stream, frame);
-        if let Err(e) = sent {
-            self.fail(&format!("sending to peer: {e}"));
-        }
+        self.send_unsequenced(|buf| frame.encode(buf));
     }
 
-    /// Completes the request `seq` with the peer's answer.
-    pub fn acknowledge(&self, seq: u64, status: u32) -> Result<(), LinkError> {
-        let (slot, alive) = {
+    /// Completes the request `seq` with the peer's answer; callbacks run
+    /// inside `batch`.
+    pub fn acknowledge(&self, seq: u64, status: u32, batch: &mut Batch) -> Result<(), LinkError> {
+        let (flight, alive) = {
             let mut p = lock(&self.pending);
-            let slot = p.slots.remove(&seq);
+            let flight = p.flights.remove(&seq);
             let alive = p.alive;
-            match (p.tracks.remove(&seq), status) {
+            match (flight.as_ref().map(|f| f.track), status) {
                 _ if !alive => {}
                 (
                     Some(Track::Data {
@@ -637,24 +900,32 @@ impl Session {
                         durable: false,
                     }),
                     0,
-                ) => p.unstable.push((seq, offset, len)),
+                ) => {
+                    p.unstable.insert(seq, (offset, len));
+                }
                 // A barrier covers every frame sent before it.
-                (Some(Track::Barrier), 0) => p.unstable.retain(|&(s, _, _)| s > seq),
+                (Some(Track::Barrier), 0) => {
+                    let later = p.unstable.split_off(&seq);
+                    p.unstable = later;
+                }
                 _ => {}
             }
-            (slot, alive)
+            (flight, alive)
         };
-        match slot {
-            Some(s) if !alive => {
-                s.complete(Remote::Lost);
+        match flight {
+            Some(f) if !alive => {
+                f.waiter.complete(Remote::Lost, batch);
                 Ok(())
             }
-            Some(s) => {
-                s.complete(if status == 0 {
-                    Remote::Done
-                } else {
-                    Remote::Failed(status)
-                });
+            Some(f) => {
+                f.waiter.complete(
+                    if status == 0 {
+                        Remote::Done
+                    } else {
+                        Remote::Failed(status)
+                    },
+                    batch,
+                );
                 Ok(())
             }
             None => Err(LinkError::Protocol(format!(
@@ -663,11 +934,11 @@ impl Session {
         }
     }
 
-    /// Frames the Primary receives: Acks complete slots, pings are
-    /// answered, anything else ends the session.
-    fn handle_incoming(&self, frame: Frame) -> Result<(), LinkError> {
+    /// Frames the Primary receives: Acks complete requests (inside
+    /// `batch`), pings are answered, anything else ends the session.
+    pub fn handle_incoming(&self, frame: Frame, batch: &mut Batch) -> Result<(), LinkError> {
         match frame {
-            Frame::Ack { seq, status } => self.acknowledge(seq, status),
+            Frame::Ack { seq, status } => self.acknowledge(seq, status, batch),
             other => self.handle_control(other, "Secondary"),
         }
     }
@@ -720,81 +991,34 @@ impl Session {
         }
     }
 
-    /// Reads and handles frames until `slot` completes, the deadline
-    /// passes or the link fails.
-    fn read_until(
-        &self,
-        reader: &mut io::BufReader<TcpStream>,
-        slot: &Slot,
-        deadline: Instant,
-        what: &str,
-    ) {
-        while slot.outcome().is_none() && self.is_alive() {
-            if Instant::now() > deadline {
-                self.fail(what);
-                return;
-            }
-            // Poll only for a lone request: with more in flight, Acks
-            // keep coming and the CPU is better left to the others.
-            if reader.buffer().is_empty() && lock(&self.pending).slots.len() <= 1 {
-                crate::net::spin_until_readable(reader.get_ref().as_raw_fd(), SPIN);
-            }
-            match read_frame(reader).and_then(|f| self.handle_incoming(f)) {
-                Ok(()) => {}
-                Err(e) => {
-                    let why = self.describe(e);
-                    self.fail(&why);
-                }
-            }
-        }
-    }
-
-    /// Hands the read side to a thread still waiting for its answer.
-    fn pass_read_turn(&self) {
-        let next = lock(&self.pending).slots.values().next().cloned();
-        let next = next.or_else(|| {
-            lock(&self.ping)
-                .as_ref()
-                .filter(|(_, _, s)| s.outcome().is_none())
-                .map(|(_, _, s)| s.clone())
-        });
-        let next = next.or_else(|| lock(&self.state_waiters).values().next().cloned());
-        if let Some(slot) = next {
-            slot.give_read_turn();
-        }
-    }
-
-    /// Waits (on the Primary) for a slot, reading the link itself when the
-    /// read side is free. After `timeout` the peer counts as lost, with
-    /// `what` as the reason.
+    /// Waits for a slot, which the thread reading the link completes.
+    /// After `timeout` the peer counts as lost, with `what` as the reason.
     pub fn wait_for(&self, slot: &Slot, timeout: Duration, what: &str) -> Remote {
+        let seq = slot.seq.load(Ordering::Relaxed);
+        if slot.outcome().is_none() {
+            if seq != 0 {
+                self.after_submit(seq, timeout);
+            } else {
+                self.activate();
+            }
+        }
         let deadline = Instant::now() + timeout;
+        let mut st = lock(&slot.outcome);
         loop {
-            if let Some(r) = slot.outcome() {
+            if let Some(r) = *st {
                 return r;
             }
-            if let Ok(mut reader) = self.reader.try_lock() {
-                self.read_until(&mut reader, slot, deadline, what);
-                drop(reader);
-                self.pass_read_turn();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(st);
+                self.fail(what);
                 return slot.outcome().unwrap_or(Remote::Lost);
             }
-            // Another thread is reading; it completes our slot or passes
-            // us the read side. The short bound re-checks regardless.
-            let mut st = lock(&slot.state);
-            if st.outcome.is_none() && !st.read_turn {
-                if Instant::now() > deadline {
-                    drop(st);
-                    self.fail(what);
-                    return slot.outcome().unwrap_or(Remote::Lost);
-                }
-                st = slot
-                    .changed
-                    .wait_timeout(st, Duration::from_millis(50))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            st.read_turn = false;
+            st = slot
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -805,6 +1029,16 @@ impl Session {
             timeout,
             &format!("peer did not acknowledge within {timeout:?}"),
         )
+    }
+
+    /// Forgets a `State` request whose answer is no longer awaited.
+    pub fn forget_state(&self, token: u64) {
+        lock(&self.state_waiters).remove(&token);
+    }
+
+    /// The read side, unless a submitter is reading its own Ack.
+    pub fn try_reader(&self) -> Option<MutexGuard<'_, io::BufReader<TcpStream>>> {
+        self.reader.try_lock().ok()
     }
 
     /// Exclusive access to the read side (the Secondary's apply loop).

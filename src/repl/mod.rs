@@ -48,9 +48,9 @@ use crate::core::uuid::{Decision, Rule, UuidView};
 use crate::core::{flags as md_flags, Generations, UUID_JUST_CREATED};
 use crate::events::Events;
 use crate::meta::{self, Location, MetaStore, Superblock};
-use crate::store::{FileStore, Store};
+use crate::store::{Batch, Done, FileStore, Modify, Store};
 use intervals::IntervalLock;
-use link::{LinkError, Remote, Session, Track};
+use link::{LinkError, Remote, Session, Track, Waiter};
 
 /// How long a promote waits for the peer to confirm it is not promoting
 /// too, and for the session to switch to the Primary's mode.
@@ -58,6 +58,14 @@ const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Acknowledged writes kept until a barrier makes them durable on the
 /// peer (about 24 bytes each) before the keepalive thread sends one.
 const UNSTABLE_CAP: usize = 65536;
+
+/// The Primary's receiver wakes at least this often to notice role
+/// changes, shutdown and ping deadlines.
+const PRIMARY_TICK: Duration = Duration::from_millis(50);
+
+/// Durable requests (FUA writes, barriers) queued for the Secondary's
+/// flusher at most; past this the receiver waits (back-pressure).
+const FLUSH_QUEUE: usize = 4096;
 /// How long a demote waits, unless told otherwise, for its NBD clients to
 /// go (`--force`) and replicated requests in flight to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,8 +137,10 @@ pub fn event_json(kind: &str, status: &ResourceStatus) -> Value {
 struct Inner {
     /// The state machine; `None` while the resource is down.
     node: Option<Node>,
-    meta: Option<MetaStore>,
+    /// The superblock as the state machine last left it, and how many
+    /// times it changed (see `MetaWriter`).
     sb: Option<Superblock>,
+    sb_version: u64,
     down_reason: Option<String>,
     last_error: Option<String>,
     /// What the last emitted event said, to emit only changes.
@@ -138,6 +148,8 @@ struct Inner {
 }
 
 pub struct Replica {
+    /// This replica, for completions that outlive the submitting call.
+    me: Weak<Replica>,
     pub name: String,
     local_node: String,
     disk_path: PathBuf,
@@ -157,6 +169,9 @@ pub struct Replica {
     /// Replicated requests between their role check and completion.
     inflight: AtomicUsize,
     inner: Mutex<Inner>,
+    /// The metadata device, written outside the state lock so that a
+    /// metadata fsync never holds up `status` or other verbs.
+    meta: Mutex<MetaWriter>,
     /// Serialises role changes with the state exchange of a new session.
     transition: Mutex<()>,
     /// Serialises admitting NBD clients with demoting (see `admit`).
@@ -188,6 +203,16 @@ pub enum ReplicaError {
     Thread { resource: String, source: io::Error },
     #[error("resource {resource:?}: {message}")]
     Open { resource: String, message: String },
+}
+
+/// The open metadata and the version of the superblock it last wrote:
+/// a step writes its snapshot only if no later one was written first, so
+/// the metadata never goes back to an older state. Lock order: the state
+/// lock (`inner`) before this one, never the other way.
+#[derive(Default)]
+struct MetaWriter {
+    md: Option<MetaStore>,
+    written: u64,
 }
 
 /// Promotes announced and not yet decided.
@@ -295,7 +320,8 @@ impl Replica {
             (Some(_), _) => Some(Location::Internal),
             (None, _) => None,
         };
-        let replica = Arc::new(Replica {
+        let replica = Arc::new_cyclic(|me| Replica {
+            me: me.clone(),
             name: res.name.clone(),
             local_node: node.to_owned(),
             disk_path: res.disk.clone(),
@@ -311,12 +337,13 @@ impl Replica {
             inflight: AtomicUsize::new(0),
             inner: Mutex::new(Inner {
                 node: None,
-                meta: None,
                 sb: None,
+                sb_version: 0,
                 down_reason: Some("not brought up yet".into()),
                 last_error: None,
                 last_event: String::new(),
             }),
+            meta: Mutex::new(MetaWriter::default()),
             transition: Mutex::new(()),
             admission: Mutex::new(()),
             gate: Mutex::new(Gate::default()),
@@ -686,7 +713,11 @@ impl Replica {
         self.size.store(size, Ordering::SeqCst);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
         inner.node = Some(node);
-        inner.meta = Some(md);
+        inner.sb_version += 1;
+        *lock(&self.meta) = MetaWriter {
+            md: Some(md),
+            written: inner.sb_version,
+        };
         inner.sb = Some(sb);
         inner.down_reason = None;
         inner.last_error = None;
@@ -735,7 +766,8 @@ impl Replica {
             tracing::warn!(resource = %self.name, "shutdown: {}", r.message);
         }
         let bitmap = lock(&self.oos).to_bytes();
-        if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
+        let mut meta = lock(&self.meta);
+        if let (Some(md), Some(sb)) = (meta.md.as_mut(), inner.sb.as_mut()) {
             sb.gens = node.gens();
             sb.flags = node.meta_flags();
             // Bitmap first: the superblock's CLEAN_SHUTDOWN vouches for it.
@@ -753,7 +785,8 @@ impl Replica {
             }
         }
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = None;
-        inner.meta = None;
+        meta.md = None;
+        drop(meta);
         inner.sb = None;
         inner.down_reason = Some(why.to_owned());
     }
@@ -764,6 +797,7 @@ impl Replica {
     /// asks for, and returns the effects that need the network.
     fn step(&self, event: Event) -> Result<Effects, String> {
         let mut fx = Effects::default();
+        let mut snapshot = None;
         {
             let mut inner = lock(&self.inner);
             let inner = &mut *inner;
@@ -809,17 +843,33 @@ impl Replica {
             self.primary.store(role == Role::Primary, Ordering::SeqCst);
             if persist {
                 let (gens, flags) = (node.gens(), node.meta_flags());
-                if let (Some(md), Some(sb)) = (inner.meta.as_mut(), inner.sb.as_mut()) {
+                if let Some(sb) = inner.sb.as_mut() {
                     sb.gens = gens;
                     sb.flags = flags;
-                    if let Err(e) = md.write(sb) {
-                        tracing::error!(resource = %self.name, "writing metadata failed: {e}");
-                        inner.last_error = Some(format!("writing metadata failed: {e}"));
-                    }
+                    inner.sb_version += 1;
+                    snapshot = Some((inner.sb_version, sb.clone()));
                 }
             }
             if role != Role::Primary {
                 self.serving.store(false, Ordering::SeqCst);
+            }
+        }
+        // Durable before the caller acts on the step (tells the peer,
+        // answers the operator), but outside the state lock.
+        if let Some((version, mut sb)) = snapshot {
+            let mut meta = lock(&self.meta);
+            if version > meta.written {
+                if let Some(md) = meta.md.as_mut() {
+                    match md.write(&mut sb) {
+                        Ok(()) => meta.written = version,
+                        Err(e) => {
+                            drop(meta);
+                            tracing::error!(resource = %self.name, "writing metadata failed: {e}");
+                            lock(&self.inner).last_error =
+                                Some(format!("writing metadata failed: {e}"));
+                        }
+                    }
+                }
             }
         }
         self.emit_if_changed();
@@ -943,9 +993,7 @@ impl Replica {
         self.send_state(session, state_flags::REPLY | flags, token);
         let what = format!("the peer did not answer a state change within {ROLE_CHANGE_TIMEOUT:?}");
         let answered = session.wait_for(&slot, ROLE_CHANGE_TIMEOUT, &what) == Remote::Done;
-        if !answered {
-            session.forget_state(token);
-        }
+        session.forget_state(token);
         answered
     }
 
@@ -1499,41 +1547,117 @@ impl Replica {
         );
     }
 
-    /// The Primary has no receiver thread (see `Session`): this thread
-    /// pings and, while waiting for each Pong, reads the link if no
-    /// writer is already doing so.
+    /// The Primary's receiver. With more than one request in flight it
+    /// reads the link and completes the requests that Acks answer,
+    /// replying to their clients once per batch of Acks; with at most one,
+    /// the submitter reads its own Ack (`Session::after_submit`) and this
+    /// thread only looks at the link once per tick. It also pings.
     fn primary_mode(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
+        session.set_primary_reading(true);
+        let end = self.receive_as_primary(cfg, session);
+        session.set_primary_reading(false);
+        end
+    }
+
+    fn receive_as_primary(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
         let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
         let mut next_ping = Instant::now() + interval;
         let mut nonce = 0u64;
+        let mut ping: Option<(Instant, Arc<link::Slot>)> = None;
+        let mut body = Vec::new();
+        let mut batch = Batch::default();
         while session.is_alive() {
             if self.role() != Role::Primary {
                 return ModeEnd::RoleChanged;
             }
-            let left = next_ping.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                if self.pause(left) {
-                    session.fail("shutting down");
+            if self.stopping.load(Ordering::SeqCst) {
+                session.fail("shutting down");
+                break;
+            }
+            let now = Instant::now();
+            if let Some((sent, slot)) = &ping {
+                if slot.outcome().is_some() {
+                    ping = None;
+                } else if now.duration_since(*sent) > ping_timeout {
+                    session.fail(&format!("no answer to a ping within {ping_timeout:?}"));
+                    break;
                 }
+            }
+            if ping.is_none() && now >= next_ping {
+                next_ping = now + interval;
+                nonce += 1;
+                ping = Some((now, session.ping(nonce)));
+                // Writes acknowledged but not yet durable on the peer are
+                // kept (they count as out of sync if the link drops).
+                // Client flushes clear them; without any, a barrier bounds
+                // the list. Not every interval: a barrier is an fdatasync
+                // on the peer, which would force write-back that the local
+                // side does not do.
+                if session.unstable_count() > UNSTABLE_CAP {
+                    let _ = session
+                        .submit_frame(Track::Barrier, Waiter::Nobody, |seq| Frame::Barrier { seq });
+                    session.activate();
+                }
+            }
+            let active = session.is_active();
+            if !active {
+                session.park(PRIMARY_TICK);
+            }
+            // Idle: only look (a submitter may be reading its own Ack).
+            // Active: wait for the read side, a submitter hands it over
+            // once its own Ack is in.
+            let reader = if active {
+                Some(session.reader())
+            } else {
+                session.try_reader()
+            };
+            let Some(mut reader) = reader else {
                 continue;
-            }
-            next_ping = Instant::now() + interval;
-            nonce += 1;
-            let pong = session.ping(nonce);
-            let what = format!("no answer to a ping within {ping_timeout:?}");
-            session.wait_for(&pong, ping_timeout, &what);
-            // Writes acknowledged but not yet durable on the peer are kept
-            // (they count as out of sync if the link drops). Client
-            // flushes clear them; without any, a barrier bounds the list.
-            // Not every interval: a barrier is an fdatasync on the peer,
-            // which would force write-back that the local side does not do.
-            if session.is_alive() && session.unstable_count() > UNSTABLE_CAP {
-                if let Some(b) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) {
-                    session.wait(&b, self.ack_timeout());
+            };
+            for (kind, body) in session.take_stash() {
+                let handled = Frame::decode_body(kind, &body)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))
+                    .and_then(|frame| session.handle_incoming(frame, &mut batch));
+                if let Err(e) = handled {
+                    let why = session.describe(e);
+                    session.fail(&why);
                 }
             }
+            let fd = reader.get_ref().as_raw_fd();
+            let tick_end = Instant::now() + PRIMARY_TICK;
+            while session.is_alive() {
+                if reader.buffer().is_empty() {
+                    // Everything read so far is handled: send the replies.
+                    batch.run();
+                    if active && !session.stay_active() {
+                        break;
+                    }
+                    let wait = if active {
+                        tick_end.saturating_duration_since(Instant::now())
+                    } else {
+                        Duration::ZERO
+                    };
+                    if wait.is_zero() && active {
+                        break;
+                    }
+                    if !crate::net::wait_readable(fd, wait) {
+                        break;
+                    }
+                }
+                let handled = link::read_raw(&mut *reader, &mut body).and_then(|kind| {
+                    let frame = Frame::decode_body(kind, &body)
+                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                    session.handle_incoming(frame, &mut batch)
+                });
+                if let Err(e) = handled {
+                    let why = session.describe(e);
+                    session.fail(&why);
+                }
+            }
+            batch.run();
         }
+        batch.run();
         ModeEnd::Over(session.reason().unwrap_or_else(|| "shutting down".into()))
     }
 
@@ -1577,10 +1701,13 @@ impl Replica {
         let store = self
             .current_store()
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        // Durability requests (FUA writes, barriers) go to a flusher thread
-        // that fdatasyncs once per batch and then acknowledges the batch,
-        // so the receiver keeps applying later writes meanwhile.
-        let (to_flusher, flush_queue) = mpsc::channel::<u64>();
+        // Durability requests (FUA writes, barriers) that arrive while
+        // more frames are already buffered go to a flusher thread that
+        // fdatasyncs once per batch and then acknowledges the batch, so the
+        // receiver keeps applying later writes meanwhile. One that arrives
+        // with nothing behind it is flushed here: no hand-off, and nothing
+        // waits to be applied (see `durable_here`).
+        let (to_flusher, flush_queue) = mpsc::sync_channel::<u64>(FLUSH_QUEUE);
         let flusher_session = session.clone();
         let flusher_store = store.clone();
         scope.spawn(move || {
@@ -1600,6 +1727,23 @@ impl Replica {
             }
         });
         let mut reader = session.reader();
+        // Frames a submitter read while this node was still Primary.
+        for (kind, body) in session.take_stash() {
+            match self.apply(session, &*store, kind, &body)? {
+                Applied::Nothing => {}
+                Applied::Done { seq, .. } => {
+                    // Durable or not: flush before acknowledging, rarely.
+                    let status = match store.flush() {
+                        Ok(()) => 0,
+                        Err(e) => crate::nbd::transmission::io_errno(e),
+                    };
+                    session.send_control(&Frame::Ack { seq, status });
+                }
+                Applied::Failed { seq, status } => {
+                    session.send_control(&Frame::Ack { seq, status })
+                }
+            }
+        }
         let mut body = Vec::new();
         // Acks are batched: written when no further frame is already
         // buffered, i.e. just before the receiver could block on the socket.
@@ -1623,6 +1767,21 @@ impl Replica {
             }
             match self.apply(session, &*store, kind, &body) {
                 Ok(Applied::Nothing) => {}
+                Ok(Applied::Done { seq, durable: true }) if reader.buffer().is_empty() => {
+                    // Acks of earlier writes need not wait for the flush.
+                    if !acks.is_empty() {
+                        session.send_raw(&acks);
+                        acks.clear();
+                    }
+                    let status = match store.flush() {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::error!(resource = %self.name, "flush on the secondary failed: {e}");
+                            crate::nbd::transmission::io_errno(e)
+                        }
+                    };
+                    Frame::Ack { seq, status }.encode(&mut acks);
+                }
                 Ok(Applied::Done { seq, durable: true }) => {
                     if to_flusher.send(seq).is_err() {
                         break Err(LinkError::Protocol("flusher stopped".into()));
@@ -1720,7 +1879,7 @@ impl Replica {
                 }
                 // Acks reach a Secondary that is a sync source.
                 Frame::Ack { seq, status } => {
-                    session.acknowledge(seq, status)?;
+                    session.acknowledge(seq, status, &mut Batch::default())?;
                     return Ok(Applied::Nothing);
                 }
                 other => {
@@ -1768,12 +1927,104 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Store for Replica {
+    fn as_dyn(&self) -> &dyn Store {
+        self
+    }
+
     fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Only the Primary serves: a client that slipped past a demote
+        // must not read a Secondary's data, which the Primary is changing.
+        if self.peer.is_some() && !self.serving.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.current_store()?.read_at(buf, offset)
+    }
+
+    /// The Primary's write path at depth: the calling worker writes
+    /// locally, queues the frame for the peer and returns; the thread that
+    /// reads the peer's Ack completes the request (replies to the client).
+    /// No thread waits for the network, so none has to be woken per write.
+    fn submit(&self, op: Modify<'_>, done: Done) {
+        let Some(me) = self.me.upgrade().filter(|_| self.peer.is_some()) else {
+            let result = op.apply(self);
+            return done(result, &mut Batch::default());
+        };
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if !self.serving.load(Ordering::SeqCst) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return done(
+                Err(io::Error::from_raw_os_error(libc::EPERM)),
+                &mut Batch::default(),
+            );
+        }
+        let store = match self.current_store() {
+            Ok(s) => s,
+            Err(e) => {
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+                return done(Err(e), &mut Batch::default());
+            }
+        };
+        let (offset, len) = op.range();
+        // Held until both copies have it: overlapping writes are never in
+        // flight together, so they land in the same order on both nodes.
+        let range = self.intervals.acquire(offset, len);
+        if let Err(e) = op.apply(&*store) {
+            self.mark_out_of_sync(offset, len);
+            self.intervals.release(range);
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return done(Err(e), &mut Batch::default());
+        }
+        let finish: link::Callback = Box::new(move |remote, batch| {
+            if remote != Remote::Done {
+                if let Remote::Failed(errno) = remote {
+                    tracing::warn!(resource = %me.name, offset, len, errno, "peer failed a write; range marked out of sync");
+                }
+                me.mark_out_of_sync(offset, len);
+            }
+            me.intervals.release(range);
+            me.inflight.fetch_sub(1, Ordering::SeqCst);
+            done(Ok(()), batch);
+        });
+        let track = Track::plain(offset, len);
+        let session = self.current_session();
+        let queued = match &session {
+            None => Err(Waiter::Call(finish)),
+            Some(s) => match op {
+                Modify::Write { buf, offset } => {
+                    s.submit_write(offset, 0, buf, track, Waiter::Call(finish))
+                }
+                Modify::Trim { offset, len } => {
+                    s.submit_frame(track, Waiter::Call(finish), |seq| Frame::Trim {
+                        seq,
+                        offset,
+                        length: len,
+                        flags: 0,
+                    })
+                }
+                Modify::WriteZeroes {
+                    offset,
+                    len,
+                    may_unmap,
+                } => s.submit_frame(track, Waiter::Call(finish), |seq| Frame::WriteZeroes {
+                    seq,
+                    offset,
+                    length: len,
+                    flags: if may_unmap { 0 } else { data_flags::NO_HOLE },
+                }),
+            },
+        };
+        match (queued, session) {
+            (Ok(seq), Some(s)) => s.after_submit(seq, self.ack_timeout()),
+            (Err(Waiter::Call(finish)), _) => {
+                // No peer: the local write stands, the range is out of sync.
+                finish(Remote::Lost, &mut Batch::default());
+            }
+            _ => {}
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
