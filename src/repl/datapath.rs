@@ -1,0 +1,240 @@
+//! The Primary's data path: `Replica` as the `Store` the NBD server
+//! writes to. Plain writes are submitted and completed by the thread that
+//! reads the peer's Ack; FUA writes and flushes wait for theirs.
+
+use super::*;
+
+impl Replica {
+    pub(super) fn mark_out_of_sync(&self, offset: u64, len: u64) {
+        lock(&self.oos).set_range(offset, len);
+    }
+
+    pub(super) fn current_session(&self) -> Option<Arc<Session>> {
+        lock(&self.session).clone().filter(|s| s.is_alive())
+    }
+
+    pub(super) fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.peer
+                .as_ref()
+                .map_or(30_000, |p| p.timing.ack_timeout_ms),
+        )
+    }
+
+    /// Runs one replicated modification: interval lock, send, local
+    /// operation, wait for the peer, mark out of sync unless both did it.
+    fn replicate(
+        &self,
+        offset: u64,
+        len: u64,
+        send: impl FnOnce(&Session) -> Option<Arc<link::Slot>>,
+        local: impl FnOnce(&dyn Store) -> io::Result<()>,
+    ) -> io::Result<()> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let _inflight = InFlight(&self.inflight);
+        if !self.serving.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let store = self.current_store()?;
+        if self.peer.is_none() {
+            // A single-node resource has nobody to be out of sync with.
+            return local(&*store);
+        }
+        let _range = self.intervals.lock(offset, len);
+        let remote = self
+            .current_session()
+            .and_then(|s| send(&s).map(|slot| (s, slot)));
+        let result = local(&*store);
+        let in_sync = match remote {
+            Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
+                Remote::Done => true,
+                Remote::Failed(errno) => {
+                    tracing::warn!(resource = %self.name, offset, len, errno, "peer failed a write; range marked out of sync");
+                    false
+                }
+                Remote::Lost => false,
+            },
+            None => false,
+        };
+        if !in_sync || result.is_err() {
+            self.mark_out_of_sync(offset, len);
+        }
+        result
+    }
+}
+
+impl Store for Replica {
+    fn as_dyn(&self) -> &dyn Store {
+        self
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Only the Primary serves: a client that slipped past a demote
+        // must not read a Secondary's data, which the Primary is changing.
+        if self.peer.is_some() && !self.serving.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.current_store()?.read_at(buf, offset)
+    }
+
+    /// The Primary's write path at depth: the calling worker writes
+    /// locally, queues the frame for the peer and returns; the thread that
+    /// reads the peer's Ack completes the request (replies to the client).
+    /// No thread waits for the network, so none has to be woken per write.
+    fn submit(&self, op: Modify<'_>, done: Done) {
+        let Some(me) = self.me.upgrade().filter(|_| self.peer.is_some()) else {
+            let result = op.apply(self);
+            return done(result, &mut Batch::default());
+        };
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if !self.serving.load(Ordering::SeqCst) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return done(
+                Err(io::Error::from_raw_os_error(libc::EPERM)),
+                &mut Batch::default(),
+            );
+        }
+        let store = match self.current_store() {
+            Ok(s) => s,
+            Err(e) => {
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+                return done(Err(e), &mut Batch::default());
+            }
+        };
+        let (offset, len) = op.range();
+        // Held until both copies have it: overlapping writes are never in
+        // flight together, so they land in the same order on both nodes.
+        let range = self.intervals.acquire(offset, len);
+        if let Err(e) = op.apply(&*store) {
+            self.mark_out_of_sync(offset, len);
+            self.intervals.release(range);
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return done(Err(e), &mut Batch::default());
+        }
+        let finish: link::Callback = Box::new(move |remote, batch| {
+            if remote != Remote::Done {
+                if let Remote::Failed(errno) = remote {
+                    tracing::warn!(resource = %me.name, offset, len, errno, "peer failed a write; range marked out of sync");
+                }
+                me.mark_out_of_sync(offset, len);
+            }
+            me.intervals.release(range);
+            me.inflight.fetch_sub(1, Ordering::SeqCst);
+            done(Ok(()), batch);
+        });
+        let track = Track::plain(offset, len);
+        let session = self.current_session();
+        let queued = match &session {
+            None => Err(Waiter::Call(finish)),
+            Some(s) => match op {
+                Modify::Write { buf, offset } => {
+                    s.submit_write(offset, 0, buf, track, Waiter::Call(finish))
+                }
+                Modify::Trim { offset, len } => {
+                    s.submit_frame(track, Waiter::Call(finish), |seq| Frame::Trim {
+                        seq,
+                        offset,
+                        length: len,
+                        flags: 0,
+                    })
+                }
+                Modify::WriteZeroes {
+                    offset,
+                    len,
+                    may_unmap,
+                } => s.submit_frame(track, Waiter::Call(finish), |seq| Frame::WriteZeroes {
+                    seq,
+                    offset,
+                    length: len,
+                    flags: if may_unmap { 0 } else { data_flags::NO_HOLE },
+                }),
+            },
+        };
+        match (queued, session) {
+            (Ok(seq), Some(s)) => s.after_submit(seq, self.ack_timeout()),
+            (Err(Waiter::Call(finish)), _) => {
+                // No peer: the local write stands, the range is out of sync.
+                finish(Remote::Lost, &mut Batch::default());
+            }
+            _ => {}
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
+        let flags = if durable { data_flags::FUA } else { 0 };
+        self.replicate(
+            offset,
+            buf.len() as u64,
+            |s| s.send_write(offset, flags, buf),
+            |store| store.write_at(buf, offset, durable),
+        )
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let store = self.current_store()?;
+        if !self.serving.load(Ordering::SeqCst) || self.peer.is_none() {
+            return store.flush();
+        }
+        let remote = self.current_session().and_then(|s| {
+            s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq })
+                .map(|slot| (s, slot))
+        });
+        let local = store.flush();
+        if let Some((session, slot)) = remote {
+            if session.wait(&slot, self.ack_timeout()) != Remote::Done {
+                tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
+            }
+        }
+        local
+    }
+
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.replicate(
+            offset,
+            len,
+            |s| {
+                s.send_frame(Track::plain(offset, len), |seq| Frame::Trim {
+                    seq,
+                    offset,
+                    length: len,
+                    flags: 0,
+                })
+            },
+            |store| store.trim(offset, len),
+        )
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        let flags = if may_unmap { 0 } else { data_flags::NO_HOLE };
+        self.replicate(
+            offset,
+            len,
+            |s| {
+                s.send_frame(Track::plain(offset, len), |seq| Frame::WriteZeroes {
+                    seq,
+                    offset,
+                    length: len,
+                    flags,
+                })
+            },
+            |store| store.write_zeroes(offset, len, may_unmap),
+        )
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.current_store()?.cache(offset, len)
+    }
+}
+
+/// Decrements the in-flight count when a request finishes.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

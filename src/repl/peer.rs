@@ -1,0 +1,464 @@
+//! The peer link loop: connecting with backoff, the authenticated
+//! handshake and state exchange, and the session's role modes (the
+//! Primary's receiver, the Secondary's pinger).
+
+use super::*;
+
+impl Replica {
+    /// `State` and `SyncDone` frames from the peer (any reading thread).
+    fn on_peer_frame(&self, frame: Frame) -> Result<(), LinkError> {
+        match frame {
+            Frame::State(st) => {
+                let fx = self
+                    .step(Event::PeerStateChanged {
+                        role: role_from_wire(st.role),
+                        disk: disk_from_wire(st.disk),
+                    })
+                    .map_err(LinkError::Protocol)?;
+                {
+                    // Under the gate, so a promote of ours either started
+                    // before this (and the answer says PROMOTING) or sees
+                    // the peer's announcement and is refused.
+                    let mut gate = lock(&self.gate);
+                    gate.peer_promoting = st.state_flags & state_flags::PROMOTING != 0;
+                    if st.state_flags & state_flags::REPLY != 0 {
+                        if let Some(s) = self.current_session() {
+                            let answer =
+                                self.build_state(gate.promoting, state_flags::ANSWER, st.token);
+                            s.send_control(&Frame::State(answer));
+                        }
+                    }
+                }
+                self.effects(&fx);
+                Ok(())
+            }
+            Frame::SyncDone { current } => {
+                let fx = self
+                    .step(Event::SyncDone { current })
+                    .map_err(LinkError::Protocol)?;
+                lock(&self.oos).clear_range(0, u64::MAX);
+                self.effects(&fx);
+                Ok(())
+            }
+            other => Err(LinkError::Protocol(format!(
+                "unexpected frame kind {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn set_link_error(&self, error: String) {
+        lock(&self.inner).last_error = Some(error);
+    }
+
+    /// Whether the link thread should be connecting now.
+    fn wants_link(&self) -> bool {
+        lock(&self.inner)
+            .node
+            .as_ref()
+            .is_some_and(|n| n.conn() != ConnState::StandAlone)
+    }
+
+    /// Sleeps up to `d` or until woken, returning true when stopping.
+    fn pause(&self, d: Duration) -> bool {
+        let g = lock(&self.wake_lock);
+        if self.stopping.load(Ordering::SeqCst) {
+            return true;
+        }
+        let _ = self.wake_cv.wait_timeout(g, d);
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn manage_link(self: Arc<Self>) {
+        let Some(cfg) = self.peer.clone() else {
+            return;
+        };
+        let min_backoff = Duration::from_millis(100);
+        let max_backoff = Duration::from_millis(cfg.timing.reconnect_max_ms);
+        let mut backoff = min_backoff;
+        let mut last_logged: Option<String> = None;
+        while !self.stopping.load(Ordering::SeqCst) {
+            if !self.wants_link() {
+                if self.pause(Duration::from_secs(1)) {
+                    break;
+                }
+                continue;
+            }
+            match self.establish(&cfg) {
+                Ok(Some(stream)) => {
+                    last_logged = None;
+                    backoff = min_backoff;
+                    self.run_session(&cfg, stream);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let msg = e.to_string();
+                    // One line per distinct failure, not per retry.
+                    if last_logged.as_deref() != Some(msg.as_str()) {
+                        if e.is_refusal() {
+                            tracing::error!(resource = %self.name, peer = %cfg.peer_node, "peer link: {msg}");
+                        } else {
+                            tracing::info!(resource = %self.name, peer = %cfg.peer_node, "peer link: {msg}");
+                        }
+                        last_logged = Some(msg.clone());
+                    }
+                    self.set_link_error(msg);
+                    self.emit_if_changed();
+                    backoff = if e.is_refusal() {
+                        max_backoff
+                    } else {
+                        (backoff * 2).min(max_backoff)
+                    };
+                    if self.pause(jitter(backoff)) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dials or accepts one connection, authenticates it, exchanges state
+    /// and takes the sync decision. `Ok(None)`: the decision (or the
+    /// operator) says not to run a session.
+    fn establish(&self, cfg: &PeerConfig) -> Result<Option<TcpStream>, LinkError> {
+        let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
+        let (mut stream, dialer) = match &self.listener {
+            None => (
+                TcpStream::connect_timeout(&cfg.peer_address, timeout).map_err(|e| {
+                    LinkError::Io(io::Error::new(
+                        e.kind(),
+                        format!(
+                            "connecting to {} at {}: {e}",
+                            cfg.peer_node, cfg.peer_address
+                        ),
+                    ))
+                })?,
+                true,
+            ),
+            Some(l) => (l.accept()?.0, false),
+        };
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(LinkError::Protocol("shutting down".into()));
+        }
+        if !self.wants_link() {
+            let _ = stream.shutdown(Shutdown::Both);
+            return Ok(None);
+        }
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let size = self.size();
+        let agreed = link::handshake(&mut stream, cfg, &self.name, size, dialer)?;
+        let _t = lock(&self.transition);
+        let theirs = link::exchange_state(&mut stream, self.state_frame(0, 0), timeout)?;
+        lock(&self.gate).peer_promoting = false;
+        let peer = PeerInfo {
+            role: role_from_wire(theirs.role),
+            disk: disk_from_wire(theirs.disk),
+            uuids: UuidView {
+                gens: Generations {
+                    current: theirs.current,
+                    bitmap: theirs.bitmap,
+                    history: theirs.history,
+                },
+                flags: theirs.md_flags,
+                dirty_bits: theirs.dirty_bits,
+            },
+            discard_my_data: theirs.state_flags & state_flags::DISCARD_MY_DATA != 0,
+        };
+        let dirty = lock(&self.oos).count();
+        let fx = self
+            .step(Event::PeerConnected {
+                peer,
+                local_dials: dialer,
+                local_dirty_bits: dirty,
+            })
+            .map_err(LinkError::Protocol)?;
+        let (verdict, source) = {
+            let inner = lock(&self.inner);
+            let node = inner.node.as_ref();
+            (
+                node.and_then(|n| n.last_verdict()),
+                node.is_some_and(|n| n.repl() == ReplState::SyncSource),
+            )
+        };
+        let full = verdict.is_some_and(|v| v.decision.is_full());
+        if source && (full || theirs.dirty_bits > 0) {
+            // A full sync, or a target with changes of its own (which only
+            // it knows the blocks of): send every block.
+            lock(&self.oos).set_all();
+        }
+        if let Some(v) = verdict {
+            tracing::info!(
+                resource = %self.name, peer = %cfg.peer_node,
+                "sync decision: {:?} by rule {} ({:?}: {})",
+                v.decision, v.rule.number(), v.rule, v.rule.describe()
+            );
+        }
+        if let Some(reason) = fx.drop_link {
+            let _ = stream.shutdown(Shutdown::Both);
+            self.set_link_error(reason);
+            return Ok(None);
+        }
+        tracing::info!(
+            resource = %self.name, peer = %cfg.peer_node,
+            addr = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            version = agreed.version, "peer connected"
+        );
+        Ok(Some(stream))
+    }
+
+    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: TcpStream) {
+        let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
+        let weak: Weak<Replica> = Arc::downgrade(self);
+        let hook: link::Hook = Box::new(move |frame| match weak.upgrade() {
+            Some(r) => r.on_peer_frame(frame),
+            None => Ok(()),
+        });
+        // Silence for ping_timeout on read, or a peer that stops draining
+        // our writes for as long, ends the session.
+        let setup = stream
+            .set_read_timeout(Some(ping_timeout))
+            .and_then(|_| stream.set_write_timeout(Some(ping_timeout)))
+            .and_then(|_| Session::new(&stream, cfg.peer_node.clone(), ping_timeout, hook));
+        let session = match setup {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                let _ = self.step(Event::PeerLost {
+                    reason: e.to_string(),
+                });
+                return;
+            }
+        };
+        *lock(&self.session) = Some(session.clone());
+        if self.stopping.load(Ordering::SeqCst) {
+            session.fail("shutting down");
+        }
+        let is_source = lock(&self.inner)
+            .node
+            .as_ref()
+            .is_some_and(|n| n.repl() == ReplState::SyncSource);
+        let resync = if is_source {
+            let (me, s) = (self.clone(), session.clone());
+            std::thread::Builder::new()
+                .name(format!("resync-{}", self.name))
+                .spawn(move || me.resync(&s))
+                .map_err(|e| tracing::error!(resource = %self.name, "cannot start the resync: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let reason = loop {
+            if !session.is_alive() {
+                break session.reason().unwrap_or_else(|| "shutting down".into());
+            }
+            let role = self.role();
+            self.set_mode(Some(role));
+            // The peer may have seen an older state during the exchange.
+            self.send_state(&session, 0, 0);
+            let end = match role {
+                Role::Primary => self.primary_mode(cfg, &session),
+                Role::Secondary => self.secondary_mode(cfg, &session),
+            };
+            match end {
+                ModeEnd::RoleChanged => continue,
+                ModeEnd::Over(why) => break why,
+            }
+        };
+        self.set_mode(None);
+        lock(&self.gate).peer_promoting = false;
+        session.fail(&reason);
+        // The resync thread clears ranges it saw acknowledged: it must be
+        // gone before those ranges are marked again below.
+        if let Some(r) = resync {
+            let _ = r.join();
+        }
+        let unstable = session.take_unstable();
+        if !unstable.is_empty() {
+            let bytes: u64 = unstable.iter().map(|r| r.1).sum();
+            for (offset, len) in &unstable {
+                self.mark_out_of_sync(*offset, *len);
+            }
+            tracing::info!(
+                resource = %self.name, writes = unstable.len(), bytes,
+                "writes the peer acknowledged but had not yet made durable are marked out of sync"
+            );
+        }
+        *lock(&self.session) = None;
+        tracing::warn!(resource = %self.name, peer = %cfg.peer_node, "peer disconnected: {reason}");
+        // A daemon shutting down is not losing its peer: its metadata is
+        // written as a clean shutdown instead (see `detach`).
+        if self.wants_link() && !self.stopping.load(Ordering::SeqCst) {
+            let _ = self.step(Event::PeerLost {
+                reason: reason.clone(),
+            });
+        }
+        self.set_link_error(reason);
+        self.emit_if_changed();
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+
+    /// The Primary's receiver. With more than one request in flight it
+    /// reads the link and completes the requests that Acks answer,
+    /// replying to their clients once per batch of Acks; with at most one,
+    /// the submitter reads its own Ack (`Session::after_submit`) and this
+    /// thread only looks at the link once per tick. It also pings.
+    fn primary_mode(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
+        session.set_primary_reading(true);
+        let end = self.receive_as_primary(cfg, session);
+        session.set_primary_reading(false);
+        end
+    }
+
+    fn receive_as_primary(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
+        let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
+        let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
+        let mut next_ping = Instant::now() + interval;
+        let mut nonce = 0u64;
+        let mut ping: Option<(Instant, Arc<link::Slot>)> = None;
+        let mut body = Vec::new();
+        let mut batch = Batch::default();
+        while session.is_alive() {
+            if self.role() != Role::Primary {
+                return ModeEnd::RoleChanged;
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                session.fail("shutting down");
+                break;
+            }
+            let now = Instant::now();
+            if let Some((sent, slot)) = &ping {
+                if slot.outcome().is_some() {
+                    ping = None;
+                } else if now.duration_since(*sent) > ping_timeout {
+                    session.fail(&format!("no answer to a ping within {ping_timeout:?}"));
+                    break;
+                }
+            }
+            if ping.is_none() && now >= next_ping {
+                next_ping = now + interval;
+                nonce += 1;
+                ping = Some((now, session.ping(nonce)));
+                // Writes acknowledged but not yet durable on the peer are
+                // kept (they count as out of sync if the link drops).
+                // Client flushes clear them; without any, a barrier bounds
+                // the list. Not every interval: a barrier is an fdatasync
+                // on the peer, which would force write-back that the local
+                // side does not do.
+                if session.unstable_count() > UNSTABLE_CAP {
+                    let _ = session
+                        .submit_frame(Track::Barrier, Waiter::Nobody, |seq| Frame::Barrier { seq });
+                    session.activate();
+                }
+            }
+            let active = session.is_active();
+            if !active {
+                session.park(PRIMARY_TICK);
+            }
+            // Idle: only look (a submitter may be reading its own Ack).
+            // Active: wait for the read side, a submitter hands it over
+            // once its own Ack is in.
+            let reader = if active {
+                Some(session.reader())
+            } else {
+                session.try_reader()
+            };
+            let Some(mut reader) = reader else {
+                continue;
+            };
+            for (kind, body) in session.take_stash() {
+                let handled = Frame::decode_body(kind, &body)
+                    .map_err(|e| LinkError::Protocol(e.to_string()))
+                    .and_then(|frame| session.handle_incoming(frame, &mut batch));
+                if let Err(e) = handled {
+                    let why = session.describe(e);
+                    session.fail(&why);
+                }
+            }
+            let fd = reader.get_ref().as_raw_fd();
+            let tick_end = Instant::now() + PRIMARY_TICK;
+            while session.is_alive() {
+                if reader.buffer().is_empty() {
+                    // Everything read so far is handled: send the replies.
+                    batch.run();
+                    if active && !session.stay_active() {
+                        break;
+                    }
+                    let wait = if active {
+                        tick_end.saturating_duration_since(Instant::now())
+                    } else {
+                        Duration::ZERO
+                    };
+                    if wait.is_zero() && active {
+                        break;
+                    }
+                    if !crate::net::wait_readable(fd, wait) {
+                        break;
+                    }
+                }
+                let handled = link::read_raw(&mut *reader, &mut body).and_then(|kind| {
+                    let frame = Frame::decode_body(kind, &body)
+                        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+                    session.handle_incoming(frame, &mut batch)
+                });
+                if let Err(e) = handled {
+                    let why = session.describe(e);
+                    session.fail(&why);
+                }
+            }
+            batch.run();
+        }
+        batch.run();
+        ModeEnd::Over(session.reason().unwrap_or_else(|| "shutting down".into()))
+    }
+
+    fn secondary_mode(&self, cfg: &PeerConfig, session: &Arc<Session>) -> ModeEnd {
+        let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let pinger = session.clone();
+            let done = &done;
+            scope.spawn(move || {
+                let mut nonce = 0u64;
+                while pinger.is_alive() && !done.load(Ordering::SeqCst) {
+                    if self.pause(interval) || done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    nonce += 1;
+                    if pinger.is_alive() {
+                        pinger.ping(nonce);
+                    }
+                }
+            });
+            let end = match self.receive_as_secondary(session, scope) {
+                Ok(end) => end,
+                Err(e) => {
+                    let why = session.describe(e);
+                    session.fail(&why);
+                    ModeEnd::Over(session.reason().unwrap_or(why))
+                }
+            };
+            done.store(true, Ordering::SeqCst);
+            self.wake();
+            end
+        })
+    }
+}
+
+/// Whether this node dials (its name sorts lower) or accepts.
+pub fn dials(cfg: &PeerConfig) -> bool {
+    cfg.local_node.as_bytes() < cfg.peer_node.as_bytes()
+}
+
+/// ±20 % so two nodes never retry in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.8 + f64::from(nanos % 1000) / 2500.0;
+    d.mul_f64(factor)
+}
