@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod datapath;
 pub mod state;
 pub mod uuid;
 
