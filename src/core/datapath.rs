@@ -75,8 +75,13 @@ pub struct Lost<T> {
     /// data frame with its range to mark).
     pub completions: Vec<Completion<T>>,
     /// Data frames the peer applied that no acknowledged barrier made
-    /// durable there: mark every range out of sync.
+    /// durable there: mark every range out of sync now.
     pub unstable: Vec<(u64, u64)>,
+    /// Data frames lost whose local half is still running: mark every
+    /// range out of sync now too, not only at their completion. A new
+    /// session's resync may otherwise pass these blocks before the mark
+    /// lands, and finish without them.
+    pub running: Vec<(u64, u64)>,
 }
 
 /// A peer or caller broke the rules of the data path.
@@ -276,13 +281,16 @@ impl<T> PrimaryPath<T> {
 
     /// The session ended. Every request still awaiting its Ack counts as
     /// lost: those whose local half is done complete now; the others
-    /// complete at their [`local_done`](Self::local_done). Returns them
-    /// with the transfer log's ranges, which must be marked out of sync
-    /// too (the peer's page cache may lose them). No Ack is accepted
+    /// complete at their [`local_done`](Self::local_done) (still with
+    /// their range to mark). Returns the completions, the transfer log's
+    /// ranges (the peer's page cache may lose them) and the ranges of
+    /// the lost data frames still running locally: mark both sets out of
+    /// sync before the node can meet the peer again. No Ack is accepted
     /// afterwards.
     pub fn lost(&mut self) -> Lost<T> {
         self.lost = true;
         let mut done = Vec::new();
+        let mut running = Vec::new();
         for i in 0..self.entries.len() {
             if let Some(e) = self.entries[i].as_mut() {
                 if e.peer.is_none() {
@@ -290,6 +298,8 @@ impl<T> PrimaryPath<T> {
                     self.awaiting_ack -= 1;
                     if e.local.is_some() {
                         done.push(self.base + i as u64);
+                    } else if let Kind::Data { offset, len, .. } = e.kind {
+                        running.push((offset, len));
                     }
                 }
             }
@@ -302,6 +312,7 @@ impl<T> PrimaryPath<T> {
         Lost {
             completions,
             unstable,
+            running,
         }
     }
 
@@ -450,6 +461,11 @@ impl SecondaryPath {
     /// Durable requests applied and waiting for a flush to start.
     pub fn awaiting_flush(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Acknowledgements waiting for [`take_acks`](Self::take_acks).
+    pub fn pending_acks(&self) -> usize {
+        self.acks.len()
     }
 
     /// Frames received and not yet applied.
@@ -616,6 +632,7 @@ mod tests {
                 ("flush", Peer::Lost, None, true),
             ]
         );
+        assert_eq!(lost.running, vec![(200, 10)]);
         assert_eq!(p.awaiting_ack(), 0);
         assert_eq!(p.ack(running, 0), Err(DataPathError::NotInFlight(running)));
         let c = p
