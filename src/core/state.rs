@@ -250,7 +250,12 @@ pub struct Node {
 impl Node {
     /// The node as `up` makes it from the superblock. Always Secondary; a
     /// node that was Primary and did not shut down cleanly gets
-    /// `CRASHED_PRIMARY`. The disk: Inconsistent if the UUID is just
+    /// `CRASHED_PRIMARY` and `FULL_SYNC`: writes may have been in flight
+    /// anywhere and there is no activity log to say where, so the sync it
+    /// leads must be a full one. Both flags persist until a sync
+    /// completes, so a second crash before then (as Secondary, when
+    /// `PRIMARY` is no longer set) cannot turn that sync into one that
+    /// copies nothing. The disk: Inconsistent if the UUID is just
     /// created or `CONSISTENT` is clear; Outdated if `OUTDATED`; UpToDate
     /// if `UP_TO_DATE` and the peer was known Outdated (`PEER_OUTDATED`)
     /// or there is no peer; Consistent otherwise (a node that restarts
@@ -260,7 +265,7 @@ impl Node {
     pub fn from_meta(gens: Generations, meta_flags: u32, has_peer: bool) -> Node {
         let mut kept_flags = meta_flags & !DERIVED;
         if meta_flags & flags::PRIMARY != 0 && meta_flags & flags::CLEAN_SHUTDOWN == 0 {
-            kept_flags |= flags::CRASHED_PRIMARY;
+            kept_flags |= flags::CRASHED_PRIMARY | flags::FULL_SYNC;
         }
         let disk = if gens.just_created() || meta_flags & flags::CONSISTENT == 0 {
             DiskState::Inconsistent
@@ -1805,6 +1810,63 @@ mod tests {
         ));
         assert_eq!(a.conn(), ConnState::StandAlone);
         assert_eq!(a.gens().bitmap, 0xC1);
+    }
+
+    /// Found by the simulator (`core::sim`): a crashed Primary leads a
+    /// rule-40 resync; it crashed again, as Secondary, before the resync
+    /// ended. Its bitmap (all blocks, kept in memory only) was gone, its
+    /// superblock no longer said PRIMARY, and the shell marks every block
+    /// only after a crash of a Primary or of a node with a bitmap UUID:
+    /// the repeated rule-40 resync was bitmap-based with an empty bitmap,
+    /// copied nothing, and both nodes called different data UpToDate.
+    #[test]
+    fn a_crashed_primary_that_crashes_again_still_leads_a_full_sync() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        // a crashes while Primary and comes back.
+        let mut a = Node::from_meta(a.gens(), a.meta_flags(), true);
+        assert_eq!(
+            a.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
+            flags::CRASHED_PRIMARY | flags::FULL_SYNC
+        );
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "crash".into(),
+            },
+        );
+        let (ra, _) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: true
+        }));
+        assert_eq!(
+            a.last_verdict().map(|v| v.rule),
+            Some(Rule::CrashedPrimaryLocal)
+        );
+        // a crashes again, as Secondary, before the resync ends.
+        let mut a = Node::from_meta(a.gens(), a.meta_flags(), true);
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "crash".into(),
+            },
+        );
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: true
+        }));
+        assert!(rb.contains(&Action::StartSync {
+            source: false,
+            full: true
+        }));
+        // Only a completed sync clears the flags.
+        step(&mut a, Event::SyncFinished);
+        assert_eq!(
+            a.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
+            0
+        );
     }
 
     #[test]
