@@ -9,6 +9,9 @@ pub mod datapath;
 pub mod state;
 pub mod uuid;
 
+#[cfg(test)]
+mod sim;
+
 pub use state::{
     Action, ConnState, DiskState, Event, Level, Node, PeerInfo, Refusal, ReplState, Role,
 };
