@@ -1348,9 +1348,9 @@ impl Sim {
                 let clear = self.link.is_some() && rng.pct(70);
                 self.new_current_uuid(i, clear)
             }
-            854..=861 if faults => self.cut("link loss", None),
-            862..=864 if faults => self.crash(i),
-            865..=866 if faults => self.restart(i),
+            854..=857 if faults => self.cut("link loss", None),
+            858..=859 if faults => self.crash(i),
+            860..=860 if faults => self.restart(i),
             _ => self.deliver_frame(i),
         }
         self.note_primary_alone();

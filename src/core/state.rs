@@ -396,8 +396,12 @@ impl Node {
     /// - `PeerLost`, `Disconnect` while connected, and a peer turning
     ///   Primary while this node is Primary (which also goes StandAlone):
     ///   an UpToDate Primary with an unset bitmap UUID starts a new
-    ///   current UUID, the old one becoming the bitmap UUID. The peer is
-    ///   not marked Outdated.
+    ///   current UUID, the old one becoming the bitmap UUID. So does a
+    ///   sync source with a set bitmap UUID, whatever its role: the
+    ///   target may have adopted its current UUID at `SyncDone` before
+    ///   the source recorded the end of the sync, so that UUID no longer
+    ///   names a generation the peer lacks. The peer is not marked
+    ///   Outdated.
     /// - `PeerConnected`: see [`compare`]; then, in order: both nodes
     ///   asked to discard their data, unrelated data, an unresolved split
     ///   brain (`--discard-my-data` on one side makes that side a
@@ -1000,6 +1004,21 @@ impl Node {
 
     /// The peer session ended while connected.
     fn lose_peer(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        if self.repl == ReplState::SyncSource && self.gens.bitmap != 0 && self.disk.holds_data() {
+            // The target adopts this node's current UUID when it gets
+            // SyncDone; this node clears its bitmap UUID only when the
+            // target confirms. In between, the bitmap UUID no longer
+            // makes the current generation one the peer lacks: writes
+            // made under it alone would be indistinguishable from the
+            // peer's, and a split brain would pass for a resync.
+            out.log(
+                Level::Warn,
+                "peer gone during a resync this node led: new data generation (the peer may hold the old one)",
+            );
+            self.start_generation(fresh, out);
+            self.end_session(ConnState::Connecting);
+            return;
+        }
         match (self.role, self.disk) {
             (Role::Primary, DiskState::UpToDate) => {
                 if self.gens.bitmap == 0 {
@@ -1285,12 +1304,15 @@ mod tests {
             [Action::Persist, Action::DropLink { .. }]
         ));
         assert_eq!(b.conn(), ConnState::Connecting);
-        step(
-            &mut a,
+        // The source a starts a new generation too (it led a resync), one
+        // other than b's, as random UUIDs are.
+        a.handle(
             Event::PeerLost {
                 reason: "dropped".into(),
             },
-        );
+            &mut || 0x3003,
+        )
+        .expect("accepted");
         // Both moved on from 0xC1: split brain, not a sync either way.
         let (_, rb) = meet(&mut a, &mut b);
         assert!(rb.iter().any(|x| matches!(x, Action::StandAlone { .. })));
@@ -1446,7 +1468,10 @@ mod tests {
         let mut f = Node::from_meta(gens, UTD, true);
         step(&mut f, Event::Promote { force: true });
         assert_eq!(f.gens(), g(0x1001, 0xC1, [0xC2, 0x11]));
-        // A Primary source losing its target mid-sync keeps its UUIDs.
+        // A source losing its target mid-sync starts a new generation
+        // (the target may have adopted 0xC2 at SyncDone: see
+        // a_peer_lost_before_the_sync_end_was_confirmed_still_shows_split_brain)
+        // but keeps its bitmap UUID.
         let mut a = Node::from_meta(gens, UTD | flags::PEER_OUTDATED, true);
         let mut b = Node::from_meta(g(0xC1, 0, [0x11, 0]), UTD, true);
         step(&mut a, Event::Promote { force: false });
@@ -1458,7 +1483,7 @@ mod tests {
                 reason: "cable".into(),
             },
         );
-        assert_eq!(a.gens(), gens);
+        assert_eq!(a.gens(), g(0x1001, 0xC1, [0xC2, 0x11]));
         // And the sync resumes from the same bitmap on reconnect.
         step(
             &mut b,
@@ -1867,6 +1892,67 @@ mod tests {
             a.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
             0
         );
+    }
+
+    /// Found by the simulator (`core::sim`): a Primary led a resync
+    /// (rule 70) and the link dropped after the target adopted its UUIDs
+    /// at `SyncDone` but before the target's confirmation reached it. Its
+    /// bitmap UUID was still set, so losing the peer started no new
+    /// generation; the peer, promoted alone, started one with the old
+    /// current as bitmap UUID. Both wrote; on reconnect rule 70 made the
+    /// peer sync source and the first Primary's writes would have been
+    /// overwritten instead of a split brain being reported.
+    #[test]
+    fn a_peer_lost_before_the_sync_end_was_confirmed_still_shows_split_brain() {
+        for source_role in [Role::Primary, Role::Secondary] {
+            let mut src = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+            if source_role == Role::Primary {
+                step(&mut src, Event::Promote { force: false });
+            }
+            let mut tgt = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+            meet(&mut src, &mut tgt);
+            assert_eq!(src.repl(), ReplState::SyncSource);
+            // The target records the end; the link drops before the
+            // source hears back.
+            step(&mut tgt, Event::SyncDone { current: 0xC2 });
+            assert_eq!(tgt.gens().current, 0xC2);
+            for n in [&mut src, &mut tgt] {
+                step(
+                    n,
+                    Event::PeerLost {
+                        reason: "cut".into(),
+                    },
+                );
+            }
+            assert_ne!(src.gens().current, 0xC2, "{source_role}: a new generation");
+            // Both write alone (the target's new UUID differs from the
+            // source's, as random ones do).
+            step(&mut src, Event::Promote { force: false });
+            tgt.handle(Event::Promote { force: false }, &mut || 0x2002)
+                .expect("promoted");
+            let (ra, _) = meet(&mut src, &mut tgt);
+            assert_eq!(
+                src.last_verdict().map(|v| v.decision),
+                Some(Decision::SplitBrain),
+                "{source_role}"
+            );
+            assert!(ra.iter().any(|x| matches!(x, Action::StandAlone { .. })));
+        }
+        // Without a write on the peer, the source's data still wins.
+        let mut src = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+        let mut tgt = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        meet(&mut src, &mut tgt);
+        step(&mut tgt, Event::SyncDone { current: 0xC2 });
+        for n in [&mut src, &mut tgt] {
+            step(
+                n,
+                Event::PeerLost {
+                    reason: "cut".into(),
+                },
+            );
+        }
+        meet(&mut src, &mut tgt);
+        assert_eq!(src.repl(), ReplState::SyncSource);
     }
 
     #[test]
