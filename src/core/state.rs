@@ -135,8 +135,6 @@ pub enum Event {
     /// StandAlone; while connected only as "skip initial sync":
     /// `clear_bitmap` with both copies just created.
     NewCurrentUuid { clear_bitmap: bool },
-    /// A write completed on this Primary that the peer did not get.
-    LocalWrite,
     /// Clean shutdown.
     Shutdown,
 }
@@ -243,7 +241,6 @@ pub struct Node {
     clean_shutdown: bool,
     has_peer: bool,
     discard_my_data: bool,
-    unreplicated_writes: bool,
     last_verdict: Option<Verdict>,
 }
 
@@ -294,7 +291,6 @@ impl Node {
             clean_shutdown: false,
             has_peer,
             discard_my_data: false,
-            unreplicated_writes: false,
             last_verdict: None,
         }
     }
@@ -336,12 +332,6 @@ impl Node {
     /// by `connect --discard-my-data`, consumed by the next handshake).
     pub fn discard_my_data(&self) -> bool {
         self.discard_my_data
-    }
-
-    /// This Primary completed writes the peer does not have (since the
-    /// last handshake without sync or the last completed sync).
-    pub fn has_unreplicated_writes(&self) -> bool {
-        self.unreplicated_writes
     }
 
     pub fn gens(&self) -> Generations {
@@ -442,7 +432,6 @@ impl Node {
             Event::NewCurrentUuid { clear_bitmap } => {
                 self.new_current_uuid(clear_bitmap, fresh_uuid, &mut out)?
             }
-            Event::LocalWrite => self.local_write()?,
             Event::Shutdown => self.shutdown(&mut out),
         }
         let mut actions = out.early;
@@ -781,26 +770,6 @@ impl Node {
         }
     }
 
-    fn local_write(&mut self) -> Result<(), Refusal> {
-        match self.role {
-            Role::Secondary => Err(refuse("write refused: not Primary")),
-            Role::Primary => {
-                match (self.conn, self.repl) {
-                    (ConnState::Connected, ReplState::Established | ReplState::SyncSource) => {}
-                    (ConnState::Connected, ReplState::SyncTarget | ReplState::Off)
-                    | (
-                        ConnState::StandAlone | ConnState::Connecting,
-                        ReplState::Off
-                        | ReplState::Established
-                        | ReplState::SyncSource
-                        | ReplState::SyncTarget,
-                    ) => self.unreplicated_writes = true,
-                }
-                Ok(())
-            }
-        }
-    }
-
     fn shutdown(&mut self, out: &mut Out) {
         self.clean_shutdown = true;
         self.role = Role::Secondary;
@@ -924,7 +893,6 @@ impl Node {
             Plan::NoSync => {
                 self.repl = ReplState::Established;
                 self.kept_flags &= !flags::CRASHED_PRIMARY;
-                self.unreplicated_writes = false;
                 out.log(
                     Level::Info,
                     format!("connected, no resync needed ({})", verdict.rule),
@@ -981,7 +949,6 @@ impl Node {
     fn in_sync(&mut self, out: &mut Out) {
         self.repl = ReplState::Established;
         self.kept_flags &= !(flags::CRASHED_PRIMARY | flags::FULL_SYNC);
-        self.unreplicated_writes = false;
         self.peer_gens = Some(self.gens);
         if let Some((role, _)) = self.peer {
             self.peer = Some((role, DiskState::UpToDate));
@@ -1342,17 +1309,12 @@ mod tests {
     }
 
     #[test]
-    fn promote_refused_when_diskless_or_writes_on_secondary() {
+    fn promote_refused_when_diskless() {
         let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
         n.disk = DiskState::Diskless;
         assert_eq!(
             refused(&mut n, Event::Promote { force: true }),
             "promote refused: no local disk"
-        );
-        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
-        assert_eq!(
-            refused(&mut n, Event::LocalWrite),
-            "write refused: not Primary"
         );
     }
 
@@ -2057,450 +2019,5 @@ mod tests {
             r#""SyncTarget""#
         );
         assert_eq!(DiskState::Consistent.to_string(), "Consistent");
-    }
-}
-
-/// A simulated pair: random histories of promote, demote, writes, link
-/// loss, reconnects, syncs, crashes and restarts, with a model of which
-/// writes each copy holds.
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod sim {
-    use std::collections::BTreeSet;
-
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::core::uuid::Rule;
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Promote(usize, bool),
-        Demote(usize),
-        Write(usize),
-        LinkLoss,
-        Disconnect(usize),
-        Connect(usize, bool),
-        Handshake,
-        SyncDone,
-        /// The resync completes, but node `n` crashes before recording it.
-        SyncDoneCrash(usize),
-        Crash(usize),
-        Restart(usize),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            3 => (0..2usize, prop::bool::weighted(0.25)).prop_map(|(n, f)| Op::Promote(n, f)),
-            2 => (0..2usize).prop_map(Op::Demote),
-            6 => (0..2usize).prop_map(Op::Write),
-            2 => Just(Op::LinkLoss),
-            1 => (0..2usize).prop_map(Op::Disconnect),
-            2 => (0..2usize, prop::bool::weighted(0.3)).prop_map(|(n, d)| Op::Connect(n, d)),
-            4 => Just(Op::Handshake),
-            3 => Just(Op::SyncDone),
-            1 => (0..2usize).prop_map(Op::SyncDoneCrash),
-            1 => (0..2usize).prop_map(Op::Crash),
-            1 => (0..2usize).prop_map(Op::Restart),
-        ]
-    }
-
-    struct Sim {
-        nodes: [Node; 2],
-        /// The writes each copy holds.
-        data: [BTreeSet<u32>; 2],
-        /// The metadata as last persisted.
-        persisted: [(Generations, u32); 2],
-        link: bool,
-        next_write: u32,
-        next_uuid: u64,
-        /// The pair connected with data on both sides at some point (so
-        /// their UUIDs share a generation).
-        shared_data: bool,
-        handshakes: usize,
-    }
-
-    impl Sim {
-        fn new(fresh_pair: bool) -> Sim {
-            let (gens, f) = if fresh_pair {
-                (
-                    Generations {
-                        current: UUID_JUST_CREATED,
-                        ..Generations::default()
-                    },
-                    0,
-                )
-            } else {
-                (
-                    Generations {
-                        current: 0xC0,
-                        ..Generations::default()
-                    },
-                    flags::CONSISTENT | flags::UP_TO_DATE,
-                )
-            };
-            let n = Node::from_meta(gens, f, true);
-            let p = (n.gens(), n.meta_flags());
-            Sim {
-                nodes: [n.clone(), n],
-                data: [BTreeSet::new(), BTreeSet::new()],
-                persisted: [p, p],
-                link: false,
-                next_write: 0,
-                next_uuid: 0x1_0000,
-                shared_data: !fresh_pair,
-                handshakes: 0,
-            }
-        }
-
-        fn deliver(&mut self, i: usize, ev: Event) -> Result<(), String> {
-            let before = self.nodes[i].clone();
-            let next_uuid = &mut self.next_uuid;
-            let mut fresh = || {
-                *next_uuid += 0x101;
-                *next_uuid
-            };
-            match self.nodes[i].handle(ev.clone(), &mut fresh) {
-                Err(r) => {
-                    assert_eq!(self.nodes[i], before, "refused {ev:?} but changed");
-                    Err(r.message)
-                }
-                Ok(actions) => {
-                    for a in actions {
-                        self.perform(i, a);
-                    }
-                    self.check_node(i);
-                    Ok(())
-                }
-            }
-        }
-
-        fn perform(&mut self, i: usize, action: Action) {
-            match action {
-                Action::Persist => {
-                    self.persisted[i] = (self.nodes[i].gens(), self.nodes[i].meta_flags())
-                }
-                Action::DropLink { reason } | Action::StandAlone { reason } => {
-                    if self.link {
-                        self.link = false;
-                        self.deliver(1 - i, Event::PeerLost { reason })
-                            .expect("PeerLost is never refused");
-                    }
-                }
-                Action::SendState => {
-                    if self.link {
-                        let (role, disk) = (self.nodes[i].role(), self.nodes[i].disk());
-                        self.deliver(1 - i, Event::PeerStateChanged { role, disk })
-                            .expect("PeerStateChanged is never refused");
-                    }
-                }
-                Action::StartSync { .. } | Action::DisconnectClients | Action::Log { .. } => {}
-            }
-        }
-
-        fn check_node(&self, i: usize) {
-            let n = &self.nodes[i];
-            if n.role() == Role::Primary {
-                assert_eq!(n.disk(), DiskState::UpToDate, "a Primary is UpToDate");
-            }
-            let connected = n.conn() == ConnState::Connected;
-            assert_eq!(connected, n.peer().is_some());
-            assert_eq!(connected, n.peer_gens().is_some());
-            assert_eq!(connected, n.repl() != ReplState::Off);
-            assert_eq!(
-                self.persisted[i],
-                (n.gens(), n.meta_flags()),
-                "node {i}: a metadata change was not persisted"
-            );
-        }
-
-        fn check_pair(&self) {
-            let [a, b] = &self.nodes;
-            let both = a.conn() == ConnState::Connected && b.conn() == ConnState::Connected;
-            assert_eq!(self.link, both, "link state");
-            if !self.link {
-                return;
-            }
-            assert_eq!(a.peer(), Some((b.role(), b.disk())), "a's view of b");
-            assert_eq!(b.peer(), Some((a.role(), a.disk())), "b's view of a");
-            assert!(a.role() == Role::Secondary || b.role() == Role::Secondary);
-            match (a.repl(), b.repl()) {
-                (ReplState::Established, ReplState::Established) => {
-                    assert_eq!(
-                        self.data[0], self.data[1],
-                        "Established with different data"
-                    )
-                }
-                (ReplState::SyncSource, ReplState::SyncTarget)
-                | (ReplState::SyncTarget, ReplState::SyncSource) => {}
-                other => panic!("connected pair in {other:?}"),
-            }
-        }
-
-        fn run(&mut self, op: &Op) {
-            match *op {
-                Op::Promote(n, force) => {
-                    let _ = self.deliver(n, Event::Promote { force });
-                }
-                Op::Demote(n) => {
-                    let _ = self.deliver(
-                        n,
-                        Event::Demote {
-                            force: false,
-                            clients: 0,
-                        },
-                    );
-                }
-                Op::Write(n) => {
-                    if self.nodes[n].role() != Role::Primary {
-                        return;
-                    }
-                    self.next_write += 1;
-                    self.data[n].insert(self.next_write);
-                    let replicated = self.link
-                        && matches!(
-                            self.nodes[n].repl(),
-                            ReplState::Established | ReplState::SyncSource
-                        );
-                    if replicated {
-                        self.data[1 - n].insert(self.next_write);
-                    } else {
-                        self.deliver(n, Event::LocalWrite)
-                            .expect("a Primary takes writes");
-                        assert!(self.nodes[n].has_unreplicated_writes());
-                    }
-                }
-                Op::LinkLoss => {
-                    if self.link {
-                        self.link = false;
-                        for i in 0..2 {
-                            self.deliver(
-                                i,
-                                Event::PeerLost {
-                                    reason: "link loss".into(),
-                                },
-                            )
-                            .expect("PeerLost is never refused");
-                        }
-                    }
-                }
-                Op::Disconnect(n) => {
-                    let _ = self.deliver(n, Event::Disconnect);
-                }
-                Op::Connect(n, discard) => {
-                    let _ = self.deliver(
-                        n,
-                        Event::Connect {
-                            discard_my_data: discard,
-                        },
-                    );
-                }
-                Op::Handshake => self.handshake(),
-                Op::SyncDone | Op::SyncDoneCrash(_) => {
-                    let (s, t) = match (self.nodes[0].repl(), self.nodes[1].repl()) {
-                        (ReplState::SyncSource, ReplState::SyncTarget) => (0, 1),
-                        (ReplState::SyncTarget, ReplState::SyncSource) => (1, 0),
-                        _ => return,
-                    };
-                    assert!(self.link);
-                    self.data[t] = self.data[s].clone();
-                    if let Op::SyncDoneCrash(n) = *op {
-                        // The target records the end first, the source
-                        // only once the target confirmed it.
-                        if n == s {
-                            self.deliver(t, Event::SyncFinished)
-                                .expect("target finishes");
-                            self.shared_data = true;
-                        }
-                        return self.run(&Op::Crash(n));
-                    }
-                    self.deliver(s, Event::SyncFinished)
-                        .expect("source finishes");
-                    self.deliver(t, Event::SyncFinished)
-                        .expect("target finishes");
-                    assert_eq!(
-                        self.nodes[0].gens(),
-                        self.nodes[1].gens(),
-                        "UUIDs after sync"
-                    );
-                    self.shared_data |= !self.nodes[0].gens().just_created();
-                }
-                Op::Crash(n) => {
-                    if self.link {
-                        self.link = false;
-                        self.deliver(
-                            1 - n,
-                            Event::PeerLost {
-                                reason: "peer crashed".into(),
-                            },
-                        )
-                        .expect("PeerLost is never refused");
-                    }
-                    self.restart(n);
-                }
-                Op::Restart(n) => {
-                    self.deliver(n, Event::Shutdown).expect("shutdown");
-                    self.restart(n);
-                }
-            }
-        }
-
-        fn restart(&mut self, n: usize) {
-            let (gens, f) = self.persisted[n];
-            self.nodes[n] = Node::from_meta(gens, f, true);
-            self.persisted[n] = (self.nodes[n].gens(), self.nodes[n].meta_flags());
-        }
-
-        fn handshake(&mut self) {
-            if self.link || self.nodes.iter().any(|n| n.conn() != ConnState::Connecting) {
-                return;
-            }
-            self.handshakes += 1;
-            let dirty: Vec<u64> = (0..2)
-                .map(|i| self.data[i].difference(&self.data[1 - i]).count() as u64)
-                .collect();
-            let infos: Vec<PeerInfo> = (0..2)
-                .map(|i| PeerInfo {
-                    role: self.nodes[i].role(),
-                    disk: self.nodes[i].disk(),
-                    uuids: self.nodes[i].uuid_view(dirty[i]),
-                    discard_my_data: self.nodes[i].discard_my_data(),
-                })
-                .collect();
-            let raw = [
-                compare(&infos[0].uuids, &infos[1].uuids, true),
-                compare(&infos[1].uuids, &infos[0].uuids, false),
-            ];
-            // (a) both sides decide the same thing.
-            assert_eq!(
-                raw[0].decision,
-                raw[1].decision.mirrored(),
-                "asymmetric {raw:?}"
-            );
-            // (b) a sync source has every write the target has, and
-            // independent writes on both sides are never synced over.
-            let a_has_b = self.data[1].is_subset(&self.data[0]);
-            let b_has_a = self.data[0].is_subset(&self.data[1]);
-            match raw[0].decision {
-                Decision::SyncSource { .. } => {
-                    assert!(a_has_b, "source A lacks writes of B: {raw:?}")
-                }
-                Decision::SyncTarget { .. } => {
-                    assert!(b_has_a, "source B lacks writes of A: {raw:?}")
-                }
-                // (c) no sync only with equal data.
-                Decision::NoSync => assert!(a_has_b && b_has_a, "NoSync with different data"),
-                Decision::SplitBrain | Decision::Unrelated => {}
-            }
-            if !a_has_b && !b_has_a {
-                if self.shared_data {
-                    assert_eq!(raw[0].decision, Decision::SplitBrain, "{raw:?}");
-                } else {
-                    assert!(!raw[0].decision.is_sync(), "{raw:?}");
-                }
-            }
-            for i in 0..2 {
-                self.deliver(
-                    i,
-                    Event::PeerConnected {
-                        peer: infos[1 - i].clone(),
-                        local_dials: i == 0,
-                        local_dirty_bits: dirty[i],
-                    },
-                )
-                .expect("handshake while Connecting");
-            }
-            let connected = self.nodes.iter().map(|n| n.conn() == ConnState::Connected);
-            let connected: Vec<bool> = connected.collect();
-            assert_eq!(
-                connected[0], connected[1],
-                "one side connected, the other not"
-            );
-            let v: Vec<Decision> = self
-                .nodes
-                .iter()
-                .map(|n| n.last_verdict().expect("verdict").decision)
-                .collect();
-            assert_eq!(v[0], v[1].mirrored(), "final decisions differ");
-            if connected[0] {
-                self.link = true;
-                self.shared_data |= infos.iter().all(|i| !i.uuids.gens.just_created());
-                match (self.nodes[0].repl(), self.nodes[1].repl()) {
-                    (ReplState::Established, _) => {}
-                    // A sync target's own writes are gone from the moment
-                    // it starts receiving (only --discard-my-data makes
-                    // that more than a no-op).
-                    (ReplState::SyncSource, _) => self.data[1] = &self.data[1] & &self.data[0],
-                    (_, ReplState::SyncSource) => self.data[0] = &self.data[0] & &self.data[1],
-                    (ReplState::SyncTarget | ReplState::Off, _) => {}
-                }
-            }
-        }
-    }
-
-    fn simulate(fresh_pair: bool, ops: &[Op]) -> Sim {
-        let mut sim = Sim::new(fresh_pair);
-        for op in ops {
-            sim.run(op);
-            sim.check_pair();
-        }
-        sim
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        })]
-
-        #[test]
-        fn random_histories_never_lose_writes(
-            fresh_pair in any::<bool>(),
-            ops in prop::collection::vec(op(), 0..40),
-        ) {
-            simulate(fresh_pair, &ops);
-        }
-    }
-
-    #[test]
-    fn a_scripted_history_runs_through_the_simulator() {
-        use Op::*;
-        let rule = |sim: &Sim| sim.nodes[0].last_verdict().map(|v| v.rule);
-        // Connect, write, lose the link, write on both: split brain.
-        let mut ops = vec![
-            Handshake,
-            Promote(0, false),
-            Write(0),
-            LinkLoss,
-            Write(0),
-            Promote(1, false),
-            Write(1),
-            Handshake,
-        ];
-        let sim = simulate(false, &ops);
-        assert_eq!(rule(&sim), Some(Rule::SplitBrainBitmapsEqual));
-        assert_eq!(sim.nodes[1].conn(), ConnState::StandAlone);
-        // B gives up its changes; the bitmap-based rollback converges.
-        ops.extend([
-            Demote(1),
-            Connect(1, true),
-            Connect(0, false),
-            Handshake,
-            SyncDone,
-        ]);
-        let sim = simulate(false, &ops);
-        assert_eq!(sim.data[0], sim.data[1]);
-        assert_eq!(sim.nodes[1].repl(), ReplState::Established);
-        // The Primary crashes after a replicated write: it comes back a
-        // crashed Primary and is sync source on reconnect.
-        ops.extend([Write(0), Crash(0), Handshake]);
-        let sim = simulate(false, &ops);
-        assert_eq!(rule(&sim), Some(Rule::CrashedPrimaryLocal));
-        assert_eq!(sim.nodes[0].repl(), ReplState::SyncSource);
-        ops.push(SyncDone);
-        let sim = simulate(false, &ops);
-        assert_eq!(sim.handshakes, 4);
-        assert_eq!(sim.nodes[0].meta_flags() & flags::CRASHED_PRIMARY, 0);
     }
 }
