@@ -620,10 +620,16 @@ impl Sim {
         }
         let off = rng.below(BLOCKS as u64) as usize;
         let len = (1 + rng.below(2) as usize).min(BLOCKS - off);
+        let fua = rng.pct(15);
+        self.write_at(i, off, len, fua);
+    }
+
+    /// A client write of `len` blocks at `off` on Primary `i` (nothing if
+    /// the interval lock is taken).
+    fn write_at(&mut self, i: usize, off: usize, len: usize, fua: bool) {
         if (off..off + len).any(|b| self.n[i].locked.contains(&b)) {
             return;
         }
-        let fua = rng.pct(15);
         self.next_w += 1;
         let w = self.next_w;
         for b in off..off + len {
@@ -1357,6 +1363,39 @@ impl Sim {
         self.check();
     }
 
+    /// Runs everything pending without faults or operator actions, the
+    /// local halves only when `local`, until nothing moves (bounded).
+    fn settle(&mut self, rng: &mut Rng, local: bool) {
+        for _ in 0..1000 {
+            let before = self.stats.steps;
+            let busy = |sim: &Sim| {
+                sim.link.as_ref().is_some_and(|l| {
+                    l.q.iter().any(|q| !q.is_empty())
+                        || l.flush.iter().any(|f| f.is_some())
+                        || l.recv
+                            .iter()
+                            .any(|r| r.pending_acks() + r.awaiting_flush() > 0)
+                        || matches!(l.resync, Some((_, Phase::Copy { inflight: false })))
+                }) || (local && sim.n.iter().any(|s| !s.local_ops.is_empty()))
+            };
+            if !busy(self) {
+                return;
+            }
+            for i in 0..2 {
+                if local {
+                    self.local_progress(i, rng);
+                }
+                self.send_acks(i);
+                self.secondary_flush_start(i);
+                self.secondary_flush_done(i);
+                self.deliver_frame(i);
+                self.resync_step();
+                self.stats.steps = before + 1;
+                self.check();
+            }
+        }
+    }
+
     /// Brings the pair back together without faults: restart, resolve a
     /// split brain on node 1, bootstrap a fresh pair, let everything
     /// finish. Returns false for unrelated data (nothing to converge).
@@ -1504,6 +1543,104 @@ mod tests {
         eprintln!(
             "simulated {seeds} seeds in {:.1} s: {total:?}",
             started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// A bootstrapped pair with node 1 Primary; one plain write at block
+    /// 4, acknowledged; node 1 demotes; node 0 crashes (losing the write
+    /// from its page cache) and comes back.
+    fn demote_then_crash(today: bool) -> Sim {
+        let mut rng = Rng::new(1);
+        let mut sim = Sim::new(false);
+        sim.demote_as_today = today;
+        sim.handshake();
+        sim.new_current_uuid(0, true);
+        sim.settle(&mut rng, true);
+        sim.promote(1, false);
+        sim.settle(&mut rng, true);
+        assert_eq!(sim.n[1].n().role(), Role::Primary);
+        sim.write_at(1, 4, 1, false);
+        sim.settle(&mut rng, true);
+        assert_eq!(sim.n[1].must_vol[4], 1, "acknowledged");
+        sim.demote(1);
+        sim.settle(&mut rng, true);
+        assert_eq!(sim.n[1].n().role(), Role::Secondary);
+        sim.crash(0);
+        sim.up(0);
+        sim.handshake();
+        sim.settle(&mut rng, true);
+        sim
+    }
+
+    /// Found by the simulator, in the shell (`Replica::demote`): the
+    /// Primary demotes, drains and sends its State, but sends no
+    /// barrier, so writes the peer acknowledged without FUA may still be
+    /// only in its page cache; they stay in the demoted node's transfer
+    /// log, which marks them out of sync when the session ends. A crash
+    /// of the peer loses them there, and the next handshake (same
+    /// generation, neither a crashed Primary) decides "no sync" despite
+    /// the marks: two UpToDate copies that differ. Demoting with a
+    /// barrier (acknowledged before the State goes out, the state
+    /// machine demoted only then) empties the transfer log first.
+    #[test]
+    fn demote_without_barrier_loses_sync() {
+        let sim = demote_then_crash(false);
+        assert_eq!(sim.n[0].disk.vol, sim.n[1].disk.vol);
+        assert_eq!(sim.n[0].disk.vol[4], 1);
+        let today = std::panic::catch_unwind(|| demote_then_crash(true));
+        let msg = today.err().and_then(|e| e.downcast::<String>().ok());
+        assert!(
+            msg.as_ref()
+                .is_some_and(|m| m.contains("Established and quiescent with different data")),
+            "{msg:?}"
+        );
+    }
+
+    /// Node 1 Primary alone (after a disconnect) starts a write at block
+    /// 6; the pair reconnects and the resync (node 1 source) runs to its
+    /// end before the write's local half completes.
+    fn write_across_reconnect(mark_late: bool) -> Sim {
+        let mut rng = Rng::new(2);
+        let mut sim = Sim::new(false);
+        sim.mark_late = mark_late;
+        sim.handshake();
+        sim.new_current_uuid(0, true);
+        sim.settle(&mut rng, true);
+        sim.deliver(1, Event::Disconnect).expect("disconnect");
+        sim.promote(1, false);
+        sim.write_at(1, 6, 1, false);
+        sim.deliver(
+            1,
+            Event::Connect {
+                discard_my_data: false,
+            },
+        )
+        .expect("connect");
+        sim.handshake();
+        assert_eq!(sim.n[1].n().repl(), ReplState::SyncSource);
+        sim.settle(&mut rng, false);
+        sim.settle(&mut rng, true);
+        sim
+    }
+
+    /// Found by the simulator, in the shell (`Replica::replicate`): a
+    /// write made while no session exists is marked out of sync after
+    /// its local write. If a session comes up meanwhile, its resync
+    /// (which walks only marked blocks) can finish before the mark
+    /// lands: the write's block is never copied and the pair is
+    /// Established with different data. Marking before the local write
+    /// makes the resync wait for the write's interval lock and copy it.
+    #[test]
+    fn marking_after_the_local_write_loses_a_write() {
+        let sim = write_across_reconnect(false);
+        assert_eq!(sim.n[0].disk.vol[6], 1);
+        assert_eq!(sim.n[0].disk.vol, sim.n[1].disk.vol);
+        let today = std::panic::catch_unwind(|| write_across_reconnect(true));
+        let msg = today.err().and_then(|e| e.downcast::<String>().ok());
+        assert!(
+            msg.as_ref()
+                .is_some_and(|m| m.contains("Established and quiescent with different data")),
+            "{msg:?}"
         );
     }
 
