@@ -810,6 +810,7 @@ impl Sim {
         }
         if self.link.is_some() {
             if self.n[i].peer_promoting {
+                self.check_peer_promoting(i);
                 self.log(|| format!("node {i}: promote refused: the peer is being promoted"));
                 self.stats.promotes_refused += 1;
                 return;
@@ -833,6 +834,9 @@ impl Sim {
         let conflict = self.n[i].peer_promoting;
         self.n[i].promoting = false;
         let peer_primary = self.n[i].n().peer().is_some_and(|p| p.0 == Role::Primary);
+        if conflict {
+            self.check_peer_promoting(i);
+        }
         if conflict || peer_primary {
             self.log(|| format!("node {i}: promote withdrawn (conflict {conflict}, peer primary {peer_primary})"));
             self.stats.promotes_refused += 1;
@@ -843,6 +847,28 @@ impl Sim {
             self.check_refusal(i, force, &m);
             self.stats.promotes_refused += 1;
         }
+    }
+
+    /// Node `i` believes the peer announced a promote: the peer must be
+    /// promoting still, or its next State (withdrawal or promotion) be
+    /// on the wire.
+    fn check_peer_promoting(&self, i: usize) {
+        let p = 1 - i;
+        let in_flight = self.link.as_ref().is_some_and(|l| {
+            l.q[p].iter().any(|m| {
+                matches!(
+                    m,
+                    Msg::State {
+                        promoting: false,
+                        ..
+                    }
+                )
+            })
+        });
+        assert!(
+            self.n[p].promoting || in_flight,
+            "node {i} refused a promote for a peer announcement that is over"
+        );
     }
 
     /// A promote refused by the state machine must have its reason.
@@ -1021,12 +1047,19 @@ impl Sim {
         };
         for i in 0..2 {
             let n = self.n[i].n();
-            if n.repl() == ReplState::SyncSource {
-                let full = n.last_verdict().is_some_and(|v| v.decision.is_full());
+            let (repl, verdict) = (n.repl(), n.last_verdict());
+            if repl == ReplState::SyncSource {
+                let full = verdict.is_some_and(|v| v.decision.is_full());
                 if full || dirty[1 - i] > 0 {
                     self.n[i].bitmap.set_all();
                 }
                 link.resync = Some((i, Phase::Copy { inflight: false }));
+            }
+            if repl == ReplState::SyncTarget {
+                // Its own generation is being overwritten: until the end
+                // of the sync it owes only what it acknowledges now.
+                self.n[i].must_vol = vec![0; BLOCKS];
+                self.n[i].must_dur = vec![0; BLOCKS];
             }
             self.n[i].paths.insert(id, PrimaryPath::new());
             self.n[i].primary_alone = false;
@@ -1056,11 +1089,11 @@ impl Sim {
                 durable,
             } => {
                 if self.n[j].n().role() == Role::Primary {
-                    return self.cut("a data frame reached the Primary", None);
+                    panic!("a data frame reached the Primary");
                 }
                 let Some(l) = self.link.as_mut() else { return };
                 if let Err(e) = l.recv[j].receive(seq) {
-                    return self.cut(&e.to_string(), None);
+                    panic!("protocol error in a correct run: {e}");
                 }
                 for (k, v) in vals.iter().enumerate() {
                     self.n[j].disk.write(off + k, *v, false);
@@ -1070,7 +1103,7 @@ impl Sim {
             Msg::Barrier { seq } => {
                 let Some(l) = self.link.as_mut() else { return };
                 if let Err(e) = l.recv[j].receive(seq) {
-                    return self.cut(&e.to_string(), None);
+                    panic!("protocol error in a correct run: {e}");
                 }
                 l.recv[j].applied(seq, 0, true).expect("received");
             }
@@ -1079,8 +1112,8 @@ impl Sim {
                 match r {
                     Some(Ok(Some(c))) => self.complete(j, c, Some(id)),
                     Some(Ok(None)) => {}
-                    Some(Err(e)) => self.cut(&e.to_string(), None),
-                    None => self.cut("ack without a sender", None),
+                    Some(Err(e)) => panic!("protocol error in a correct run: {e}"),
+                    None => panic!("an ack without a sender path"),
                 }
                 self.gc_paths(j);
                 self.finish_demote(j);
@@ -1092,10 +1125,8 @@ impl Sim {
                 reply,
                 answer,
             } => {
-                let r = self.deliver(j, Event::PeerStateChanged { role, disk });
-                if let Err(m) = r {
-                    return self.cut(&m, None);
-                }
+                self.deliver(j, Event::PeerStateChanged { role, disk })
+                    .expect("PeerStateChanged is never refused");
                 if self.link_id() != Some(id) {
                     return;
                 }
