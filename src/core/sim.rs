@@ -29,7 +29,7 @@
 //! healed (restarts, reconnects, `--discard-my-data` on a split-brain
 //! victim) and must converge to identical data, both UpToDate.
 //!
-//! `SIM_SEEDS=n` sets the number of seeds (default 300), `SIM_SEED=s` runs
+//! `SIM_SEEDS=n` sets the number of seeds (default 500), `SIM_SEED=s` runs
 //! one seed, `SIM_TRACE=1` prints every step of it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -42,7 +42,7 @@ use crate::bitmap::DirtyBitmap;
 
 /// Blocks per device (one bitmap bit each: offsets and lengths are in
 /// blocks).
-const BLOCKS: usize = 8;
+const BLOCKS: usize = 16;
 /// Largest resync chunk, in blocks.
 const CHUNK: u64 = 2;
 
@@ -308,6 +308,8 @@ pub struct Stats {
     /// Schedules whose pair converged in the heal (the others ended with
     /// unrelated data, which nothing may overwrite).
     pub healed: u64,
+    /// Steps during which some node was Primary.
+    pub primary_steps: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -324,6 +326,7 @@ impl std::ops::AddAssign for Stats {
         self.promotes += o.promotes;
         self.promotes_refused += o.promotes_refused;
         self.healed += o.healed;
+        self.primary_steps += o.primary_steps;
     }
 }
 
@@ -622,6 +625,16 @@ impl Sim {
         let len = (1 + rng.below(2) as usize).min(BLOCKS - off);
         let fua = rng.pct(15);
         self.write_at(i, off, len, fua);
+    }
+
+    /// The node clients use: a Primary (`i` if both are), else `i`.
+    fn writer(&self, i: usize) -> usize {
+        let primary = |k: usize| self.up_and(k).is_some_and(|n| n.role() == Role::Primary);
+        if primary(i) || !primary(1 - i) {
+            i
+        } else {
+            1 - i
+        }
     }
 
     /// A client write of `len` blocks at `off` on Primary `i` (nothing if
@@ -1340,8 +1353,8 @@ impl Sim {
         match r {
             0..=219 => self.deliver_frame(i),
             220..=339 => self.local_progress(i, rng),
-            340..=539 => self.client_write(i, rng),
-            540..=564 => self.client_flush(i),
+            340..=539 => self.client_write(self.writer(i), rng),
+            540..=564 => self.client_flush(self.writer(i)),
             565..=614 => self.send_acks(i),
             615..=644 => self.secondary_flush_start(i),
             645..=674 => self.secondary_flush_done(i),
@@ -1353,7 +1366,16 @@ impl Sim {
                 }
             }
             755..=794 => self.handshake(),
-            795..=809 => self.promote(i, rng.pct(3)),
+            795..=809 => {
+                // Mostly where it can succeed; sometimes anyway, to check
+                // the refusals.
+                let likely = self
+                    .up_and(i)
+                    .is_some_and(|n| n.disk() == DiskState::UpToDate);
+                if likely || rng.pct(20) {
+                    self.promote(i, rng.pct(3));
+                }
+            }
             810..=815 => self.demote(i),
             816..=835 => {
                 if self.n[i].node.is_none() {
@@ -1391,6 +1413,9 @@ impl Sim {
             _ => self.deliver_frame(i),
         }
         self.note_primary_alone();
+        if (0..2).any(|i| self.up_and(i).is_some_and(|n| n.role() == Role::Primary)) {
+            self.stats.primary_steps += 1;
+        }
         self.check();
     }
 
@@ -1564,7 +1589,7 @@ mod tests {
             eprintln!("{s:?}");
             return;
         }
-        let seeds = env("SIM_SEEDS").unwrap_or(300);
+        let seeds = env("SIM_SEEDS").unwrap_or(500);
         let first = env("SIM_FIRST").unwrap_or(0);
         let started = std::time::Instant::now();
         let mut total = Stats::default();
