@@ -1604,7 +1604,8 @@ mod tests {
 
     /// A bootstrapped pair with node 1 Primary; one plain write at block
     /// 4, acknowledged; node 1 demotes; node 0 crashes (losing the write
-    /// from its page cache) and comes back.
+    /// from its page cache), then node 1 (losing its bitmap, which only a
+    /// clean shutdown writes); both come back.
     fn demote_then_crash(today: bool) -> Sim {
         let mut rng = Rng::new(1);
         let mut sim = Sim::new(false);
@@ -1622,7 +1623,9 @@ mod tests {
         sim.settle(&mut rng, true);
         assert_eq!(sim.n[1].n().role(), Role::Secondary);
         sim.crash(0);
+        sim.crash(1);
         sim.up(0);
+        sim.up(1);
         sim.handshake();
         sim.settle(&mut rng, true);
         sim
@@ -1633,11 +1636,14 @@ mod tests {
     /// barrier, so writes the peer acknowledged without FUA may still be
     /// only in its page cache; they stay in the demoted node's transfer
     /// log, which marks them out of sync when the session ends. A crash
-    /// of the peer loses them there, and the next handshake (same
-    /// generation, neither a crashed Primary) decides "no sync" despite
-    /// the marks: two UpToDate copies that differ. Demoting with a
-    /// barrier (acknowledged before the State goes out, the state
-    /// machine demoted only then) empties the transfer log first.
+    /// of the peer loses them there. With the marks, the next handshake
+    /// is a bitmap-based sync (`Rule::LocalDirtyBits`); but the bitmap
+    /// lives in memory until a clean shutdown, so when the demoted node
+    /// crashes too, the handshake (same generation, neither a crashed
+    /// Primary, no marks) decides "no sync": two UpToDate copies that
+    /// differ. Demoting with a barrier (acknowledged before the State
+    /// goes out, the state machine demoted only then) empties the
+    /// transfer log first.
     #[test]
     fn demote_without_barrier_loses_sync() {
         let sim = demote_then_crash(false);
@@ -1650,6 +1656,39 @@ mod tests {
                 .is_some_and(|m| m.contains("Established and quiescent with different data")),
             "{msg:?}"
         );
+    }
+
+    /// Found by the simulator (seed 5701 of an earlier build): node 1,
+    /// Primary, stops cleanly while connected, with a write the peer
+    /// acknowledged but never made durable; its transfer log marks it
+    /// out of sync, and the mark is saved with the bitmap. The peer
+    /// crashes and loses the write. Same generation, no crashed Primary:
+    /// the handshake said "no sync" despite the mark, leaving two
+    /// UpToDate copies that differ. `compare` now makes it a
+    /// bitmap-based sync from the node with marks (`Rule::LocalDirtyBits`).
+    #[test]
+    fn a_clean_stop_with_unstable_writes_resyncs() {
+        let mut rng = Rng::new(3);
+        let mut sim = Sim::new(false);
+        sim.handshake();
+        sim.new_current_uuid(0, true);
+        sim.settle(&mut rng, true);
+        sim.promote(1, false);
+        sim.settle(&mut rng, true);
+        sim.write_at(1, 4, 1, false);
+        sim.settle(&mut rng, true);
+        sim.restart(1);
+        assert_eq!(sim.n[1].bitmap.count(), 1, "the transfer log's mark");
+        sim.crash(0);
+        sim.up(0);
+        sim.handshake();
+        assert_eq!(
+            sim.n[1].n().last_verdict().map(|v| v.rule),
+            Some(super::super::uuid::Rule::LocalDirtyBits)
+        );
+        sim.settle(&mut rng, true);
+        assert_eq!(sim.n[0].disk.vol[4], 1);
+        assert_eq!(sim.n[0].n().repl(), ReplState::Established);
     }
 
     /// Node 1 Primary alone (after a disconnect) starts a write at block
