@@ -206,8 +206,8 @@ struct Link {
     flush: [Option<(FlushTicket, Snapshot)>; 2],
     /// The resync: its source and phase.
     resync: Option<(usize, Phase)>,
-    /// A State REPLY awaiting its ANSWER, per node.
-    waiting: [Option<(u64, Wait)>; 2],
+    /// State REPLYs awaiting their ANSWER, per node, by token.
+    waiting: [BTreeMap<u64, Wait>; 2],
 }
 
 #[derive(Debug)]
@@ -599,7 +599,7 @@ impl Sim {
                     return;
                 };
                 l.resync = Some((i, Phase::Confirm));
-                l.waiting[i] = Some((token, Wait::SyncConfirm));
+                l.waiting[i].insert(token, Wait::SyncConfirm);
                 l.q[i].push_back(Msg::SyncDone { current });
                 self.send_state(i, Some(token), None);
             }
@@ -832,7 +832,7 @@ impl Sim {
             let token = self.next_token;
             self.next_token += 1;
             if let Some(l) = self.link.as_mut() {
-                l.waiting[i] = Some((token, Wait::Promote { force }));
+                l.waiting[i].insert(token, Wait::Promote { force });
             }
             self.log(|| format!("node {i}: announces promote (token {token})"));
             self.send_state(i, Some(token), None);
@@ -1056,7 +1056,7 @@ impl Sim {
             recv: [SecondaryPath::new(), SecondaryPath::new()],
             flush: [None, None],
             resync: None,
-            waiting: [None, None],
+            waiting: [BTreeMap::new(), BTreeMap::new()],
         };
         for i in 0..2 {
             let n = self.n[i].n();
@@ -1148,16 +1148,10 @@ impl Sim {
                     self.send_state(j, None, Some(token));
                 }
                 if let Some(token) = answer {
-                    let w = self.link.as_mut().and_then(|l| {
-                        if l.waiting[j].is_some_and(|(t, _)| t == token) {
-                            l.waiting[j].take()
-                        } else {
-                            None
-                        }
-                    });
+                    let w = self.link.as_mut().and_then(|l| l.waiting[j].remove(&token));
                     match w {
-                        Some((_, Wait::Promote { force })) => self.promote_answered(j, force),
-                        Some((_, Wait::SyncConfirm)) => {
+                        Some(Wait::Promote { force }) => self.promote_answered(j, force),
+                        Some(Wait::SyncConfirm) => {
                             if let Some(l) = self.link.as_mut() {
                                 l.resync = None;
                             }
@@ -1279,7 +1273,7 @@ impl Sim {
         };
         l.q.iter().all(|q| q.is_empty())
             && l.resync.is_none()
-            && l.waiting.iter().all(|w| w.is_none())
+            && l.waiting.iter().all(|w| w.is_empty())
             && l.flush.iter().all(|f| f.is_none())
             && l.recv
                 .iter()
@@ -1345,9 +1339,20 @@ impl Sim {
 
     // ---- schedules -----------------------------------------------------
 
-    /// One random step; `faults`: cuts, crashes and restarts allowed.
-    pub fn step(&mut self, rng: &mut Rng, faults: bool) {
+    /// One random step. `storm`: 0 no cuts, crashes or restarts; 1 the
+    /// base rate (about 7 in 1000 steps); more adds that many again
+    /// less one.
+    pub fn step(&mut self, rng: &mut Rng, storm: u64) {
         self.stats.steps += 1;
+        let faults = storm > 0;
+        if storm > 1 && rng.below(1000) < 7 * (storm - 1) {
+            let i = rng.below(2) as usize;
+            match rng.below(7) {
+                0..=3 => self.cut("link loss", None),
+                4 | 5 => self.crash(i),
+                _ => self.restart(i),
+            }
+        }
         let i = rng.below(2) as usize;
         let r = rng.below(1000);
         match r {
@@ -1536,6 +1541,8 @@ impl Sim {
 pub fn run(seed: u64, steps: u64, trace: bool) -> Stats {
     let mut rng = Rng::new(seed);
     let mut sim = Sim::new(trace);
+    // Calm, normal, stormy and very stormy schedules.
+    let storm = [0, 1, 1, 3, 6][rng.below(5) as usize];
     match rng.below(8) {
         0..=3 => {
             sim.handshake();
@@ -1548,7 +1555,7 @@ pub fn run(seed: u64, steps: u64, trace: bool) -> Stats {
         _ => {}
     }
     for _ in 0..steps {
-        sim.step(&mut rng, true);
+        sim.step(&mut rng, storm);
     }
     if sim.heal(&mut rng) {
         sim.stats.healed += 1;
