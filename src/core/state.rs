@@ -401,6 +401,9 @@ impl Node {
     ///   UUID, bitmap UUIDs are retired. No sync: both disks holding data
     ///   become UpToDate and `CRASHED_PRIMARY` is cleared. A sync target
     ///   becomes Inconsistent.
+    ///   A bitmap-based sync source whose generation equals the peer's
+    ///   and has no bitmap UUID takes that generation as bitmap UUID
+    ///   until the sync ends.
     /// - `SyncFinished`: the target adopts the source's UUIDs
     ///   ([`Generations::adopt_peer_current`]), the source clears its
     ///   bitmap UUID; both become UpToDate, `CRASHED_PRIMARY` and
@@ -906,6 +909,18 @@ impl Node {
             }
             Plan::Source { full } => {
                 self.repl = ReplState::SyncSource;
+                if !full && self.gens.bitmap == 0 && self.gens.current == peer_gens.current {
+                    // A bitmap-based resync between equal generations
+                    // (rules 34/36 after retiring, 40, dirty bits, an
+                    // Inconsistent peer): the bitmap is all that says what
+                    // to send, and it is in memory only. Naming the peer's
+                    // generation as bitmap UUID (the one the peer holds,
+                    // which the bitmap is relative to) makes a crash of
+                    // this node mark every block, and the next handshake
+                    // choose this node as source again (rule 36), as
+                    // DRBD's sync UUID does.
+                    self.gens.bitmap = self.gens.current;
+                }
                 out.log(
                     Level::Warn,
                     format!(
@@ -1490,8 +1505,9 @@ mod tests {
             source: false,
             full: false
         }));
-        // The source's bitmap UUID is retired at once: the peer has 0xC2.
-        assert_eq!(source.gens(), g(0xC2, 0, [0xC1, 0x11]));
+        // The source's old bitmap UUID is retired at once (the peer has
+        // 0xC2); until the resync ends its bitmap is relative to 0xC2.
+        assert_eq!(source.gens(), g(0xC2, 0xC2, [0xC1, 0x11]));
         // Losing the peer now starts a new generation again.
         step(&mut source, Event::Promote { force: false });
         step(
@@ -1915,6 +1931,66 @@ mod tests {
         }
         meet(&mut src, &mut tgt);
         assert_eq!(src.repl(), ReplState::SyncSource);
+    }
+
+    /// Found by the simulator (`core::sim`): a bitmap-based resync
+    /// between equal generations (here: the source's bitmap marks writes
+    /// the peer lost from its page cache) left the source without a
+    /// bitmap UUID, and the shell marks every block after a crash only
+    /// for a Primary or a node with a bitmap UUID. The source crashed
+    /// (as Secondary) mid-sync, came back with an empty bitmap, and the
+    /// next resync (the target still Inconsistent) copied nothing.
+    #[test]
+    fn a_bitmap_based_source_between_equal_generations_names_a_bitmap_uuid() {
+        let c1 = g(0xC1, 0, [0x11, 0]);
+        let mut src = Node::from_meta(c1, UTD, true);
+        let mut tgt = Node::from_meta(c1, UTD, true);
+        let view = |n: &Node, bits| PeerInfo {
+            uuids: n.uuid_view(bits),
+            ..info(n)
+        };
+        let (ps, pt) = (view(&src, 3), view(&tgt, 0));
+        step(
+            &mut src,
+            Event::PeerConnected {
+                peer: pt,
+                local_dials: true,
+                local_dirty_bits: 3,
+            },
+        );
+        step(
+            &mut tgt,
+            Event::PeerConnected {
+                peer: ps,
+                local_dials: false,
+                local_dirty_bits: 0,
+            },
+        );
+        assert_eq!(src.repl(), ReplState::SyncSource);
+        assert_eq!(src.gens(), g(0xC1, 0xC1, [0x11, 0]));
+        // The source crashes mid-sync; the bitmap UUID makes the shell
+        // mark every block, and the source leads again.
+        let mut src = Node::from_meta(src.gens(), src.meta_flags(), true);
+        step(
+            &mut tgt,
+            Event::PeerLost {
+                reason: "crash".into(),
+            },
+        );
+        let (rs, _) = meet(&mut src, &mut tgt);
+        assert!(rs.contains(&Action::StartSync {
+            source: true,
+            full: false
+        }));
+        assert_eq!(
+            src.last_verdict().map(|v| v.rule),
+            Some(Rule::LocalBitmapOnly)
+        );
+        // Its end leaves equal UUIDs on both.
+        step(&mut tgt, Event::SyncDone { current: 0xC1 });
+        step(&mut src, Event::SyncFinished);
+        assert_eq!(src.gens(), tgt.gens());
+        assert_eq!(src.gens(), c1);
     }
 
     #[test]
