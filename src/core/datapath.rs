@@ -10,8 +10,13 @@
 //! batches the acknowledgements of plain writes and groups the durable
 //! requests (FUA writes, barriers) behind one flush at a time.
 //!
-//! Both are per session: a new connection starts new ones (sequence
-//! numbers start at 1 in each session, `proto/PROTOCOL.md` §9.3). The
+//! Both are per session and per direction: each node sends through its
+//! own `PrimaryPath` (as Primary, or as a sync source that is
+//! Secondary) and receives through its own `SecondaryPath`, kept across
+//! role changes within the session; a new connection starts new ones
+//! (sequence numbers start at 1 in each session and each direction,
+//! `proto/PROTOCOL.md` §9.3). A `PrimaryPath` whose session ended stays
+//! until its last request's local half completes. The
 //! shells move the bytes and carry out what these say; every rule is a
 //! unit test below and runs in the two-node simulator
 //! (`core::sim`).
@@ -179,8 +184,10 @@ impl<T> PrimaryPath<T> {
         )
     }
 
-    /// A barrier (a client FLUSH): returns its sequence number. Its local
-    /// half is the local flush.
+    /// A barrier: returns its sequence number. For a client FLUSH its
+    /// local half is the local flush; a barrier with nothing to do
+    /// locally (the resync's, the keepalive's) reports its local half
+    /// done at once.
     pub fn barrier(&mut self, token: T) -> u64 {
         self.push(token, Kind::Barrier)
     }
