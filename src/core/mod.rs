@@ -5,8 +5,12 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod datapath;
 pub mod state;
 pub mod uuid;
+
+#[cfg(test)]
+mod sim;
 
 pub use state::{
     Action, ConnState, DiskState, Event, Level, Node, PeerInfo, Refusal, ReplState, Role,

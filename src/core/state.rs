@@ -135,8 +135,6 @@ pub enum Event {
     /// StandAlone; while connected only as "skip initial sync":
     /// `clear_bitmap` with both copies just created.
     NewCurrentUuid { clear_bitmap: bool },
-    /// A write completed on this Primary that the peer did not get.
-    LocalWrite,
     /// Clean shutdown.
     Shutdown,
 }
@@ -243,14 +241,18 @@ pub struct Node {
     clean_shutdown: bool,
     has_peer: bool,
     discard_my_data: bool,
-    unreplicated_writes: bool,
     last_verdict: Option<Verdict>,
 }
 
 impl Node {
     /// The node as `up` makes it from the superblock. Always Secondary; a
     /// node that was Primary and did not shut down cleanly gets
-    /// `CRASHED_PRIMARY`. The disk: Inconsistent if the UUID is just
+    /// `CRASHED_PRIMARY` and `FULL_SYNC`: writes may have been in flight
+    /// anywhere and there is no activity log to say where, so the sync it
+    /// leads must be a full one. Both flags persist until a sync
+    /// completes, so a second crash before then (as Secondary, when
+    /// `PRIMARY` is no longer set) cannot turn that sync into one that
+    /// copies nothing. The disk: Inconsistent if the UUID is just
     /// created or `CONSISTENT` is clear; Outdated if `OUTDATED`; UpToDate
     /// if `UP_TO_DATE` and the peer was known Outdated (`PEER_OUTDATED`)
     /// or there is no peer; Consistent otherwise (a node that restarts
@@ -260,7 +262,7 @@ impl Node {
     pub fn from_meta(gens: Generations, meta_flags: u32, has_peer: bool) -> Node {
         let mut kept_flags = meta_flags & !DERIVED;
         if meta_flags & flags::PRIMARY != 0 && meta_flags & flags::CLEAN_SHUTDOWN == 0 {
-            kept_flags |= flags::CRASHED_PRIMARY;
+            kept_flags |= flags::CRASHED_PRIMARY | flags::FULL_SYNC;
         }
         let disk = if gens.just_created() || meta_flags & flags::CONSISTENT == 0 {
             DiskState::Inconsistent
@@ -289,7 +291,6 @@ impl Node {
             clean_shutdown: false,
             has_peer,
             discard_my_data: false,
-            unreplicated_writes: false,
             last_verdict: None,
         }
     }
@@ -331,12 +332,6 @@ impl Node {
     /// by `connect --discard-my-data`, consumed by the next handshake).
     pub fn discard_my_data(&self) -> bool {
         self.discard_my_data
-    }
-
-    /// This Primary completed writes the peer does not have (since the
-    /// last handshake without sync or the last completed sync).
-    pub fn has_unreplicated_writes(&self) -> bool {
-        self.unreplicated_writes
     }
 
     pub fn gens(&self) -> Generations {
@@ -391,8 +386,12 @@ impl Node {
     /// - `PeerLost`, `Disconnect` while connected, and a peer turning
     ///   Primary while this node is Primary (which also goes StandAlone):
     ///   an UpToDate Primary with an unset bitmap UUID starts a new
-    ///   current UUID, the old one becoming the bitmap UUID. The peer is
-    ///   not marked Outdated.
+    ///   current UUID, the old one becoming the bitmap UUID. So does a
+    ///   sync source with a set bitmap UUID, whatever its role: the
+    ///   target may have adopted its current UUID at `SyncDone` before
+    ///   the source recorded the end of the sync, so that UUID no longer
+    ///   names a generation the peer lacks. The peer is not marked
+    ///   Outdated.
     /// - `PeerConnected`: see [`compare`]; then, in order: both nodes
     ///   asked to discard their data, unrelated data, an unresolved split
     ///   brain (`--discard-my-data` on one side makes that side a
@@ -402,6 +401,9 @@ impl Node {
     ///   UUID, bitmap UUIDs are retired. No sync: both disks holding data
     ///   become UpToDate and `CRASHED_PRIMARY` is cleared. A sync target
     ///   becomes Inconsistent.
+    ///   A bitmap-based sync source whose generation equals the peer's
+    ///   and has no bitmap UUID takes that generation as bitmap UUID
+    ///   until the sync ends.
     /// - `SyncFinished`: the target adopts the source's UUIDs
     ///   ([`Generations::adopt_peer_current`]), the source clears its
     ///   bitmap UUID; both become UpToDate, `CRASHED_PRIMARY` and
@@ -433,7 +435,6 @@ impl Node {
             Event::NewCurrentUuid { clear_bitmap } => {
                 self.new_current_uuid(clear_bitmap, fresh_uuid, &mut out)?
             }
-            Event::LocalWrite => self.local_write()?,
             Event::Shutdown => self.shutdown(&mut out),
         }
         let mut actions = out.early;
@@ -772,26 +773,6 @@ impl Node {
         }
     }
 
-    fn local_write(&mut self) -> Result<(), Refusal> {
-        match self.role {
-            Role::Secondary => Err(refuse("write refused: not Primary")),
-            Role::Primary => {
-                match (self.conn, self.repl) {
-                    (ConnState::Connected, ReplState::Established | ReplState::SyncSource) => {}
-                    (ConnState::Connected, ReplState::SyncTarget | ReplState::Off)
-                    | (
-                        ConnState::StandAlone | ConnState::Connecting,
-                        ReplState::Off
-                        | ReplState::Established
-                        | ReplState::SyncSource
-                        | ReplState::SyncTarget,
-                    ) => self.unreplicated_writes = true,
-                }
-                Ok(())
-            }
-        }
-    }
-
     fn shutdown(&mut self, out: &mut Out) {
         self.clean_shutdown = true;
         self.role = Role::Secondary;
@@ -915,7 +896,6 @@ impl Node {
             Plan::NoSync => {
                 self.repl = ReplState::Established;
                 self.kept_flags &= !flags::CRASHED_PRIMARY;
-                self.unreplicated_writes = false;
                 out.log(
                     Level::Info,
                     format!("connected, no resync needed ({})", verdict.rule),
@@ -929,6 +909,18 @@ impl Node {
             }
             Plan::Source { full } => {
                 self.repl = ReplState::SyncSource;
+                if !full && self.gens.bitmap == 0 && self.gens.current == peer_gens.current {
+                    // A bitmap-based resync between equal generations
+                    // (rules 34/36 after retiring, 40, dirty bits, an
+                    // Inconsistent peer): the bitmap is all that says what
+                    // to send, and it is in memory only. Naming the peer's
+                    // generation as bitmap UUID (the one the peer holds,
+                    // which the bitmap is relative to) makes a crash of
+                    // this node mark every block, and the next handshake
+                    // choose this node as source again (rule 36), as
+                    // DRBD's sync UUID does.
+                    self.gens.bitmap = self.gens.current;
+                }
                 out.log(
                     Level::Warn,
                     format!(
@@ -972,7 +964,6 @@ impl Node {
     fn in_sync(&mut self, out: &mut Out) {
         self.repl = ReplState::Established;
         self.kept_flags &= !(flags::CRASHED_PRIMARY | flags::FULL_SYNC);
-        self.unreplicated_writes = false;
         self.peer_gens = Some(self.gens);
         if let Some((role, _)) = self.peer {
             self.peer = Some((role, DiskState::UpToDate));
@@ -995,6 +986,21 @@ impl Node {
 
     /// The peer session ended while connected.
     fn lose_peer(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        if self.repl == ReplState::SyncSource && self.gens.bitmap != 0 && self.disk.holds_data() {
+            // The target adopts this node's current UUID when it gets
+            // SyncDone; this node clears its bitmap UUID only when the
+            // target confirms. In between, the bitmap UUID no longer
+            // makes the current generation one the peer lacks: writes
+            // made under it alone would be indistinguishable from the
+            // peer's, and a split brain would pass for a resync.
+            out.log(
+                Level::Warn,
+                "peer gone during a resync this node led: new data generation (the peer may hold the old one)",
+            );
+            self.start_generation(fresh, out);
+            self.end_session(ConnState::Connecting);
+            return;
+        }
         match (self.role, self.disk) {
             (Role::Primary, DiskState::UpToDate) => {
                 if self.gens.bitmap == 0 {
@@ -1280,12 +1286,15 @@ mod tests {
             [Action::Persist, Action::DropLink { .. }]
         ));
         assert_eq!(b.conn(), ConnState::Connecting);
-        step(
-            &mut a,
+        // The source a starts a new generation too (it led a resync), one
+        // other than b's, as random UUIDs are.
+        a.handle(
             Event::PeerLost {
                 reason: "dropped".into(),
             },
-        );
+            &mut || 0x3003,
+        )
+        .expect("accepted");
         // Both moved on from 0xC1: split brain, not a sync either way.
         let (_, rb) = meet(&mut a, &mut b);
         assert!(rb.iter().any(|x| matches!(x, Action::StandAlone { .. })));
@@ -1315,17 +1324,12 @@ mod tests {
     }
 
     #[test]
-    fn promote_refused_when_diskless_or_writes_on_secondary() {
+    fn promote_refused_when_diskless() {
         let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
         n.disk = DiskState::Diskless;
         assert_eq!(
             refused(&mut n, Event::Promote { force: true }),
             "promote refused: no local disk"
-        );
-        let mut n = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
-        assert_eq!(
-            refused(&mut n, Event::LocalWrite),
-            "write refused: not Primary"
         );
     }
 
@@ -1441,7 +1445,10 @@ mod tests {
         let mut f = Node::from_meta(gens, UTD, true);
         step(&mut f, Event::Promote { force: true });
         assert_eq!(f.gens(), g(0x1001, 0xC1, [0xC2, 0x11]));
-        // A Primary source losing its target mid-sync keeps its UUIDs.
+        // A source losing its target mid-sync starts a new generation
+        // (the target may have adopted 0xC2 at SyncDone: see
+        // a_peer_lost_before_the_sync_end_was_confirmed_still_shows_split_brain)
+        // but keeps its bitmap UUID.
         let mut a = Node::from_meta(gens, UTD | flags::PEER_OUTDATED, true);
         let mut b = Node::from_meta(g(0xC1, 0, [0x11, 0]), UTD, true);
         step(&mut a, Event::Promote { force: false });
@@ -1453,7 +1460,7 @@ mod tests {
                 reason: "cable".into(),
             },
         );
-        assert_eq!(a.gens(), gens);
+        assert_eq!(a.gens(), g(0x1001, 0xC1, [0xC2, 0x11]));
         // And the sync resumes from the same bitmap on reconnect.
         step(
             &mut b,
@@ -1498,8 +1505,9 @@ mod tests {
             source: false,
             full: false
         }));
-        // The source's bitmap UUID is retired at once: the peer has 0xC2.
-        assert_eq!(source.gens(), g(0xC2, 0, [0xC1, 0x11]));
+        // The source's old bitmap UUID is retired at once (the peer has
+        // 0xC2); until the resync ends its bitmap is relative to 0xC2.
+        assert_eq!(source.gens(), g(0xC2, 0xC2, [0xC1, 0x11]));
         // Losing the peer now starts a new generation again.
         step(&mut source, Event::Promote { force: false });
         step(
@@ -1807,6 +1815,184 @@ mod tests {
         assert_eq!(a.gens().bitmap, 0xC1);
     }
 
+    /// Found by the simulator (`core::sim`): a crashed Primary leads a
+    /// rule-40 resync; it crashed again, as Secondary, before the resync
+    /// ended. Its bitmap (all blocks, kept in memory only) was gone, its
+    /// superblock no longer said PRIMARY, and the shell marks every block
+    /// only after a crash of a Primary or of a node with a bitmap UUID:
+    /// the repeated rule-40 resync was bitmap-based with an empty bitmap,
+    /// copied nothing, and both nodes called different data UpToDate.
+    #[test]
+    fn a_crashed_primary_that_crashes_again_still_leads_a_full_sync() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        // a crashes while Primary and comes back.
+        let mut a = Node::from_meta(a.gens(), a.meta_flags(), true);
+        assert_eq!(
+            a.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
+            flags::CRASHED_PRIMARY | flags::FULL_SYNC
+        );
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "crash".into(),
+            },
+        );
+        let (ra, _) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: true
+        }));
+        assert_eq!(
+            a.last_verdict().map(|v| v.rule),
+            Some(Rule::CrashedPrimaryLocal)
+        );
+        // a crashes again, as Secondary, before the resync ends.
+        let mut a = Node::from_meta(a.gens(), a.meta_flags(), true);
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "crash".into(),
+            },
+        );
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: true
+        }));
+        assert!(rb.contains(&Action::StartSync {
+            source: false,
+            full: true
+        }));
+        // Only a completed sync clears the flags.
+        step(&mut a, Event::SyncFinished);
+        assert_eq!(
+            a.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
+            0
+        );
+    }
+
+    /// Found by the simulator (`core::sim`): a Primary led a resync
+    /// (rule 70) and the link dropped after the target adopted its UUIDs
+    /// at `SyncDone` but before the target's confirmation reached it. Its
+    /// bitmap UUID was still set, so losing the peer started no new
+    /// generation; the peer, promoted alone, started one with the old
+    /// current as bitmap UUID. Both wrote; on reconnect rule 70 made the
+    /// peer sync source and the first Primary's writes would have been
+    /// overwritten instead of a split brain being reported.
+    #[test]
+    fn a_peer_lost_before_the_sync_end_was_confirmed_still_shows_split_brain() {
+        for source_role in [Role::Primary, Role::Secondary] {
+            let mut src = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+            if source_role == Role::Primary {
+                step(&mut src, Event::Promote { force: false });
+            }
+            let mut tgt = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+            meet(&mut src, &mut tgt);
+            assert_eq!(src.repl(), ReplState::SyncSource);
+            // The target records the end; the link drops before the
+            // source hears back.
+            step(&mut tgt, Event::SyncDone { current: 0xC2 });
+            assert_eq!(tgt.gens().current, 0xC2);
+            for n in [&mut src, &mut tgt] {
+                step(
+                    n,
+                    Event::PeerLost {
+                        reason: "cut".into(),
+                    },
+                );
+            }
+            assert_ne!(src.gens().current, 0xC2, "{source_role}: a new generation");
+            // Both write alone (the target's new UUID differs from the
+            // source's, as random ones do).
+            step(&mut src, Event::Promote { force: false });
+            tgt.handle(Event::Promote { force: false }, &mut || 0x2002)
+                .expect("promoted");
+            let (ra, _) = meet(&mut src, &mut tgt);
+            assert_eq!(
+                src.last_verdict().map(|v| v.decision),
+                Some(Decision::SplitBrain),
+                "{source_role}"
+            );
+            assert!(ra.iter().any(|x| matches!(x, Action::StandAlone { .. })));
+        }
+        // Without a write on the peer, the source's data still wins.
+        let mut src = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD | flags::PEER_OUTDATED, true);
+        let mut tgt = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        meet(&mut src, &mut tgt);
+        step(&mut tgt, Event::SyncDone { current: 0xC2 });
+        for n in [&mut src, &mut tgt] {
+            step(
+                n,
+                Event::PeerLost {
+                    reason: "cut".into(),
+                },
+            );
+        }
+        meet(&mut src, &mut tgt);
+        assert_eq!(src.repl(), ReplState::SyncSource);
+    }
+
+    /// Found by the simulator (`core::sim`): a bitmap-based resync
+    /// between equal generations (here: the source's bitmap marks writes
+    /// the peer lost from its page cache) left the source without a
+    /// bitmap UUID, and the shell marks every block after a crash only
+    /// for a Primary or a node with a bitmap UUID. The source crashed
+    /// (as Secondary) mid-sync, came back with an empty bitmap, and the
+    /// next resync (the target still Inconsistent) copied nothing.
+    #[test]
+    fn a_bitmap_based_source_between_equal_generations_names_a_bitmap_uuid() {
+        let c1 = g(0xC1, 0, [0x11, 0]);
+        let mut src = Node::from_meta(c1, UTD, true);
+        let mut tgt = Node::from_meta(c1, UTD, true);
+        let view = |n: &Node, bits| PeerInfo {
+            uuids: n.uuid_view(bits),
+            ..info(n)
+        };
+        let (ps, pt) = (view(&src, 3), view(&tgt, 0));
+        step(
+            &mut src,
+            Event::PeerConnected {
+                peer: pt,
+                local_dials: true,
+                local_dirty_bits: 3,
+            },
+        );
+        step(
+            &mut tgt,
+            Event::PeerConnected {
+                peer: ps,
+                local_dials: false,
+                local_dirty_bits: 0,
+            },
+        );
+        assert_eq!(src.repl(), ReplState::SyncSource);
+        assert_eq!(src.gens(), g(0xC1, 0xC1, [0x11, 0]));
+        // The source crashes mid-sync; the bitmap UUID makes the shell
+        // mark every block, and the source leads again.
+        let mut src = Node::from_meta(src.gens(), src.meta_flags(), true);
+        step(
+            &mut tgt,
+            Event::PeerLost {
+                reason: "crash".into(),
+            },
+        );
+        let (rs, _) = meet(&mut src, &mut tgt);
+        assert!(rs.contains(&Action::StartSync {
+            source: true,
+            full: false
+        }));
+        assert_eq!(
+            src.last_verdict().map(|v| v.rule),
+            Some(Rule::LocalBitmapOnly)
+        );
+        // Its end leaves equal UUIDs on both.
+        step(&mut tgt, Event::SyncDone { current: 0xC1 });
+        step(&mut src, Event::SyncFinished);
+        assert_eq!(src.gens(), tgt.gens());
+        assert_eq!(src.gens(), c1);
+    }
+
     #[test]
     fn shutdown_sets_clean_shutdown_and_clears_primary() {
         let (mut a, _) = pair();
@@ -1909,450 +2095,5 @@ mod tests {
             r#""SyncTarget""#
         );
         assert_eq!(DiskState::Consistent.to_string(), "Consistent");
-    }
-}
-
-/// A simulated pair: random histories of promote, demote, writes, link
-/// loss, reconnects, syncs, crashes and restarts, with a model of which
-/// writes each copy holds.
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod sim {
-    use std::collections::BTreeSet;
-
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::core::uuid::Rule;
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Promote(usize, bool),
-        Demote(usize),
-        Write(usize),
-        LinkLoss,
-        Disconnect(usize),
-        Connect(usize, bool),
-        Handshake,
-        SyncDone,
-        /// The resync completes, but node `n` crashes before recording it.
-        SyncDoneCrash(usize),
-        Crash(usize),
-        Restart(usize),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            3 => (0..2usize, prop::bool::weighted(0.25)).prop_map(|(n, f)| Op::Promote(n, f)),
-            2 => (0..2usize).prop_map(Op::Demote),
-            6 => (0..2usize).prop_map(Op::Write),
-            2 => Just(Op::LinkLoss),
-            1 => (0..2usize).prop_map(Op::Disconnect),
-            2 => (0..2usize, prop::bool::weighted(0.3)).prop_map(|(n, d)| Op::Connect(n, d)),
-            4 => Just(Op::Handshake),
-            3 => Just(Op::SyncDone),
-            1 => (0..2usize).prop_map(Op::SyncDoneCrash),
-            1 => (0..2usize).prop_map(Op::Crash),
-            1 => (0..2usize).prop_map(Op::Restart),
-        ]
-    }
-
-    struct Sim {
-        nodes: [Node; 2],
-        /// The writes each copy holds.
-        data: [BTreeSet<u32>; 2],
-        /// The metadata as last persisted.
-        persisted: [(Generations, u32); 2],
-        link: bool,
-        next_write: u32,
-        next_uuid: u64,
-        /// The pair connected with data on both sides at some point (so
-        /// their UUIDs share a generation).
-        shared_data: bool,
-        handshakes: usize,
-    }
-
-    impl Sim {
-        fn new(fresh_pair: bool) -> Sim {
-            let (gens, f) = if fresh_pair {
-                (
-                    Generations {
-                        current: UUID_JUST_CREATED,
-                        ..Generations::default()
-                    },
-                    0,
-                )
-            } else {
-                (
-                    Generations {
-                        current: 0xC0,
-                        ..Generations::default()
-                    },
-                    flags::CONSISTENT | flags::UP_TO_DATE,
-                )
-            };
-            let n = Node::from_meta(gens, f, true);
-            let p = (n.gens(), n.meta_flags());
-            Sim {
-                nodes: [n.clone(), n],
-                data: [BTreeSet::new(), BTreeSet::new()],
-                persisted: [p, p],
-                link: false,
-                next_write: 0,
-                next_uuid: 0x1_0000,
-                shared_data: !fresh_pair,
-                handshakes: 0,
-            }
-        }
-
-        fn deliver(&mut self, i: usize, ev: Event) -> Result<(), String> {
-            let before = self.nodes[i].clone();
-            let next_uuid = &mut self.next_uuid;
-            let mut fresh = || {
-                *next_uuid += 0x101;
-                *next_uuid
-            };
-            match self.nodes[i].handle(ev.clone(), &mut fresh) {
-                Err(r) => {
-                    assert_eq!(self.nodes[i], before, "refused {ev:?} but changed");
-                    Err(r.message)
-                }
-                Ok(actions) => {
-                    for a in actions {
-                        self.perform(i, a);
-                    }
-                    self.check_node(i);
-                    Ok(())
-                }
-            }
-        }
-
-        fn perform(&mut self, i: usize, action: Action) {
-            match action {
-                Action::Persist => {
-                    self.persisted[i] = (self.nodes[i].gens(), self.nodes[i].meta_flags())
-                }
-                Action::DropLink { reason } | Action::StandAlone { reason } => {
-                    if self.link {
-                        self.link = false;
-                        self.deliver(1 - i, Event::PeerLost { reason })
-                            .expect("PeerLost is never refused");
-                    }
-                }
-                Action::SendState => {
-                    if self.link {
-                        let (role, disk) = (self.nodes[i].role(), self.nodes[i].disk());
-                        self.deliver(1 - i, Event::PeerStateChanged { role, disk })
-                            .expect("PeerStateChanged is never refused");
-                    }
-                }
-                Action::StartSync { .. } | Action::DisconnectClients | Action::Log { .. } => {}
-            }
-        }
-
-        fn check_node(&self, i: usize) {
-            let n = &self.nodes[i];
-            if n.role() == Role::Primary {
-                assert_eq!(n.disk(), DiskState::UpToDate, "a Primary is UpToDate");
-            }
-            let connected = n.conn() == ConnState::Connected;
-            assert_eq!(connected, n.peer().is_some());
-            assert_eq!(connected, n.peer_gens().is_some());
-            assert_eq!(connected, n.repl() != ReplState::Off);
-            assert_eq!(
-                self.persisted[i],
-                (n.gens(), n.meta_flags()),
-                "node {i}: a metadata change was not persisted"
-            );
-        }
-
-        fn check_pair(&self) {
-            let [a, b] = &self.nodes;
-            let both = a.conn() == ConnState::Connected && b.conn() == ConnState::Connected;
-            assert_eq!(self.link, both, "link state");
-            if !self.link {
-                return;
-            }
-            assert_eq!(a.peer(), Some((b.role(), b.disk())), "a's view of b");
-            assert_eq!(b.peer(), Some((a.role(), a.disk())), "b's view of a");
-            assert!(a.role() == Role::Secondary || b.role() == Role::Secondary);
-            match (a.repl(), b.repl()) {
-                (ReplState::Established, ReplState::Established) => {
-                    assert_eq!(
-                        self.data[0], self.data[1],
-                        "Established with different data"
-                    )
-                }
-                (ReplState::SyncSource, ReplState::SyncTarget)
-                | (ReplState::SyncTarget, ReplState::SyncSource) => {}
-                other => panic!("connected pair in {other:?}"),
-            }
-        }
-
-        fn run(&mut self, op: &Op) {
-            match *op {
-                Op::Promote(n, force) => {
-                    let _ = self.deliver(n, Event::Promote { force });
-                }
-                Op::Demote(n) => {
-                    let _ = self.deliver(
-                        n,
-                        Event::Demote {
-                            force: false,
-                            clients: 0,
-                        },
-                    );
-                }
-                Op::Write(n) => {
-                    if self.nodes[n].role() != Role::Primary {
-                        return;
-                    }
-                    self.next_write += 1;
-                    self.data[n].insert(self.next_write);
-                    let replicated = self.link
-                        && matches!(
-                            self.nodes[n].repl(),
-                            ReplState::Established | ReplState::SyncSource
-                        );
-                    if replicated {
-                        self.data[1 - n].insert(self.next_write);
-                    } else {
-                        self.deliver(n, Event::LocalWrite)
-                            .expect("a Primary takes writes");
-                        assert!(self.nodes[n].has_unreplicated_writes());
-                    }
-                }
-                Op::LinkLoss => {
-                    if self.link {
-                        self.link = false;
-                        for i in 0..2 {
-                            self.deliver(
-                                i,
-                                Event::PeerLost {
-                                    reason: "link loss".into(),
-                                },
-                            )
-                            .expect("PeerLost is never refused");
-                        }
-                    }
-                }
-                Op::Disconnect(n) => {
-                    let _ = self.deliver(n, Event::Disconnect);
-                }
-                Op::Connect(n, discard) => {
-                    let _ = self.deliver(
-                        n,
-                        Event::Connect {
-                            discard_my_data: discard,
-                        },
-                    );
-                }
-                Op::Handshake => self.handshake(),
-                Op::SyncDone | Op::SyncDoneCrash(_) => {
-                    let (s, t) = match (self.nodes[0].repl(), self.nodes[1].repl()) {
-                        (ReplState::SyncSource, ReplState::SyncTarget) => (0, 1),
-                        (ReplState::SyncTarget, ReplState::SyncSource) => (1, 0),
-                        _ => return,
-                    };
-                    assert!(self.link);
-                    self.data[t] = self.data[s].clone();
-                    if let Op::SyncDoneCrash(n) = *op {
-                        // The target records the end first, the source
-                        // only once the target confirmed it.
-                        if n == s {
-                            self.deliver(t, Event::SyncFinished)
-                                .expect("target finishes");
-                            self.shared_data = true;
-                        }
-                        return self.run(&Op::Crash(n));
-                    }
-                    self.deliver(s, Event::SyncFinished)
-                        .expect("source finishes");
-                    self.deliver(t, Event::SyncFinished)
-                        .expect("target finishes");
-                    assert_eq!(
-                        self.nodes[0].gens(),
-                        self.nodes[1].gens(),
-                        "UUIDs after sync"
-                    );
-                    self.shared_data |= !self.nodes[0].gens().just_created();
-                }
-                Op::Crash(n) => {
-                    if self.link {
-                        self.link = false;
-                        self.deliver(
-                            1 - n,
-                            Event::PeerLost {
-                                reason: "peer crashed".into(),
-                            },
-                        )
-                        .expect("PeerLost is never refused");
-                    }
-                    self.restart(n);
-                }
-                Op::Restart(n) => {
-                    self.deliver(n, Event::Shutdown).expect("shutdown");
-                    self.restart(n);
-                }
-            }
-        }
-
-        fn restart(&mut self, n: usize) {
-            let (gens, f) = self.persisted[n];
-            self.nodes[n] = Node::from_meta(gens, f, true);
-            self.persisted[n] = (self.nodes[n].gens(), self.nodes[n].meta_flags());
-        }
-
-        fn handshake(&mut self) {
-            if self.link || self.nodes.iter().any(|n| n.conn() != ConnState::Connecting) {
-                return;
-            }
-            self.handshakes += 1;
-            let dirty: Vec<u64> = (0..2)
-                .map(|i| self.data[i].difference(&self.data[1 - i]).count() as u64)
-                .collect();
-            let infos: Vec<PeerInfo> = (0..2)
-                .map(|i| PeerInfo {
-                    role: self.nodes[i].role(),
-                    disk: self.nodes[i].disk(),
-                    uuids: self.nodes[i].uuid_view(dirty[i]),
-                    discard_my_data: self.nodes[i].discard_my_data(),
-                })
-                .collect();
-            let raw = [
-                compare(&infos[0].uuids, &infos[1].uuids, true),
-                compare(&infos[1].uuids, &infos[0].uuids, false),
-            ];
-            // (a) both sides decide the same thing.
-            assert_eq!(
-                raw[0].decision,
-                raw[1].decision.mirrored(),
-                "asymmetric {raw:?}"
-            );
-            // (b) a sync source has every write the target has, and
-            // independent writes on both sides are never synced over.
-            let a_has_b = self.data[1].is_subset(&self.data[0]);
-            let b_has_a = self.data[0].is_subset(&self.data[1]);
-            match raw[0].decision {
-                Decision::SyncSource { .. } => {
-                    assert!(a_has_b, "source A lacks writes of B: {raw:?}")
-                }
-                Decision::SyncTarget { .. } => {
-                    assert!(b_has_a, "source B lacks writes of A: {raw:?}")
-                }
-                // (c) no sync only with equal data.
-                Decision::NoSync => assert!(a_has_b && b_has_a, "NoSync with different data"),
-                Decision::SplitBrain | Decision::Unrelated => {}
-            }
-            if !a_has_b && !b_has_a {
-                if self.shared_data {
-                    assert_eq!(raw[0].decision, Decision::SplitBrain, "{raw:?}");
-                } else {
-                    assert!(!raw[0].decision.is_sync(), "{raw:?}");
-                }
-            }
-            for i in 0..2 {
-                self.deliver(
-                    i,
-                    Event::PeerConnected {
-                        peer: infos[1 - i].clone(),
-                        local_dials: i == 0,
-                        local_dirty_bits: dirty[i],
-                    },
-                )
-                .expect("handshake while Connecting");
-            }
-            let connected = self.nodes.iter().map(|n| n.conn() == ConnState::Connected);
-            let connected: Vec<bool> = connected.collect();
-            assert_eq!(
-                connected[0], connected[1],
-                "one side connected, the other not"
-            );
-            let v: Vec<Decision> = self
-                .nodes
-                .iter()
-                .map(|n| n.last_verdict().expect("verdict").decision)
-                .collect();
-            assert_eq!(v[0], v[1].mirrored(), "final decisions differ");
-            if connected[0] {
-                self.link = true;
-                self.shared_data |= infos.iter().all(|i| !i.uuids.gens.just_created());
-                match (self.nodes[0].repl(), self.nodes[1].repl()) {
-                    (ReplState::Established, _) => {}
-                    // A sync target's own writes are gone from the moment
-                    // it starts receiving (only --discard-my-data makes
-                    // that more than a no-op).
-                    (ReplState::SyncSource, _) => self.data[1] = &self.data[1] & &self.data[0],
-                    (_, ReplState::SyncSource) => self.data[0] = &self.data[0] & &self.data[1],
-                    (ReplState::SyncTarget | ReplState::Off, _) => {}
-                }
-            }
-        }
-    }
-
-    fn simulate(fresh_pair: bool, ops: &[Op]) -> Sim {
-        let mut sim = Sim::new(fresh_pair);
-        for op in ops {
-            sim.run(op);
-            sim.check_pair();
-        }
-        sim
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        })]
-
-        #[test]
-        fn random_histories_never_lose_writes(
-            fresh_pair in any::<bool>(),
-            ops in prop::collection::vec(op(), 0..40),
-        ) {
-            simulate(fresh_pair, &ops);
-        }
-    }
-
-    #[test]
-    fn a_scripted_history_runs_through_the_simulator() {
-        use Op::*;
-        let rule = |sim: &Sim| sim.nodes[0].last_verdict().map(|v| v.rule);
-        // Connect, write, lose the link, write on both: split brain.
-        let mut ops = vec![
-            Handshake,
-            Promote(0, false),
-            Write(0),
-            LinkLoss,
-            Write(0),
-            Promote(1, false),
-            Write(1),
-            Handshake,
-        ];
-        let sim = simulate(false, &ops);
-        assert_eq!(rule(&sim), Some(Rule::SplitBrainBitmapsEqual));
-        assert_eq!(sim.nodes[1].conn(), ConnState::StandAlone);
-        // B gives up its changes; the bitmap-based rollback converges.
-        ops.extend([
-            Demote(1),
-            Connect(1, true),
-            Connect(0, false),
-            Handshake,
-            SyncDone,
-        ]);
-        let sim = simulate(false, &ops);
-        assert_eq!(sim.data[0], sim.data[1]);
-        assert_eq!(sim.nodes[1].repl(), ReplState::Established);
-        // The Primary crashes after a replicated write: it comes back a
-        // crashed Primary and is sync source on reconnect.
-        ops.extend([Write(0), Crash(0), Handshake]);
-        let sim = simulate(false, &ops);
-        assert_eq!(rule(&sim), Some(Rule::CrashedPrimaryLocal));
-        assert_eq!(sim.nodes[0].repl(), ReplState::SyncSource);
-        ops.push(SyncDone);
-        let sim = simulate(false, &ops);
-        assert_eq!(sim.handshakes, 4);
-        assert_eq!(sim.nodes[0].meta_flags() & flags::CRASHED_PRIMARY, 0);
     }
 }

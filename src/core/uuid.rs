@@ -112,8 +112,11 @@ pub struct UuidView {
     /// [`crate::core::flags`] bits; [`compare`] reads `CONSISTENT`,
     /// `CRASHED_PRIMARY` and `FULL_SYNC`.
     pub flags: u32,
-    /// Blocks marked out of sync in this node's bitmap. [`compare`] does
-    /// not use it; it is carried for logs and split-brain policies.
+    /// Blocks marked out of sync in this node's bitmap. [`compare`] uses
+    /// it only when the generations say "no sync" (rules
+    /// [`Rule::LocalDirtyBits`], [`Rule::PeerDirtyBits`],
+    /// [`Rule::BothDirtyBits`]); it is carried for logs and split-brain
+    /// policies too.
     pub dirty_bits: u64,
 }
 
@@ -243,11 +246,22 @@ pub enum Rule {
     LocalInconsistent,
     /// The mirror of `LocalInconsistent`: sync source.
     PeerInconsistent,
+    /// Not a UUID rule ([`Rule::number`] is 0; DRBD only warns "no
+    /// resync, but bits in bitmap"): same generation and no crash, but
+    /// this node marked blocks out of sync for the peer (writes the peer
+    /// acknowledged without making them durable, when the session ended
+    /// after this node stopped being Primary): bitmap-based sync source.
+    LocalDirtyBits,
+    /// The mirror of `LocalDirtyBits`: bitmap-based sync target.
+    PeerDirtyBits,
+    /// Same generation, both nodes marked blocks: the dialing node
+    /// yields, and the sync is full.
+    BothDirtyBits,
 }
 
 impl Rule {
     /// Every rule, for tests and documentation.
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 23] = [
         Rule::BothJustCreated,
         Rule::LocalJustCreated,
         Rule::PeerJustCreated,
@@ -268,6 +282,9 @@ impl Rule {
         Rule::Unrelated,
         Rule::LocalInconsistent,
         Rule::PeerInconsistent,
+        Rule::LocalDirtyBits,
+        Rule::PeerDirtyBits,
+        Rule::BothDirtyBits,
     ];
 
     /// DRBD's number for this rule (`drbd_uuid_compare`'s `rule_nr`); 0
@@ -291,7 +308,11 @@ impl Rule {
             Rule::LocalHistoryHasPeerCurrent => 80,
             Rule::SplitBrainBitmapsEqual => 90,
             Rule::SplitBrainHistoryShared | Rule::Unrelated => 100,
-            Rule::LocalInconsistent | Rule::PeerInconsistent => 0,
+            Rule::LocalInconsistent
+            | Rule::PeerInconsistent
+            | Rule::LocalDirtyBits
+            | Rule::PeerDirtyBits
+            | Rule::BothDirtyBits => 0,
         }
     }
 
@@ -340,6 +361,13 @@ impl Rule {
             Rule::Unrelated => "the nodes share no generation: unrelated data",
             Rule::LocalInconsistent => "this node's data is Inconsistent and the peer's is not",
             Rule::PeerInconsistent => "the peer's data is Inconsistent and this node's is not",
+            Rule::LocalDirtyBits => {
+                "same generation, but this node marked blocks the peer may lack"
+            }
+            Rule::PeerDirtyBits => "same generation, but the peer marked blocks this node may lack",
+            Rule::BothDirtyBits => {
+                "same generation, both nodes marked blocks; the dialing node yields"
+            }
         }
     }
 }
@@ -368,7 +396,12 @@ impl fmt::Display for Verdict {
 /// mirror each other (see [`Decision::mirrored`]).
 ///
 /// First the UUID rules, in DRBD's order (10, 20, 30, 34–37, 40, 50, 60,
-/// 70, 80, 90, 100; see [`Rule`]). Then the disk states: when exactly one
+/// 70, 80, 90, 100; see [`Rule`]). A "no sync" by rule 40 becomes a
+/// bitmap-based sync from the side whose bitmap marks blocks (both
+/// marked: the dialing node yields, full): equal generations do not
+/// make equal data when writes the peer acknowledged were lost from its
+/// page cache after the writer stopped being Primary. Then the disk
+/// states: when exactly one
 /// side is Inconsistent (no `CONSISTENT` flag) and the data are related,
 /// the consistent side is sync source; the sync is full if the UUIDs had
 /// said full or split brain. Last, a sync is made full when either side
@@ -379,6 +412,25 @@ impl fmt::Display for Verdict {
 /// "resolve conflicts" flag does.
 pub fn compare(local: &UuidView, peer: &UuidView, local_dials: bool) -> Verdict {
     let (mut decision, mut rule) = uuid_rules(local, peer, local_dials);
+    if rule == Rule::SameCurrent {
+        match (local.dirty_bits > 0, peer.dirty_bits > 0) {
+            (false, false) => {}
+            (true, false) => {
+                (decision, rule) = (Decision::SyncSource { full: false }, Rule::LocalDirtyBits)
+            }
+            (false, true) => {
+                (decision, rule) = (Decision::SyncTarget { full: false }, Rule::PeerDirtyBits)
+            }
+            (true, true) => {
+                decision = if local_dials {
+                    Decision::SyncTarget { full: true }
+                } else {
+                    Decision::SyncSource { full: true }
+                };
+                rule = Rule::BothDirtyBits;
+            }
+        }
+    }
 
     let local_ok = local.flags & flags::CONSISTENT != 0;
     let peer_ok = peer.flags & flags::CONSISTENT != 0;
@@ -680,6 +732,36 @@ mod tests {
             Decision::NoSync,
             Rule::SameCurrent,
         );
+    }
+
+    #[test]
+    fn marked_blocks_turn_no_sync_into_a_sync() {
+        let same = g(0xC1, 0, [0x11, 0]);
+        let dirty = |f, bits| UuidView {
+            gens: same,
+            flags: f,
+            dirty_bits: bits,
+        };
+        check(dirty(C, 3), dirty(C, 0), SRC_BM, Rule::LocalDirtyBits);
+        check(dirty(C, 0), dirty(C, 3), TGT_BM, Rule::PeerDirtyBits);
+        let v = both(dirty(C, 1), dirty(C, 2), true);
+        assert_eq!((v.decision, v.rule), (TGT_FULL, Rule::BothDirtyBits));
+        // A crashed Primary still decides by rule 40, a just-created pair
+        // by rule 10, and an Inconsistent side by its disk state.
+        let cp = C | flags::CRASHED_PRIMARY;
+        check(dirty(C, 3), dirty(cp, 0), TGT_BM, Rule::CrashedPrimaryPeer);
+        let jc = g(UUID_JUST_CREATED, 0, [0, 0]);
+        let v = compare(
+            &UuidView {
+                gens: jc,
+                flags: 0,
+                dirty_bits: 5,
+            },
+            &view(jc, 0),
+            true,
+        );
+        assert_eq!(v.rule, Rule::BothJustCreated);
+        check(dirty(0, 3), dirty(C, 0), TGT_BM, Rule::LocalInconsistent);
     }
 
     #[test]
