@@ -324,6 +324,14 @@ impl<T> PrimaryPath<T> {
     }
 
     /// Whether [`lost`](Self::lost) was called.
+    /// Whether `seq` is still waiting for a half.
+    pub fn is_pending(&self, seq: u64) -> bool {
+        seq.checked_sub(self.base)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.entries.get(i))
+            .is_some_and(|e| e.is_some())
+    }
+
     pub fn is_lost(&self) -> bool {
         self.lost
     }

@@ -12,116 +12,88 @@ impl Replica {
         let store = self
             .current_store()
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
-        // Durability requests (FUA writes, barriers) that arrive while
-        // more frames are already buffered go to a flusher thread that
-        // fdatasyncs once per batch and then acknowledges the batch, so the
-        // receiver keeps applying later writes meanwhile. One that arrives
-        // with nothing behind it is flushed here: no hand-off, and nothing
-        // waits to be applied (see `durable_here`).
-        let (to_flusher, flush_queue) = mpsc::sync_channel::<u64>(FLUSH_QUEUE);
+        // Durable requests (FUA writes, barriers) wait for a flush that
+        // started after they were applied (`SecondaryPath` groups them).
+        // One that arrives with nothing buffered behind it is flushed
+        // here: no hand-off, and nothing waits to be applied meanwhile.
+        // Otherwise the flusher thread flushes, once per group, while this
+        // loop keeps applying later writes.
+        let (doorbell, rung) = mpsc::sync_channel::<()>(1);
         let flusher_session = session.clone();
         let flusher_store = store.clone();
+        let name = self.name.clone();
         scope.spawn(move || {
-            while let Ok(first) = flush_queue.recv() {
-                let mut batch = vec![first];
-                batch.extend(flush_queue.try_iter());
-                let status = match flusher_store.flush() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        tracing::error!("flush on the secondary failed: {e}");
-                        crate::nbd::transmission::io_errno(e)
-                    }
-                };
-                for seq in batch {
-                    flusher_session.send_control(&Frame::Ack { seq, status });
-                }
+            while rung.recv().is_ok() {
+                while flush_group(&flusher_session, &*flusher_store, &name) {}
             }
         });
         let mut reader = session.reader();
-        // Frames a submitter read while this node was still Primary.
-        for (kind, body) in session.take_stash() {
-            match self.apply(session, &*store, kind, &body)? {
-                Applied::Nothing => {}
-                Applied::Done { seq, .. } => {
-                    // Durable or not: flush before acknowledging, rarely.
-                    let status = match store.flush() {
-                        Ok(()) => 0,
-                        Err(e) => crate::nbd::transmission::io_errno(e),
-                    };
-                    session.send_control(&Frame::Ack { seq, status });
-                }
-                Applied::Failed { seq, status } => {
-                    session.send_control(&Frame::Ack { seq, status })
-                }
-            }
-        }
         let mut body = Vec::new();
-        // Acks are batched: written when no further frame is already
-        // buffered, i.e. just before the receiver could block on the socket.
-        let mut acks = BytesMut::with_capacity(4096);
+        // Frames a submitter read while this node was still Primary come
+        // first.
+        let stashed = session.take_stash();
+        let mut stashed = stashed.into_iter();
         let result = loop {
-            if reader.buffer().is_empty() && !acks.is_empty() {
-                session.send_raw(&acks);
-                acks.clear();
+            if reader.buffer().is_empty() {
+                // Acks are batched: sent when no further frame is already
+                // buffered, i.e. just before this loop could block.
+                send_acks(session);
             }
             if self.role() != Role::Secondary {
                 break Ok(ModeEnd::RoleChanged);
             }
-            let kind = match link::read_raw(&mut *reader, &mut body) {
-                Ok(k) => k,
-                Err(e) => break Err(e),
+            let kind = match stashed.next() {
+                Some((kind, stashed_body)) => {
+                    body = stashed_body;
+                    kind
+                }
+                None => match link::read_raw(&mut *reader, &mut body) {
+                    Ok(k) => k,
+                    Err(e) => break Err(e),
+                },
             };
             if !session.is_alive() {
                 break Ok(ModeEnd::Over(
                     session.reason().unwrap_or_else(|| "shutting down".into()),
                 ));
             }
-            match self.apply(session, &*store, kind, &body) {
-                Ok(Applied::Nothing) => {}
-                Ok(Applied::Done { seq, durable: true }) if reader.buffer().is_empty() => {
-                    // Acks of earlier writes need not wait for the flush.
-                    if !acks.is_empty() {
-                        session.send_raw(&acks);
-                        acks.clear();
-                    }
-                    let status = match store.flush() {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            tracing::error!(resource = %self.name, "flush on the secondary failed: {e}");
-                            crate::nbd::transmission::io_errno(e)
-                        }
-                    };
-                    Frame::Ack { seq, status }.encode(&mut acks);
-                }
-                Ok(Applied::Done { seq, durable: true }) => {
-                    if to_flusher.send(seq).is_err() {
-                        break Err(LinkError::Protocol("flusher stopped".into()));
-                    }
-                }
-                Ok(Applied::Done {
-                    seq,
-                    durable: false,
-                }) => Frame::Ack { seq, status: 0 }.encode(&mut acks),
-                Ok(Applied::Failed { seq, status }) => Frame::Ack { seq, status }.encode(&mut acks),
+            let (seq, status, durable) = match self.apply(session, &*store, kind, &body) {
+                Ok(Applied::Nothing) => continue,
+                Ok(Applied::Done { seq, durable }) => (seq, 0, durable),
+                Ok(Applied::Failed { seq, status }) => (seq, status, false),
                 Err(e) => break Err(e),
+            };
+            if let Err(e) = lock(&session.receiving).applied(seq, status, durable) {
+                break Err(LinkError::Protocol(e.to_string()));
+            }
+            if !durable {
+                continue;
+            }
+            if reader.buffer().is_empty() {
+                // Acks of earlier writes need not wait for the flush.
+                send_acks(session);
+                if !flush_group(session, &*store, &self.name) {
+                    // A flush is running: it may have started before this
+                    // request was applied, so another one must follow.
+                    let _ = doorbell.try_send(());
+                }
+            } else {
+                let _ = doorbell.try_send(());
+            }
+            if lock(&session.receiving).awaiting_flush() > 0 {
+                let _ = doorbell.try_send(());
             }
         };
-        if !acks.is_empty() {
-            session.send_raw(&acks);
-        }
-        drop(to_flusher);
+        send_acks(session);
+        drop(doorbell);
         result
     }
 
-    fn check_seq(session: &Session, seq: u64) -> Result<(), LinkError> {
-        let expected = session.expected_seq.load(Ordering::Relaxed);
-        if seq != expected {
-            return Err(LinkError::Protocol(format!(
-                "sequence number {seq} where {expected} was due"
-            )));
-        }
-        session.expected_seq.store(expected + 1, Ordering::Relaxed);
-        Ok(())
+    /// Checks the numbering of a sequenced frame received.
+    fn receive(session: &Session, seq: u64) -> Result<(), LinkError> {
+        lock(&session.receiving)
+            .receive(seq)
+            .map_err(|e| LinkError::Protocol(e.to_string()))
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), LinkError> {
@@ -146,7 +118,7 @@ impl Replica {
         let (seq, durable, result) = if kind == repl_kind::WRITE {
             // The hot path: decoded in place, no copy of the payload.
             let w = WriteRef::decode_body(body).map_err(protocol)?;
-            Self::check_seq(session, w.seq)?;
+            Self::receive(session, w.seq)?;
             self.check_range(w.offset, w.payload.len() as u64)?;
             if !w.crc_ok() {
                 // Nothing from this frame is written; the primary marks the
@@ -168,7 +140,7 @@ impl Replica {
                     length,
                     flags,
                 } => {
-                    Self::check_seq(session, seq)?;
+                    Self::receive(session, seq)?;
                     self.check_range(offset, length)?;
                     let r = store.trim(offset, length);
                     (seq, flags & data_flags::FUA != 0, r)
@@ -179,13 +151,13 @@ impl Replica {
                     length,
                     flags,
                 } => {
-                    Self::check_seq(session, seq)?;
+                    Self::receive(session, seq)?;
                     self.check_range(offset, length)?;
                     let r = store.write_zeroes(offset, length, flags & data_flags::NO_HOLE == 0);
                     (seq, flags & data_flags::FUA != 0, r)
                 }
                 Frame::Barrier { seq } => {
-                    Self::check_seq(session, seq)?;
+                    Self::receive(session, seq)?;
                     (seq, true, Ok(()))
                 }
                 // Acks reach a Secondary that is a sync source.
@@ -220,4 +192,40 @@ enum Applied {
     Done { seq: u64, durable: bool },
     /// The local storage failed; acknowledged with this errno.
     Failed { seq: u64, status: u32 },
+}
+
+/// Sends the acknowledgements of the plain writes applied so far.
+fn send_acks(session: &Session) {
+    let acks = lock(&session.receiving).take_acks();
+    if acks.is_empty() {
+        return;
+    }
+    let mut out = BytesMut::with_capacity(acks.len() * 32);
+    for (seq, status) in acks {
+        Frame::Ack { seq, status }.encode(&mut out);
+    }
+    session.send_raw(&out);
+}
+
+/// Flushes once for every durable request applied and not yet flushed,
+/// and acknowledges them. False when there was nothing to start (none
+/// waiting, or another flush running).
+fn flush_group(session: &Session, store: &dyn Store, name: &str) -> bool {
+    let Some(ticket) = lock(&session.receiving).start_flush() else {
+        return false;
+    };
+    let status = match store.flush() {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(resource = %name, "flush on the secondary failed: {e}");
+            crate::nbd::transmission::io_errno(e)
+        }
+    };
+    let acks = lock(&session.receiving).flush_done(ticket, status);
+    let mut out = BytesMut::with_capacity(acks.len() * 32);
+    for (seq, status) in acks {
+        Frame::Ack { seq, status }.encode(&mut out);
+    }
+    session.send_raw(&out);
+    true
 }

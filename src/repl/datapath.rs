@@ -27,7 +27,7 @@ impl Replica {
         &self,
         offset: u64,
         len: u64,
-        send: impl FnOnce(&Session) -> Option<Arc<link::Slot>>,
+        send: impl Fn(&Session) -> Option<Arc<link::Slot>>,
         local: impl FnOnce(&dyn Store) -> io::Result<()>,
     ) -> io::Result<()> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
@@ -41,10 +41,19 @@ impl Replica {
             return local(&*store);
         }
         let _range = self.intervals.lock(offset, len);
-        let remote = self
-            .current_session()
-            .and_then(|s| send(&s).map(|slot| (s, slot)));
+        let start = || {
+            self.current_session()
+                .and_then(|s| send(&s).map(|slot| (s, slot)))
+        };
+        let mut remote = start();
+        // Without a peer, marked before the local write (see `submit`).
+        if remote.is_none() {
+            self.mark_out_of_sync(offset, len);
+        }
         let result = local(&*store);
+        if remote.is_none() {
+            remote = start();
+        }
         let in_sync = match remote {
             Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
                 Remote::Done => true,
@@ -109,6 +118,14 @@ impl Store for Replica {
         // Held until both copies have it: overlapping writes are never in
         // flight together, so they land in the same order on both nodes.
         let range = self.intervals.acquire(offset, len);
+        // Without a peer the range is marked before the local write: a
+        // session coming up meanwhile must not finish its resync without
+        // it. If one came up by the time the write is done, the write is
+        // sent through it as well.
+        let session = self.current_session();
+        if session.is_none() {
+            self.mark_out_of_sync(offset, len);
+        }
         if let Err(e) = op.apply(&*store) {
             self.mark_out_of_sync(offset, len);
             self.intervals.release(range);
@@ -127,7 +144,7 @@ impl Store for Replica {
             done(Ok(()), batch);
         });
         let track = Track::plain(offset, len);
-        let session = self.current_session();
+        let session = session.or_else(|| self.current_session());
         let queued = match &session {
             None => Err(Waiter::Call(finish)),
             Some(s) => match op {

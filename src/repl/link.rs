@@ -3,7 +3,7 @@
 //! failure).
 
 use crate::sync::lock;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::AsRawFd;
@@ -19,6 +19,7 @@ use replblk_proto::repl::{
 use thiserror::Error;
 
 use crate::config::PeerConfig;
+use crate::core::datapath::{Peer, PrimaryPath, SecondaryPath};
 use crate::store::Batch;
 
 #[derive(Debug, Error)]
@@ -389,28 +390,12 @@ impl Track {
     }
 }
 
-struct Flight {
-    waiter: Waiter,
-    track: Track,
-}
-
-struct Pending {
-    alive: bool,
-    flights: HashMap<u64, Flight>,
-    /// Data frames the peer acknowledged as applied but that no
-    /// acknowledged barrier has made durable yet: seq -> (offset, len).
-    /// If the peer's machine crashes they may be lost there, so when the
-    /// session ends they count as out of sync (DRBD's transfer log).
-    unstable: BTreeMap<u64, (u64, u64)>,
-}
-
 /// Frames waiting to be sent. Whoever finds nobody sending sends the
 /// whole queue, in as few writes as it takes; meanwhile others append, so
 /// under load many frames go out per system call (DRBD's sender batches
 /// the same way).
 struct Outbox {
     buf: BytesMut,
-    next_seq: u64,
     sending: bool,
 }
 
@@ -431,10 +416,10 @@ const DIRECT_PAYLOAD: usize = 64 * 1024;
 pub struct Session {
     outbox: Mutex<Outbox>,
     writer: Mutex<TcpStream>,
-    /// The sequence number the next data frame received must carry. It
-    /// lives here, not in the receive loop, so the numbering continues
-    /// when the roles swap within one session.
-    pub expected_seq: AtomicU64,
+    /// What this node receives: numbering, acks to send, flush groups
+    /// (`core::datapath`). Kept here, not in the receive loop, so it
+    /// continues when the roles swap within one session.
+    pub receiving: Mutex<SecondaryPath>,
     /// Handles `State` and `SyncDone` frames, whichever thread reads them.
     hook: Hook,
     /// Requests for the peer's `State` awaiting their `ANSWER`, by token
@@ -443,7 +428,13 @@ pub struct Session {
     next_token: AtomicU64,
     reader: Mutex<io::BufReader<TcpStream>>,
     ping_timeout: Duration,
-    pending: Mutex<Pending>,
+    /// What this node sends: sequence numbers, requests awaiting their
+    /// Acks, the transfer log (`core::datapath`).
+    sending: Mutex<PrimaryPath<Waiter>>,
+    /// What the end of the session left to mark out of sync: writes the
+    /// peer applied but no barrier made durable, and writes lost in
+    /// flight.
+    lost_marks: Mutex<Vec<(u64, u64)>>,
     control: TcpStream,
     failed: AtomicBool,
     reason: Mutex<Option<String>>,
@@ -474,13 +465,12 @@ impl Session {
         hook: Hook,
     ) -> io::Result<Session> {
         Ok(Session {
-            expected_seq: AtomicU64::new(1),
+            receiving: Mutex::new(SecondaryPath::new()),
             hook,
             state_waiters: Mutex::new(HashMap::new()),
             next_token: AtomicU64::new(1),
             outbox: Mutex::new(Outbox {
                 buf: BytesMut::with_capacity(64 * 1024),
-                next_seq: 1,
                 sending: false,
             }),
             writer: Mutex::new(stream.try_clone()?),
@@ -488,11 +478,8 @@ impl Session {
             // large write payload through the buffer.
             reader: Mutex::new(io::BufReader::with_capacity(32 * 1024, stream.try_clone()?)),
             ping_timeout,
-            pending: Mutex::new(Pending {
-                alive: true,
-                flights: HashMap::new(),
-                unstable: BTreeMap::new(),
-            }),
+            sending: Mutex::new(PrimaryPath::new()),
+            lost_marks: Mutex::new(Vec::new()),
             control: stream.try_clone()?,
             failed: AtomicBool::new(false),
             ping: Mutex::new(None),
@@ -579,7 +566,7 @@ impl Session {
         let mut batch = Batch::default();
         let mut body = Vec::new();
         let mut spun = false;
-        while self.is_alive() && lock(&self.pending).flights.contains_key(&seq) {
+        while self.is_alive() && lock(&self.sending).is_pending(seq) {
             // Another request went out meanwhile: the receiver is awake
             // and takes over (ours included) once we let go.
             if self.active.load(Ordering::SeqCst) && reader.buffer().is_empty() {
@@ -681,16 +668,7 @@ impl Session {
         }
         *lock(&self.reason) = Some(why.to_owned());
         self.control.shutdown(Shutdown::Both).ok();
-        let flights: Vec<Flight> = {
-            let mut p = lock(&self.pending);
-            p.alive = false;
-            p.flights.drain().map(|(_, f)| f).collect()
-        };
-        let mut batch = Batch::default();
-        for f in flights {
-            f.waiter.complete(Remote::Lost, &mut batch);
-        }
-        batch.run();
+        self.lose_in_flight();
         if let Some((_, _, slot)) = lock(&self.ping).as_ref() {
             slot.complete(Remote::Lost);
         }
@@ -708,9 +686,31 @@ impl Session {
         lock(&self.reason).clone()
     }
 
-    /// Requests in flight (sequenced frames not yet answered).
+    /// Ends the sending side: every request in flight completes as
+    /// lost; what must be marked out of sync is kept for `take_unstable`.
+    fn lose_in_flight(&self) {
+        let lost = {
+            let mut p = lock(&self.sending);
+            if p.is_lost() {
+                return;
+            }
+            p.lost()
+        };
+        {
+            let mut marks = lock(&self.lost_marks);
+            marks.extend(lost.unstable);
+            marks.extend(lost.running);
+        }
+        let mut batch = Batch::default();
+        for c in lost.completions {
+            c.token.complete(Remote::Lost, &mut batch);
+        }
+        batch.run();
+    }
+
+    /// Requests in flight (sequenced frames not yet completed).
     pub fn in_flight(&self) -> usize {
-        lock(&self.pending).flights.len()
+        lock(&self.sending).pending()
     }
 
     /// Queues a sequenced frame: `head` gets the sequence number and
@@ -724,18 +724,28 @@ impl Session {
         payload: &[u8],
     ) -> Result<u64, Waiter> {
         let mut ob = lock(&self.outbox);
-        let seq = ob.next_seq;
-        {
-            let mut p = lock(&self.pending);
-            if !p.alive {
+        let seq = {
+            let mut p = lock(&self.sending);
+            if p.is_lost() {
                 return Err(waiter);
             }
             if let Waiter::Slot(slot) = &waiter {
-                slot.seq.store(seq, Ordering::Relaxed);
+                slot.seq.store(p.next_seq(), Ordering::Relaxed);
             }
-            p.flights.insert(seq, Flight { waiter, track });
-        }
-        ob.next_seq += 1;
+            // Numbered under the outbox lock: numbers follow wire order.
+            let seq = match track {
+                Track::Data {
+                    offset,
+                    len,
+                    durable,
+                } => p.submit(waiter, offset, len, durable),
+                Track::Barrier => p.barrier(waiter),
+            };
+            // The caller does the local half itself (before, or while it
+            // waits): the request completes with the peer's answer.
+            let _ = p.local_done(seq, true);
+            seq
+        };
         if payload.len() >= DIRECT_PAYLOAD && !ob.sending && ob.buf.is_empty() {
             ob.sending = true;
             drop(ob);
@@ -861,17 +871,15 @@ impl Session {
 
     /// Data frames acknowledged but not yet made durable by a barrier.
     pub fn unstable_count(&self) -> usize {
-        lock(&self.pending).unstable.len()
+        lock(&self.sending).unstable_len()
     }
 
-    /// After the session failed: the ranges of acknowledged data frames no
-    /// barrier made durable (see `Pending::unstable`).
-    /// No acknowledgement is accepted after this: a late one completes
-    /// its request as lost, so its writer marks the range itself.
+    /// After the session failed: the ranges to mark out of sync, the
+    /// transfer log (acknowledged data frames no barrier made durable)
+    /// and writes lost in flight.
     pub fn take_unstable(&self) -> Vec<(u64, u64)> {
-        let mut p = lock(&self.pending);
-        p.alive = false;
-        std::mem::take(&mut p.unstable).into_values().collect()
+        self.lose_in_flight();
+        std::mem::take(&mut *lock(&self.lost_marks))
     }
 
     /// Sends bytes holding whole unsequenced frames (batched acks).
@@ -887,51 +895,18 @@ impl Session {
     /// Completes the request `seq` with the peer's answer; callbacks run
     /// inside `batch`.
     pub fn acknowledge(&self, seq: u64, status: u32, batch: &mut Batch) -> Result<(), LinkError> {
-        let (flight, alive) = {
-            let mut p = lock(&self.pending);
-            let flight = p.flights.remove(&seq);
-            let alive = p.alive;
-            match (flight.as_ref().map(|f| f.track), status) {
-                _ if !alive => {}
-                (
-                    Some(Track::Data {
-                        offset,
-                        len,
-                        durable: false,
-                    }),
-                    0,
-                ) => {
-                    p.unstable.insert(seq, (offset, len));
-                }
-                // A barrier covers every frame sent before it.
-                (Some(Track::Barrier), 0) => {
-                    let later = p.unstable.split_off(&seq);
-                    p.unstable = later;
-                }
-                _ => {}
-            }
-            (flight, alive)
-        };
-        match flight {
-            Some(f) if !alive => {
-                f.waiter.complete(Remote::Lost, batch);
-                Ok(())
-            }
-            Some(f) => {
-                f.waiter.complete(
-                    if status == 0 {
-                        Remote::Done
-                    } else {
-                        Remote::Failed(status)
-                    },
-                    batch,
-                );
-                Ok(())
-            }
-            None => Err(LinkError::Protocol(format!(
-                "ack for sequence number {seq}, which is not in flight"
-            ))),
+        let done = lock(&self.sending)
+            .ack(seq, status)
+            .map_err(|e| LinkError::Protocol(e.to_string()))?;
+        if let Some(c) = done {
+            let remote = match c.peer {
+                Peer::Done => Remote::Done,
+                Peer::Failed(errno) => Remote::Failed(errno),
+                Peer::Lost => Remote::Lost,
+            };
+            c.token.complete(remote, batch);
         }
+        Ok(())
     }
 
     /// Frames the Primary receives: Acks complete requests (inside

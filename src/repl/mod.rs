@@ -75,9 +75,6 @@ const UNSTABLE_CAP: usize = 65536;
 /// changes, shutdown and ping deadlines.
 const PRIMARY_TICK: Duration = Duration::from_millis(50);
 
-/// Durable requests (FUA writes, barriers) queued for the Secondary's
-/// flusher at most; past this the receiver waits (back-pressure).
-const FLUSH_QUEUE: usize = 4096;
 /// How long a demote waits, unless told otherwise, for its NBD clients to
 /// go (`--force`) and replicated requests in flight to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -687,11 +684,13 @@ impl Replica {
         let store = FileStore::open(&self.disk_path, Some(size), self.read_only)?;
         let mut bitmap = DirtyBitmap::new(size, u64::from(sb.granularity));
         let clean = sb.flags & md_flags::CLEAN_SHUTDOWN != 0;
-        if clean {
-            let mut bytes = vec![0u8; bitmap.to_bytes().len()];
-            md.read_bitmap(&mut bytes)?;
-            bitmap.merge_bytes(&bytes);
-        } else if sb.gens.bitmap != 0 || sb.flags & md_flags::PRIMARY != 0 {
+        // The bitmap saved by the last clean shutdown, whatever happened
+        // since: blocks it marks were not synced yet when it was written,
+        // and a crash after a clean restart must not forget them.
+        let mut bytes = vec![0u8; bitmap.to_bytes().len()];
+        md.read_bitmap(&mut bytes)?;
+        bitmap.merge_bytes(&bytes);
+        if !clean && (sb.gens.bitmap != 0 || sb.flags & md_flags::PRIMARY != 0) {
             // The bitmap is written at clean shutdown only (the activity
             // log that bounds a crash's damage comes later): after a crash
             // every block counts as out of sync.
@@ -1062,6 +1061,21 @@ impl Replica {
                 waited: wait,
             })
         } else {
+            // Every write this Primary acknowledged becomes durable on both
+            // nodes before the role changes: a later crash of both must not
+            // leave two different copies that each call themselves UpToDate.
+            if let Ok(store) = self.current_store() {
+                if let Err(e) = store.flush() {
+                    tracing::error!(resource = %self.name, "flush on demote failed: {e}");
+                }
+            }
+            if let Some(session) = self.current_session() {
+                if let Some(b) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) {
+                    if session.wait(&b, self.ack_timeout()) != Remote::Done {
+                        tracing::warn!(resource = %self.name, "demote: the peer did not make the last writes durable; they are marked out of sync");
+                    }
+                }
+            }
             self.verb_step(event)
         };
         let fx = match stepped {
@@ -1075,11 +1089,6 @@ impl Replica {
                 return Err(e);
             }
         };
-        if let Ok(store) = self.current_store() {
-            if let Err(e) = store.flush() {
-                tracing::error!(resource = %self.name, "flush on demote failed: {e}");
-            }
-        }
         self.effects(&fx);
         if self.current_session().is_some() && !self.wait_mode(Role::Secondary) {
             tracing::warn!(resource = %self.name, "session did not switch to Secondary mode in time");
