@@ -108,6 +108,11 @@ pub trait Store: Send + Sync {
         let result = op.apply(self.as_dyn());
         done(result, &mut Batch::default());
     }
+    /// `submit` when the caller has more requests ready: the store should
+    /// not wait for anything inline (the default is `submit`).
+    fn submit_more(&self, op: Modify<'_>, done: Done) {
+        self.submit(op, done);
+    }
     /// `self` as a trait object (for the default `submit`).
     fn as_dyn(&self) -> &dyn Store;
     /// Usable bytes.

@@ -234,8 +234,11 @@ impl Connection<'_> {
 
     /// Reads the next request (and a write's payload into `payload`).
     /// `None` once the connection is closing.
-    fn next_request(&self, payload: &mut Vec<u8>) -> Option<Request> {
-        let mut reader = lock(&self.reader);
+    fn read_request(
+        &self,
+        reader: &mut BufReader<Stream>,
+        payload: &mut Vec<u8>,
+    ) -> Option<Request> {
         if self.replies.closing.load(Ordering::SeqCst) {
             return None;
         }
@@ -417,27 +420,57 @@ impl Connection<'_> {
         self.replies.send(bytes);
     }
 
+    /// Submits a modification; `more` when further requests are already
+    /// buffered (the store then does not wait for anything inline).
+    fn submit(&self, op: Modify<'_>, cookie: u64, more: bool) {
+        let replies = self.replies.clone();
+        let done: crate::store::Done =
+            Box::new(move |result, batch| replies.complete(cookie, result, batch));
+        if more {
+            self.export.store.submit_more(op, done);
+        } else {
+            self.export.store.submit(op, done);
+        }
+    }
+
+    fn serve_one(&self, req: &Request, buf: &mut Vec<u8>) {
+        if let Some(op) = self.modification(req, buf) {
+            return self.submit(op, req.cookie, false);
+        }
+        let result = self.execute(req, buf);
+        if let Err(code) = result {
+            tracing::debug!(
+                command = ?req.command, offset = req.offset, length = req.length,
+                flags = req.flags, error = code, "request failed"
+            );
+        }
+        self.reply(req, result, buf);
+        self.replies.finish_one();
+    }
+
     fn worker(&self) {
         let mut buf = Vec::new();
-        while let Some(req) = self.next_request(&mut buf) {
-            if let Some(op) = self.modification(&req, &buf) {
-                let replies = self.replies.clone();
-                let cookie = req.cookie;
-                self.export.store.submit(
-                    op,
-                    Box::new(move |result, batch| replies.complete(cookie, result, batch)),
-                );
-            } else {
-                let result = self.execute(&req, &mut buf);
-                if let Err(code) = result {
-                    tracing::debug!(
-                        command = ?req.command, offset = req.offset, length = req.length,
-                        flags = req.flags, error = code, "request failed"
-                    );
+        loop {
+            let mut reader = lock(&self.reader);
+            let Some(mut req) = self.read_request(&mut reader, &mut buf) else {
+                return;
+            };
+            // While more requests are already buffered, writes are
+            // submitted with the read side held: a submit does not wait,
+            // so one worker runs a burst of writes to completion with no
+            // hand-off to another worker per request.
+            while !reader.buffer().is_empty() {
+                let Some(op) = self.modification(&req, &buf) else {
+                    break;
+                };
+                self.submit(op, req.cookie, true);
+                match self.read_request(&mut reader, &mut buf) {
+                    Some(next) => req = next,
+                    None => return,
                 }
-                self.reply(&req, result, &mut buf);
-                self.replies.finish_one();
             }
+            drop(reader);
+            self.serve_one(&req, &mut buf);
             // Do not keep a 32 MiB buffer around after one large request,
             // but do keep one for the common sizes up to a few MiB (a 1 MiB
             // read needs 1 MiB plus the reply header).

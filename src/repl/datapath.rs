@@ -72,29 +72,14 @@ impl Replica {
     }
 }
 
-impl Store for Replica {
-    fn as_dyn(&self) -> &dyn Store {
-        self
-    }
-
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // Only the Primary serves: a client that slipped past a demote
-        // must not read a Secondary's data, which the Primary is changing.
-        if self.peer.is_some() && !self.serving.load(Ordering::SeqCst) {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
-        }
-        self.current_store()?.read_at(buf, offset)
-    }
-
+impl Replica {
     /// The Primary's write path at depth: the calling worker writes
     /// locally, queues the frame for the peer and returns; the thread that
     /// reads the peer's Ack completes the request (replies to the client).
     /// No thread waits for the network, so none has to be woken per write.
-    fn submit(&self, op: Modify<'_>, done: Done) {
+    /// A lone request (`more` false, nothing else in flight) reads its own
+    /// Ack (see `Session::after_submit`).
+    fn submit_write(&self, op: Modify<'_>, done: Done, more: bool) {
         let Some(me) = self.me.upgrade().filter(|_| self.peer.is_some()) else {
             let result = op.apply(self);
             return done(result, &mut Batch::default());
@@ -172,6 +157,7 @@ impl Store for Replica {
             },
         };
         match (queued, session) {
+            (Ok(_), Some(s)) if more => s.activate(),
             (Ok(seq), Some(s)) => s.after_submit(seq, self.ack_timeout()),
             (Err(Waiter::Call(finish)), _) => {
                 // No peer: the local write stands, the range is out of sync.
@@ -179,6 +165,33 @@ impl Store for Replica {
             }
             _ => {}
         }
+    }
+}
+
+impl Store for Replica {
+    fn as_dyn(&self) -> &dyn Store {
+        self
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Only the Primary serves: a client that slipped past a demote
+        // must not read a Secondary's data, which the Primary is changing.
+        if self.peer.is_some() && !self.serving.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.current_store()?.read_at(buf, offset)
+    }
+
+    fn submit(&self, op: Modify<'_>, done: Done) {
+        self.submit_write(op, done, false);
+    }
+
+    fn submit_more(&self, op: Modify<'_>, done: Done) {
+        self.submit_write(op, done, true);
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
