@@ -109,10 +109,13 @@ pub trait Store: Send + Sync {
         done(result, &mut Batch::default());
     }
     /// `submit` when the caller has more requests ready: the store should
-    /// not wait for anything inline (the default is `submit`).
+    /// not wait for anything inline and may hold back sending until
+    /// `kick` (the default is `submit`).
     fn submit_more(&self, op: Modify<'_>, done: Done) {
         self.submit(op, done);
     }
+    /// Sends what `submit_more` held back; called once after a burst.
+    fn kick(&self) {}
     /// `self` as a trait object (for the default `submit`).
     fn as_dyn(&self) -> &dyn Store;
     /// Usable bytes.

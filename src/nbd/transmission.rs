@@ -459,16 +459,19 @@ impl Connection<'_> {
             // submitted with the read side held: a submit does not wait,
             // so one worker runs a burst of writes to completion with no
             // hand-off to another worker per request.
+            let mut burst = Burst(&*self.export.store, false);
             while !reader.buffer().is_empty() {
                 let Some(op) = self.modification(&req, &buf) else {
                     break;
                 };
                 self.submit(op, req.cookie, true);
+                burst.1 = true;
                 match self.read_request(&mut reader, &mut buf) {
                     Some(next) => req = next,
                     None => return,
                 }
             }
+            drop(burst);
             drop(reader);
             self.serve_one(&req, &mut buf);
             // Do not keep a 32 MiB buffer around after one large request,
@@ -477,6 +480,17 @@ impl Connection<'_> {
             if buf.capacity() > KEEP_BUFFER {
                 buf = Vec::new();
             }
+        }
+    }
+}
+
+/// Kicks the store when a burst of `submit_more` ends, however it ends.
+struct Burst<'a>(&'a dyn crate::store::Store, bool);
+
+impl Drop for Burst<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.kick();
         }
     }
 }

@@ -134,10 +134,10 @@ impl Replica {
             None => Err(Waiter::Call(finish)),
             Some(s) => match op {
                 Modify::Write { buf, offset } => {
-                    s.submit_write(offset, 0, buf, track, Waiter::Call(finish))
+                    s.submit_write(offset, 0, buf, track, Waiter::Call(finish), more)
                 }
                 Modify::Trim { offset, len } => {
-                    s.submit_frame(track, Waiter::Call(finish), |seq| Frame::Trim {
+                    s.submit_frame(track, Waiter::Call(finish), more, |seq| Frame::Trim {
                         seq,
                         offset,
                         length: len,
@@ -148,11 +148,13 @@ impl Replica {
                     offset,
                     len,
                     may_unmap,
-                } => s.submit_frame(track, Waiter::Call(finish), |seq| Frame::WriteZeroes {
-                    seq,
-                    offset,
-                    length: len,
-                    flags: if may_unmap { 0 } else { data_flags::NO_HOLE },
+                } => s.submit_frame(track, Waiter::Call(finish), more, |seq| {
+                    Frame::WriteZeroes {
+                        seq,
+                        offset,
+                        length: len,
+                        flags: if may_unmap { 0 } else { data_flags::NO_HOLE },
+                    }
                 }),
             },
         };
@@ -192,6 +194,12 @@ impl Store for Replica {
 
     fn submit_more(&self, op: Modify<'_>, done: Done) {
         self.submit_write(op, done, true);
+    }
+
+    fn kick(&self) {
+        if let Some(s) = self.current_session() {
+            s.kick();
+        }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {

@@ -722,6 +722,7 @@ impl Session {
         waiter: Waiter,
         head: impl FnOnce(&mut BytesMut, u64),
         payload: &[u8],
+        defer: bool,
     ) -> Result<u64, Waiter> {
         let mut ob = lock(&self.outbox);
         let seq = {
@@ -746,7 +747,7 @@ impl Session {
             let _ = p.local_done(seq, true);
             seq
         };
-        if payload.len() >= DIRECT_PAYLOAD && !ob.sending && ob.buf.is_empty() {
+        if payload.len() >= DIRECT_PAYLOAD && !defer && !ob.sending && ob.buf.is_empty() {
             ob.sending = true;
             drop(ob);
             let mut h = BytesMut::with_capacity(64);
@@ -759,7 +760,8 @@ impl Session {
         } else {
             head(&mut ob.buf, seq);
             ob.buf.extend_from_slice(payload);
-            if ob.sending {
+            // Deferred: the caller has more to queue and `kick`s after.
+            if ob.sending || defer {
                 return Ok(seq);
             }
             ob.sending = true;
@@ -767,6 +769,18 @@ impl Session {
             self.sent(Ok(()));
         }
         Ok(seq)
+    }
+
+    /// Sends what deferred submissions queued, unless another thread is
+    /// sending already (it sends them too).
+    pub fn kick(&self) {
+        let mut ob = lock(&self.outbox);
+        if ob.sending || ob.buf.is_empty() {
+            return;
+        }
+        ob.sending = true;
+        drop(ob);
+        self.sent(Ok(()));
     }
 
     /// Queues unsequenced bytes (acks, pings, state) and sends them
@@ -827,9 +841,16 @@ impl Session {
             len: payload.len() as u64,
             durable: flags & repl::data_flags::FUA != 0,
         };
-        self.submit_write(offset, flags, payload, track, Waiter::Slot(slot.clone()))
-            .ok()
-            .map(|_| slot)
+        self.submit_write(
+            offset,
+            flags,
+            payload,
+            track,
+            Waiter::Slot(slot.clone()),
+            false,
+        )
+        .ok()
+        .map(|_| slot)
     }
 
     /// Queues a data frame whose Ack completes `waiter`.
@@ -840,6 +861,7 @@ impl Session {
         payload: &[u8],
         track: Track,
         waiter: Waiter,
+        defer: bool,
     ) -> Result<u64, Waiter> {
         let crc = crc32c::crc32c(payload);
         self.send_sequenced(
@@ -847,6 +869,7 @@ impl Session {
             waiter,
             |buf, seq| repl::WriteRef::encode_head(buf, seq, offset, flags, crc, payload.len()),
             payload,
+            defer,
         )
     }
 
@@ -855,16 +878,17 @@ impl Session {
         &self,
         track: Track,
         waiter: Waiter,
+        defer: bool,
         make: impl FnOnce(u64) -> Frame,
     ) -> Result<u64, Waiter> {
-        self.send_sequenced(track, waiter, |buf, seq| make(seq).encode(buf), &[])
+        self.send_sequenced(track, waiter, |buf, seq| make(seq).encode(buf), &[], defer)
     }
 
     /// Sends a frame that carries a sequence number chosen here; returns
     /// the slot its Ack completes, or `None` if the session is down.
     pub fn send_frame(&self, track: Track, make: impl FnOnce(u64) -> Frame) -> Option<Arc<Slot>> {
         let slot = Slot::new();
-        self.submit_frame(track, Waiter::Slot(slot.clone()), make)
+        self.submit_frame(track, Waiter::Slot(slot.clone()), false, make)
             .ok()
             .map(|_| slot)
     }
