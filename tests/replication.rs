@@ -315,6 +315,52 @@ fn concurrent_overlapping_writes_from_four_connections_leave_both_disks_identica
     assert_disks_identical(&pair);
 }
 
+/// Overlapping writes that reach the Primary in one segment are read as
+/// one burst: the second must wait for the first, whose frame the burst
+/// has not sent yet. It is sent before the wait, so both complete at once
+/// (not at the next keepalive, here a minute away) and land in order.
+#[test]
+fn overlapping_writes_in_one_segment_complete_without_waiting_for_a_keepalive() {
+    let mut pair = Pair::builder()
+        .replication("ping_interval_ms", "60000")
+        .replication("ping_timeout_ms", "120000")
+        .start();
+    let mut client = Client::connect(&pair.primary_addr(), "r0");
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    // 64 overlapping writes in one send: the Primary reads them 32 KiB at
+    // a time, so most are read with others still buffered behind them.
+    let mut out = BytesMut::new();
+    for cookie in 1..=64u64 {
+        replblk_proto::nbd::Request {
+            flags: 0,
+            command: NbdCommand::Write,
+            cookie,
+            offset: 4096,
+            length: 8192,
+        }
+        .encode(&mut out);
+        out.extend_from_slice(&[cookie as u8; 8192]);
+    }
+    client.stream.write_all(&out).expect("send the writes");
+    let mut cookies: HashSet<u64> = (1..=64).collect();
+    while !cookies.is_empty() {
+        let reply = client.recv();
+        assert_eq!(reply.error, 0, "{reply:?}");
+        assert!(cookies.remove(&reply.cookie), "unexpected {reply:?}");
+    }
+    assert_eq!(
+        client.read(4096, 8192).expect("read back"),
+        vec![64u8; 8192]
+    );
+    client.disconnect();
+    assert_in_sync(&pair);
+    stop_both(&mut pair);
+    assert_disks_identical(&pair);
+}
+
 // ---------------------------------------------------------------------------
 // 4. The Secondary is killed in the middle of a fio run
 // ---------------------------------------------------------------------------

@@ -38,6 +38,11 @@ const SPIN: Duration = Duration::from_micros(40);
 /// A worker keeps its request buffer across requests up to this size.
 const KEEP_BUFFER: usize = 4 << 20;
 
+/// Writes up to this size are run in a burst by the worker that read them
+/// (see `worker`); a larger one is worth handing the read side on for, so
+/// its local write and its send to the peer overlap with the next one's.
+const BURST_MAX: u32 = 64 * 1024;
+
 /// Replies up to this size may be combined with others into one send.
 const COMBINE_MAX: usize = 64 * 1024;
 
@@ -82,6 +87,10 @@ struct Replies {
     reason: Mutex<Option<CloseReason>>,
     /// Requests read and not yet answered.
     in_flight: AtomicUsize,
+    /// Of those, flushes and FUA requests: they wait for the disk, so
+    /// polling for the next request meanwhile only takes the CPU that
+    /// completing them needs.
+    slow: AtomicUsize,
     idle_lock: Mutex<()>,
     idle: Condvar,
 }
@@ -246,7 +255,10 @@ impl Connection<'_> {
         // served: that is the depth-1 case the poll is for (its reply goes
         // out while we poll for the next request), and no other worker
         // needs the CPU.
-        if reader.buffer().is_empty() && self.replies.in_flight.load(Ordering::SeqCst) <= 1 {
+        if reader.buffer().is_empty()
+            && self.replies.in_flight.load(Ordering::SeqCst) <= 1
+            && self.replies.slow.load(Ordering::SeqCst) == 0
+        {
             crate::net::spin_until_readable(reader.get_ref().as_raw_fd(), SPIN);
         }
         let mut raw = [0u8; Request::LEN];
@@ -297,6 +309,11 @@ impl Connection<'_> {
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.replies.in_flight.fetch_add(1, Ordering::SeqCst);
+        // Counted before the read side is released, so the next reader
+        // sees it (see the poll above).
+        if is_slow(&request) {
+            self.replies.slow.fetch_add(1, Ordering::SeqCst);
+        }
         Some(request)
     }
 
@@ -438,6 +455,9 @@ impl Connection<'_> {
             return self.submit(op, req.cookie, false);
         }
         let result = self.execute(req, buf);
+        if is_slow(req) {
+            self.replies.slow.fetch_sub(1, Ordering::SeqCst);
+        }
         if let Err(code) = result {
             tracing::debug!(
                 command = ?req.command, offset = req.offset, length = req.length,
@@ -460,7 +480,7 @@ impl Connection<'_> {
             // so one worker runs a burst of writes to completion with no
             // hand-off to another worker per request.
             let mut burst = Burst(&*self.export.store, false);
-            while !reader.buffer().is_empty() {
+            while !reader.buffer().is_empty() && req.length <= BURST_MAX {
                 let Some(op) = self.modification(&req, &buf) else {
                     break;
                 };
@@ -482,6 +502,11 @@ impl Connection<'_> {
             }
         }
     }
+}
+
+/// Flushes and FUA requests wait for the disk.
+fn is_slow(req: &Request) -> bool {
+    req.command == Command::Flush || req.fua()
 }
 
 /// Kicks the store when a burst of `submit_more` ends, however it ends.
@@ -534,6 +559,7 @@ pub fn serve(
             closing: AtomicBool::new(false),
             reason: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
+            slow: AtomicUsize::new(0),
             idle_lock: Mutex::new(()),
             idle: Condvar::new(),
         }),

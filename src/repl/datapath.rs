@@ -73,6 +73,13 @@ impl Replica {
 }
 
 impl Replica {
+    /// Sends what a burst's submissions held back.
+    fn kick(&self) {
+        if let Some(s) = self.current_session() {
+            s.kick();
+        }
+    }
+
     /// The Primary's write path at depth: the calling worker writes
     /// locally, queues the frame for the peer and returns; the thread that
     /// reads the peer's Ack completes the request (replies to the client).
@@ -102,7 +109,15 @@ impl Replica {
         let (offset, len) = op.range();
         // Held until both copies have it: overlapping writes are never in
         // flight together, so they land in the same order on both nodes.
-        let range = self.intervals.acquire(offset, len);
+        let range = match self.intervals.try_acquire(offset, len) {
+            Some(id) => id,
+            None => {
+                // An overlapping write is in flight; it may be one of this
+                // burst's, still held back: send those before waiting.
+                self.kick();
+                self.intervals.acquire(offset, len)
+            }
+        };
         // Without a peer the range is marked before the local write: a
         // session coming up meanwhile must not finish its resync without
         // it. If one came up by the time the write is done, the write is
@@ -197,9 +212,7 @@ impl Store for Replica {
     }
 
     fn kick(&self) {
-        if let Some(s) = self.current_session() {
-            s.kick();
-        }
+        Replica::kick(self);
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {

@@ -57,6 +57,20 @@ impl IntervalLock {
         id
     }
 
+    /// `acquire` if no held range overlaps, without waiting.
+    pub fn try_acquire(&self, offset: u64, len: u64) -> Option<u64> {
+        let start = offset;
+        let end = offset.saturating_add(len.max(1));
+        let mut held = lock(&self.held);
+        if held.0.iter().any(|&(s, e, _)| s < end && start < e) {
+            return None;
+        }
+        held.1 += 1;
+        let id = held.1;
+        held.0.push((start, end, id));
+        Some(id)
+    }
+
     /// Releases a range taken with `acquire`.
     pub fn release(&self, id: u64) {
         let mut held = lock(&self.held);

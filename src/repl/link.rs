@@ -397,6 +397,8 @@ impl Track {
 struct Outbox {
     buf: BytesMut,
     sending: bool,
+    /// Threads waiting for the send turn (see `Session::turn`).
+    waiting: usize,
 }
 
 /// How long a lone request's submitter polls for its Ack before it
@@ -404,7 +406,8 @@ struct Outbox {
 const SPIN: Duration = Duration::from_micros(40);
 
 /// Payloads at least this large are written straight from the caller's
-/// buffer when nothing is queued ahead of them, instead of copied.
+/// buffer (after what is queued ahead of them) instead of copied, unless
+/// another thread is sending at that moment.
 const DIRECT_PAYLOAD: usize = 64 * 1024;
 
 /// An established, authenticated connection to the peer.
@@ -415,6 +418,8 @@ const DIRECT_PAYLOAD: usize = 64 * 1024;
 /// loop) and completes what the frames answer; nobody else reads.
 pub struct Session {
     outbox: Mutex<Outbox>,
+    /// Signalled when the send turn is given up.
+    turn: Condvar,
     writer: Mutex<TcpStream>,
     /// What this node receives: numbering, acks to send, flush groups
     /// (`core::datapath`). Kept here, not in the receive loop, so it
@@ -472,7 +477,9 @@ impl Session {
             outbox: Mutex::new(Outbox {
                 buf: BytesMut::with_capacity(64 * 1024),
                 sending: false,
+                waiting: 0,
             }),
+            turn: Condvar::new(),
             writer: Mutex::new(stream.try_clone()?),
             // Small enough that a frame header read does not first copy a
             // large write payload through the buffer.
@@ -725,6 +732,19 @@ impl Session {
         defer: bool,
     ) -> Result<u64, Waiter> {
         let mut ob = lock(&self.outbox);
+        let direct = payload.len() >= DIRECT_PAYLOAD;
+        // A large payload waits for the send turn rather than being
+        // copied into the outbox; its number is taken once it has the turn,
+        // so numbers still follow wire order.
+        while direct && ob.sending && self.is_alive() {
+            ob.waiting += 1;
+            ob = self
+                .turn
+                .wait_timeout(ob, Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            ob.waiting -= 1;
+        }
         let seq = {
             let mut p = lock(&self.sending);
             if p.is_lost() {
@@ -747,14 +767,21 @@ impl Session {
             let _ = p.local_done(seq, true);
             seq
         };
-        if payload.len() >= DIRECT_PAYLOAD && !defer && !ob.sending && ob.buf.is_empty() {
+        if direct && !ob.sending {
+            // A large payload is written from the caller's buffer, after
+            // whatever is queued ahead of it, in one writev: no copy.
             ob.sending = true;
+            let queued = std::mem::take(&mut ob.buf);
             drop(ob);
             let mut h = BytesMut::with_capacity(64);
             head(&mut h, seq);
             let sent = write_all_vectored(
                 &mut *lock(&self.writer),
-                &mut [IoSlice::new(&h), IoSlice::new(payload)],
+                &mut [
+                    IoSlice::new(&queued),
+                    IoSlice::new(&h),
+                    IoSlice::new(payload),
+                ],
             );
             self.sent(sent);
         } else {
@@ -806,6 +833,9 @@ impl Session {
                 let mut ob = lock(&self.outbox);
                 ob.buf.clear();
                 ob.sending = false;
+                if ob.waiting > 0 {
+                    self.turn.notify_all();
+                }
                 drop(ob);
                 self.fail(&format!("sending to peer: {e}"));
                 return;
@@ -814,6 +844,9 @@ impl Session {
                 let mut ob = lock(&self.outbox);
                 if ob.buf.is_empty() {
                     ob.sending = false;
+                    if ob.waiting > 0 {
+                        self.turn.notify_all();
+                    }
                     // Keep a moderate buffer for the next batch.
                     if chunk.capacity() > ob.buf.capacity() && chunk.capacity() <= 1 << 20 {
                         chunk.clear();
