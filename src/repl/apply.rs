@@ -86,6 +86,11 @@ impl Replica {
         };
         send_acks(session);
         drop(doorbell);
+        // Nothing durable stays unacknowledged when the mode ends (the
+        // flusher finishes its group; this flushes any left waiting).
+        if session.is_alive() {
+            while flush_group(session, &*store, &self.name) {}
+        }
         result
     }
 
