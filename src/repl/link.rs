@@ -401,6 +401,10 @@ struct Outbox {
     waiting: usize,
 }
 
+/// Bytes queued in the outbox past which submitters wait for the send
+/// turn instead of appending.
+const OUTBOX_MAX: usize = 8 << 20;
+
 /// How long a lone request's submitter polls for its Ack before it
 /// sleeps (see `net::spin_until_readable`).
 const SPIN: Duration = Duration::from_micros(40);
@@ -734,9 +738,11 @@ impl Session {
         let mut ob = lock(&self.outbox);
         let direct = payload.len() >= DIRECT_PAYLOAD;
         // A large payload waits for the send turn rather than being
-        // copied into the outbox; its number is taken once it has the turn,
-        // so numbers still follow wire order.
-        while direct && ob.sending && self.is_alive() {
+        // copied into the outbox; so does anything once the outbox is full
+        // (a peer slower than the clients must slow them down, not grow
+        // the queue). The number is taken after the wait, so numbers still
+        // follow wire order.
+        while (direct || ob.buf.len() >= OUTBOX_MAX) && ob.sending && self.is_alive() {
             ob.waiting += 1;
             ob = self
                 .turn
@@ -787,8 +793,9 @@ impl Session {
         } else {
             head(&mut ob.buf, seq);
             ob.buf.extend_from_slice(payload);
-            // Deferred: the caller has more to queue and `kick`s after.
-            if ob.sending || defer {
+            // Deferred: the caller has more to queue and `kick`s after
+            // (unless the outbox is full).
+            if ob.sending || (defer && ob.buf.len() < OUTBOX_MAX) {
                 return Ok(seq);
             }
             ob.sending = true;
