@@ -40,6 +40,17 @@ pub enum Kind {
     Barrier,
 }
 
+impl Kind {
+    /// A data frame sent without FUA.
+    pub fn plain(offset: u64, len: u64) -> Kind {
+        Kind::Data {
+            offset,
+            len,
+            durable: false,
+        }
+    }
+}
+
 /// How the peer's half of a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {

@@ -202,11 +202,16 @@ enum Applied {
 /// Sends the acknowledgements of the plain writes applied so far.
 fn send_acks(session: &Session) {
     let acks = lock(&session.receiving).take_acks();
+    send_ack_list(session, &acks);
+}
+
+/// Sends `Ack` frames for `(seq, status)` pairs, in one send.
+fn send_ack_list(session: &Session, acks: &[(u64, u32)]) {
     if acks.is_empty() {
         return;
     }
     let mut out = BytesMut::with_capacity(acks.len() * 32);
-    for (seq, status) in acks {
+    for &(seq, status) in acks {
         Frame::Ack { seq, status }.encode(&mut out);
     }
     session.send_raw(&out);
@@ -227,10 +232,6 @@ fn flush_group(session: &Session, store: &dyn Store, name: &str) -> bool {
         }
     };
     let acks = lock(&session.receiving).flush_done(ticket, status);
-    let mut out = BytesMut::with_capacity(acks.len() * 32);
-    for (seq, status) in acks {
-        Frame::Ack { seq, status }.encode(&mut out);
-    }
-    session.send_raw(&out);
+    send_ack_list(session, &acks);
     true
 }

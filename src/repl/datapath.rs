@@ -143,35 +143,10 @@ impl Replica {
             me.inflight.fetch_sub(1, Ordering::SeqCst);
             done(Ok(()), batch);
         });
-        let track = Track::plain(offset, len);
         let session = session.or_else(|| self.current_session());
         let queued = match &session {
             None => Err(Waiter::Call(finish)),
-            Some(s) => match op {
-                Modify::Write { buf, offset } => {
-                    s.submit_write(offset, 0, buf, track, Waiter::Call(finish), more)
-                }
-                Modify::Trim { offset, len } => {
-                    s.submit_frame(track, Waiter::Call(finish), more, |seq| Frame::Trim {
-                        seq,
-                        offset,
-                        length: len,
-                        flags: 0,
-                    })
-                }
-                Modify::WriteZeroes {
-                    offset,
-                    len,
-                    may_unmap,
-                } => s.submit_frame(track, Waiter::Call(finish), more, |seq| {
-                    Frame::WriteZeroes {
-                        seq,
-                        offset,
-                        length: len,
-                        flags: if may_unmap { 0 } else { data_flags::NO_HOLE },
-                    }
-                }),
-            },
+            Some(s) => s.submit_modify(op, Waiter::Call(finish), more),
         };
         match (queued, session) {
             (Ok(_), Some(s)) if more => s.activate(),
@@ -244,36 +219,17 @@ impl Store for Replica {
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.replicate(
-            offset,
-            len,
-            |s| {
-                s.send_frame(Track::plain(offset, len), |seq| Frame::Trim {
-                    seq,
-                    offset,
-                    length: len,
-                    flags: 0,
-                })
-            },
-            |store| store.trim(offset, len),
-        )
+        let op = Modify::Trim { offset, len };
+        self.replicate(offset, len, |s| s.send_modify(op), |store| op.apply(store))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        let flags = if may_unmap { 0 } else { data_flags::NO_HOLE };
-        self.replicate(
+        let op = Modify::WriteZeroes {
             offset,
             len,
-            |s| {
-                s.send_frame(Track::plain(offset, len), |seq| Frame::WriteZeroes {
-                    seq,
-                    offset,
-                    length: len,
-                    flags,
-                })
-            },
-            |store| store.write_zeroes(offset, len, may_unmap),
-        )
+            may_unmap,
+        };
+        self.replicate(offset, len, |s| s.send_modify(op), |store| op.apply(store))
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {

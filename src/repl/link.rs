@@ -19,8 +19,8 @@ use replblk_proto::repl::{
 use thiserror::Error;
 
 use crate::config::PeerConfig;
-use crate::core::datapath::{Peer, PrimaryPath, SecondaryPath};
-use crate::store::Batch;
+use crate::core::datapath::{Kind, Peer, PrimaryPath, SecondaryPath};
+use crate::store::{Batch, Modify};
 
 #[derive(Debug, Error)]
 pub enum LinkError {
@@ -300,15 +300,10 @@ pub fn handshake(
     }
 }
 
-/// How a replicated request ended on the peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Remote {
-    Done,
-    /// The peer's storage failed with this errno value.
-    Failed(u32),
-    /// The link went down before the peer acknowledged.
-    Lost,
-}
+/// How a replicated request ended on the peer: the data path's own
+/// answer (`Done`, `Failed(errno)`, or `Lost` when the link went down
+/// before the peer acknowledged).
+pub type Remote = Peer;
 
 /// Completion slot for one sequence number (or one Ping), for a thread
 /// that waits for the answer.
@@ -366,29 +361,9 @@ impl Waiter {
     }
 }
 
-/// What a sequenced frame in flight means for durability on the peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Track {
-    /// A data frame for this range; `durable` when sent with FUA.
-    Data {
-        offset: u64,
-        len: u64,
-        durable: bool,
-    },
-    /// A barrier: once acknowledged, every earlier data frame is durable.
-    Barrier,
-}
-
-impl Track {
-    /// A data frame sent without FUA.
-    pub fn plain(offset: u64, len: u64) -> Track {
-        Track::Data {
-            offset,
-            len,
-            durable: false,
-        }
-    }
-}
+/// What a sequenced frame in flight means for durability on the peer:
+/// a data frame (durable when sent with FUA) or a barrier.
+pub type Track = Kind;
 
 /// Frames waiting to be sent. Whoever finds nobody sending sends the
 /// whole queue, in as few writes as it takes; meanwhile others append, so
@@ -876,33 +851,25 @@ impl Session {
     /// slot its Ack completes, or `None` if the session is down.
     pub fn send_write(&self, offset: u64, flags: u32, payload: &[u8]) -> Option<Arc<Slot>> {
         let slot = Slot::new();
+        self.submit_write(offset, flags, payload, Waiter::Slot(slot.clone()), false)
+            .ok()
+            .map(|_| slot)
+    }
+
+    /// Queues a data frame whose Ack completes `waiter`.
+    fn submit_write(
+        &self,
+        offset: u64,
+        flags: u32,
+        payload: &[u8],
+        waiter: Waiter,
+        defer: bool,
+    ) -> Result<u64, Waiter> {
         let track = Track::Data {
             offset,
             len: payload.len() as u64,
             durable: flags & repl::data_flags::FUA != 0,
         };
-        self.submit_write(
-            offset,
-            flags,
-            payload,
-            track,
-            Waiter::Slot(slot.clone()),
-            false,
-        )
-        .ok()
-        .map(|_| slot)
-    }
-
-    /// Queues a data frame whose Ack completes `waiter`.
-    pub fn submit_write(
-        &self,
-        offset: u64,
-        flags: u32,
-        payload: &[u8],
-        track: Track,
-        waiter: Waiter,
-        defer: bool,
-    ) -> Result<u64, Waiter> {
         let crc = crc32c::crc32c(payload);
         self.send_sequenced(
             track,
@@ -911,6 +878,50 @@ impl Session {
             payload,
             defer,
         )
+    }
+
+    /// Queues the frame of a modification without FUA (write, trim,
+    /// write-zeroes) whose Ack completes `waiter`; `defer` holds it back
+    /// until `kick`.
+    pub fn submit_modify(
+        &self,
+        op: Modify<'_>,
+        waiter: Waiter,
+        defer: bool,
+    ) -> Result<u64, Waiter> {
+        let (offset, len) = op.range();
+        let track = Track::plain(offset, len);
+        match op {
+            Modify::Write { buf, .. } => self.submit_write(offset, 0, buf, waiter, defer),
+            Modify::Trim { .. } => self.submit_frame(track, waiter, defer, |seq| Frame::Trim {
+                seq,
+                offset,
+                length: len,
+                flags: 0,
+            }),
+            Modify::WriteZeroes { may_unmap, .. } => {
+                let flags = if may_unmap {
+                    0
+                } else {
+                    repl::data_flags::NO_HOLE
+                };
+                self.submit_frame(track, waiter, defer, |seq| Frame::WriteZeroes {
+                    seq,
+                    offset,
+                    length: len,
+                    flags,
+                })
+            }
+        }
+    }
+
+    /// `submit_modify` for a thread that waits: returns the slot the Ack
+    /// completes, or `None` if the session is down.
+    pub fn send_modify(&self, op: Modify<'_>) -> Option<Arc<Slot>> {
+        let slot = Slot::new();
+        self.submit_modify(op, Waiter::Slot(slot.clone()), false)
+            .ok()
+            .map(|_| slot)
     }
 
     /// Queues a frame built here with its sequence number.
@@ -963,12 +974,7 @@ impl Session {
             .ack(seq, status)
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         if let Some(c) = done {
-            let remote = match c.peer {
-                Peer::Done => Remote::Done,
-                Peer::Failed(errno) => Remote::Failed(errno),
-                Peer::Lost => Remote::Lost,
-            };
-            c.token.complete(remote, batch);
+            c.token.complete(c.peer, batch);
         }
         Ok(())
     }
