@@ -153,6 +153,12 @@ python3 "$REPO_ROOT/tools/bench.py" --short
 pass
 
 # ---------------------------------------------------------------------------
+section "python3 tools/longrun.py --cycles 8 (faults under load, ackcheck)"
+cargo build --release --bins
+python3 "$REPO_ROOT/tools/longrun.py" --cycles 8
+pass
+
+# ---------------------------------------------------------------------------
 echo
 echo "=================================================================="
 echo "all steps passed in $((SECONDS - SUITE_START)) s${SKIPPED[*]:+ (skipped: ${SKIPPED[*]})}"

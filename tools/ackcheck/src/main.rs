@@ -43,6 +43,18 @@ enum Command {
     Write(WriteArgs),
     /// Check a device against one or more logs (oldest first).
     Verify(VerifyArgs),
+    /// Merge logs (oldest first) into one that a plain `verify` judges
+    /// alike: superseded writes and flushes are dropped.
+    Compact(CompactArgs),
+}
+
+#[derive(clap::Args)]
+struct CompactArgs {
+    #[arg(long = "log", required = true)]
+    logs: Vec<PathBuf>,
+    /// Where to write the compacted log (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +124,7 @@ fn main() {
     let result = match cli.command {
         Command::Write(a) => write(a),
         Command::Verify(a) => verify(a),
+        Command::Compact(a) => compact(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -417,18 +430,32 @@ fn read_replies(
     }
 }
 
-/// Reads the device at an offset.
-type ReadFn = dyn FnMut(u64, &mut [u8]) -> Result<()>;
-
-fn verify(a: VerifyArgs) -> Result<i32> {
+fn read_logs(paths: &[PathBuf]) -> Result<Vec<log::Run>> {
     let mut runs = Vec::new();
-    for path in &a.logs {
+    for path in paths {
         let mut text = String::new();
         File::open(path)
             .and_then(|mut f| f.read_to_string(&mut text))
             .with_context(|| format!("reading {}", path.display()))?;
         runs.extend(log::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?);
     }
+    Ok(runs)
+}
+
+fn compact(a: CompactArgs) -> Result<i32> {
+    let runs = read_logs(&a.logs)?;
+    let text = Expect::compact(&runs);
+    let tmp = a.out.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &a.out).with_context(|| format!("renaming to {}", a.out.display()))?;
+    Ok(0)
+}
+
+/// Reads the device at an offset.
+type ReadFn = dyn FnMut(u64, &mut [u8]) -> Result<()>;
+
+fn verify(a: VerifyArgs) -> Result<i32> {
+    let runs = read_logs(&a.logs)?;
     let Some(bs) = runs.first().map(|r| r.block_size) else {
         bail!("the logs hold no run");
     };
