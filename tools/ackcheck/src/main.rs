@@ -117,6 +117,11 @@ struct VerifyArgs {
     /// of every copy).
     #[arg(long)]
     flushed: bool,
+    /// A file of byte ranges (`offset length` per line) where a block may
+    /// fail without failing the check: e.g. what the other node marked out
+    /// of sync. Such blocks are counted as excused.
+    #[arg(long)]
+    excuse: Option<PathBuf>,
 }
 
 fn main() {
@@ -478,6 +483,26 @@ fn verify(a: VerifyArgs) -> Result<i32> {
         }
         _ => bail!("give --uri or --file"),
     };
+    let excused: Vec<(u64, u64)> = match &a.excuse {
+        None => Vec::new(),
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let mut f = l.split_whitespace().map(str::parse::<u64>);
+                match (f.next(), f.next()) {
+                    (Some(Ok(o)), Some(Ok(n))) => Ok((o, n)),
+                    _ => Err(anyhow::anyhow!("{}: bad range {l:?}", path.display())),
+                }
+            })
+            .collect::<Result<_>>()?,
+    };
+    let is_excused = |off: u64| {
+        excused
+            .iter()
+            .any(|&(o, n)| off < o.saturating_add(n) && o < off + bs)
+    };
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
     let mut bad = Vec::new();
     let mut buf = vec![0u8; bs as usize];
@@ -488,24 +513,26 @@ fn verify(a: VerifyArgs) -> Result<i32> {
         let name = match verdict {
             Verdict::Ok => "ok",
             Verdict::Free => "free",
+            _ if is_excused(block * bs) => "excused",
             Verdict::Lost => "lost",
             Verdict::Misplaced => "misplaced",
             Verdict::Phantom => "phantom",
         };
         *counts.entry(name).or_default() += 1;
-        if !matches!(verdict, Verdict::Ok | Verdict::Free) && bad.len() < 10 {
+        if !matches!(name, "ok" | "free" | "excused") && bad.len() < 10 {
             bad.push(format!("\"block {block}: {name} ({found:?})\""));
         }
     }
     let n = |k: &str| counts.get(k).copied().unwrap_or(0);
     let acked: usize = runs.iter().map(|r| r.acked.len()).sum();
     println!(
-        "{{\"runs\":{},\"acked_writes\":{acked},\"blocks\":{},\"required\":{},\"ok\":{},\"free\":{},\"lost\":{},\"misplaced\":{},\"phantom\":{},\"first_bad\":[{}]}}",
+        "{{\"runs\":{},\"acked_writes\":{acked},\"blocks\":{},\"required\":{},\"ok\":{},\"free\":{},\"excused\":{},\"lost\":{},\"misplaced\":{},\"phantom\":{},\"first_bad\":[{}]}}",
         runs.len(),
         expect.blocks().count(),
         expect.required(),
         n("ok"),
         n("free"),
+        n("excused"),
         n("lost"),
         n("misplaced"),
         n("phantom"),
