@@ -141,6 +141,9 @@ if [[ -f fuzz/build.sh ]]; then
     section "bash fuzz/build.sh"
     bash fuzz/build.sh
     pass
+    section "bash fuzz/run.sh 10 (every fuzz target, 10 s each)"
+    bash fuzz/run.sh 10
+    pass
 else
     echo
     echo "== skipped: fuzz/build.sh (not present)"
