@@ -394,7 +394,17 @@ address = "{beta_addr}"
             # A planned switch: the clients go first (demote refuses while
             # one is attached).
             self.stop_writer()
-            p.ctl_run("demote", "r0")
+            # The server may still be closing the writer's connection: a
+            # demote refused for an attached client is retried, bounded.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    p.ctl_run("demote", "r0")
+                    break
+                except Failure as e:
+                    if "client" not in str(e) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             self.wait(f"{s.name} seeing {p.name} Secondary",
                       lambda: s.status().get("peer_role") == "Secondary")
             s.ctl_run("promote", "r0")
