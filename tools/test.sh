@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace)
 
 PASSED=0
 CURRENT_STEP=""
