@@ -351,3 +351,41 @@ fn a_slow_link_stays_up_and_loses_nothing() {
     assert_eq!(v["excused"], 0, "{v}");
     heal_and_converge(&pair, &proxy, Some(&log));
 }
+
+#[test]
+fn a_peer_that_stalls_the_handshake_is_given_up_after_the_connect_timeout() {
+    let proxy = FaultProxy::start();
+    let stall = Faults {
+        stall: true,
+        ..Faults::default()
+    };
+    proxy.set(Dir::Forward, stall.clone());
+    proxy.set(Dir::Back, stall);
+    let pair = Pair::builder()
+        .dial_via(proxy.addr())
+        .replication("connect_timeout_ms", "1000")
+        .replication("reconnect_max_ms", "300")
+        .start_unconnected();
+    proxy.set_target(pair.beta().repl_addr);
+    // Each attempt hangs in the handshake until the timeout, then the
+    // dialer closes it and tries again.
+    let started = Instant::now();
+    while proxy.accepted() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the dialer did not give up on a stalled handshake: {} attempts in 15 s",
+            proxy.accepted()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let per_attempt = started.elapsed() / 2;
+    eprintln!("stalled handshakes: about {per_attempt:?} per attempt");
+    assert!(
+        per_attempt >= Duration::from_millis(900),
+        "attempts ended before the connect timeout: {per_attempt:?}"
+    );
+    assert!(!pair.status(ALPHA).connected());
+    proxy.clear();
+    pair.wait_connected();
+    synced(&pair);
+}
