@@ -428,3 +428,57 @@ fn a_flush_whose_barrier_ack_is_lost_completes_and_the_unflushed_writes_are_mark
     client.disconnect();
     heal_and_converge(&pair, &proxy, None);
 }
+
+#[test]
+fn reconnects_back_off_from_100_ms_doubling_to_the_cap_and_start_over_after_a_session() {
+    let proxy = FaultProxy::start();
+    // Every connection is closed at once: a failure, not a refusal.
+    proxy.refuse(true);
+    let pair = Pair::builder()
+        .dial_via(proxy.addr())
+        .replication("reconnect_max_ms", "1000")
+        .start_unconnected();
+    proxy.set_target(pair.beta().repl_addr);
+    let until = Instant::now() + Duration::from_secs(20);
+    while proxy.attempts().len() < 7 {
+        assert!(
+            Instant::now() < until,
+            "only {} attempts",
+            proxy.attempts().len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = proxy.attempts();
+    let gaps: Vec<u64> = t
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect();
+    eprintln!("gaps between attempts (ms): {gaps:?}");
+    // 100, 200, 400, 800, then the 1000 ms cap, each ±20 % (plus the
+    // time an attempt takes on a loaded machine).
+    for (gap, want) in gaps.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
+        assert!(
+            *gap >= want * 8 / 10 && *gap <= want * 12 / 10 + 300,
+            "gap {gap} ms where {want} ms ±20 % was due: {gaps:?}"
+        );
+    }
+    // A session resets the backoff: once connected, a dropped link is
+    // retried after the first delay, not the cap.
+    proxy.refuse(false);
+    pair.wait_connected();
+    let before = proxy.attempts().len();
+    let cut = Instant::now();
+    proxy.cut();
+    let until = Instant::now() + Duration::from_secs(10);
+    while proxy.attempts().len() == before {
+        assert!(Instant::now() < until, "no reconnect after the cut");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let again = proxy.attempts()[before] - cut;
+    eprintln!("reconnect after a session: {again:?}");
+    assert!(
+        again < Duration::from_millis(500),
+        "the first retry after a session took {again:?}: the backoff did not start over"
+    );
+    pair.wait_connected();
+}
