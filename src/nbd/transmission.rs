@@ -604,23 +604,6 @@ pub struct Limits {
     pub drain: Duration,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn storage_errors_map_to_spec_values() {
-        let e = |n| io::Error::from_raw_os_error(n);
-        assert_eq!(io_errno(e(libc::EDQUOT)), errno::ENOSPC);
-        assert_eq!(io_errno(e(libc::EROFS)), errno::EPERM);
-        assert_eq!(io_errno(e(libc::EIO)), errno::EIO);
-        assert_eq!(
-            io_errno(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            errno::EIO
-        );
-    }
-}
-
 /// Bytes of a write payload read (and so allocated) at a time: a client
 /// that announces a large write and stalls costs what it sent, not what
 /// it announced.
@@ -636,4 +619,21 @@ fn read_payload(reader: &mut impl Read, buf: &mut Vec<u8>, len: usize) -> std::i
         reader.read_exact(&mut buf[start..end])?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_map_to_spec_values() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(io_errno(e(libc::EDQUOT)), errno::ENOSPC);
+        assert_eq!(io_errno(e(libc::EROFS)), errno::EPERM);
+        assert_eq!(io_errno(e(libc::EIO)), errno::EIO);
+        assert_eq!(
+            io_errno(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            errno::EIO
+        );
+    }
 }
