@@ -244,6 +244,15 @@ pub struct ResourceConfig {
     /// Per-node disks and replication addresses (exactly two nodes).
     #[serde(default)]
     pub on: BTreeMap<String, ResourceOnNode>,
+    /// Automatic split-brain resolution when both nodes are Secondary:
+    /// `disconnect` (the default), `discard-zero-changes`,
+    /// `discard-younger-primary`, `discard-least-changes`.
+    #[serde(default)]
+    pub after_sb_0pri: crate::core::split_brain::After0Pri,
+    /// Automatic split-brain resolution when one node is Primary:
+    /// `disconnect` (the default), `discard-secondary`, `consensus`.
+    #[serde(default)]
+    pub after_sb_1pri: crate::core::split_brain::After1Pri,
 }
 
 /// The peer side of a replicated resource, as seen from this node.
@@ -255,6 +264,8 @@ pub struct PeerConfig {
     pub peer_address: SocketAddr,
     pub secret: String,
     pub timing: ReplicationConfig,
+    /// Automatic split-brain policies; both nodes must agree.
+    pub split_brain: crate::core::split_brain::Policy,
 }
 
 /// A resource resolved for one node.
@@ -475,6 +486,10 @@ impl Config {
                             peer_address: p.address,
                             secret: r.secret.clone().unwrap_or_default(),
                             timing: self.replication.clone(),
+                            split_brain: crate::core::split_brain::Policy {
+                                after_sb_0pri: r.after_sb_0pri,
+                                after_sb_1pri: r.after_sb_1pri,
+                            },
                         });
                 let meta = peer.as_ref().map(|_| match &mine.meta_disk {
                     Some(p) if p.as_os_str() != "internal" => MetaDisk::External(p.clone()),

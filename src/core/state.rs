@@ -18,7 +18,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::uuid::{compare, Decision, UuidView, Verdict};
+use super::split_brain::{self, Facts, Policy, Resolution, Victim};
+use super::uuid::{compare, Decision, Rule, UuidView, Verdict};
 use super::{flags, Generations, UUID_JUST_CREATED};
 
 /// Which node serves I/O.
@@ -135,6 +136,9 @@ pub enum Event {
     /// StandAlone; while connected only as "skip initial sync":
     /// `clear_bitmap` with both copies just created.
     NewCurrentUuid { clear_bitmap: bool },
+    /// Admin (`invalidate`): discard the local data and become a full
+    /// sync target of the connected, UpToDate peer.
+    Invalidate,
     /// Clean shutdown.
     Shutdown,
 }
@@ -242,6 +246,10 @@ pub struct Node {
     has_peer: bool,
     discard_my_data: bool,
     last_verdict: Option<Verdict>,
+    /// Automatic split-brain policies (`after-sb-0pri`, `after-sb-1pri`).
+    policy: Policy,
+    /// The last split brain the policies looked at, and what they decided.
+    last_split_brain: Option<Resolution>,
 }
 
 impl Node {
@@ -292,7 +300,24 @@ impl Node {
             has_peer,
             discard_my_data: false,
             last_verdict: None,
+            policy: Policy::default(),
+            last_split_brain: None,
         }
+    }
+
+    /// Sets the automatic split-brain policies (default: none).
+    pub fn set_split_brain_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn split_brain_policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// What the split-brain policies decided at the last split brain
+    /// they were asked about (kept until the next one).
+    pub fn last_split_brain(&self) -> Option<&Resolution> {
+        self.last_split_brain.as_ref()
     }
 
     pub fn role(&self) -> Role {
@@ -435,7 +460,11 @@ impl Node {
             Event::NewCurrentUuid { clear_bitmap } => {
                 self.new_current_uuid(clear_bitmap, fresh_uuid, &mut out)?
             }
+            Event::Invalidate => self.invalidate(fresh_uuid, &mut out)?,
             Event::Shutdown => self.shutdown(&mut out),
+        }
+        if self.gens.bitmap == 0 {
+            self.kept_flags &= !flags::BITMAP_PRIMARY;
         }
         let mut actions = out.early;
         if (self.gens, self.meta_flags()) != before {
@@ -592,9 +621,48 @@ impl Node {
         }
         let verdict = compare(&self.uuid_view(local_dirty_bits), &peer.uuids, local_dials);
         let discard = std::mem::take(&mut self.discard_my_data);
+        let mut auto = None;
+        if verdict.decision == Decision::SplitBrain
+            && verdict.rule == Rule::SplitBrainBitmapsEqual
+            && !discard
+            && !peer.discard_my_data
+        {
+            let facts = Facts {
+                local_role: self.role,
+                peer_role: peer.role,
+                local_changes: local_dirty_bits,
+                peer_changes: peer.uuids.dirty_bits,
+                local_primary_at_split: self.meta_flags() & flags::BITMAP_PRIMARY != 0,
+                peer_primary_at_split: peer.uuids.flags & flags::BITMAP_PRIMARY != 0,
+                local_dials,
+            };
+            let resolution = split_brain::resolve(self.policy, &facts);
+            match resolution.victim {
+                Some(_) => out.log(
+                    Level::Warn,
+                    format!(
+                        "split brain ({}) resolved automatically by {resolution}",
+                        verdict.rule
+                    ),
+                ),
+                None if !self.policy.is_manual() => out.log(
+                    Level::Error,
+                    format!(
+                        "split brain ({}) not resolved by {resolution}",
+                        verdict.rule
+                    ),
+                ),
+                None => {}
+            }
+            auto = Some(resolution);
+        }
         // The peer's real state is known now.
         self.kept_flags &= !flags::PEER_OUTDATED;
-        match self.plan(verdict, discard, peer) {
+        let victim = auto.as_ref().and_then(|r| r.victim);
+        if auto.is_some() {
+            self.last_split_brain = auto;
+        }
+        match self.plan(verdict, discard, victim, peer) {
             Err(reason) => {
                 self.last_verdict = Some(verdict);
                 self.go_stand_alone(reason, out);
@@ -604,11 +672,16 @@ impl Node {
                     decision,
                     rule: verdict.rule,
                 });
-                if decision != verdict.decision {
+                if decision != verdict.decision && verdict.decision == Decision::SplitBrain {
+                    let by = if victim.is_some() {
+                        "the split-brain policy"
+                    } else {
+                        "--discard-my-data"
+                    };
                     out.log(
                         Level::Warn,
                         format!(
-                            "split brain ({}) resolved by --discard-my-data: this node is {}",
+                            "split brain ({}) resolved by {by}: this node is {}",
                             verdict.rule, decision
                         ),
                     );
@@ -773,6 +846,44 @@ impl Node {
         }
     }
 
+    fn invalidate(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) -> Result<(), Refusal> {
+        if self.role == Role::Primary {
+            return Err(refuse(
+                "invalidate refused: this node is Primary (demote it first)",
+            ));
+        }
+        match (self.conn, self.repl, self.peer) {
+            (ConnState::Connected, ReplState::Established, Some((_, DiskState::UpToDate))) => {}
+            (ConnState::Connected, ReplState::SyncTarget, _) if self.disk == DiskState::Inconsistent => {}
+            (conn, repl, peer) => {
+                return Err(refuse(format!(
+                    "invalidate refused: needs a connected peer with UpToDate data (connection {conn}, {repl}, peer disk {})",
+                    peer.map_or("unknown".to_string(), |p| p.1.to_string())
+                )))
+            }
+        }
+        if self.disk == DiskState::Diskless {
+            return Err(refuse("invalidate refused: no local disk"));
+        }
+        out.log(
+            Level::Warn,
+            format!(
+                "invalidate: local data ({}) discarded; reconnecting as full sync target",
+                self.disk
+            ),
+        );
+        self.lose_peer(fresh, out);
+        self.disk = DiskState::Inconsistent;
+        // Persisted: until a sync completes, every block is to be
+        // fetched, even after a crash.
+        self.kept_flags |= flags::FULL_SYNC;
+        self.end_session(ConnState::Connecting);
+        out.then(Action::DropLink {
+            reason: "invalidated by the operator: reconnecting as full sync target".into(),
+        });
+        Ok(())
+    }
+
     fn shutdown(&mut self, out: &mut Out) {
         self.clean_shutdown = true;
         self.role = Role::Secondary;
@@ -797,6 +908,7 @@ impl Node {
         &self,
         verdict: Verdict,
         discard: bool,
+        auto: Option<Victim>,
         peer: &PeerInfo,
     ) -> Result<(Plan, Decision), String> {
         if discard && peer.discard_my_data {
@@ -812,21 +924,54 @@ impl Node {
             ));
         }
         let full_flag = (self.meta_flags() | peer.uuids.flags) & flags::FULL_SYNC != 0;
+        // Rule 90: both bitmaps are relative to the generation the nodes
+        // last shared, so their union (exchanged at connect) covers every
+        // block either side changed: the victim's changes are rolled back
+        // by a bitmap-based sync. Rule 100: the bitmaps are relative to
+        // different generations; only a full sync is safe.
+        let full = full_flag || verdict.rule != Rule::SplitBrainBitmapsEqual;
         let decision = match verdict.decision {
             Decision::Unrelated => {
-                return Err(format!("unrelated data ({}): refusing to connect", verdict.rule))
+                return Err(format!(
+                    "unrelated data ({}): refusing to connect",
+                    verdict.rule
+                ))
             }
-            Decision::SplitBrain => match (discard, peer.discard_my_data) {
-                (true, false) => Decision::SyncTarget { full: full_flag },
-                (false, true) => Decision::SyncSource { full: full_flag },
-                (false, false) | (true, true) => {
+            Decision::SplitBrain => match (discard, peer.discard_my_data, auto) {
+                (true, false, _) | (false, false, Some(Victim::Local)) => {
+                    Decision::SyncTarget { full }
+                }
+                (false, true, _) | (false, false, Some(Victim::Peer)) => {
+                    Decision::SyncSource { full }
+                }
+                (false, false, None) | (true, true, _) => {
+                    let policy = match self.last_split_brain.as_ref() {
+                        Some(r)
+                            if verdict.rule == Rule::SplitBrainBitmapsEqual
+                                && !self.policy.is_manual() =>
+                        {
+                            format!(" ({r})")
+                        }
+                        _ => String::new(),
+                    };
                     return Err(format!(
-                        "split brain detected ({}): both nodes keep their data; run `connect --discard-my-data` on the node whose changes should be discarded",
+                        "split brain detected ({}){policy}: both nodes keep their data; run `connect --discard-my-data` on the node whose changes should be discarded",
                         verdict.rule
-                    ))
+                    ));
                 }
             },
             d @ (Decision::NoSync | Decision::SyncSource { .. } | Decision::SyncTarget { .. }) => d,
+        };
+        // Both marked blocks for the other at the same generation (online
+        // verify marks both): a Primary keeps its data.
+        let decision = match (verdict.rule, self.role, peer.role, decision) {
+            (Rule::BothDirtyBits, Role::Primary, Role::Secondary, d) if d.is_sync() => {
+                Decision::SyncSource { full: d.is_full() }
+            }
+            (Rule::BothDirtyBits, Role::Secondary, Role::Primary, d) if d.is_sync() => {
+                Decision::SyncTarget { full: d.is_full() }
+            }
+            (_, _, _, d) => d,
         };
         if self.role == Role::Primary && peer.role == Role::Primary {
             return Err(
@@ -1048,7 +1193,16 @@ impl Node {
 
     fn start_generation(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
         let uuid = self.fresh_uuid(fresh);
+        let had_bitmap = self.gens.bitmap != 0;
         self.gens.new_current(uuid);
+        if !had_bitmap && self.gens.bitmap != 0 {
+            // Whether this node was Primary when it started tracking
+            // changes for the peer (`discard-younger-primary`).
+            match self.role {
+                Role::Primary => self.kept_flags |= flags::BITMAP_PRIMARY,
+                Role::Secondary => self.kept_flags &= !flags::BITMAP_PRIMARY,
+            }
+        }
         out.log(Level::Info, format!("new current UUID {uuid:016X}"));
     }
 

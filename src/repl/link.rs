@@ -193,6 +193,7 @@ pub fn handshake(
         resource: resource.to_owned(),
         size,
         challenge,
+        after_sb: cfg.split_brain.codes(),
     };
     if dialer {
         write_frame(stream, &Frame::Hello(mine.clone()))?;
@@ -251,6 +252,27 @@ pub fn handshake(
             format!(
                 "device sizes differ: {} has {} bytes, {} has {size}",
                 theirs.node, theirs.size, cfg.local_node
+            ),
+        ));
+    }
+    if theirs.after_sb != mine.after_sb {
+        let name0 = |c: u8| {
+            crate::core::split_brain::After0Pri::from_code(c).map_or("unknown", |p| p.name())
+        };
+        let name1 = |c: u8| {
+            crate::core::split_brain::After1Pri::from_code(c).map_or("unknown", |p| p.name())
+        };
+        return Err(refuse(
+            stream,
+            RefuseCode::ConfigMismatch,
+            format!(
+                "split-brain policies differ: {} has after_sb_0pri {} and after_sb_1pri {}, {} has {} and {}",
+                theirs.node,
+                name0(theirs.after_sb[0]),
+                name1(theirs.after_sb[1]),
+                cfg.local_node,
+                name0(mine.after_sb[0]),
+                name1(mine.after_sb[1]),
             ),
         ));
     }
@@ -1010,7 +1032,11 @@ impl Session {
                 }
                 Ok(())
             }
-            f @ Frame::SyncDone { .. } => (self.hook)(f),
+            f @ (Frame::SyncDone { .. }
+            | Frame::VerifyRequest { .. }
+            | Frame::VerifyReply { .. }
+            | Frame::OutOfSync { .. }
+            | Frame::Invalidate) => (self.hook)(f),
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {} from a {from}",
                 other.kind()
