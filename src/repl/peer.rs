@@ -211,8 +211,11 @@ impl Replica {
             )
         };
         let full = verdict.is_some_and(|v| v.decision.is_full());
-        if source && full {
-            lock(&self.oos).set_all();
+        if full {
+            // Both sides know the sync is full: nothing to exchange.
+            if source {
+                lock(&self.oos).set_all();
+            }
         } else if fx.drop_link.is_none() && (source || target) {
             // A bitmap-based sync covers what either side marked: both
             // send their bitmap and merge the peer's.

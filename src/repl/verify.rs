@@ -88,6 +88,15 @@ enum Outcome {
     Differ(Vec<u64>),
 }
 
+/// Ends an `awaiting_answer` however the wait ends.
+struct Answered<'a>(&'a Session);
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        self.0.answered();
+    }
+}
+
 fn refused(message: String) -> VerbError {
     crate::core::state::Refusal { message }.into()
 }
@@ -334,14 +343,16 @@ impl Replica {
             });
             id
         };
+        // On the Primary the receiver reads the link only while something
+        // awaits an answer.
+        session.awaiting_answer();
+        let _answered = Answered(session);
         session.send_control(&Frame::VerifyRequest {
             id,
             offset,
             length: length as u32,
             block: block as u32,
         });
-        // On the Primary the receiver reads the link only when woken.
-        session.activate();
         let deadline = Instant::now() + self.ack_timeout();
         let mut ctl = lock(&self.verify);
         loop {
@@ -446,6 +457,9 @@ impl Replica {
                 digests,
             })
         };
+        // More requests follow at once: keep reading (on the Primary the
+        // receiver would otherwise look again only at its next tick).
+        session.keep_reading(Duration::from_millis(200));
         let length = u64::from(length);
         if offset.checked_add(length).is_none_or(|e| e > self.size()) {
             tracing::warn!(resource = %self.name, offset, length, "verify request past the end of the device");
