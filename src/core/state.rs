@@ -2234,6 +2234,302 @@ mod tests {
         assert_eq!(m.gens(), g(5, 0xC1, [0, 0]));
     }
 
+    /// Meets with the given dirty bits on each side.
+    fn meet_dirty(a: &mut Node, b: &mut Node, da: u64, db: u64) -> (Vec<Action>, Vec<Action>) {
+        let ia = PeerInfo {
+            uuids: a.uuid_view(da),
+            ..info(a)
+        };
+        let ib = PeerInfo {
+            uuids: b.uuid_view(db),
+            ..info(b)
+        };
+        let ra = step(
+            a,
+            Event::PeerConnected {
+                peer: ib,
+                local_dials: true,
+                local_dirty_bits: da,
+            },
+        );
+        let rb = step(
+            b,
+            Event::PeerConnected {
+                peer: ia,
+                local_dials: false,
+                local_dirty_bits: db,
+            },
+        );
+        (ra, rb)
+    }
+
+    /// A pair split from a connected one: `a` was Primary when the link
+    /// went, `b` promoted apart; then both demoted unless `keep` names
+    /// one to stay Primary (0 for a, 1 for b).
+    fn split_pair(policy: Policy, keep: Option<usize>) -> (Node, Node) {
+        let (mut a, mut b) = pair();
+        a.set_split_brain_policy(policy);
+        b.set_split_brain_policy(policy);
+        step(&mut a, Event::Promote { force: false });
+        step(&mut a, Event::Disconnect);
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "cut".into(),
+            },
+        );
+        step(&mut b, Event::Disconnect);
+        b.handle(Event::Promote { force: false }, &mut || 0x7777)
+            .expect("promoted");
+        assert_eq!(
+            a.meta_flags() & flags::BITMAP_PRIMARY,
+            flags::BITMAP_PRIMARY
+        );
+        assert_eq!(b.meta_flags() & flags::BITMAP_PRIMARY, 0);
+        for (i, n) in [&mut a, &mut b].into_iter().enumerate() {
+            if keep != Some(i) {
+                step(
+                    n,
+                    Event::Demote {
+                        force: false,
+                        clients: 0,
+                    },
+                );
+            }
+            step(
+                n,
+                Event::Connect {
+                    discard_my_data: false,
+                },
+            );
+        }
+        (a, b)
+    }
+
+    fn policy(p0: split_brain::After0Pri, p1: split_brain::After1Pri) -> Policy {
+        Policy {
+            after_sb_0pri: p0,
+            after_sb_1pri: p1,
+        }
+    }
+
+    #[test]
+    fn without_a_policy_split_brain_goes_stand_alone_and_records_nothing() {
+        let (mut a, mut b) = split_pair(Policy::default(), None);
+        meet_dirty(&mut a, &mut b, 3, 5);
+        assert_eq!(
+            (a.conn(), b.conn()),
+            (ConnState::StandAlone, ConnState::StandAlone)
+        );
+        assert_eq!(
+            a.last_verdict().map(|v| v.rule),
+            Some(Rule::SplitBrainBitmapsEqual)
+        );
+        let r = a.last_split_brain().expect("asked");
+        assert_eq!(r.victim, None);
+    }
+
+    #[test]
+    fn a_policy_resolves_split_brain_as_a_bitmap_based_sync_and_says_why() {
+        use split_brain::{After0Pri, After1Pri, Victim};
+        let p = policy(After0Pri::DiscardLeastChanges, After1Pri::Disconnect);
+        let (mut a, mut b) = split_pair(p, None);
+        let (ra, rb) = meet_dirty(&mut a, &mut b, 3, 5);
+        assert!(
+            ra.contains(&Action::StartSync {
+                source: false,
+                full: false
+            }),
+            "{ra:?}"
+        );
+        assert!(
+            rb.contains(&Action::StartSync {
+                source: true,
+                full: false
+            }),
+            "{rb:?}"
+        );
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncTarget, ReplState::SyncSource)
+        );
+        let r = a.last_split_brain().expect("resolved");
+        assert_eq!(
+            (r.victim, r.local_changes, r.peer_changes),
+            (Some(Victim::Local), 3, 5)
+        );
+        assert!(ra.iter().any(|x| matches!(x, Action::Log { level: Level::Warn, message } if message.contains("resolved automatically") && message.contains("this node changed 3 blocks, the peer 5"))), "{ra:?}");
+        assert_eq!(
+            b.last_split_brain().and_then(|r| r.victim),
+            Some(Victim::Peer)
+        );
+        // The sync ends as any other: identical UUIDs.
+        step(&mut a, Event::SyncFinished);
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(a.gens(), b.gens());
+    }
+
+    #[test]
+    fn discard_younger_primary_uses_the_flag_set_at_the_split() {
+        use split_brain::{After0Pri, After1Pri};
+        let p = policy(After0Pri::DiscardYoungerPrimary, After1Pri::Disconnect);
+        let (mut a, mut b) = split_pair(p, None);
+        // b wrote far less, but was promoted after the split.
+        meet_dirty(&mut a, &mut b, 500, 1);
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncSource, ReplState::SyncTarget)
+        );
+        // The flag goes with the bitmap UUID once the sync is done.
+        step(&mut a, Event::SyncFinished);
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(a.meta_flags() & flags::BITMAP_PRIMARY, 0);
+        assert_eq!(b.meta_flags() & flags::BITMAP_PRIMARY, 0);
+    }
+
+    #[test]
+    fn discard_secondary_never_makes_the_primary_a_target() {
+        use split_brain::{After0Pri, After1Pri};
+        let p = policy(After0Pri::Disconnect, After1Pri::DiscardSecondary);
+        let (mut a, mut b) = split_pair(p, Some(1));
+        meet_dirty(&mut a, &mut b, 100, 1);
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncTarget, ReplState::SyncSource)
+        );
+        assert_eq!(b.role(), Role::Primary);
+    }
+
+    #[test]
+    fn the_manual_discard_of_a_rule_90_split_is_bitmap_based_and_rule_100_full() {
+        let (mut a, mut b) = split_pair(Policy::default(), None);
+        step(&mut a, Event::Disconnect);
+        step(
+            &mut a,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        let (ra, _) = meet_dirty(&mut a, &mut b, 3, 5);
+        assert!(
+            ra.contains(&Action::StartSync {
+                source: false,
+                full: false
+            }),
+            "{ra:?}"
+        );
+        // Shared only an older generation (rule 100): full.
+        let mut c = Node::from_meta(g(0xA2, 0xA1, [0xC1, 0]), UTD, true);
+        let mut d = Node::from_meta(g(0xB2, 0xB1, [0xC1, 0]), UTD, true);
+        step(
+            &mut c,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        let (rc, _) = meet_dirty(&mut c, &mut d, 3, 5);
+        assert_eq!(
+            c.last_verdict().map(|v| v.rule),
+            Some(Rule::SplitBrainHistoryShared)
+        );
+        assert!(
+            rc.contains(&Action::StartSync {
+                source: false,
+                full: true
+            }),
+            "{rc:?}"
+        );
+    }
+
+    #[test]
+    fn both_dirty_at_the_same_generation_the_primary_is_the_source() {
+        for primary_dials in [true, false] {
+            let (mut a, mut b) = pair();
+            step(&mut a, Event::Disconnect);
+            step(
+                &mut b,
+                Event::PeerLost {
+                    reason: "cut".into(),
+                },
+            );
+            step(
+                &mut a,
+                Event::Connect {
+                    discard_my_data: false,
+                },
+            );
+            let (p, s) = if primary_dials {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            p.role = Role::Primary;
+            let (mut x, mut y) = (p.clone(), s.clone());
+            let (rx, _) = if primary_dials {
+                meet_dirty(&mut x, &mut y, 2, 2)
+            } else {
+                let (ry, rx) = meet_dirty(&mut y, &mut x, 2, 2);
+                (rx, ry)
+            };
+            assert!(
+                rx.contains(&Action::StartSync {
+                    source: true,
+                    full: false
+                }),
+                "{primary_dials}: {rx:?}"
+            );
+            assert_eq!(y.repl(), ReplState::SyncTarget);
+            assert_eq!(x.last_verdict().map(|v| v.rule), Some(Rule::BothDirtyBits));
+        }
+    }
+
+    #[test]
+    fn invalidate_needs_an_uptodate_peer_and_makes_a_persistent_full_sync_target() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        assert!(refused(&mut a, Event::Invalidate).contains("Primary"));
+        let acts = without_logs(step(&mut b, Event::Invalidate));
+        assert!(
+            matches!(acts.as_slice(), [Action::Persist, Action::DropLink { .. }]),
+            "{acts:?}"
+        );
+        assert_eq!(
+            (b.disk(), b.conn()),
+            (DiskState::Inconsistent, ConnState::Connecting)
+        );
+        assert_eq!(
+            b.meta_flags() & (flags::FULL_SYNC | flags::CONSISTENT),
+            flags::FULL_SYNC
+        );
+        // Not connected: refused.
+        assert!(refused(&mut b, Event::Invalidate).contains("connected peer"));
+        // A crash before the sync keeps it full.
+        let mut b = Node::from_meta(b.gens(), b.meta_flags(), true);
+        step(
+            &mut a,
+            Event::PeerLost {
+                reason: "invalidate".into(),
+            },
+        );
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(
+            ra.contains(&Action::StartSync {
+                source: true,
+                full: true
+            }),
+            "{ra:?}"
+        );
+        assert!(
+            rb.contains(&Action::StartSync {
+                source: false,
+                full: true
+            }),
+            "{rb:?}"
+        );
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(b.meta_flags() & flags::FULL_SYNC, 0);
+    }
+
     #[test]
     fn serde_names() {
         assert_eq!(
