@@ -624,4 +624,44 @@ mod tests {
         let err = Config::parse(&with_primary).unwrap_err().to_string();
         assert!(err.contains("unknown field `primary`"), "{err}");
     }
+
+    #[test]
+    fn split_brain_policies_default_to_disconnect_and_bad_values_are_named() {
+        use crate::core::split_brain::{After0Pri, After1Pri};
+        let base = |keys: &str| {
+            format!(
+                "[[resource]]\nname = \"r0\"\nsecret = \"s\"\n{keys}\
+                 [resource.on.a]\ndisk = \"/d/a\"\naddress = \"127.0.0.1:1\"\n\
+                 [resource.on.b]\ndisk = \"/d/b\"\naddress = \"127.0.0.1:2\"\n"
+            )
+        };
+        let peer = |text: &str| {
+            Config::parse(text)
+                .expect("valid")
+                .for_node("a")
+                .expect("a")
+                .resources[0]
+                .peer
+                .clone()
+                .expect("replicated")
+        };
+        assert!(peer(&base("")).split_brain.is_manual());
+        let p = peer(&base(
+            "after_sb_0pri = \"discard-younger-primary\"\nafter_sb_1pri = \"consensus\"\n",
+        ));
+        assert_eq!(
+            p.split_brain.after_sb_0pri,
+            After0Pri::DiscardYoungerPrimary
+        );
+        assert_eq!(p.split_brain.after_sb_1pri, After1Pri::Consensus);
+        let err = Config::parse(&base("after_sb_0pri = \"discard-everything\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("discard-everything") && err.contains("discard-least-changes"),
+            "{err}"
+        );
+        // Only the 0pri values exist for 0pri.
+        assert!(Config::parse(&base("after_sb_0pri = \"discard-secondary\"\n")).is_err());
+    }
 }
