@@ -429,6 +429,22 @@ impl Node {
     ///   A bitmap-based sync source whose generation equals the peer's
     ///   and has no bitmap UUID takes that generation as bitmap UUID
     ///   until the sync ends.
+    ///   A split brain by rule 90 (both bitmap UUIDs name the shared
+    ///   generation) is resolved by `--discard-my-data` or, failing that,
+    ///   by the split-brain policies ([`split_brain::resolve`]; recorded
+    ///   in [`Node::last_split_brain`]) as a bitmap-based sync: the shell
+    ///   merges both bitmaps first. Rule 100 only by `--discard-my-data`,
+    ///   as a full sync. Both nodes having marked blocks at the same
+    ///   generation (rule `BothDirtyBits`): a Primary is the source.
+    /// - `Invalidate`: refused on a Primary and unless connected to an
+    ///   UpToDate peer; the disk becomes Inconsistent with `FULL_SYNC`
+    ///   set, and the link is dropped to reconnect (the handshake then
+    ///   makes this node a full sync target).
+    ///
+    /// `BITMAP_PRIMARY` is set when a new generation moves the old one
+    /// into an empty bitmap slot while the node is Primary (it lost its
+    /// peer while Primary), cleared when that happens while Secondary and
+    /// whenever the bitmap UUID is cleared.
     /// - `SyncFinished`: the target adopts the source's UUIDs
     ///   ([`Generations::adopt_peer_current`]), the source clears its
     ///   bitmap UUID; both become UpToDate, `CRASHED_PRIMARY` and
