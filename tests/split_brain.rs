@@ -3,16 +3,24 @@
 //! blocks either side changed (the union of both bitmaps, exchanged at
 //! connect), and each automatic policy (`after_sb_0pri`,
 //! `after_sb_1pri`) picks the victim DRBD's would, logs the numbers it
-//! decided on and shows them in `status`.
+//! decided on and shows them in `status`. A fake peer's hostile bitmap
+//! gets a clear error and leaves the daemon running.
 //!
 //! Every wait is bounded; daemons are killed by PID on drop and the
 //! temporary directory is removed.
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
 use std::process::Command;
+use std::time::Duration;
 
+use bytes::BytesMut;
+use replblk_proto::repl::{
+    self, auth_mac, BitmapChunk, Frame, FrameHeader, Hello, StateFrame, CHALLENGE_LEN,
+};
 use serde_json::Value;
 
 use common::pair::{Pair, ALPHA, BETA};
@@ -321,4 +329,147 @@ fn nodes_with_different_policies_refuse_to_connect_with_a_clear_error() {
             .is_some_and(|e| e.contains("split-brain policies differ"))
     });
     assert!(!s.connected());
+}
+
+// ---------------------------------------------------------------------------
+// A hostile peer's bitmap
+// ---------------------------------------------------------------------------
+
+/// Plays alpha to beta through the handshake and the State exchange,
+/// claiming beta's generation with `dirty` blocks marked, so beta
+/// decides a bitmap-based resync and expects alpha's bitmap; then sends
+/// `bitmap` (raw bytes) instead of a good one. Returns beta's frames up to
+/// the close.
+fn hostile_bitmap(pair: &Pair, current: u64, bitmap: &[u8]) -> Vec<Frame> {
+    let size = pair.beta().disk_size;
+    let mut s = TcpStream::connect_timeout(&pair.beta().repl_addr, Duration::from_secs(5))
+        .expect("connecting to beta");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let send = |s: &mut TcpStream, f: &Frame| {
+        let mut b = BytesMut::new();
+        f.encode(&mut b);
+        s.write_all(&b).expect("send");
+    };
+    let recv = |s: &mut TcpStream| -> std::io::Result<Frame> {
+        let mut raw = [0u8; FrameHeader::LEN];
+        s.read_exact(&mut raw)?;
+        let h = FrameHeader::decode(&mut std::io::Cursor::new(&raw[..]))
+            .expect("header")
+            .expect("whole header");
+        let mut body = vec![0u8; h.length as usize];
+        s.read_exact(&mut body)?;
+        Ok(Frame::decode_body(h.kind, &body).expect("a frame beta sent"))
+    };
+    let mut challenge = [0u8; CHALLENGE_LEN];
+    challenge[0] = 7;
+    send(
+        &mut s,
+        &Frame::Hello(Hello {
+            min_version: repl::PROTOCOL_MIN,
+            max_version: repl::PROTOCOL_MAX,
+            features: repl::features::NONE,
+            node: ALPHA.into(),
+            peer: BETA.into(),
+            resource: "r0".into(),
+            size,
+            challenge,
+            after_sb: [0, 0],
+        }),
+    );
+    let Ok(Frame::Hello(theirs)) = recv(&mut s) else {
+        panic!("no Hello from beta")
+    };
+    let mac = auth_mac(b"pair-test-secret", &theirs.challenge, ALPHA, "r0").expect("mac");
+    send(&mut s, &Frame::Auth { mac });
+    assert!(matches!(recv(&mut s), Ok(Frame::Auth { .. })));
+    send(&mut s, &Frame::AuthOk);
+    assert!(matches!(recv(&mut s), Ok(Frame::AuthOk)));
+    send(
+        &mut s,
+        &Frame::State(StateFrame {
+            role: 0,
+            disk: 4,
+            md_flags: 0b11,
+            current,
+            dirty_bits: 5,
+            ..StateFrame::default()
+        }),
+    );
+    assert!(matches!(recv(&mut s), Ok(Frame::State(_))));
+    s.write_all(bitmap).expect("sending the bitmap");
+    let mut frames = Vec::new();
+    while let Ok(f) = recv(&mut s) {
+        frames.push(f);
+    }
+    frames
+}
+
+#[test]
+fn a_hostile_peer_bitmap_is_refused_with_a_clear_error_and_the_real_peer_still_syncs() {
+    let mut pair = Pair::start_default();
+    qemu_io_ok(&pair.alpha().uri(), "write -P 0x44 0 1M");
+    wait_synced(&pair);
+    let gens = st(&pair, BETA)["generations"]["current"]
+        .as_str()
+        .map(|h| u64::from_str_radix(h, 16).expect("hex"))
+        .expect("beta's generation");
+    pair.ok(ALPHA, &["demote", "r0"]);
+    pair.stop(ALPHA);
+    pair.wait_status(BETA, "losing alpha", |s| !s.connected());
+    let total = pair.beta().disk_size / 4096;
+    let frame = |c: BitmapChunk| {
+        let mut b = BytesMut::new();
+        Frame::Bitmap(c).encode(&mut b);
+        b.to_vec()
+    };
+    // A bitmap for another device size.
+    let other = BitmapChunk::split(&[0xff; 8], 64, 64).remove(0);
+    // Beta may or may not have sent (part of) its own bitmap before it
+    // read ours and gave up; nothing else.
+    let frames = hostile_bitmap(&pair, gens, &frame(other));
+    assert!(
+        frames
+            .iter()
+            .all(|f| matches!(f, Frame::Bitmap(c) if c.total_bits == total)),
+        "beta sent more than its bitmap: {frames:?}"
+    );
+    let s = pair.wait_status(BETA, "the refusal", |s| {
+        s.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("bitmap exchange failed")
+    });
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("different device size"),
+        "{s:?}"
+    );
+    // A chunk that starts in the middle.
+    let mut late = BitmapChunk::split(&vec![0u8; total as usize / 8], total, 4096).remove(1);
+    late.total_bits = total;
+    hostile_bitmap(&pair, gens, &frame(late));
+    pair.wait_status(BETA, "the refusal", |s| {
+        s.last_error.as_deref().unwrap_or("").contains("expected 0")
+    });
+    // A header announcing a 30 MiB chunk: refused before reading it.
+    let mut huge = BytesMut::new();
+    FrameHeader {
+        kind: repl::kind::BITMAP,
+        length: 30 << 20,
+    }
+    .encode(&mut huge);
+    hostile_bitmap(&pair, gens, &huge);
+    pair.wait_status(BETA, "the refusal", |s| {
+        s.last_error.as_deref().unwrap_or("").contains("limit")
+    });
+    assert!(pair.is_running(BETA), "beta exited:\n{}", pair.log(BETA));
+    // The real alpha comes back: they sync and end identical.
+    pair.start(ALPHA);
+    pair.wait_connected();
+    wait_synced(&pair);
+    assert_identical(&pair);
+    pair.assert_no_panic();
 }
