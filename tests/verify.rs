@@ -9,7 +9,7 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,26 +138,32 @@ fn verify_finds_a_block_changed_behind_the_daemons_back_and_reconnect_repairs_it
 }
 
 /// Runs batches of qemu-io writes all over the first `span` bytes until
-/// `stop` (bounded at 2 minutes); returns how many batches ran.
-fn writer(uri: String, span: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u32> {
+/// `stop` (bounded at 2 minutes), counting finished batches in `done`.
+fn writer(
+    uri: String,
+    span: u64,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU32>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(120);
-        let mut batches = 0;
+        let mut batch = 0u64;
         while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
             let mut cmd = Command::new("qemu-io");
             cmd.args(["-f", "raw", &uri]);
+            // Many writes in flight at once (aio), so every chunk of
+            // `span` nearly always has one in flight.
             for i in 0..200u64 {
-                let off = ((batches as u64 * 200 + i) * 7919 * 4096) % span;
-                cmd.arg("-c").arg(format!(
-                    "write -P {} {off} 64k",
-                    (i + batches as u64) % 250 + 1
-                ));
+                let off = ((batch * 200 + i) * 7919 * 4096) % span;
+                cmd.arg("-c")
+                    .arg(format!("aio_write -P {} {off} 16k", (i + batch) % 250 + 1));
             }
+            cmd.arg("-c").arg("aio_flush");
             let (ok, out, err) = run_tool(&mut cmd);
             assert!(ok, "qemu-io: {out}{err}");
-            batches += 1;
+            batch += 1;
+            done.fetch_add(1, Ordering::SeqCst);
         }
-        batches
     })
 }
 
@@ -165,23 +171,31 @@ fn writer(uri: String, span: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHan
 fn writes_during_a_verify_are_not_reported_as_differences() {
     let pair = Pair::builder().disk_size(16 * MIB).start();
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(pair.primary_uri(), 16 * MIB, stop.clone());
-    std::thread::sleep(Duration::from_millis(300));
+    let done = Arc::new(AtomicU32::new(0));
+    let w = writer(pair.primary_uri(), MIB, stop.clone(), done.clone());
+    // Verify from both nodes, over and over, until the writer finished
+    // several batches meanwhile (bounded).
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut results = Vec::new();
-    for _ in 0..3 {
+    let started_at = done.load(Ordering::SeqCst);
+    while (results.len() < 20 || done.load(Ordering::SeqCst) < started_at + 3)
+        && Instant::now() < deadline
+    {
         for node in [ALPHA, BETA] {
             results.push((node, verify(&pair, node)));
         }
     }
+    let overlapped = done.load(Ordering::SeqCst) - started_at;
     stop.store(true, Ordering::SeqCst);
-    let batches = w.join().expect("writer");
+    w.join().expect("writer");
     for (node, v) in &results {
         assert_eq!(v["state"], "done", "{node}: {v}");
         assert_eq!(v["out_of_sync_blocks"], 0, "{node}: {v}");
     }
     assert!(
-        batches >= 2,
-        "the writer ran {batches} batches: the verifies overlapped no writes"
+        overlapped >= 3,
+        "only {overlapped} write batches ran during {} verifies",
+        results.len()
     );
     wait_synced(&pair);
     assert!(disks_identical(&pair));
