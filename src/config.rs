@@ -244,6 +244,15 @@ pub struct ResourceConfig {
     /// Per-node disks and replication addresses (exactly two nodes).
     #[serde(default)]
     pub on: BTreeMap<String, ResourceOnNode>,
+    /// Automatic split-brain resolution when both nodes are Secondary:
+    /// `disconnect` (the default), `discard-zero-changes`,
+    /// `discard-younger-primary`, `discard-least-changes`.
+    #[serde(default)]
+    pub after_sb_0pri: crate::core::split_brain::After0Pri,
+    /// Automatic split-brain resolution when one node is Primary:
+    /// `disconnect` (the default), `discard-secondary`, `consensus`.
+    #[serde(default)]
+    pub after_sb_1pri: crate::core::split_brain::After1Pri,
 }
 
 /// The peer side of a replicated resource, as seen from this node.
@@ -255,6 +264,8 @@ pub struct PeerConfig {
     pub peer_address: SocketAddr,
     pub secret: String,
     pub timing: ReplicationConfig,
+    /// Automatic split-brain policies; both nodes must agree.
+    pub split_brain: crate::core::split_brain::Policy,
 }
 
 /// A resource resolved for one node.
@@ -475,6 +486,10 @@ impl Config {
                             peer_address: p.address,
                             secret: r.secret.clone().unwrap_or_default(),
                             timing: self.replication.clone(),
+                            split_brain: crate::core::split_brain::Policy {
+                                after_sb_0pri: r.after_sb_0pri,
+                                after_sb_1pri: r.after_sb_1pri,
+                            },
                         });
                 let meta = peer.as_ref().map(|_| match &mine.meta_disk {
                     Some(p) if p.as_os_str() != "internal" => MetaDisk::External(p.clone()),
@@ -608,5 +623,45 @@ mod tests {
         let with_primary = b("").replacen("secret", "primary = \"a\"\nsecret", 1);
         let err = Config::parse(&with_primary).unwrap_err().to_string();
         assert!(err.contains("unknown field `primary`"), "{err}");
+    }
+
+    #[test]
+    fn split_brain_policies_default_to_disconnect_and_bad_values_are_named() {
+        use crate::core::split_brain::{After0Pri, After1Pri};
+        let base = |keys: &str| {
+            format!(
+                "[[resource]]\nname = \"r0\"\nsecret = \"s\"\n{keys}\
+                 [resource.on.a]\ndisk = \"/d/a\"\naddress = \"127.0.0.1:1\"\n\
+                 [resource.on.b]\ndisk = \"/d/b\"\naddress = \"127.0.0.1:2\"\n"
+            )
+        };
+        let peer = |text: &str| {
+            Config::parse(text)
+                .expect("valid")
+                .for_node("a")
+                .expect("a")
+                .resources[0]
+                .peer
+                .clone()
+                .expect("replicated")
+        };
+        assert!(peer(&base("")).split_brain.is_manual());
+        let p = peer(&base(
+            "after_sb_0pri = \"discard-younger-primary\"\nafter_sb_1pri = \"consensus\"\n",
+        ));
+        assert_eq!(
+            p.split_brain.after_sb_0pri,
+            After0Pri::DiscardYoungerPrimary
+        );
+        assert_eq!(p.split_brain.after_sb_1pri, After1Pri::Consensus);
+        let err = Config::parse(&base("after_sb_0pri = \"discard-everything\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("discard-everything") && err.contains("discard-least-changes"),
+            "{err}"
+        );
+        // Only the 0pri values exist for 0pri.
+        assert!(Config::parse(&base("after_sb_0pri = \"discard-secondary\"\n")).is_err());
     }
 }

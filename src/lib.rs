@@ -19,6 +19,7 @@
 //! Wire formats live in the `replblk-proto` crate, which does no I/O.
 
 pub mod bitmap;
+pub mod checksum;
 pub mod config;
 pub mod control;
 pub mod core;

@@ -721,6 +721,7 @@ impl FakePeer {
             resource: "r0".into(),
             size,
             challenge,
+            after_sb: [0, 0],
         }));
         let mac = auth_mac(secret, &theirs.challenge, BETA, "r0").expect("mac");
         self.send(&Frame::Auth { mac });
@@ -768,6 +769,7 @@ fn hello(versions: (u16, u16), size: u64, challenge: [u8; CHALLENGE_LEN]) -> Fra
         resource: "r0".into(),
         size,
         challenge,
+        after_sb: [0, 0],
     })
 }
 

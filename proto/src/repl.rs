@@ -46,6 +46,11 @@ pub mod kind {
     pub const SYNC_DONE: u16 = 21;
     pub const PING: u16 = 32;
     pub const PONG: u16 = 33;
+    pub const BITMAP: u16 = 48;
+    pub const VERIFY_REQUEST: u16 = 49;
+    pub const VERIFY_REPLY: u16 = 50;
+    pub const OUT_OF_SYNC: u16 = 51;
+    pub const INVALIDATE: u16 = 52;
 }
 
 /// Flags on data frames.
@@ -120,6 +125,8 @@ pub enum RefuseCode {
     AuthFailed,
     ProtocolError,
     Busy,
+    /// A setting both nodes must share differs (split-brain policies).
+    ConfigMismatch,
     Other(u16),
 }
 
@@ -133,6 +140,7 @@ impl RefuseCode {
             RefuseCode::AuthFailed => 5,
             RefuseCode::ProtocolError => 6,
             RefuseCode::Busy => 7,
+            RefuseCode::ConfigMismatch => 8,
             RefuseCode::Other(c) => c,
         }
     }
@@ -146,6 +154,7 @@ impl RefuseCode {
             5 => RefuseCode::AuthFailed,
             6 => RefuseCode::ProtocolError,
             7 => RefuseCode::Busy,
+            8 => RefuseCode::ConfigMismatch,
             c => RefuseCode::Other(c),
         }
     }
@@ -216,6 +225,10 @@ pub struct Hello {
     pub size: u64,
     /// Random bytes the receiver must answer with `Auth`.
     pub challenge: [u8; CHALLENGE_LEN],
+    /// The sender's automatic split-brain policies (after-sb-0pri,
+    /// after-sb-1pri), as codes the daemon defines; both nodes must use
+    /// the same ones, or they could take opposite decisions.
+    pub after_sb: [u8; 2],
 }
 
 /// A replicated write: header fields plus the payload.
@@ -375,6 +388,242 @@ pub enum Frame {
     Pong {
         nonce: u64,
     },
+    /// Part of the sender's out-of-sync bitmap (sent at connect when a
+    /// resync follows, see [`BitmapChunk`]).
+    Bitmap(BitmapChunk),
+    /// Online verify: the receiver answers with the digests of the blocks
+    /// of `[offset, offset + length)`, `block` bytes each.
+    VerifyRequest {
+        id: u64,
+        offset: u64,
+        length: u32,
+        block: u32,
+    },
+    /// The answer to `VerifyRequest` `id`: one digest per block, or a
+    /// non-zero `status` (an errno value, or [`VERIFY_BUSY`]) and none.
+    VerifyReply {
+        id: u64,
+        status: u32,
+        digests: Vec<[u8; DIGEST_LEN]>,
+    },
+    /// Online verify found `[offset, offset + length)` different: the
+    /// receiver marks it out of sync too.
+    OutOfSync {
+        offset: u64,
+        length: u64,
+    },
+    /// The sender asks the receiver to become a full sync target
+    /// (`invalidate-remote`).
+    Invalidate,
+}
+
+/// Bytes of a block digest in `VerifyReply`.
+pub const DIGEST_LEN: usize = 16;
+/// Largest range one `VerifyRequest` may ask for.
+pub const MAX_VERIFY_LEN: u32 = 4 << 20;
+/// Smallest block a `VerifyRequest` may ask digests of.
+pub const MIN_VERIFY_BLOCK: u32 = 512;
+/// `VerifyReply::status` when the range is busy with writes in flight:
+/// ask again later.
+pub const VERIFY_BUSY: u32 = u32::MAX;
+/// Most bits one `Bitmap` frame covers (a 1 MiB raw body).
+pub const MAX_BITMAP_CHUNK_BITS: u64 = 8 << 20;
+
+/// How a [`BitmapChunk`] carries its bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapEncoding {
+    /// `bits.div_ceil(8)` bytes, bit `i` of the chunk is bit `i % 8` of
+    /// byte `i / 8`; bits past `bits` are zero.
+    Raw,
+    /// Run lengths: one byte giving the value (0 or 1) of the first run,
+    /// then each run's length as a LEB128 varint (at least 1), the values
+    /// alternating. The lengths add up to `bits` exactly.
+    Runs,
+}
+
+/// A piece of a node's out-of-sync bitmap: bits `[start_bit, start_bit +
+/// bits)` of a bitmap of `total_bits`. A whole bitmap is sent as chunks in
+/// ascending order with no gap; the receiver knows from `total_bits` (which
+/// must equal its own) when it has all of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapChunk {
+    pub total_bits: u64,
+    pub start_bit: u64,
+    pub bits: u64,
+    pub encoding: BitmapEncoding,
+    pub data: Bytes,
+}
+
+impl BitmapChunk {
+    /// Fixed fields before `data`.
+    pub const FIXED: usize = 25;
+
+    /// Splits a bitmap (`bytes` in the form of [`BitmapEncoding::Raw`],
+    /// `total_bits` long) into chunks of at most `chunk_bits` bits, each
+    /// encoded as runs when that is smaller, else raw.
+    pub fn split(bytes: &[u8], total_bits: u64, chunk_bits: u64) -> Vec<BitmapChunk> {
+        let chunk_bits = chunk_bits.clamp(8, MAX_BITMAP_CHUNK_BITS) & !7;
+        let bit = |i: u64| {
+            bytes
+                .get((i / 8) as usize)
+                .is_some_and(|b| b >> (i % 8) & 1 == 1)
+        };
+        let mut out = Vec::new();
+        let mut start = 0u64;
+        while start < total_bits {
+            let bits = chunk_bits.min(total_bits - start);
+            let raw_len = bits.div_ceil(8) as usize;
+            let mut runs = BytesMut::new();
+            let mut value = bit(start);
+            runs.put_u8(u8::from(value));
+            let mut run = 0u64;
+            let mut i = start;
+            // Whole bytes at a time where the run continues through them.
+            while i < start + bits && runs.len() <= raw_len {
+                let rest = start + bits - i;
+                let full = if value { 0xff } else { 0 };
+                if i.is_multiple_of(8) && rest >= 8 && bytes.get((i / 8) as usize) == Some(&full) {
+                    run += 8;
+                    i += 8;
+                    continue;
+                }
+                if bit(i) == value {
+                    run += 1;
+                } else {
+                    put_varint(&mut runs, run);
+                    value = !value;
+                    run = 1;
+                }
+                i += 1;
+            }
+            put_varint(&mut runs, run);
+            let (encoding, data) = if i >= start + bits && runs.len() < raw_len {
+                (BitmapEncoding::Runs, runs.freeze())
+            } else {
+                let mut raw = vec![0u8; raw_len];
+                for k in 0..bits {
+                    if bit(start + k) {
+                        raw[(k / 8) as usize] |= 1 << (k % 8);
+                    }
+                }
+                (BitmapEncoding::Raw, Bytes::from(raw))
+            };
+            out.push(BitmapChunk {
+                total_bits,
+                start_bit: start,
+                bits,
+                encoding,
+                data,
+            });
+            start += bits;
+        }
+        out
+    }
+
+    /// Sets in `out` (the raw form of a bitmap of `total_bits`) every bit
+    /// this chunk has set. `out` must be `total_bits.div_ceil(8)` long; a
+    /// chunk for another size is an error.
+    pub fn merge_into(&self, out: &mut [u8]) -> Result<(), DecodeError> {
+        if out.len() as u64 != self.total_bits.div_ceil(8) {
+            return Err(DecodeError::Invalid {
+                what: "Bitmap",
+                detail: format!(
+                    "the peer's bitmap has {} bits, ours {} bytes",
+                    self.total_bits,
+                    out.len()
+                ),
+            });
+        }
+        let mut set = |from: u64, n: u64| {
+            for i in from..from + n {
+                out[(i / 8) as usize] |= 1 << (i % 8);
+            }
+        };
+        match self.encoding {
+            BitmapEncoding::Raw => {
+                for k in 0..self.bits {
+                    if self.data[(k / 8) as usize] >> (k % 8) & 1 == 1 {
+                        set(self.start_bit + k, 1);
+                    }
+                }
+            }
+            BitmapEncoding::Runs => {
+                let mut at = self.start_bit;
+                for (value, len) in runs(&self.data)? {
+                    if value {
+                        set(at, len);
+                    }
+                    at += len;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn put_varint(dst: &mut BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        dst.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    dst.put_u8(v as u8);
+}
+
+/// Reads one LEB128 varint of at most 10 bytes.
+fn get_varint(src: &[u8], at: &mut usize) -> Result<u64, DecodeError> {
+    let mut v = 0u64;
+    for shift in (0..70).step_by(7) {
+        let Some(&b) = src.get(*at) else {
+            return Err(DecodeError::Invalid {
+                what: "Bitmap runs",
+                detail: "truncated run length".into(),
+            });
+        };
+        *at += 1;
+        if shift == 63 && b > 1 {
+            break;
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(DecodeError::Invalid {
+        what: "Bitmap runs",
+        detail: "run length does not fit 64 bits".into(),
+    })
+}
+
+/// The runs `(value, length)` of a `Runs` body (not yet checked against
+/// the chunk's length).
+fn runs(data: &[u8]) -> Result<Vec<(bool, u64)>, DecodeError> {
+    let Some(&first) = data.first() else {
+        return Err(DecodeError::Invalid {
+            what: "Bitmap runs",
+            detail: "empty".into(),
+        });
+    };
+    if first > 1 {
+        return Err(DecodeError::Invalid {
+            what: "Bitmap runs",
+            detail: format!("first value {first}, expected 0 or 1"),
+        });
+    }
+    let mut value = first == 1;
+    let mut at = 1;
+    let mut out = Vec::new();
+    while at < data.len() {
+        let len = get_varint(data, &mut at)?;
+        if len == 0 {
+            return Err(DecodeError::Invalid {
+                what: "Bitmap runs",
+                detail: "a run of length 0".into(),
+            });
+        }
+        out.push((value, len));
+        value = !value;
+    }
+    Ok(out)
 }
 
 fn put_name(dst: &mut BytesMut, s: &str) {
@@ -470,6 +719,11 @@ impl Frame {
             Frame::Ack { .. } => kind::ACK,
             Frame::Ping { .. } => kind::PING,
             Frame::Pong { .. } => kind::PONG,
+            Frame::Bitmap(_) => kind::BITMAP,
+            Frame::VerifyRequest { .. } => kind::VERIFY_REQUEST,
+            Frame::VerifyReply { .. } => kind::VERIFY_REPLY,
+            Frame::OutOfSync { .. } => kind::OUT_OF_SYNC,
+            Frame::Invalidate => kind::INVALIDATE,
         }
     }
 
@@ -492,6 +746,7 @@ impl Frame {
                 put_name(dst, &h.resource);
                 dst.put_u64(h.size);
                 dst.put_slice(&h.challenge);
+                dst.put_slice(&h.after_sb);
             }
             Frame::Auth { mac } => dst.put_slice(mac),
             Frame::AuthOk => {}
@@ -544,6 +799,44 @@ impl Frame {
                 dst.put_u32(*status);
             }
             Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),
+            Frame::Bitmap(c) => {
+                dst.put_u64(c.total_bits);
+                dst.put_u64(c.start_bit);
+                dst.put_u64(c.bits);
+                dst.put_u8(match c.encoding {
+                    BitmapEncoding::Raw => 0,
+                    BitmapEncoding::Runs => 1,
+                });
+                dst.put_slice(&c.data);
+            }
+            Frame::VerifyRequest {
+                id,
+                offset,
+                length,
+                block,
+            } => {
+                dst.put_u64(*id);
+                dst.put_u64(*offset);
+                dst.put_u32(*length);
+                dst.put_u32(*block);
+            }
+            Frame::VerifyReply {
+                id,
+                status,
+                digests,
+            } => {
+                dst.put_u64(*id);
+                dst.put_u32(*status);
+                dst.put_u32(digests.len() as u32);
+                for d in digests {
+                    dst.put_slice(d);
+                }
+            }
+            Frame::OutOfSync { offset, length } => {
+                dst.put_u64(*offset);
+                dst.put_u64(*length);
+            }
+            Frame::Invalidate => {}
         }
         let length = (dst.len() - body_at) as u32;
         dst[header_at + 8..header_at + 12].copy_from_slice(&length.to_be_bytes());
@@ -585,16 +878,17 @@ impl Frame {
                 let node = get_string(&mut src, "Hello node name", MAX_NAME)?;
                 let peer = get_string(&mut src, "Hello peer name", MAX_NAME)?;
                 let resource = get_string(&mut src, "Hello resource name", MAX_NAME)?;
-                if src.remaining() != 8 + CHALLENGE_LEN {
+                if src.remaining() != 8 + CHALLENGE_LEN + 2 {
                     return Err(DecodeError::LengthMismatch {
-                        what: "Hello size and challenge",
-                        declared: (8 + CHALLENGE_LEN) as u64,
+                        what: "Hello size, challenge and policies",
+                        declared: (8 + CHALLENGE_LEN + 2) as u64,
                         actual: src.remaining() as u64,
                     });
                 }
                 let size = src.get_u64();
                 let mut challenge = [0u8; CHALLENGE_LEN];
                 src.copy_to_slice(&mut challenge);
+                let after_sb = [src.get_u8(), src.get_u8()];
                 if min_version > max_version {
                     return Err(DecodeError::Invalid {
                         what: "Hello version range",
@@ -610,6 +904,7 @@ impl Frame {
                     resource,
                     size,
                     challenge,
+                    after_sb,
                 })
             }
             kind::AUTH => {
@@ -743,6 +1038,159 @@ impl Frame {
                 Frame::Pong {
                     nonce: src.get_u64(),
                 }
+            }
+            kind::BITMAP => {
+                if body.len() < BitmapChunk::FIXED {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "Bitmap",
+                        declared: BitmapChunk::FIXED as u64,
+                        actual: body.len() as u64,
+                    });
+                }
+                let total_bits = src.get_u64();
+                let start_bit = src.get_u64();
+                let bits = src.get_u64();
+                let encoding = match src.get_u8() {
+                    0 => BitmapEncoding::Raw,
+                    1 => BitmapEncoding::Runs,
+                    other => {
+                        return Err(DecodeError::Invalid {
+                            what: "Bitmap encoding",
+                            detail: format!("unknown encoding {other}"),
+                        })
+                    }
+                };
+                if bits == 0 || bits > MAX_BITMAP_CHUNK_BITS {
+                    return Err(DecodeError::Invalid {
+                        what: "Bitmap",
+                        detail: format!("{bits} bits in one chunk (1..={MAX_BITMAP_CHUNK_BITS})"),
+                    });
+                }
+                if start_bit
+                    .checked_add(bits)
+                    .is_none_or(|end| end > total_bits)
+                {
+                    return Err(DecodeError::Invalid {
+                        what: "Bitmap",
+                        detail: format!(
+                            "bits {start_bit}+{bits} past the end of a {total_bits}-bit bitmap"
+                        ),
+                    });
+                }
+                let data = &body[BitmapChunk::FIXED..];
+                match encoding {
+                    BitmapEncoding::Raw => {
+                        fixed(data, "Bitmap raw bits", bits.div_ceil(8) as usize)?;
+                        let tail = bits % 8;
+                        if tail != 0 && data[data.len() - 1] >> tail != 0 {
+                            return Err(DecodeError::Invalid {
+                                what: "Bitmap",
+                                detail: "bits set past the end of the chunk".into(),
+                            });
+                        }
+                    }
+                    BitmapEncoding::Runs => {
+                        let mut sum = 0u64;
+                        for (_, len) in runs(data)? {
+                            sum = sum.saturating_add(len);
+                        }
+                        if sum != bits {
+                            return Err(DecodeError::Invalid {
+                                what: "Bitmap runs",
+                                detail: format!("runs cover {sum} bits, the chunk {bits}"),
+                            });
+                        }
+                    }
+                }
+                Frame::Bitmap(BitmapChunk {
+                    total_bits,
+                    start_bit,
+                    bits,
+                    encoding,
+                    data: Bytes::copy_from_slice(data),
+                })
+            }
+            kind::VERIFY_REQUEST => {
+                fixed(body, "VerifyRequest", 24)?;
+                let id = src.get_u64();
+                let offset = src.get_u64();
+                let length = src.get_u32();
+                let block = src.get_u32();
+                if length == 0 || length > MAX_VERIFY_LEN {
+                    return Err(DecodeError::Invalid {
+                        what: "VerifyRequest",
+                        detail: format!("length {length} (1..={MAX_VERIFY_LEN})"),
+                    });
+                }
+                if block < MIN_VERIFY_BLOCK || !block.is_power_of_two() {
+                    return Err(DecodeError::Invalid {
+                        what: "VerifyRequest",
+                        detail: format!(
+                            "block size {block} (a power of two, at least {MIN_VERIFY_BLOCK})"
+                        ),
+                    });
+                }
+                if offset.checked_add(u64::from(length)).is_none() {
+                    return Err(DecodeError::Invalid {
+                        what: "VerifyRequest range",
+                        detail: format!("offset {offset} + {length} overflows"),
+                    });
+                }
+                Frame::VerifyRequest {
+                    id,
+                    offset,
+                    length,
+                    block,
+                }
+            }
+            kind::VERIFY_REPLY => {
+                if body.len() < 16 {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "VerifyReply",
+                        declared: 16,
+                        actual: body.len() as u64,
+                    });
+                }
+                let id = src.get_u64();
+                let status = src.get_u32();
+                let count = src.get_u32() as usize;
+                let max = (MAX_VERIFY_LEN / MIN_VERIFY_BLOCK) as usize;
+                if count > max || (status != 0 && count != 0) {
+                    return Err(DecodeError::Invalid {
+                        what: "VerifyReply",
+                        detail: format!("{count} digests with status {status} (at most {max})"),
+                    });
+                }
+                fixed(&body[16..], "VerifyReply digests", count * DIGEST_LEN)?;
+                let digests = body[16..]
+                    .chunks_exact(DIGEST_LEN)
+                    .map(|c| {
+                        let mut d = [0u8; DIGEST_LEN];
+                        d.copy_from_slice(c);
+                        d
+                    })
+                    .collect();
+                Frame::VerifyReply {
+                    id,
+                    status,
+                    digests,
+                }
+            }
+            kind::OUT_OF_SYNC => {
+                fixed(body, "OutOfSync", 16)?;
+                let offset = src.get_u64();
+                let length = src.get_u64();
+                if offset.checked_add(length).is_none() {
+                    return Err(DecodeError::Invalid {
+                        what: "OutOfSync range",
+                        detail: format!("offset {offset} + {length} overflows"),
+                    });
+                }
+                Frame::OutOfSync { offset, length }
+            }
+            kind::INVALIDATE => {
+                fixed(body, "Invalidate", 0)?;
+                Frame::Invalidate
             }
             other => {
                 return Err(DecodeError::Invalid {

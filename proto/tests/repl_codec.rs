@@ -18,9 +18,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use replblk_proto::repl::{
-    auth_mac, auth_verify, data_flags, kind, negotiate_version, state_flags, Frame, FrameHeader,
-    Hello, RefuseCode, StateFrame, WriteFrame, WriteRef, CHALLENGE_LEN, HEADER_VERSION, MAC_LEN,
-    MAGIC, MAX_BODY, MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_ROLE, PROTOCOL_MAX, PROTOCOL_MIN,
+    auth_mac, auth_verify, data_flags, kind, negotiate_version, state_flags, BitmapChunk,
+    BitmapEncoding, Frame, FrameHeader, Hello, RefuseCode, StateFrame, WriteFrame, WriteRef,
+    CHALLENGE_LEN, DIGEST_LEN, HEADER_VERSION, MAC_LEN, MAGIC, MAX_BITMAP_CHUNK_BITS, MAX_BODY,
+    MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_ROLE, MAX_VERIFY_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use replblk_proto::DecodeError;
 
@@ -183,6 +184,7 @@ fn hello_body(versions: (u16, u16), node: &[u8], peer: &[u8], resource: &[u8]) -
     b.put_slice(&wire_str(resource));
     b.put_u64(1 << 30);
     b.put_slice(&[0x5a; CHALLENGE_LEN]);
+    b.put_slice(&[1, 2]);
     b.to_vec()
 }
 
@@ -215,6 +217,7 @@ fn sample_hello() -> Hello {
         resource: "r0".into(),
         size: 1 << 30,
         challenge: [7; CHALLENGE_LEN],
+        after_sb: [0, 0],
     }
 }
 
@@ -252,9 +255,19 @@ fn hello() -> impl Strategy<Value = Hello> {
         name(),
         any::<u64>(),
         any::<[u8; CHALLENGE_LEN]>(),
+        any::<[u8; 2]>(),
     )
         .prop_map(
-            |((min_version, max_version), features, node, peer, resource, size, challenge)| Hello {
+            |(
+                (min_version, max_version),
+                features,
+                node,
+                peer,
+                resource,
+                size,
+                challenge,
+                after_sb,
+            )| Hello {
                 min_version,
                 max_version,
                 features,
@@ -263,12 +276,13 @@ fn hello() -> impl Strategy<Value = Hello> {
                 resource,
                 size,
                 challenge,
+                after_sb,
             },
         )
 }
 
 fn refuse_code() -> impl Strategy<Value = RefuseCode> {
-    // Codes with a name decode to the named variant, so `Other(1..=7)`
+    // Codes with a name decode to the named variant, so `Other(1..=8)`
     // never round-trips; building codes from the wire avoids it.
     prop_oneof![
         (0u16..10).prop_map(RefuseCode::from_wire),
@@ -355,6 +369,78 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         state_frame().prop_map(Frame::State),
         any::<u64>().prop_map(|current| Frame::SyncDone { current }),
+        bitmap_chunk().prop_map(Frame::Bitmap),
+        verify_request(),
+        verify_reply(),
+        (offset(), offset()).prop_map(|(offset, length)| Frame::OutOfSync {
+            offset,
+            length: length.min(u64::MAX - offset),
+        }),
+        Just(Frame::Invalidate),
+    ]
+}
+
+/// A bitmap of `bits` bits in raw form: random, runs of ones, or empty.
+fn bitmap_bytes() -> impl Strategy<Value = (Vec<u8>, u64)> {
+    (1u64..5000, any::<u64>(), 0u8..3).prop_map(|(bits, seed, kind)| {
+        let mut bytes = vec![0u8; bits.div_ceil(8) as usize];
+        let mut x = seed | 1;
+        let mut b = 0;
+        while b < bits {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let run = match kind {
+                0 => 1,
+                1 => x % 300 + 1,
+                _ => bits,
+            };
+            let on = kind != 2 && x & 1 == 1;
+            for i in b..(b + run).min(bits) {
+                if on {
+                    bytes[(i / 8) as usize] |= 1 << (i % 8);
+                }
+            }
+            b += run;
+        }
+        (bytes, bits)
+    })
+}
+
+fn bitmap_chunk() -> impl Strategy<Value = BitmapChunk> {
+    (bitmap_bytes(), 1u64..2000, any::<prop::sample::Index>()).prop_map(
+        |((bytes, bits), chunk, pick)| {
+            let chunks = BitmapChunk::split(&bytes, bits, chunk);
+            chunks[pick.index(chunks.len())].clone()
+        },
+    )
+}
+
+fn verify_request() -> impl Strategy<Value = Frame> {
+    (any::<u64>(), offset(), 1..=MAX_VERIFY_LEN, 9u32..=20).prop_map(
+        |(id, offset, length, shift)| Frame::VerifyRequest {
+            id,
+            offset: offset.min(u64::MAX - u64::from(length)),
+            length,
+            block: 1 << shift,
+        },
+    )
+}
+
+fn verify_reply() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u64>(), vec(any::<[u8; DIGEST_LEN]>(), 0..70)).prop_map(|(id, digests)| {
+            Frame::VerifyReply {
+                id,
+                status: 0,
+                digests,
+            }
+        }),
+        (any::<u64>(), 1u32..).prop_map(|(id, status)| Frame::VerifyReply {
+            id,
+            status,
+            digests: Vec::new(),
+        }),
     ]
 }
 
@@ -385,7 +471,12 @@ fn framing() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
     (vec(any::<u8>(), 0..8), vec(any::<u8>(), 0..16))
 }
 
-const KNOWN_KINDS: [u16; 13] = [
+const KNOWN_KINDS: [u16; 18] = [
+    kind::BITMAP,
+    kind::VERIFY_REQUEST,
+    kind::VERIFY_REPLY,
+    kind::OUT_OF_SYNC,
+    kind::INVALIDATE,
     kind::STATE,
     kind::SYNC_DONE,
     kind::HELLO,
@@ -545,8 +636,8 @@ fn protocol_constants_have_their_documented_values() {
 fn frame_kinds_have_their_documented_numbers() {
     assert_eq!(
         KNOWN_KINDS,
-        [5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
-        "STATE SYNC_DONE HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
+        [48, 49, 50, 51, 52, 5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
+        "BITMAP VERIFY_REQUEST VERIFY_REPLY OUT_OF_SYNC INVALIDATE STATE SYNC_DONE HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
     );
 }
 
@@ -560,13 +651,14 @@ fn refuse_codes_have_their_documented_numbers() {
         (RefuseCode::AuthFailed, 5),
         (RefuseCode::ProtocolError, 6),
         (RefuseCode::Busy, 7),
+        (RefuseCode::ConfigMismatch, 8),
     ];
     for (code, wire) in named {
         assert_eq!(code.to_wire(), wire, "{code:?}");
         assert_eq!(RefuseCode::from_wire(wire), code);
     }
     assert_eq!(RefuseCode::from_wire(0), RefuseCode::Other(0));
-    assert_eq!(RefuseCode::from_wire(8), RefuseCode::Other(8));
+    assert_eq!(RefuseCode::from_wire(9), RefuseCode::Other(9));
     assert_eq!(RefuseCode::from_wire(u16::MAX), RefuseCode::Other(u16::MAX));
 }
 
@@ -596,6 +688,7 @@ fn hello_has_the_documented_layout() {
         resource: "r0".into(),
         size: 0x1000,
         challenge: [0x11; CHALLENGE_LEN],
+        after_sb: [2, 1],
     });
     let body = concat(&[
         &[0, 1, 0, 3],
@@ -605,9 +698,10 @@ fn hello_has_the_documented_layout() {
         &[0, 2, b'r', b'0'],
         &[0, 0, 0, 0, 0, 0, 0x10, 0],
         &[0x11; 32],
+        &[2, 1],
     ]);
-    // 58 fixed bytes plus the three names.
-    assert_eq!(body.len(), 58 + 1 + 2 + 2);
+    // 60 fixed bytes plus the three names.
+    assert_eq!(body.len(), 60 + 1 + 2 + 2);
     check_layout(&frame, 1, &body);
 }
 
@@ -954,9 +1048,9 @@ proptest! {
         prop_assert_eq!(
             decode_raw(kind::HELLO, &body),
             Err(DecodeError::LengthMismatch {
-                what: "Hello size and challenge",
-                declared: 40,
-                actual: 40 + extra.len() as u64,
+                what: "Hello size, challenge and policies",
+                declared: 42,
+                actual: 42 + extra.len() as u64,
             })
         );
     }
@@ -1073,7 +1167,7 @@ fn hello_cut_inside_a_name_length_field_reports_the_bytes_present() {
 #[test]
 fn hello_with_empty_names_and_a_single_version_is_accepted() {
     let body = hello_body((7, 7), b"", b"", b"");
-    assert_eq!(body.len(), 58);
+    assert_eq!(body.len(), 60);
     assert_eq!(
         decode_raw(kind::HELLO, &body),
         Ok(Frame::Hello(Hello {
@@ -1085,6 +1179,7 @@ fn hello_with_empty_names_and_a_single_version_is_accepted() {
             resource: String::new(),
             size: 1 << 30,
             challenge: [0x5a; CHALLENGE_LEN],
+            after_sb: [1, 2],
         }))
     );
 }
@@ -1792,4 +1887,179 @@ fn sample_hello_round_trips_through_a_byte_at_a_time_reader() {
         }
     }
     assert_eq!(got, Some(frame));
+}
+
+// ---------------------------------------------------------------------------
+// Bitmap chunks, verify and invalidate frames
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #[test]
+    fn a_bitmap_split_into_chunks_and_merged_back_is_the_same_bitmap(
+        (bytes, bits) in bitmap_bytes(),
+        chunk in 1u64..3000,
+    ) {
+        let chunks = BitmapChunk::split(&bytes, bits, chunk);
+        let mut out = vec![0u8; bits.div_ceil(8) as usize];
+        let mut next = 0;
+        for c in &chunks {
+            prop_assert_eq!(c.start_bit, next);
+            next += c.bits;
+            // Every chunk survives the wire.
+            let wire = frame_bytes(&Frame::Bitmap(c.clone()));
+            let back = decode_raw(kind::BITMAP, &wire[FrameHeader::LEN..]);
+            prop_assert_eq!(back, Ok(Frame::Bitmap(c.clone())));
+            c.merge_into(&mut out).expect("same size");
+        }
+        prop_assert_eq!(next, bits);
+        prop_assert_eq!(out, bytes);
+    }
+}
+
+#[test]
+fn a_sparse_bitmap_is_sent_as_runs_and_a_dense_random_one_raw() {
+    let bits = 1u64 << 20;
+    let mut bytes = vec![0u8; (bits / 8) as usize];
+    bytes[1000] = 0x10;
+    bytes[50_000..50_100].fill(0xff);
+    let chunks = BitmapChunk::split(&bytes, bits, MAX_BITMAP_CHUNK_BITS);
+    assert_eq!(chunks.len(), 1);
+    assert_eq!(chunks[0].encoding, BitmapEncoding::Runs);
+    assert!(chunks[0].data.len() < 16, "{} bytes", chunks[0].data.len());
+    let alternating = vec![0x55u8; 4096];
+    let chunks = BitmapChunk::split(&alternating, 4096 * 8, MAX_BITMAP_CHUNK_BITS);
+    assert_eq!(chunks[0].encoding, BitmapEncoding::Raw);
+    assert_eq!(chunks[0].data.len(), 4096);
+}
+
+fn bitmap_body(total: u64, start: u64, bits: u64, encoding: u8, data: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u64(total);
+    b.put_u64(start);
+    b.put_u64(bits);
+    b.put_u8(encoding);
+    b.put_slice(data);
+    b.to_vec()
+}
+
+#[test]
+fn hostile_bitmap_chunks_are_rejected_with_a_reason() {
+    let invalid = |body: Vec<u8>| match decode_raw(kind::BITMAP, &body) {
+        Err(DecodeError::Invalid { detail, .. }) => detail,
+        Err(DecodeError::LengthMismatch { what, .. }) => what.to_string(),
+        other => panic!("accepted: {other:?}"),
+    };
+    // Past the end, overflowing, empty, too large.
+    assert!(invalid(bitmap_body(10, 8, 4, 0, &[0])).contains("past the end"));
+    assert!(invalid(bitmap_body(u64::MAX, u64::MAX, 2, 0, &[0])).contains("past the end"));
+    assert!(invalid(bitmap_body(10, 0, 0, 0, &[])).contains("0 bits"));
+    let huge = MAX_BITMAP_CHUNK_BITS + 1;
+    assert!(invalid(bitmap_body(u64::MAX, 0, huge, 1, &[1, 1])).contains("bits in one chunk"));
+    // Unknown encoding; raw of the wrong length or with stray bits.
+    assert!(invalid(bitmap_body(16, 0, 16, 7, &[0, 0])).contains("unknown encoding"));
+    assert_eq!(invalid(bitmap_body(16, 0, 16, 0, &[0])), "Bitmap raw bits");
+    assert!(invalid(bitmap_body(16, 0, 4, 0, &[0xf0])).contains("past the end of the chunk"));
+    // Runs that do not add up, a zero run, a bad first value, a varint
+    // that never ends or overflows.
+    assert!(invalid(bitmap_body(100, 0, 100, 1, &[0, 50])).contains("cover 50 bits"));
+    assert!(invalid(bitmap_body(100, 0, 100, 1, &[0, 100, 0])).contains("length 0"));
+    assert!(invalid(bitmap_body(100, 0, 100, 1, &[2, 100])).contains("first value"));
+    assert!(invalid(bitmap_body(100, 0, 100, 1, &[0, 0x80, 0x80])).contains("truncated"));
+    let mut long = vec![0u8];
+    long.extend_from_slice(&[0xff; 10]);
+    long.push(1);
+    assert!(invalid(bitmap_body(100, 0, 100, 1, &long)).contains("64 bits"));
+    // Runs adding up past u64 never wrap around to the right count.
+    let mut wrap = vec![1u8];
+    for _ in 0..2 {
+        wrap.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+    }
+    wrap.push(2);
+    assert!(invalid(bitmap_body(u64::MAX, 0, 1, 1, &wrap)).contains("cover"));
+}
+
+#[test]
+fn a_bitmap_chunk_for_another_size_is_refused_when_merged() {
+    let chunk = BitmapChunk::split(&[0xff; 4], 32, 64).remove(0);
+    let mut ours = vec![0u8; 8];
+    assert!(chunk.merge_into(&mut ours).is_err());
+    assert_eq!(ours, [0; 8]);
+}
+
+#[test]
+fn verify_and_out_of_sync_frames_have_the_documented_layout() {
+    check_layout(
+        &Frame::VerifyRequest {
+            id: 1,
+            offset: 0x2000,
+            length: 0x4_0000,
+            block: 4096,
+        },
+        49,
+        &concat(&[
+            &[0, 0, 0, 0, 0, 0, 0, 1],
+            &[0, 0, 0, 0, 0, 0, 0x20, 0],
+            &[0, 4, 0, 0],
+            &[0, 0, 0x10, 0],
+        ]),
+    );
+    check_layout(
+        &Frame::VerifyReply {
+            id: 2,
+            status: 0,
+            digests: vec![[0xab; DIGEST_LEN]],
+        },
+        50,
+        &concat(&[
+            &[0, 0, 0, 0, 0, 0, 0, 2],
+            &[0; 4],
+            &[0, 0, 0, 1],
+            &[0xab; 16],
+        ]),
+    );
+    check_layout(
+        &Frame::OutOfSync {
+            offset: 4096,
+            length: 8192,
+        },
+        51,
+        &concat(&[&[0, 0, 0, 0, 0, 0, 0x10, 0], &[0, 0, 0, 0, 0, 0, 0x20, 0]]),
+    );
+    check_layout(&Frame::Invalidate, 52, &[]);
+}
+
+#[test]
+fn malformed_verify_frames_are_rejected() {
+    let req = |length: u32, block: u32, offset: u64| {
+        let mut b = BytesMut::new();
+        b.put_u64(1);
+        b.put_u64(offset);
+        b.put_u32(length);
+        b.put_u32(block);
+        decode_raw(kind::VERIFY_REQUEST, &b)
+    };
+    assert!(req(0, 4096, 0).is_err());
+    assert!(req(MAX_VERIFY_LEN + 1, 4096, 0).is_err());
+    assert!(req(4096, 4095, 0).is_err());
+    assert!(req(4096, 256, 0).is_err());
+    assert!(req(4096, 4096, u64::MAX - 10).is_err());
+    assert!(req(4096, 4096, 0).is_ok());
+    let reply = |status: u32, count: u32, digests: usize| {
+        let mut b = BytesMut::new();
+        b.put_u64(1);
+        b.put_u32(status);
+        b.put_u32(count);
+        b.put_slice(&vec![0u8; digests * DIGEST_LEN]);
+        decode_raw(kind::VERIFY_REPLY, &b)
+    };
+    assert!(reply(0, 2, 2).is_ok());
+    assert!(reply(0, 3, 2).is_err(), "fewer digests than declared");
+    assert!(reply(0, 1, 2).is_err(), "trailing bytes");
+    assert!(reply(5, 1, 1).is_err(), "digests with a failure status");
+    assert!(reply(0, u32::MAX, 0).is_err(), "a count past the limit");
+    let mut b = BytesMut::new();
+    b.put_u64(u64::MAX);
+    b.put_u64(2);
+    assert!(decode_raw(kind::OUT_OF_SYNC, &b).is_err());
+    assert!(decode_raw(kind::INVALIDATE, &[0]).is_err());
 }

@@ -93,6 +93,20 @@ enum Verb {
         #[arg(long)]
         clear_bitmap: bool,
     },
+    /// Online verify: compare both copies block by block (digests only)
+    /// in the background; differences are marked out of sync on both
+    /// nodes and resynced at the next connect. Progress in `status`.
+    Verify {
+        resource: String,
+        /// Stop the verify that is running.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Discard this node's data: it becomes a full sync target of the
+    /// connected UpToDate peer (this node must be Secondary).
+    Invalidate { resource: String },
+    /// Make the connected Secondary peer a full sync target of this node.
+    InvalidateRemote { resource: String },
     /// Wait until the resource is connected and both disks are UpToDate.
     WaitSync {
         resource: String,
@@ -170,6 +184,38 @@ fn print_status(answer: &StatusAnswer) {
                         d.description
                     );
                 }
+                if let Some(v) = &r.verify {
+                    let pct = if v.total_bytes == 0 {
+                        100.0
+                    } else {
+                        v.done_bytes as f64 * 100.0 / v.total_bytes as f64
+                    };
+                    println!(
+                        "    verify: {} {pct:.1}% ({} of {} bytes) out-of-sync:{} blocks ({} bytes){}{}",
+                        name(&v.state),
+                        v.done_bytes,
+                        v.total_bytes,
+                        v.out_of_sync_blocks,
+                        v.out_of_sync_bytes,
+                        if v.skipped_blocks > 0 {
+                            format!(" skipped:{} blocks", v.skipped_blocks)
+                        } else {
+                            String::new()
+                        },
+                        v.message
+                            .as_ref()
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
+                    );
+                }
+                if let Some(p) = &r.split_brain_policy {
+                    if !p.is_manual() {
+                        println!("    split-brain policy: {p}");
+                    }
+                }
+                if let Some(sb) = &r.split_brain {
+                    println!("    last split brain: {sb}");
+                }
                 if let Some(e) = &r.last_error {
                     println!("    last error: {e}");
                 }
@@ -195,6 +241,14 @@ fn event_line(e: &StatusEvent) -> String {
     }
     if let Some(d) = &r.decision {
         line.push_str(&format!(" rule:{}", name(&d.rule)));
+    }
+    if let Some(v) = &r.verify {
+        line.push_str(&format!(
+            " verify:{} verified:{} verify-out-of-sync:{}",
+            name(&v.state),
+            v.done_bytes,
+            v.out_of_sync_bytes
+        ));
     }
     line
 }
@@ -320,6 +374,11 @@ fn run(args: Args) -> Result<()> {
             },
             wait,
         ),
+        Verb::Verify { resource, stop } => simple(socket, Request::Verify { resource, stop }, wait),
+        Verb::Invalidate { resource } => simple(socket, Request::Invalidate { resource }, wait),
+        Verb::InvalidateRemote { resource } => {
+            simple(socket, Request::InvalidateRemote { resource }, wait)
+        }
         Verb::WaitSync { resource, timeout } => {
             let timeout_ms = timeout.map(timeout_ms).transpose()?.unwrap_or(0);
             let req = Request::WaitSync {

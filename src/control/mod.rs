@@ -275,6 +275,14 @@ fn handle(request: Request, ctx: &Context, conn: &UnixStream) -> Result<Answer, 
             resource,
             timeout_ms,
         } => wait_sync(conn, ctx, &resource, timeout_ms),
+        Request::Verify { resource, stop } => {
+            let r = find(ctx, &resource)?;
+            message(if stop { r.verify_stop() } else { r.verify() })
+        }
+        Request::Invalidate { resource } => message(find(ctx, &resource)?.invalidate()),
+        Request::InvalidateRemote { resource } => {
+            message(find(ctx, &resource)?.invalidate_remote())
+        }
         Request::Events {} => Err(ControlError::NeedsOwnConnection),
     }
 }

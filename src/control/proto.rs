@@ -65,6 +65,18 @@ pub enum Request {
         #[serde(default)]
         clear_bitmap: bool,
     },
+    /// Online verify; `stop` stops the one running.
+    Verify {
+        resource: String,
+        #[serde(default)]
+        stop: bool,
+    },
+    Invalidate {
+        resource: String,
+    },
+    InvalidateRemote {
+        resource: String,
+    },
     WaitSync {
         resource: String,
         /// 0 waits until synced or the client hangs up.
@@ -181,6 +193,8 @@ pub enum EventKind {
     /// One per resource when the stream starts.
     Exists,
     Change,
+    /// An online verify started or ended (see `verify` in the status).
+    Verify,
 }
 
 /// One `events` line: a `status` object with an added `"type"`.
@@ -362,6 +376,9 @@ mod tests {
             generations: None,
             last_error: None,
             ping_rtt_us: Some(42),
+            split_brain_policy: None,
+            split_brain: None,
+            verify: None,
         }
     }
 

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod datapath;
+pub mod split_brain;
 pub mod state;
 pub mod uuid;
 
@@ -56,6 +57,10 @@ pub mod flags {
     pub const FULL_SYNC: u32 = 1 << 6;
     /// The data is Outdated: a newer generation exists on the peer.
     pub const OUTDATED: u32 = 1 << 7;
+    /// The node was Primary when its bitmap UUID was set (it lost the
+    /// peer while Primary); clear for a node promoted while apart. The
+    /// split-brain policy `discard-younger-primary` compares it.
+    pub const BITMAP_PRIMARY: u32 = 1 << 8;
     /// Every bit defined above.
-    pub const KNOWN: u32 = (1 << 8) - 1;
+    pub const KNOWN: u32 = (1 << 9) - 1;
 }

@@ -35,6 +35,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::datapath::{Completion, FlushTicket, Kind, Peer, PrimaryPath, SecondaryPath};
+use super::split_brain::{After0Pri, After1Pri, Policy};
 use super::state::{Action, ConnState, DiskState, Event, Node, PeerInfo, ReplState, Role};
 use super::uuid::{compare, Decision};
 use super::{flags, Generations, UUID_JUST_CREATED};
@@ -315,6 +316,9 @@ pub struct Stats {
     pub handshakes: u64,
     pub resyncs: u64,
     pub split_brains: u64,
+    /// Split brains the automatic policies resolved (a bitmap-based sync
+    /// of the union of both bitmaps).
+    pub split_brains_resolved: u64,
     pub unrelated: u64,
     pub promotes: u64,
     pub promotes_refused: u64,
@@ -335,6 +339,7 @@ impl std::ops::AddAssign for Stats {
         self.handshakes += o.handshakes;
         self.resyncs += o.resyncs;
         self.split_brains += o.split_brains;
+        self.split_brains_resolved += o.split_brains_resolved;
         self.unrelated += o.unrelated;
         self.promotes += o.promotes;
         self.promotes_refused += o.promotes_refused;
@@ -373,6 +378,8 @@ pub struct Sim {
     /// `a_crash_after_a_clean_restart_forgets_the_saved_marks`), not
     /// after every shutdown.
     pub saved_bitmap_only_when_clean: bool,
+    /// The split-brain policies both nodes use.
+    pub policy: Policy,
 }
 
 impl Sim {
@@ -390,6 +397,7 @@ impl Sim {
             demote_as_today: false,
             mark_late: false,
             saved_bitmap_only_when_clean: false,
+            policy: Policy::default(),
         };
         for i in 0..2 {
             sim.up(i);
@@ -400,6 +408,16 @@ impl Sim {
     fn log(&self, what: impl FnOnce() -> String) {
         if self.trace {
             eprintln!("  {}", what());
+        }
+    }
+
+    /// Both nodes use `policy` from now on.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+        for s in self.n.iter_mut() {
+            if let Some(n) = s.node.as_mut() {
+                n.set_split_brain_policy(policy);
+            }
         }
     }
 
@@ -418,7 +436,8 @@ impl Sim {
         let only_when_clean = self.saved_bitmap_only_when_clean;
         let s = &mut self.n[i];
         let (gens, f) = s.persisted;
-        let node = Node::from_meta(gens, f, true);
+        let mut node = Node::from_meta(gens, f, true);
+        node.set_split_brain_policy(self.policy);
         let clean = f & flags::CLEAN_SHUTDOWN != 0;
         s.bitmap = if clean || !only_when_clean {
             s.saved_bitmap.clone()
@@ -1086,12 +1105,27 @@ impl Sim {
         };
         let crashed = [self.n[0].crashed, self.n[1].crashed];
         let forced = [self.n[0].forced, self.n[1].forced];
+        if raw[0].decision == Decision::SplitBrain && self.n[0].n().repl() != ReplState::Established
+        {
+            self.stats.split_brains_resolved += 1;
+        }
+        // A bitmap-based sync covers the union of both bitmaps, which
+        // the nodes exchange at connect (the shell's `repl::exchange`).
+        if self
+            .n
+            .iter()
+            .any(|s| s.n().repl() != ReplState::Established)
+        {
+            let (a, b) = (self.n[0].bitmap.clone(), self.n[1].bitmap.clone());
+            self.n[0].bitmap.merge(&b);
+            self.n[1].bitmap.merge(&a);
+        }
         for i in 0..2 {
             let n = self.n[i].n();
             let (repl, verdict) = (n.repl(), n.last_verdict());
             if repl == ReplState::SyncSource {
                 let full = verdict.is_some_and(|v| v.decision.is_full());
-                if full || dirty[1 - i] > 0 {
+                if full {
                     self.n[i].bitmap.set_all();
                 }
                 link.resync = Some((i, Phase::Copy { inflight: false }));
@@ -1588,6 +1622,15 @@ impl Sim {
 pub fn run(seed: u64, steps: u64, trace: bool) -> Stats {
     let mut rng = Rng::new(seed);
     let mut sim = Sim::new(trace);
+    // The split-brain policies, drawn apart so the schedule of a seed
+    // does not depend on them.
+    let mut prng = Rng::new(seed ^ 0x5b5b_5b5b);
+    if prng.pct(50) {
+        sim.set_policy(Policy {
+            after_sb_0pri: After0Pri::ALL[prng.below(4) as usize],
+            after_sb_1pri: After1Pri::ALL[prng.below(3) as usize],
+        });
+    }
     // Calm, normal, stormy and very stormy schedules.
     let storm = [0, 1, 1, 3, 6][rng.below(5) as usize];
     match rng.below(8) {

@@ -18,7 +18,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::uuid::{compare, Decision, UuidView, Verdict};
+use super::split_brain::{self, Facts, Policy, Resolution, Victim};
+use super::uuid::{compare, Decision, Rule, UuidView, Verdict};
 use super::{flags, Generations, UUID_JUST_CREATED};
 
 /// Which node serves I/O.
@@ -135,6 +136,9 @@ pub enum Event {
     /// StandAlone; while connected only as "skip initial sync":
     /// `clear_bitmap` with both copies just created.
     NewCurrentUuid { clear_bitmap: bool },
+    /// Admin (`invalidate`): discard the local data and become a full
+    /// sync target of the connected, UpToDate peer.
+    Invalidate,
     /// Clean shutdown.
     Shutdown,
 }
@@ -242,6 +246,10 @@ pub struct Node {
     has_peer: bool,
     discard_my_data: bool,
     last_verdict: Option<Verdict>,
+    /// Automatic split-brain policies (`after-sb-0pri`, `after-sb-1pri`).
+    policy: Policy,
+    /// The last split brain the policies looked at, and what they decided.
+    last_split_brain: Option<Resolution>,
 }
 
 impl Node {
@@ -292,7 +300,24 @@ impl Node {
             has_peer,
             discard_my_data: false,
             last_verdict: None,
+            policy: Policy::default(),
+            last_split_brain: None,
         }
+    }
+
+    /// Sets the automatic split-brain policies (default: none).
+    pub fn set_split_brain_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn split_brain_policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// What the split-brain policies decided at the last split brain
+    /// they were asked about (kept until the next one).
+    pub fn last_split_brain(&self) -> Option<&Resolution> {
+        self.last_split_brain.as_ref()
     }
 
     pub fn role(&self) -> Role {
@@ -404,6 +429,22 @@ impl Node {
     ///   A bitmap-based sync source whose generation equals the peer's
     ///   and has no bitmap UUID takes that generation as bitmap UUID
     ///   until the sync ends.
+    ///   A split brain by rule 90 (both bitmap UUIDs name the shared
+    ///   generation) is resolved by `--discard-my-data` or, failing that,
+    ///   by the split-brain policies ([`split_brain::resolve`]; recorded
+    ///   in [`Node::last_split_brain`]) as a bitmap-based sync: the shell
+    ///   merges both bitmaps first. Rule 100 only by `--discard-my-data`,
+    ///   as a full sync. Both nodes having marked blocks at the same
+    ///   generation (rule `BothDirtyBits`): a Primary is the source.
+    /// - `Invalidate`: refused on a Primary and unless connected to an
+    ///   UpToDate peer; the disk becomes Inconsistent with `FULL_SYNC`
+    ///   set, and the link is dropped to reconnect (the handshake then
+    ///   makes this node a full sync target).
+    ///
+    /// `BITMAP_PRIMARY` is set when a new generation moves the old one
+    /// into an empty bitmap slot while the node is Primary (it lost its
+    /// peer while Primary), cleared when that happens while Secondary and
+    /// whenever the bitmap UUID is cleared.
     /// - `SyncFinished`: the target adopts the source's UUIDs
     ///   ([`Generations::adopt_peer_current`]), the source clears its
     ///   bitmap UUID; both become UpToDate, `CRASHED_PRIMARY` and
@@ -435,7 +476,11 @@ impl Node {
             Event::NewCurrentUuid { clear_bitmap } => {
                 self.new_current_uuid(clear_bitmap, fresh_uuid, &mut out)?
             }
+            Event::Invalidate => self.invalidate(fresh_uuid, &mut out)?,
             Event::Shutdown => self.shutdown(&mut out),
+        }
+        if self.gens.bitmap == 0 {
+            self.kept_flags &= !flags::BITMAP_PRIMARY;
         }
         let mut actions = out.early;
         if (self.gens, self.meta_flags()) != before {
@@ -592,9 +637,48 @@ impl Node {
         }
         let verdict = compare(&self.uuid_view(local_dirty_bits), &peer.uuids, local_dials);
         let discard = std::mem::take(&mut self.discard_my_data);
+        let mut auto = None;
+        if verdict.decision == Decision::SplitBrain
+            && verdict.rule == Rule::SplitBrainBitmapsEqual
+            && !discard
+            && !peer.discard_my_data
+        {
+            let facts = Facts {
+                local_role: self.role,
+                peer_role: peer.role,
+                local_changes: local_dirty_bits,
+                peer_changes: peer.uuids.dirty_bits,
+                local_primary_at_split: self.meta_flags() & flags::BITMAP_PRIMARY != 0,
+                peer_primary_at_split: peer.uuids.flags & flags::BITMAP_PRIMARY != 0,
+                local_dials,
+            };
+            let resolution = split_brain::resolve(self.policy, &facts);
+            match resolution.victim {
+                Some(_) => out.log(
+                    Level::Warn,
+                    format!(
+                        "split brain ({}) resolved automatically by {resolution}",
+                        verdict.rule
+                    ),
+                ),
+                None if !self.policy.is_manual() => out.log(
+                    Level::Error,
+                    format!(
+                        "split brain ({}) not resolved by {resolution}",
+                        verdict.rule
+                    ),
+                ),
+                None => {}
+            }
+            auto = Some(resolution);
+        }
         // The peer's real state is known now.
         self.kept_flags &= !flags::PEER_OUTDATED;
-        match self.plan(verdict, discard, peer) {
+        let victim = auto.as_ref().and_then(|r| r.victim);
+        if auto.is_some() {
+            self.last_split_brain = auto;
+        }
+        match self.plan(verdict, discard, victim, peer) {
             Err(reason) => {
                 self.last_verdict = Some(verdict);
                 self.go_stand_alone(reason, out);
@@ -604,11 +688,16 @@ impl Node {
                     decision,
                     rule: verdict.rule,
                 });
-                if decision != verdict.decision {
+                if decision != verdict.decision && verdict.decision == Decision::SplitBrain {
+                    let by = if victim.is_some() {
+                        "the split-brain policy"
+                    } else {
+                        "--discard-my-data"
+                    };
                     out.log(
                         Level::Warn,
                         format!(
-                            "split brain ({}) resolved by --discard-my-data: this node is {}",
+                            "split brain ({}) resolved by {by}: this node is {}",
                             verdict.rule, decision
                         ),
                     );
@@ -773,6 +862,44 @@ impl Node {
         }
     }
 
+    fn invalidate(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) -> Result<(), Refusal> {
+        if self.role == Role::Primary {
+            return Err(refuse(
+                "invalidate refused: this node is Primary (demote it first)",
+            ));
+        }
+        match (self.conn, self.repl, self.peer) {
+            (ConnState::Connected, ReplState::Established, Some((_, DiskState::UpToDate))) => {}
+            (ConnState::Connected, ReplState::SyncTarget, _) if self.disk == DiskState::Inconsistent => {}
+            (conn, repl, peer) => {
+                return Err(refuse(format!(
+                    "invalidate refused: needs a connected peer with UpToDate data (connection {conn}, {repl}, peer disk {})",
+                    peer.map_or("unknown".to_string(), |p| p.1.to_string())
+                )))
+            }
+        }
+        if self.disk == DiskState::Diskless {
+            return Err(refuse("invalidate refused: no local disk"));
+        }
+        out.log(
+            Level::Warn,
+            format!(
+                "invalidate: local data ({}) discarded; reconnecting as full sync target",
+                self.disk
+            ),
+        );
+        self.lose_peer(fresh, out);
+        self.disk = DiskState::Inconsistent;
+        // Persisted: until a sync completes, every block is to be
+        // fetched, even after a crash.
+        self.kept_flags |= flags::FULL_SYNC;
+        self.end_session(ConnState::Connecting);
+        out.then(Action::DropLink {
+            reason: "invalidated by the operator: reconnecting as full sync target".into(),
+        });
+        Ok(())
+    }
+
     fn shutdown(&mut self, out: &mut Out) {
         self.clean_shutdown = true;
         self.role = Role::Secondary;
@@ -797,6 +924,7 @@ impl Node {
         &self,
         verdict: Verdict,
         discard: bool,
+        auto: Option<Victim>,
         peer: &PeerInfo,
     ) -> Result<(Plan, Decision), String> {
         if discard && peer.discard_my_data {
@@ -812,21 +940,54 @@ impl Node {
             ));
         }
         let full_flag = (self.meta_flags() | peer.uuids.flags) & flags::FULL_SYNC != 0;
+        // Rule 90: both bitmaps are relative to the generation the nodes
+        // last shared, so their union (exchanged at connect) covers every
+        // block either side changed: the victim's changes are rolled back
+        // by a bitmap-based sync. Rule 100: the bitmaps are relative to
+        // different generations; only a full sync is safe.
+        let full = full_flag || verdict.rule != Rule::SplitBrainBitmapsEqual;
         let decision = match verdict.decision {
             Decision::Unrelated => {
-                return Err(format!("unrelated data ({}): refusing to connect", verdict.rule))
+                return Err(format!(
+                    "unrelated data ({}): refusing to connect",
+                    verdict.rule
+                ))
             }
-            Decision::SplitBrain => match (discard, peer.discard_my_data) {
-                (true, false) => Decision::SyncTarget { full: full_flag },
-                (false, true) => Decision::SyncSource { full: full_flag },
-                (false, false) | (true, true) => {
+            Decision::SplitBrain => match (discard, peer.discard_my_data, auto) {
+                (true, false, _) | (false, false, Some(Victim::Local)) => {
+                    Decision::SyncTarget { full }
+                }
+                (false, true, _) | (false, false, Some(Victim::Peer)) => {
+                    Decision::SyncSource { full }
+                }
+                (false, false, None) | (true, true, _) => {
+                    let policy = match self.last_split_brain.as_ref() {
+                        Some(r)
+                            if verdict.rule == Rule::SplitBrainBitmapsEqual
+                                && !self.policy.is_manual() =>
+                        {
+                            format!(" ({r})")
+                        }
+                        _ => String::new(),
+                    };
                     return Err(format!(
-                        "split brain detected ({}): both nodes keep their data; run `connect --discard-my-data` on the node whose changes should be discarded",
+                        "split brain detected ({}){policy}: both nodes keep their data; run `connect --discard-my-data` on the node whose changes should be discarded",
                         verdict.rule
-                    ))
+                    ));
                 }
             },
             d @ (Decision::NoSync | Decision::SyncSource { .. } | Decision::SyncTarget { .. }) => d,
+        };
+        // Both marked blocks for the other at the same generation (online
+        // verify marks both): a Primary keeps its data.
+        let decision = match (verdict.rule, self.role, peer.role, decision) {
+            (Rule::BothDirtyBits, Role::Primary, Role::Secondary, d) if d.is_sync() => {
+                Decision::SyncSource { full: d.is_full() }
+            }
+            (Rule::BothDirtyBits, Role::Secondary, Role::Primary, d) if d.is_sync() => {
+                Decision::SyncTarget { full: d.is_full() }
+            }
+            (_, _, _, d) => d,
         };
         if self.role == Role::Primary && peer.role == Role::Primary {
             return Err(
@@ -1055,7 +1216,16 @@ impl Node {
 
     fn start_generation(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
         let uuid = self.fresh_uuid(fresh);
+        let had_bitmap = self.gens.bitmap != 0;
         self.gens.new_current(uuid);
+        if !had_bitmap && self.gens.bitmap != 0 {
+            // Whether this node was Primary when it started tracking
+            // changes for the peer (`discard-younger-primary`).
+            match self.role {
+                Role::Primary => self.kept_flags |= flags::BITMAP_PRIMARY,
+                Role::Secondary => self.kept_flags &= !flags::BITMAP_PRIMARY,
+            }
+        }
         out.log(Level::Info, format!("new current UUID {uuid:016X}"));
     }
 
@@ -2090,6 +2260,302 @@ mod tests {
         m.handle(Event::Promote { force: false }, &mut || 0xC1)
             .expect("promoted");
         assert_eq!(m.gens(), g(5, 0xC1, [0, 0]));
+    }
+
+    /// Meets with the given dirty bits on each side.
+    fn meet_dirty(a: &mut Node, b: &mut Node, da: u64, db: u64) -> (Vec<Action>, Vec<Action>) {
+        let ia = PeerInfo {
+            uuids: a.uuid_view(da),
+            ..info(a)
+        };
+        let ib = PeerInfo {
+            uuids: b.uuid_view(db),
+            ..info(b)
+        };
+        let ra = step(
+            a,
+            Event::PeerConnected {
+                peer: ib,
+                local_dials: true,
+                local_dirty_bits: da,
+            },
+        );
+        let rb = step(
+            b,
+            Event::PeerConnected {
+                peer: ia,
+                local_dials: false,
+                local_dirty_bits: db,
+            },
+        );
+        (ra, rb)
+    }
+
+    /// A pair split from a connected one: `a` was Primary when the link
+    /// went, `b` promoted apart; then both demoted unless `keep` names
+    /// one to stay Primary (0 for a, 1 for b).
+    fn split_pair(policy: Policy, keep: Option<usize>) -> (Node, Node) {
+        let (mut a, mut b) = pair();
+        a.set_split_brain_policy(policy);
+        b.set_split_brain_policy(policy);
+        step(&mut a, Event::Promote { force: false });
+        step(&mut a, Event::Disconnect);
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "cut".into(),
+            },
+        );
+        step(&mut b, Event::Disconnect);
+        b.handle(Event::Promote { force: false }, &mut || 0x7777)
+            .expect("promoted");
+        assert_eq!(
+            a.meta_flags() & flags::BITMAP_PRIMARY,
+            flags::BITMAP_PRIMARY
+        );
+        assert_eq!(b.meta_flags() & flags::BITMAP_PRIMARY, 0);
+        for (i, n) in [&mut a, &mut b].into_iter().enumerate() {
+            if keep != Some(i) {
+                step(
+                    n,
+                    Event::Demote {
+                        force: false,
+                        clients: 0,
+                    },
+                );
+            }
+            step(
+                n,
+                Event::Connect {
+                    discard_my_data: false,
+                },
+            );
+        }
+        (a, b)
+    }
+
+    fn policy(p0: split_brain::After0Pri, p1: split_brain::After1Pri) -> Policy {
+        Policy {
+            after_sb_0pri: p0,
+            after_sb_1pri: p1,
+        }
+    }
+
+    #[test]
+    fn without_a_policy_split_brain_goes_stand_alone_and_records_nothing() {
+        let (mut a, mut b) = split_pair(Policy::default(), None);
+        meet_dirty(&mut a, &mut b, 3, 5);
+        assert_eq!(
+            (a.conn(), b.conn()),
+            (ConnState::StandAlone, ConnState::StandAlone)
+        );
+        assert_eq!(
+            a.last_verdict().map(|v| v.rule),
+            Some(Rule::SplitBrainBitmapsEqual)
+        );
+        let r = a.last_split_brain().expect("asked");
+        assert_eq!(r.victim, None);
+    }
+
+    #[test]
+    fn a_policy_resolves_split_brain_as_a_bitmap_based_sync_and_says_why() {
+        use split_brain::{After0Pri, After1Pri, Victim};
+        let p = policy(After0Pri::DiscardLeastChanges, After1Pri::Disconnect);
+        let (mut a, mut b) = split_pair(p, None);
+        let (ra, rb) = meet_dirty(&mut a, &mut b, 3, 5);
+        assert!(
+            ra.contains(&Action::StartSync {
+                source: false,
+                full: false
+            }),
+            "{ra:?}"
+        );
+        assert!(
+            rb.contains(&Action::StartSync {
+                source: true,
+                full: false
+            }),
+            "{rb:?}"
+        );
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncTarget, ReplState::SyncSource)
+        );
+        let r = a.last_split_brain().expect("resolved");
+        assert_eq!(
+            (r.victim, r.local_changes, r.peer_changes),
+            (Some(Victim::Local), 3, 5)
+        );
+        assert!(ra.iter().any(|x| matches!(x, Action::Log { level: Level::Warn, message } if message.contains("resolved automatically") && message.contains("this node changed 3 blocks, the peer 5"))), "{ra:?}");
+        assert_eq!(
+            b.last_split_brain().and_then(|r| r.victim),
+            Some(Victim::Peer)
+        );
+        // The sync ends as any other: identical UUIDs.
+        step(&mut a, Event::SyncFinished);
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(a.gens(), b.gens());
+    }
+
+    #[test]
+    fn discard_younger_primary_uses_the_flag_set_at_the_split() {
+        use split_brain::{After0Pri, After1Pri};
+        let p = policy(After0Pri::DiscardYoungerPrimary, After1Pri::Disconnect);
+        let (mut a, mut b) = split_pair(p, None);
+        // b wrote far less, but was promoted after the split.
+        meet_dirty(&mut a, &mut b, 500, 1);
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncSource, ReplState::SyncTarget)
+        );
+        // The flag goes with the bitmap UUID once the sync is done.
+        step(&mut a, Event::SyncFinished);
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(a.meta_flags() & flags::BITMAP_PRIMARY, 0);
+        assert_eq!(b.meta_flags() & flags::BITMAP_PRIMARY, 0);
+    }
+
+    #[test]
+    fn discard_secondary_never_makes_the_primary_a_target() {
+        use split_brain::{After0Pri, After1Pri};
+        let p = policy(After0Pri::Disconnect, After1Pri::DiscardSecondary);
+        let (mut a, mut b) = split_pair(p, Some(1));
+        meet_dirty(&mut a, &mut b, 100, 1);
+        assert_eq!(
+            (a.repl(), b.repl()),
+            (ReplState::SyncTarget, ReplState::SyncSource)
+        );
+        assert_eq!(b.role(), Role::Primary);
+    }
+
+    #[test]
+    fn the_manual_discard_of_a_rule_90_split_is_bitmap_based_and_rule_100_full() {
+        let (mut a, mut b) = split_pair(Policy::default(), None);
+        step(&mut a, Event::Disconnect);
+        step(
+            &mut a,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        let (ra, _) = meet_dirty(&mut a, &mut b, 3, 5);
+        assert!(
+            ra.contains(&Action::StartSync {
+                source: false,
+                full: false
+            }),
+            "{ra:?}"
+        );
+        // Shared only an older generation (rule 100): full.
+        let mut c = Node::from_meta(g(0xA2, 0xA1, [0xC1, 0]), UTD, true);
+        let mut d = Node::from_meta(g(0xB2, 0xB1, [0xC1, 0]), UTD, true);
+        step(
+            &mut c,
+            Event::Connect {
+                discard_my_data: true,
+            },
+        );
+        let (rc, _) = meet_dirty(&mut c, &mut d, 3, 5);
+        assert_eq!(
+            c.last_verdict().map(|v| v.rule),
+            Some(Rule::SplitBrainHistoryShared)
+        );
+        assert!(
+            rc.contains(&Action::StartSync {
+                source: false,
+                full: true
+            }),
+            "{rc:?}"
+        );
+    }
+
+    #[test]
+    fn both_dirty_at_the_same_generation_the_primary_is_the_source() {
+        for primary_dials in [true, false] {
+            let (mut a, mut b) = pair();
+            step(&mut a, Event::Disconnect);
+            step(
+                &mut b,
+                Event::PeerLost {
+                    reason: "cut".into(),
+                },
+            );
+            step(
+                &mut a,
+                Event::Connect {
+                    discard_my_data: false,
+                },
+            );
+            let (p, s) = if primary_dials {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            p.role = Role::Primary;
+            let (mut x, mut y) = (p.clone(), s.clone());
+            let (rx, _) = if primary_dials {
+                meet_dirty(&mut x, &mut y, 2, 2)
+            } else {
+                let (ry, rx) = meet_dirty(&mut y, &mut x, 2, 2);
+                (rx, ry)
+            };
+            assert!(
+                rx.contains(&Action::StartSync {
+                    source: true,
+                    full: false
+                }),
+                "{primary_dials}: {rx:?}"
+            );
+            assert_eq!(y.repl(), ReplState::SyncTarget);
+            assert_eq!(x.last_verdict().map(|v| v.rule), Some(Rule::BothDirtyBits));
+        }
+    }
+
+    #[test]
+    fn invalidate_needs_an_uptodate_peer_and_makes_a_persistent_full_sync_target() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        assert!(refused(&mut a, Event::Invalidate).contains("Primary"));
+        let acts = without_logs(step(&mut b, Event::Invalidate));
+        assert!(
+            matches!(acts.as_slice(), [Action::Persist, Action::DropLink { .. }]),
+            "{acts:?}"
+        );
+        assert_eq!(
+            (b.disk(), b.conn()),
+            (DiskState::Inconsistent, ConnState::Connecting)
+        );
+        assert_eq!(
+            b.meta_flags() & (flags::FULL_SYNC | flags::CONSISTENT),
+            flags::FULL_SYNC
+        );
+        // Not connected: refused.
+        assert!(refused(&mut b, Event::Invalidate).contains("connected peer"));
+        // A crash before the sync keeps it full.
+        let mut b = Node::from_meta(b.gens(), b.meta_flags(), true);
+        step(
+            &mut a,
+            Event::PeerLost {
+                reason: "invalidate".into(),
+            },
+        );
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(
+            ra.contains(&Action::StartSync {
+                source: true,
+                full: true
+            }),
+            "{ra:?}"
+        );
+        assert!(
+            rb.contains(&Action::StartSync {
+                source: false,
+                full: true
+            }),
+            "{rb:?}"
+        );
+        step(&mut b, Event::SyncFinished);
+        assert_eq!(b.meta_flags() & flags::FULL_SYNC, 0);
     }
 
     #[test]

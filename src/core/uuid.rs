@@ -255,7 +255,8 @@ pub enum Rule {
     /// The mirror of `LocalDirtyBits`: bitmap-based sync target.
     PeerDirtyBits,
     /// Same generation, both nodes marked blocks: the dialing node
-    /// yields, and the sync is full.
+    /// yields (a Primary never does, see `core::state`), and the sync
+    /// covers the union of both bitmaps.
     BothDirtyBits,
 }
 
@@ -398,7 +399,8 @@ impl fmt::Display for Verdict {
 /// First the UUID rules, in DRBD's order (10, 20, 30, 34–37, 40, 50, 60,
 /// 70, 80, 90, 100; see [`Rule`]). A "no sync" by rule 40 becomes a
 /// bitmap-based sync from the side whose bitmap marks blocks (both
-/// marked: the dialing node yields, full): equal generations do not
+/// marked: the dialing node yields, and the bitmaps' union is synced):
+/// equal generations do not
 /// make equal data when writes the peer acknowledged were lost from its
 /// page cache after the writer stopped being Primary. Then the disk
 /// states: when exactly one
@@ -422,10 +424,12 @@ pub fn compare(local: &UuidView, peer: &UuidView, local_dials: bool) -> Verdict 
                 (decision, rule) = (Decision::SyncTarget { full: false }, Rule::PeerDirtyBits)
             }
             (true, true) => {
+                // Bitmap-based: the source merges the target's bitmap
+                // into its own at connect.
                 decision = if local_dials {
-                    Decision::SyncTarget { full: true }
+                    Decision::SyncTarget { full: false }
                 } else {
-                    Decision::SyncSource { full: true }
+                    Decision::SyncSource { full: false }
                 };
                 rule = Rule::BothDirtyBits;
             }
@@ -745,7 +749,7 @@ mod tests {
         check(dirty(C, 3), dirty(C, 0), SRC_BM, Rule::LocalDirtyBits);
         check(dirty(C, 0), dirty(C, 3), TGT_BM, Rule::PeerDirtyBits);
         let v = both(dirty(C, 1), dirty(C, 2), true);
-        assert_eq!((v.decision, v.rule), (TGT_FULL, Rule::BothDirtyBits));
+        assert_eq!((v.decision, v.rule), (TGT_BM, Rule::BothDirtyBits));
         // A crashed Primary still decides by rule 40, a just-created pair
         // by rule 10, and an Inconsistent side by its disk state.
         let cp = C | flags::CRASHED_PRIMARY;

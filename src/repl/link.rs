@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -193,6 +193,7 @@ pub fn handshake(
         resource: resource.to_owned(),
         size,
         challenge,
+        after_sb: cfg.split_brain.codes(),
     };
     if dialer {
         write_frame(stream, &Frame::Hello(mine.clone()))?;
@@ -251,6 +252,27 @@ pub fn handshake(
             format!(
                 "device sizes differ: {} has {} bytes, {} has {size}",
                 theirs.node, theirs.size, cfg.local_node
+            ),
+        ));
+    }
+    if theirs.after_sb != mine.after_sb {
+        let name0 = |c: u8| {
+            crate::core::split_brain::After0Pri::from_code(c).map_or("unknown", |p| p.name())
+        };
+        let name1 = |c: u8| {
+            crate::core::split_brain::After1Pri::from_code(c).map_or("unknown", |p| p.name())
+        };
+        return Err(refuse(
+            stream,
+            RefuseCode::ConfigMismatch,
+            format!(
+                "split-brain policies differ: {} has after_sb_0pri {} and after_sb_1pri {}, {} has {} and {}",
+                theirs.node,
+                name0(theirs.after_sb[0]),
+                name1(theirs.after_sb[1]),
+                cfg.local_node,
+                name0(mine.after_sb[0]),
+                name1(mine.after_sb[1]),
             ),
         ));
     }
@@ -453,6 +475,13 @@ pub struct Session {
     stash: Mutex<Vec<(u16, Vec<u8>)>>,
     /// The Primary's receiver runs, so a submitter may read the link.
     primary_reading: AtomicBool,
+    /// Unsequenced requests awaiting the peer's answer (online verify):
+    /// the Primary's receiver keeps reading while there are any.
+    awaiting: AtomicUsize,
+    /// The receiver also keeps reading until this many milliseconds
+    /// after `created` (the peer is sending requests, see `keep_reading`).
+    linger_ms: AtomicU64,
+    created: Instant,
 }
 
 /// What a session does with the peer's state frames.
@@ -494,6 +523,9 @@ impl Session {
             park_cv: Condvar::new(),
             stash: Mutex::new(Vec::new()),
             primary_reading: AtomicBool::new(false),
+            awaiting: AtomicUsize::new(0),
+            linger_ms: AtomicU64::new(0),
+            created: Instant::now(),
         })
     }
 
@@ -514,6 +546,29 @@ impl Session {
         self.activate();
     }
 
+    /// An unsequenced request now awaits the peer's answer: the
+    /// receiver reads the link until `answered`.
+    pub fn awaiting_answer(&self) {
+        self.awaiting.fetch_add(1, Ordering::SeqCst);
+        self.activate();
+    }
+
+    /// The answer announced by `awaiting_answer` came (or is given up).
+    pub fn answered(&self) {
+        let _ = self
+            .awaiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    }
+
+    /// The peer sends requests that this node answers (online verify):
+    /// the receiver keeps reading for `d` more, so the next one is not
+    /// left until its next tick.
+    pub fn keep_reading(&self, d: Duration) {
+        let until = (self.created.elapsed() + d).as_millis() as u64;
+        self.linger_ms.fetch_max(until, Ordering::Relaxed);
+        self.activate();
+    }
+
     /// Wakes the receiver to read the link.
     pub fn activate(&self) {
         if !self.active.swap(true, Ordering::SeqCst) {
@@ -526,11 +581,18 @@ impl Session {
     /// nothing is in flight (re-checked after clearing, so a request
     /// submitted meanwhile is never left unread).
     pub fn stay_active(&self) -> bool {
-        if self.in_flight() > 0 {
+        let busy = || {
+            self.in_flight() > 0
+                || self.awaiting.load(Ordering::SeqCst) > 0
+                || (self.linger_ms.load(Ordering::Relaxed) > 0
+                    && self.created.elapsed().as_millis() as u64
+                        <= self.linger_ms.load(Ordering::Relaxed))
+        };
+        if busy() {
             return true;
         }
         self.active.store(false, Ordering::SeqCst);
-        if self.in_flight() > 0 {
+        if busy() {
             self.active.store(true, Ordering::SeqCst);
             return true;
         }
@@ -1049,7 +1111,11 @@ impl Session {
                 }
                 Ok(())
             }
-            f @ Frame::SyncDone { .. } => (self.hook)(f),
+            f @ (Frame::SyncDone { .. }
+            | Frame::VerifyRequest { .. }
+            | Frame::VerifyReply { .. }
+            | Frame::OutOfSync { .. }
+            | Frame::Invalidate) => (self.hook)(f),
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {} from a {from}",
                 other.kind()

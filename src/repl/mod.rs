@@ -27,12 +27,15 @@
 mod apply;
 mod datapath;
 pub mod error;
+mod exchange;
 pub mod intervals;
 pub mod link;
 mod peer;
 pub use peer::dials;
 mod resync;
+mod verify;
 pub use error::VerbError;
+pub use verify::{VerifyState, VerifyStatus};
 
 use crate::sync::lock;
 use std::io;
@@ -130,6 +133,16 @@ pub struct ResourceStatus {
     pub last_error: Option<String>,
     /// Round trip of the last keepalive Ping, while connected.
     pub ping_rtt_us: Option<u64>,
+    /// The automatic split-brain policies configured for the resource.
+    #[serde(default)]
+    pub split_brain_policy: Option<crate::core::split_brain::Policy>,
+    /// The last split brain the policies were asked about: what they
+    /// decided and the numbers they decided on.
+    #[serde(default)]
+    pub split_brain: Option<crate::core::split_brain::Resolution>,
+    /// Online verify: the one running, or the last one.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -189,6 +202,9 @@ pub struct Replica {
     gate: Mutex<Gate>,
     oos: Mutex<DirtyBitmap>,
     intervals: IntervalLock,
+    /// Online verify: status, stop flag, the request in flight.
+    verify: Mutex<verify::VerifyCtl>,
+    verify_cv: Condvar,
     session: Mutex<Option<Arc<Session>>>,
     /// The role the session currently runs as, for promote to wait on.
     mode: Mutex<Option<Role>>,
@@ -353,6 +369,8 @@ impl Replica {
             gate: Mutex::new(Gate::default()),
             oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
             intervals: IntervalLock::new(),
+            verify: Mutex::new(verify::VerifyCtl::default()),
+            verify_cv: Condvar::new(),
             session: Mutex::new(None),
             mode: Mutex::new(None),
             mode_cv: Condvar::new(),
@@ -496,6 +514,9 @@ impl Replica {
             generations: node.map(|n| n.gens().into()),
             last_error: inner.last_error.clone(),
             ping_rtt_us: self.current_session().and_then(|s| s.rtt_us()),
+            split_brain_policy: self.peer.as_ref().map(|p| p.split_brain),
+            split_brain: node.and_then(|n| n.last_split_brain()).cloned(),
+            verify: self.verify_status(),
         }
     }
 
@@ -503,7 +524,7 @@ impl Replica {
     fn emit_if_changed(&self) {
         let status = self.status();
         let print = format!(
-            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
             status.up,
             status.role,
             status.disk,
@@ -513,6 +534,7 @@ impl Replica {
             status.peer_disk,
             status.decision.as_ref().map(|d| (d.decision, d.rule)),
             status.down_reason,
+            status.split_brain.as_ref().map(|r| &r.reason),
         );
         let changed = {
             let mut inner = lock(&self.inner);
@@ -726,7 +748,10 @@ impl Replica {
                 "metadata was not shut down cleanly: every block is marked out of sync"
             );
         }
-        let node = Node::from_meta(sb.gens, sb.flags, true);
+        let mut node = Node::from_meta(sb.gens, sb.flags, true);
+        if let Some(p) = &self.peer {
+            node.set_split_brain_policy(p.split_brain);
+        }
         sb.gens = node.gens();
         sb.flags = node.meta_flags();
         md.write(&mut sb)?;

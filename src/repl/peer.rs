@@ -40,6 +40,30 @@ impl Replica {
                 self.effects(&fx);
                 Ok(())
             }
+            Frame::VerifyRequest {
+                id,
+                offset,
+                length,
+                block,
+            } => {
+                if let Some(s) = self.current_session() {
+                    self.on_verify_request(&s, id, offset, length, block);
+                }
+                Ok(())
+            }
+            Frame::VerifyReply {
+                id,
+                status,
+                digests,
+            } => self.on_verify_reply(id, status, &digests),
+            Frame::OutOfSync { offset, length } => {
+                self.on_out_of_sync(offset, length);
+                Ok(())
+            }
+            Frame::Invalidate => {
+                self.on_invalidate_request();
+                Ok(())
+            }
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {}",
                 other.kind()
@@ -186,19 +210,49 @@ impl Replica {
                 local_dirty_bits: dirty,
             })
             .map_err(LinkError::Protocol)?;
-        let (verdict, source) = {
+        let (verdict, source, target) = {
             let inner = lock(&self.inner);
             let node = inner.node.as_ref();
             (
                 node.and_then(|n| n.last_verdict()),
                 node.is_some_and(|n| n.repl() == ReplState::SyncSource),
+                node.is_some_and(|n| n.repl() == ReplState::SyncTarget),
             )
         };
         let full = verdict.is_some_and(|v| v.decision.is_full());
-        if source && (full || theirs.dirty_bits > 0) {
-            // A full sync, or a target with changes of its own (which only
-            // it knows the blocks of): send every block.
-            lock(&self.oos).set_all();
+        if full {
+            // Both sides know the sync is full: nothing to exchange.
+            if source {
+                lock(&self.oos).set_all();
+            }
+        } else if fx.drop_link.is_none() && (source || target) {
+            // A bitmap-based sync covers what either side marked: both
+            // send their bitmap and merge the peer's.
+            let (ours, bits) = {
+                let oos = lock(&self.oos);
+                (oos.to_bytes(), oos.blocks())
+            };
+            match exchange::exchange(&stream, &ours, bits) {
+                Ok(theirs) => {
+                    let mut oos = lock(&self.oos);
+                    let before = oos.count();
+                    oos.merge_bytes(&theirs);
+                    tracing::info!(
+                        resource = %self.name, peer = %cfg.peer_node,
+                        local_blocks = before, peer_blocks = theirs.iter().map(|b| u64::from(b.count_ones())).sum::<u64>(),
+                        union_blocks = oos.count(),
+                        "bitmaps exchanged: the resync covers the union of both"
+                    );
+                }
+                Err(e) => {
+                    let reason = format!("bitmap exchange failed: {e}");
+                    let _ = self.step(Event::PeerLost {
+                        reason: reason.clone(),
+                    });
+                    let _ = stream.shutdown(Shutdown::Both);
+                    return Err(LinkError::Protocol(reason));
+                }
+            }
         }
         if let Some(v) = verdict {
             tracing::info!(

@@ -59,6 +59,8 @@ struct NodeSpec {
     wrapper: Vec<String>,
     ip: Option<IpAddr>,
     start: bool,
+    /// Extra `[[resource]]` keys in this node's config file.
+    resource_keys: Vec<(String, String)>,
 }
 
 pub struct PairBuilder {
@@ -126,6 +128,24 @@ impl PairBuilder {
         self
     }
 
+    /// Sets a `[[resource]]` key (raw TOML value) in both nodes' config,
+    /// e.g. `("after_sb_0pri", "\"discard-least-changes\"")`.
+    pub fn resource_key(mut self, key: &str, value: &str) -> Self {
+        for spec in self.specs.iter_mut() {
+            spec.resource_keys.retain(|(k, _)| k != key);
+            spec.resource_keys.push((key.into(), value.into()));
+        }
+        self
+    }
+
+    /// Sets a `[[resource]]` key in `node`'s config only.
+    pub fn resource_key_on(mut self, node: &str, key: &str, value: &str) -> Self {
+        let spec = &mut self.specs[index(node)];
+        spec.resource_keys.retain(|(k, _)| k != key);
+        spec.resource_keys.push((key.into(), value.into()));
+        self
+    }
+
     /// `node`'s backing file has this size.
     pub fn disk_size_on(mut self, node: &str, size: u64) -> Self {
         self.specs[index(node)].disk_size = Some(size);
@@ -175,6 +195,9 @@ impl PairBuilder {
              secret = {secret:?}\n",
             self.description
         ));
+        for (k, v) in &spec.resource_keys {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
         for n in nodes {
             let address = match self.dial_via {
                 Some(via) if node == 0 && n.name == BETA => via,
