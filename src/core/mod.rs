@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod datapath;
+pub mod fence;
 pub mod state;
 pub mod uuid;
 
