@@ -275,6 +275,8 @@ fn handle(request: Request, ctx: &Context, conn: &UnixStream) -> Result<Answer, 
             resource,
             timeout_ms,
         } => wait_sync(conn, ctx, &resource, timeout_ms),
+        Request::Outdate { resource } => message(find(ctx, &resource)?.outdate()),
+        Request::ResumeIo { resource } => message(find(ctx, &resource)?.resume_io()),
         Request::Events {} => Err(ControlError::NeedsOwnConnection),
     }
 }

@@ -30,6 +30,9 @@ impl Replica {
         send: impl Fn(&Session) -> Option<Arc<link::Slot>>,
         local: impl FnOnce(&dyn Store) -> io::Result<()>,
     ) -> io::Result<()> {
+        if self.frozen.load(Ordering::Relaxed) {
+            self.wait_thawed();
+        }
         self.inflight.fetch_add(1, Ordering::SeqCst);
         let _inflight = InFlight(&self.inflight);
         if !self.serving.load(Ordering::SeqCst) {
@@ -54,19 +57,23 @@ impl Replica {
         if remote.is_none() {
             remote = start();
         }
-        let in_sync = match remote {
+        let (in_sync, lost) = match remote {
             Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
-                Remote::Done => true,
+                Remote::Done => (true, false),
                 Remote::Failed(errno) => {
                     tracing::warn!(resource = %self.name, offset, len, errno, "peer failed a write; range marked out of sync");
-                    false
+                    (false, false)
                 }
-                Remote::Lost => false,
+                Remote::Lost => (false, true),
             },
-            None => false,
+            None => (false, true),
         };
         if !in_sync || result.is_err() {
             self.mark_out_of_sync(offset, len);
+        }
+        if lost {
+            // Not acknowledged before the peer is fenced (fencing on).
+            self.hold_here()?;
         }
         result
     }
@@ -91,6 +98,9 @@ impl Replica {
             let result = op.apply(self);
             return done(result, &mut Batch::default());
         };
+        if self.frozen.load(Ordering::Relaxed) {
+            self.wait_thawed();
+        }
         self.inflight.fetch_add(1, Ordering::SeqCst);
         if !self.serving.load(Ordering::SeqCst) {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -138,6 +148,20 @@ impl Replica {
                     tracing::warn!(resource = %me.name, offset, len, errno, "peer failed a write; range marked out of sync");
                 }
                 me.mark_out_of_sync(offset, len);
+            }
+            if remote == Remote::Lost && me.fencing_on() {
+                // Acknowledged only once the peer is fenced.
+                let r = me.clone();
+                return me.hold(Box::new(move |fail| {
+                    r.intervals.release(range);
+                    r.inflight.fetch_sub(1, Ordering::SeqCst);
+                    let result = if fail {
+                        Err(io::Error::from_raw_os_error(libc::EIO))
+                    } else {
+                        Ok(())
+                    };
+                    done(result, &mut Batch::default());
+                }));
             }
             me.intervals.release(range);
             me.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -210,10 +234,22 @@ impl Store for Replica {
                 .map(|slot| (s, slot))
         });
         let local = store.flush();
-        if let Some((session, slot)) = remote {
-            if session.wait(&slot, self.ack_timeout()) != Remote::Done {
-                tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
-            }
+        let lost = match remote {
+            Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
+                Remote::Done => false,
+                Remote::Failed(_) => {
+                    tracing::warn!(resource = %self.name, "flush: the peer failed the barrier");
+                    false
+                }
+                Remote::Lost => {
+                    tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
+                    true
+                }
+            },
+            None => true,
+        };
+        if lost {
+            self.hold_here()?;
         }
         local
     }

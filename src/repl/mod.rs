@@ -27,6 +27,7 @@
 mod apply;
 mod datapath;
 pub mod error;
+mod fence;
 pub mod intervals;
 pub mod link;
 mod peer;
@@ -53,7 +54,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::bitmap::DirtyBitmap;
-use crate::config::{LocalResource, MetaDisk, PeerConfig};
+use crate::config::{FencingPolicy, LocalResource, MetaDisk, PeerConfig};
 use crate::core::state::{Action, Event, Level, Node, PeerInfo};
 pub use crate::core::state::{ConnState, DiskState, ReplState, Role};
 use crate::core::uuid::{Decision, Rule, UuidView};
@@ -130,6 +131,12 @@ pub struct ResourceStatus {
     pub last_error: Option<String>,
     /// Round trip of the last keepalive Ping, while connected.
     pub ping_rtt_us: Option<u64>,
+    /// Writes are frozen: the peer was lost and is not fenced yet.
+    #[serde(default)]
+    pub io_frozen: bool,
+    /// The peer is known fenced or outdated since the link was last up.
+    #[serde(default)]
+    pub peer_fenced: bool,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -198,6 +205,11 @@ pub struct Replica {
     wake_cv: Condvar,
     listener: Option<TcpListener>,
     manager: Mutex<Option<JoinHandle<()>>>,
+    /// Fencing (`core::fence`): its state, whether writes are frozen (read
+    /// by every write, so kept outside the lock) and the writes held.
+    fencer: Mutex<crate::core::fence::Fencer>,
+    frozen: AtomicBool,
+    freeze: fence::Freeze,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -357,7 +369,11 @@ impl Replica {
             wake_cv: Condvar::new(),
             listener,
             manager: Mutex::new(None),
+            fencer: Mutex::new(crate::core::fence::Fencer::new(false, false)),
+            frozen: AtomicBool::new(false),
+            freeze: fence::Freeze::default(),
         });
+        replica.reset_fencer(false);
         if replica.peer.is_none() {
             let store = FileStore::open(&res.disk, res.size, res.read_only).map_err(|e| {
                 ReplicaError::Open {
@@ -399,6 +415,7 @@ impl Replica {
     /// the metadata as a clean shutdown (a Primary comes back Secondary).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.fence(crate::core::fence::FenceEvent::Shutdown);
         self.wake();
         if let Some(l) = &self.listener {
             // SAFETY: shutdown(2) on our own listening socket wakes accept().
@@ -476,6 +493,8 @@ impl Replica {
             generations: node.map(|n| n.gens().into()),
             last_error: inner.last_error.clone(),
             ping_rtt_us: self.current_session().and_then(|s| s.rtt_us()),
+            io_frozen: self.frozen.load(Ordering::SeqCst),
+            peer_fenced: lock(&self.fencer).peer_fenced(),
         }
     }
 
@@ -483,7 +502,7 @@ impl Replica {
     fn emit_if_changed(&self) {
         let status = self.status();
         let print = format!(
-            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {} {}",
             status.up,
             status.role,
             status.disk,
@@ -493,6 +512,8 @@ impl Replica {
             status.peer_disk,
             status.decision.as_ref().map(|d| (d.decision, d.rule)),
             status.down_reason,
+            status.io_frozen,
+            status.peer_fenced,
         );
         let changed = {
             let mut inner = lock(&self.inner);
@@ -505,6 +526,7 @@ impl Replica {
         };
         if changed {
             self.events.emit(event_json("change", &status));
+            self.fence_check_in_sync(&status);
         }
     }
 
@@ -712,6 +734,7 @@ impl Replica {
             bitmap.count()
         );
         *lock(&self.oos) = bitmap;
+        self.reset_fencer(node.peer_outdated());
         self.size.store(size, Ordering::SeqCst);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
         inner.node = Some(node);
@@ -941,6 +964,9 @@ impl Replica {
         // round trip and changes nothing.
         self.dry_run(Event::Promote { force })?;
         let session = self.current_session();
+        if session.is_none() {
+            self.fence_before_promote(force)?;
+        }
         if let Some(s) = &session {
             // Two-phase while connected: announce the promote and wait for
             // the peer's answer. A peer that answered has recorded the

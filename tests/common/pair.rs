@@ -70,9 +70,16 @@ pub struct PairBuilder {
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
+    resource_keys: String,
 }
 
 impl PairBuilder {
+    /// Extra TOML lines for the `[[resource]]` table (e.g. fencing keys).
+    pub fn resource_keys(mut self, toml: &str) -> Self {
+        self.resource_keys.push_str(toml);
+        self
+    }
+
     /// Metadata at the end of each backing file (default: a separate
     /// `NODE.md` file, so the backing files hold data only).
     pub fn internal_meta(mut self) -> Self {
@@ -164,8 +171,8 @@ impl PairBuilder {
         }
         text.push_str(&format!(
             "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n\
-             secret = {secret:?}\n",
-            self.description
+             secret = {secret:?}\n{}",
+            self.description, self.resource_keys
         ));
         for n in nodes {
             text.push_str(&format!(
@@ -499,6 +506,7 @@ impl Pair {
             ],
             internal_meta: false,
             bootstrap: true,
+            resource_keys: String::new(),
         }
     }
 
