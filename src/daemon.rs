@@ -66,6 +66,31 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// `repld --pidfile P`: the file holds this process's PID while it runs
+/// and is removed when dropped.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    pub fn create(path: &Path) -> Result<PidFile> {
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing the pid file {}", path.display()))?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        // Only our own: a later repld may have replaced it.
+        if std::fs::read_to_string(&self.0)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string())
+        {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
 /// `repld --check-config`: loads and validates the file, resolves it for
 /// `node` and checks that every backing disk (and external metadata
 /// device) of this node exists. Returns a one-line-per-resource summary;

@@ -245,3 +245,48 @@ fn promoting_without_the_peer_fences_it_first_and_is_refused_if_that_fails() {
     });
     assert!(same_files(&pair.alpha().disk, &pair.beta().disk));
 }
+
+#[test]
+fn the_outdate_peer_handler_marks_the_peer_outdated_through_another_path() {
+    let h = Handlers::new();
+    let handler = format!(
+        "sh {script} {replctl} --socket \\\"$(cat {ctl})\\\"",
+        script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tools/handlers/outdate-peer")
+            .display(),
+        replctl = env!("CARGO_BIN_EXE_replctl"),
+        ctl = h.path("peer_ctl").display()
+    );
+    let pair = Pair::builder()
+        .replication("ping_interval_ms", "200")
+        .replication("ping_timeout_ms", "1000")
+        .resource_keys(&format!(
+            "fencing = \"resource-only\"\nfence_peer_handler = \"{handler}\"\nfence_retry_ms = 300\n"
+        ))
+        .start();
+    std::fs::write(h.path("peer_ctl"), pair.beta().ctl.display().to_string()).expect("ctl");
+    let uri = pair.primary_uri();
+    qemu_io_ok(&uri, "write -P 0x61 0 64k");
+
+    pair.ok(BETA, &["disconnect", "r0"]);
+    wait_for("beta Outdated by alpha's handler", || {
+        st(&pair, BETA)["disk"] == "Outdated"
+    });
+    wait_for("alpha's writes resumed", || {
+        let s = st(&pair, ALPHA);
+        s["io_frozen"] == false && s["peer_fenced"] == true
+    });
+    assert!(pair
+        .log(ALPHA)
+        .contains("the peer is fenced; writes resume"));
+    qemu_io_ok(&uri, "write -P 0x62 64k 64k");
+    let e = pair.ctl(BETA, &["promote", "r0"]).expect_err("refused");
+    assert!(e.contains("Outdated, not UpToDate"), "{e}");
+
+    pair.ok(BETA, &["connect", "r0"]);
+    for node in [ALPHA, BETA] {
+        pair.ok(node, &["wait-sync", "r0", "--timeout", "20"]);
+    }
+    assert_eq!(st(&pair, BETA)["disk"], "UpToDate");
+    assert!(same_files(&pair.alpha().disk, &pair.beta().disk));
+}

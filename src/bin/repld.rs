@@ -25,6 +25,11 @@ struct Args {
     /// and exit (0: valid; 1: the reason on stderr). Opens and binds nothing.
     #[arg(long, requires = "config")]
     check_config: bool,
+    /// Write this process's PID to this file once the configuration is
+    /// valid (removed again at exit), for service managers and the OCF
+    /// resource agent.
+    #[arg(long, requires = "config")]
+    pidfile: Option<PathBuf>,
     /// TCP port for the demo Primary's NBD export (the next three ports
     /// are used by the Secondary and the replication link).
     #[arg(long, default_value_t = 10809, requires = "demo")]
@@ -59,6 +64,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|config| {
                 let node = args.node.unwrap_or_else(replblk::daemon::default_node_name);
+                let _pidfile = match &args.pidfile {
+                    Some(p) => Some(replblk::daemon::PidFile::create(p)?),
+                    None => None,
+                };
                 replblk::daemon::run(&config, &node)
             })
     };
