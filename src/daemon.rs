@@ -16,6 +16,7 @@ use crate::control::proto::{MessageAnswer, Request, StatusAnswer};
 use crate::control::{client, ControlServer};
 use crate::events::Events;
 use crate::meta::{Location, MetaStore};
+use crate::metrics::{IoMetrics, MetricsServer};
 use crate::nbd::handshake::Admission;
 use crate::nbd::{Export, Exports};
 use crate::repl::{ConnState, Replica};
@@ -143,6 +144,16 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
     let view = config.for_node(node)?;
     let events = Events::new();
     let replicas = open_replicas(&view, &events)?;
+    // Request counters exist only when metrics are served: with them off,
+    // the data path records nothing.
+    let io_metrics: Vec<(String, &'static IoMetrics)> = match view.metrics_listen {
+        Some(_) => view
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), IoMetrics::leak()))
+            .collect(),
+        None => Vec::new(),
+    };
     let exports = Exports::new(
         view.resources
             .iter()
@@ -153,6 +164,10 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
                     description: r.description.clone(),
                     read_only: r.read_only,
                     store: replica.clone() as Arc<dyn Store>,
+                    metrics: io_metrics
+                        .iter()
+                        .find(|(n, _)| *n == r.name)
+                        .map(|(_, m)| *m),
                 })
             })
             .collect(),
@@ -185,6 +200,20 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
             return Err(e);
         }
     };
+    let metrics = match view.metrics_listen {
+        Some(addr) => {
+            match MetricsServer::start(addr, node.to_owned(), io_metrics, replicas.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    control.stop();
+                    let _ = server.shutdown();
+                    replicas.iter().for_each(|r| r.stop());
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(
         "repld {} serving {} resource(s) as node {node}",
         env!("CARGO_PKG_VERSION"),
@@ -199,6 +228,9 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
         r.stop();
     }
     control.stop();
+    if let Some(m) = metrics {
+        m.stop();
+    }
     flushed.context("flushing exports at shutdown")?;
     tracing::info!("shutdown complete");
     Ok(())

@@ -210,6 +210,8 @@ pub struct Replica {
     fencer: Mutex<crate::core::fence::Fencer>,
     frozen: AtomicBool,
     freeze: fence::Freeze,
+    /// Bytes sent as resync source (for metrics).
+    resync_sent: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -372,6 +374,7 @@ impl Replica {
             fencer: Mutex::new(crate::core::fence::Fencer::new(false, false)),
             frozen: AtomicBool::new(false),
             freeze: fence::Freeze::default(),
+            resync_sent: AtomicU64::new(0),
         });
         replica.reset_fencer(false);
         if replica.peer.is_none() {
@@ -443,6 +446,16 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "resource is down"))
+    }
+
+    /// A replicated resource (as opposed to a single-node one).
+    pub fn is_replicated(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Bytes sent to the peer as resync source since the daemon started.
+    pub fn resync_bytes(&self) -> u64 {
+        self.resync_sent.load(Ordering::Relaxed)
     }
 
     /// The local role (a single-node resource always serves).

@@ -71,9 +71,17 @@ pub struct PairBuilder {
     internal_meta: bool,
     bootstrap: bool,
     resource_keys: String,
+    metrics: bool,
 }
 
 impl PairBuilder {
+    /// Each node serves Prometheus metrics on a port of its own
+    /// (`Node::metrics_addr`).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
     /// Extra TOML lines for the `[[resource]]` table (e.g. fencing keys).
     pub fn resource_keys(mut self, toml: &str) -> Self {
         self.resource_keys.push_str(toml);
@@ -168,6 +176,9 @@ impl PairBuilder {
                 SocketAddr::new(n.ip, 0),
                 n.ctl.display().to_string()
             ));
+            if let Some(m) = n.metrics_addr {
+                text.push_str(&format!("metrics_listen = \"{m}\"\n"));
+            }
         }
         text.push_str(&format!(
             "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n\
@@ -236,6 +247,7 @@ impl PairBuilder {
                 ctl: dir.path().join(format!("{name}.ctl")),
                 ip,
                 repl_addr: SocketAddr::new(ip, free_port()),
+                metrics_addr: self.metrics.then(|| SocketAddr::new(ip, free_port())),
                 nbd_port: 0,
                 resource: spec
                     .resource
@@ -302,6 +314,8 @@ pub struct Node {
     pub ip: IpAddr,
     /// Replication address (the accepting node, beta, listens here).
     pub repl_addr: SocketAddr,
+    /// Where the node serves metrics (`PairBuilder::metrics`).
+    pub metrics_addr: Option<SocketAddr>,
     /// NBD port of the running (or last) daemon; 0 before the first start.
     pub nbd_port: u16,
     /// Resource name in this node's config.
@@ -507,6 +521,7 @@ impl Pair {
             internal_meta: false,
             bootstrap: true,
             resource_keys: String::new(),
+            metrics: false,
         }
     }
 
