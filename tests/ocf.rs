@@ -92,9 +92,38 @@ fn the_agent_passes_ocf_tester_and_reports_roles_with_ocf_codes() {
     assert_eq!(run("monitor"), Some(0), "Secondary");
     assert_eq!(run("promote"), Some(0));
     assert_eq!(run("monitor"), Some(8), "Primary");
-    // The peer is Primary: a promote there is refused cleanly.
-    let beta_promote = pair.ctl("beta", &["promote", "r0"]).expect_err("refused");
-    assert!(beta_promote.contains("peer is Primary"), "{beta_promote}");
+    // The peer is Primary: the agent's promote on beta (whose repld the
+    // harness runs; the agent finds it through a pidfile) fails at once,
+    // cleanly, without retrying.
+    let beta_pidfile = dir.join("beta-agent.pid");
+    std::fs::write(
+        &beta_pidfile,
+        pair.beta().pid().expect("beta runs").to_string(),
+    )
+    .expect("pidfile");
+    let mut beta_params = params.clone();
+    beta_params[1].1 = pair.beta().config.display().to_string();
+    beta_params[2].1 = "beta".into();
+    beta_params[6].1 = beta_pidfile.display().to_string();
+    let mut c = Command::new(agent());
+    agent_env(&mut c, &beta_params, "monitor");
+    assert_eq!(c.status().expect("agent").code(), Some(0), "beta Secondary");
+    let started = std::time::Instant::now();
+    let mut c = Command::new(agent());
+    agent_env(&mut c, &beta_params, "promote");
+    let out = c.output().expect("agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("promote refused: the peer is Primary"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    std::fs::remove_file(&beta_pidfile).expect("rm");
     assert_eq!(run("demote"), Some(0));
     assert_eq!(run("monitor"), Some(0));
     assert_eq!(run("stop"), Some(0));

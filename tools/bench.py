@@ -296,10 +296,12 @@ class ReplDServer(Server):
     def _command(self, port: int) -> List[str]:
         metrics = (f"[metrics]\nlisten = {json.dumps(f'127.0.0.1:{free_port()}')}\n\n"
                    if self.metrics else "")
+        ctl = self.workdir / f"{self.label}.ctl"
         self.config_path.write_text(
             "[nbd]\n"
             f"listen = {json.dumps(f'127.0.0.1:{port}')}\n"
             "\n"
+            f"[control]\nsocket = {json.dumps(str(ctl))}\n\n"
             f"{metrics}"
             "[[resource]]\n"
             f"name = {json.dumps(EXPORT_NAME)}\n"
