@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl)
 
 PASSED=0
 CURRENT_STEP=""
@@ -146,6 +146,9 @@ if [[ -f fuzz/build.sh ]]; then
     section "bash fuzz/build.sh"
     bash fuzz/build.sh
     pass
+    section "bash fuzz/run.sh 10 (every fuzz target, 10 s each)"
+    bash fuzz/run.sh 10
+    pass
 else
     echo
     echo "== skipped: fuzz/build.sh (not present)"
@@ -155,6 +158,12 @@ fi
 # ---------------------------------------------------------------------------
 section "python3 tools/bench.py --short"
 python3 "$REPO_ROOT/tools/bench.py" --short
+pass
+
+# ---------------------------------------------------------------------------
+section "python3 tools/longrun.py --cycles 8 (faults under load, ackcheck)"
+cargo build --release --bins
+python3 "$REPO_ROOT/tools/longrun.py" --cycles 8
 pass
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod pair;
+pub mod proxy;
 
 use std::fs::File;
 use std::io::Read;

@@ -72,9 +72,17 @@ pub struct PairBuilder {
     bootstrap: bool,
     resource_keys: String,
     metrics: bool,
+    dial_via: Option<SocketAddr>,
 }
 
 impl PairBuilder {
+    /// alpha (the node that dials) reaches beta's replication address
+    /// through `addr` (a fault proxy of the test's) instead of directly.
+    pub fn dial_via(mut self, addr: SocketAddr) -> Self {
+        self.dial_via = Some(addr);
+        self
+    }
+
     /// Each node serves Prometheus metrics on a port of its own
     /// (`Node::metrics_addr`).
     pub fn metrics(mut self) -> Self {
@@ -186,11 +194,15 @@ impl PairBuilder {
             self.description, self.resource_keys
         ));
         for n in nodes {
+            let address = match self.dial_via {
+                Some(via) if node == 0 && n.name == BETA => via,
+                _ => n.repl_addr,
+            };
             text.push_str(&format!(
                 "\n[resource.on.{}]\ndisk = {:?}\naddress = \"{}\"\n",
                 n.name,
                 n.disk.display().to_string(),
-                n.repl_addr
+                address
             ));
             if !self.internal_meta {
                 text.push_str(&format!("meta_disk = {:?}\n", n.meta.display().to_string()));
@@ -522,6 +534,7 @@ impl Pair {
             bootstrap: true,
             resource_keys: String::new(),
             metrics: false,
+            dial_via: None,
         }
     }
 
