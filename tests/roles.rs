@@ -147,27 +147,24 @@ fn scribble(path: &Path, offset: u64) {
 #[test]
 fn a_corrupt_superblock_slot_falls_back_to_the_other_and_two_corrupt_slots_refuse_clearly() {
     let mut pair = Pair::start_default();
-    let before = st(&pair, BETA)["generations"]["current"].clone();
     let (slot, offset) = active_slot(&pair, BETA);
     pair.stop(BETA);
     scribble(&pair.beta().meta, offset);
     let mark = pair.log(BETA).len();
     pair.start(BETA);
-    let s = pair.wait_status(BETA, "up again", |s| s.raw["resources"][0]["up"] == true);
+    pair.wait_status(BETA, "up again", |s| s.raw["resources"][0]["up"] == true);
     let log = log_since(&pair, BETA, mark);
     assert!(
         log.contains("slot") && log.contains("WARN"),
         "no warning about the bad slot:\n{log}"
     );
-    // The previous version was used: same generation, and the data is
-    // UpToDate again after the handshake.
-    assert_eq!(
-        s.raw["resources"][0]["generations"]["current"], before,
-        "{:?}",
-        s.raw
-    );
-    pair.wait_status(BETA, "UpToDate", |s| {
+    // The previous version was used (it may name an older generation: the
+    // metadata writer writes only the newest of versions queued together),
+    // and after the handshake beta is UpToDate on alpha's generation.
+    pair.wait_status(BETA, "UpToDate on alpha's generation", |s| {
         s.raw["resources"][0]["disk"] == "UpToDate"
+            && s.raw["resources"][0]["generations"]["current"]
+                == st(&pair, ALPHA)["generations"]["current"]
     });
     let _ = slot;
 

@@ -167,6 +167,14 @@ python3 "$REPO_ROOT/tools/longrun.py" --cycles 8
 pass
 
 # ---------------------------------------------------------------------------
+section "python3 tools/powerloss.py --cycles 6 (power cuts emulated with tools/lazyfs.py)"
+if ! python3 -c "import mfusepy" 2>/dev/null; then
+    python3 -m pip install --quiet mfusepy
+fi
+python3 "$REPO_ROOT/tools/powerloss.py" --cycles 6
+pass
+
+# ---------------------------------------------------------------------------
 echo
 echo "=================================================================="
 echo "all steps passed in $((SECONDS - SUITE_START)) s${SKIPPED[*]:+ (skipped: ${SKIPPED[*]})}"
