@@ -399,7 +399,9 @@ grep -q -i -E "fail|error" "$W/writer.out" && fail "the writer saw errors: $(cat
 PLOG=$W/${NAMES[$P]}/log/pacemaker/repld-r0.log
 grep -q "lost the peer: writes frozen until it is fenced" "$PLOG" || fail "no freeze logged on ${NAMES[$P]}"
 grep -q "fence-peer handler: the peer is fenced; writes resume" "$PLOG" || fail "no resume logged on ${NAMES[$P]}"
-log "   $(grep -o 'fence-peer handler finished in [^:]*' "$PLOG" | tail -n 1) (writes held meanwhile)"
+stamp() { date -d "$(grep -m1 "$1" "$PLOG" | awk '{print $1}')" +%s.%N; }
+frozen_ms=$(awk -v a="$(stamp 'writes frozen until')" -v b="$(stamp 'writes resume')" 'BEGIN { printf "%d", (b - a) * 1000 }')
+log "   writes held for ${frozen_ms} ms ($(grep -o 'fence-peer handler finished in [^:]*' "$PLOG" | tail -n 1))"
 log "   constraint placed by ${NAMES[$P]}, writes completed, ${NAMES[$S]} stayed Secondary"
 ip -n "${NS[$P]}" link set "${RE_IF[$P]}" up
 wait_until 120 "the pair to reconnect and resync" in_sync

@@ -142,6 +142,11 @@ cargo bench --bench codec -- --test
 pass
 
 # ---------------------------------------------------------------------------
+section "cargo bench --bench metrics -- --test"
+cargo bench --bench metrics -- --test
+pass
+
+# ---------------------------------------------------------------------------
 if [[ -f fuzz/build.sh ]]; then
     section "bash fuzz/build.sh"
     bash fuzz/build.sh
