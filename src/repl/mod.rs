@@ -204,7 +204,11 @@ pub struct Replica {
     wake_lock: Mutex<()>,
     wake_cv: Condvar,
     listener: Option<TcpListener>,
+    /// Connections to the listener that passed the handshake, waiting for
+    /// the link loop (see `peer::accept_loop`).
+    incoming: peer::Incoming,
     manager: Mutex<Option<JoinHandle<()>>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
     /// Fencing (`core::fence`): its state, whether writes are frozen (read
     /// by every write, so kept outside the lock) and the writes held.
     fencer: Mutex<crate::core::fence::Fencer>,
@@ -370,7 +374,9 @@ impl Replica {
             wake_lock: Mutex::new(()),
             wake_cv: Condvar::new(),
             listener,
+            incoming: peer::Incoming::new(),
             manager: Mutex::new(None),
+            acceptor: Mutex::new(None),
             fencer: Mutex::new(crate::core::fence::Fencer::new(false, false)),
             frozen: AtomicBool::new(false),
             freeze: fence::Freeze::default(),
@@ -411,6 +417,17 @@ impl Replica {
                 source,
             })?;
         *lock(&self.manager) = Some(handle);
+        if self.listener.is_some() {
+            let me = self.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("accept-{}", self.name))
+                .spawn(move || me.accept_loop())
+                .map_err(|source| ReplicaError::Thread {
+                    resource: self.name.clone(),
+                    source,
+                })?;
+            *lock(&self.acceptor) = Some(handle);
+        }
         Ok(())
     }
 
@@ -428,6 +445,9 @@ impl Replica {
             s.fail("shutting down");
         }
         if let Some(h) = lock(&self.manager).take() {
+            let _ = h.join();
+        }
+        if let Some(h) = lock(&self.acceptor).take() {
             let _ = h.join();
         }
         if self.peer.is_some() {
