@@ -60,6 +60,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default, rename = "resource")]
     pub resources: Vec<ResourceConfig>,
 }
@@ -77,6 +79,49 @@ pub struct NodeConfig {
     /// Overrides `[control] socket` on this node.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// Overrides `[metrics] listen` on this node (`""` turns it off).
+    #[serde(default, deserialize_with = "de_opt_addr_opt")]
+    pub metrics_listen: Option<Option<SocketAddr>>,
+}
+
+/// `[metrics]`: the optional Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` on this address; off when absent or `""`.
+    #[serde(default, deserialize_with = "de_opt_addr")]
+    pub listen: Option<SocketAddr>,
+}
+
+/// `fencing`: what a Primary does when it loses its peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FencingPolicy {
+    /// Writes go on locally, marked out of sync (the default).
+    #[default]
+    DontCare,
+    /// New writes wait, and the fence-peer handler runs, until the peer
+    /// is known to be fenced or outdated (DRBD's `resource-only`).
+    ResourceOnly,
+}
+
+fn default_fence_timeout_ms() -> u64 {
+    60_000
+}
+fn default_fence_retry_ms() -> u64 {
+    5_000
+}
+
+/// A replicated resource's fencing settings, resolved for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FencingConfig {
+    pub policy: FencingPolicy,
+    /// Shell command run (`sh -c`) to fence the peer.
+    pub fence_peer_handler: Option<String>,
+    /// Shell command run once the pair is back in sync after a fence.
+    pub unfence_peer_handler: Option<String>,
+    pub timeout_ms: u64,
+    pub retry_ms: u64,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -253,6 +298,21 @@ pub struct ResourceConfig {
     /// `disconnect` (the default), `discard-secondary`, `consensus`.
     #[serde(default)]
     pub after_sb_1pri: crate::core::split_brain::After1Pri,
+    /// What a Primary does when it loses its peer.
+    #[serde(default)]
+    pub fencing: FencingPolicy,
+    /// Command that fences the peer (run with `sh -c`; see docs/config.md).
+    #[serde(default)]
+    pub fence_peer_handler: Option<String>,
+    /// Command that lifts the fence once the peer has resynced.
+    #[serde(default)]
+    pub unfence_peer_handler: Option<String>,
+    /// The fence-peer handler is killed after this long (counts as failed).
+    #[serde(default = "default_fence_timeout_ms")]
+    pub fence_timeout_ms: u64,
+    /// A failed fence-peer handler runs again after this long.
+    #[serde(default = "default_fence_retry_ms")]
+    pub fence_retry_ms: u64,
 }
 
 /// The peer side of a replicated resource, as seen from this node.
@@ -266,6 +326,7 @@ pub struct PeerConfig {
     pub timing: ReplicationConfig,
     /// Automatic split-brain policies; both nodes must agree.
     pub split_brain: crate::core::split_brain::Policy,
+    pub fencing: FencingConfig,
 }
 
 /// A resource resolved for one node.
@@ -287,6 +348,7 @@ pub struct NodeView {
     pub node: String,
     pub nbd: NbdConfig,
     pub control_socket: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
     pub resources: Vec<LocalResource>,
     pub default_resource: Option<String>,
 }
@@ -431,6 +493,32 @@ impl Config {
                     ));
                 }
             }
+            if r.fencing == FencingPolicy::ResourceOnly {
+                if r.on.len() != 2 {
+                    return invalid(format!(
+                        "resource {:?}: fencing = \"resource-only\" needs a replicated resource",
+                        r.name
+                    ));
+                }
+                if r.fence_peer_handler
+                    .as_deref()
+                    .unwrap_or("")
+                    .trim()
+                    .is_empty()
+                {
+                    return invalid(format!(
+                        "resource {:?}: fencing = \"resource-only\" needs fence_peer_handler \
+                         (the command that fences the peer)",
+                        r.name
+                    ));
+                }
+            }
+            if r.fence_timeout_ms == 0 || r.fence_retry_ms == 0 {
+                return invalid(format!(
+                    "resource {:?}: fence_timeout_ms and fence_retry_ms must be at least 1",
+                    r.name
+                ));
+            }
             for (node, on) in &r.on {
                 if on.meta_disk.as_deref() == Some(on.disk.as_path()) {
                     return invalid(format!(
@@ -490,6 +578,13 @@ impl Config {
                                 after_sb_0pri: r.after_sb_0pri,
                                 after_sb_1pri: r.after_sb_1pri,
                             },
+                            fencing: FencingConfig {
+                                policy: r.fencing,
+                                fence_peer_handler: r.fence_peer_handler.clone(),
+                                unfence_peer_handler: r.unfence_peer_handler.clone(),
+                                timeout_ms: r.fence_timeout_ms,
+                                retry_ms: r.fence_retry_ms,
+                            },
                         });
                 let meta = peer.as_ref().map(|_| match &mine.meta_disk {
                     Some(p) if p.as_os_str() != "internal" => MetaDisk::External(p.clone()),
@@ -513,6 +608,7 @@ impl Config {
             control_socket: overrides
                 .control_socket
                 .unwrap_or_else(|| self.control.socket.clone()),
+            metrics_listen: overrides.metrics_listen.unwrap_or(self.metrics.listen),
             resources,
             default_resource: self.default_resource().map(str::to_owned),
         })
@@ -663,5 +759,37 @@ mod tests {
         );
         // Only the 0pri values exist for 0pri.
         assert!(Config::parse(&base("after_sb_0pri = \"discard-secondary\"\n")).is_err());
+    }
+
+    #[test]
+    fn fencing_needs_a_handler_and_resolves_per_node() {
+        let pair = "[[resource]]\nname = \"r0\"\nsecret = \"s\"\n";
+        let on = "[resource.on.a]\ndisk = \"/d/a\"\naddress = \"127.0.0.1:1\"\n\
+                  [resource.on.b]\ndisk = \"/d/b\"\naddress = \"127.0.0.1:2\"\n";
+        let err = Config::parse(&format!("{pair}fencing = \"resource-only\"\n{on}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs fence_peer_handler"), "{err}");
+        let err = Config::parse(&format!("{pair}fencing = \"stonith\"\n{on}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stonith"), "{err}");
+        let c = Config::parse(&format!(
+            "[metrics]\nlisten = \"127.0.0.1:9942\"\n[nodes.b]\nmetrics_listen = \"\"\n\
+             {pair}fencing = \"resource-only\"\nfence_peer_handler = \"/bin/true\"\n{on}"
+        ))
+        .expect("valid");
+        let a = c.for_node("a").expect("a");
+        assert_eq!(
+            a.metrics_listen,
+            Some("127.0.0.1:9942".parse().expect("addr"))
+        );
+        assert_eq!(c.for_node("b").expect("b").metrics_listen, None);
+        let f = &a.resources[0].peer.as_ref().expect("peer").fencing;
+        assert_eq!(f.policy, FencingPolicy::ResourceOnly);
+        assert_eq!(f.fence_peer_handler.as_deref(), Some("/bin/true"));
+        assert_eq!((f.timeout_ms, f.retry_ms), (60_000, 5_000));
+        // Off by default.
+        assert_eq!(Config::parse(MINIMAL).expect("valid").metrics.listen, None);
     }
 }

@@ -16,6 +16,7 @@ use crate::control::proto::{MessageAnswer, Request, StatusAnswer};
 use crate::control::{client, ControlServer};
 use crate::events::Events;
 use crate::meta::{Location, MetaStore};
+use crate::metrics::{IoMetrics, MetricsServer};
 use crate::nbd::handshake::Admission;
 use crate::nbd::{Export, Exports};
 use crate::repl::{ConnState, Replica};
@@ -66,6 +67,66 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// `repld --pidfile P`: the file holds this process's PID while it runs
+/// and is removed when dropped.
+pub struct PidFile(PathBuf);
+
+impl PidFile {
+    pub fn create(path: &Path) -> Result<PidFile> {
+        let tmp = path.with_extension("pid.tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .with_context(|| format!("writing the pid file {}", path.display()))?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        // Only our own: a later repld may have replaced it.
+        if std::fs::read_to_string(&self.0)
+            .is_ok_and(|s| s.trim() == std::process::id().to_string())
+        {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// `repld --check-config`: loads and validates the file, resolves it for
+/// `node` and checks that every backing disk (and external metadata
+/// device) of this node exists. Returns a one-line-per-resource summary;
+/// opens nothing for writing and binds nothing.
+pub fn check_config(path: &Path, node: &str) -> Result<String> {
+    let config = Config::load(path)?;
+    let view = config.for_node(node)?;
+    let mut lines = vec![format!(
+        "{}: valid for node {node}: {} resource(s), control socket {}",
+        path.display(),
+        view.resources.len(),
+        view.control_socket.display()
+    )];
+    for r in &view.resources {
+        std::fs::metadata(&r.disk)
+            .with_context(|| format!("resource {:?}: disk {}", r.name, r.disk.display()))?;
+        if let Some(crate::config::MetaDisk::External(m)) = &r.meta {
+            std::fs::metadata(m)
+                .with_context(|| format!("resource {:?}: meta_disk {}", r.name, m.display()))?;
+        }
+        lines.push(match &r.peer {
+            Some(p) => format!(
+                "  {}: disk {}, replicated with {} ({} <-> {})",
+                r.name,
+                r.disk.display(),
+                p.peer_node,
+                p.local_address,
+                p.peer_address
+            ),
+            None => format!("  {}: disk {}, single node", r.name, r.disk.display()),
+        });
+    }
+    Ok(lines.join("\n"))
+}
+
 /// Wraps every resource of this node for replication.
 fn open_replicas(view: &NodeView, events: &Arc<Events>) -> Result<Vec<Arc<Replica>>> {
     let mut replicas = Vec::new();
@@ -83,6 +144,16 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
     let view = config.for_node(node)?;
     let events = Events::new();
     let replicas = open_replicas(&view, &events)?;
+    // Request counters exist only when metrics are served: with them off,
+    // the data path records nothing.
+    let io_metrics: Vec<(String, &'static IoMetrics)> = match view.metrics_listen {
+        Some(_) => view
+            .resources
+            .iter()
+            .map(|r| (r.name.clone(), IoMetrics::leak()))
+            .collect(),
+        None => Vec::new(),
+    };
     let exports = Exports::new(
         view.resources
             .iter()
@@ -93,6 +164,10 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
                     description: r.description.clone(),
                     read_only: r.read_only,
                     store: replica.clone() as Arc<dyn Store>,
+                    metrics: io_metrics
+                        .iter()
+                        .find(|(n, _)| *n == r.name)
+                        .map(|(_, m)| *m),
                 })
             })
             .collect(),
@@ -125,6 +200,20 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
             return Err(e);
         }
     };
+    let metrics = match view.metrics_listen {
+        Some(addr) => {
+            match MetricsServer::start(addr, node.to_owned(), io_metrics, replicas.clone()) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    control.stop();
+                    let _ = server.shutdown();
+                    replicas.iter().for_each(|r| r.stop());
+                    return Err(e.into());
+                }
+            }
+        }
+        None => None,
+    };
     tracing::info!(
         "repld {} serving {} resource(s) as node {node}",
         env!("CARGO_PKG_VERSION"),
@@ -139,6 +228,9 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
         r.stop();
     }
     control.stop();
+    if let Some(m) = metrics {
+        m.stop();
+    }
     flushed.context("flushing exports at shutdown")?;
     tracing::info!("shutdown complete");
     Ok(())

@@ -26,6 +26,7 @@ pub mod core;
 pub mod daemon;
 pub mod events;
 pub mod meta;
+pub mod metrics;
 pub mod nbd;
 pub mod net;
 pub mod repl;

@@ -286,16 +286,23 @@ class NbdkitServer(Server):
 class ReplDServer(Server):
     kind = "repld"
 
-    def __init__(self, label: str, workdir: Path, image: Path, binary: Path) -> None:
+    def __init__(self, label: str, workdir: Path, image: Path, binary: Path,
+                 metrics: bool = False) -> None:
         super().__init__(label, workdir, image)
         self.binary = binary
         self.config_path = workdir / f"{label}.toml"
+        self.metrics = metrics
 
     def _command(self, port: int) -> List[str]:
+        metrics = (f"[metrics]\nlisten = {json.dumps(f'127.0.0.1:{free_port()}')}\n\n"
+                   if self.metrics else "")
+        ctl = self.workdir / f"{self.label}.ctl"
         self.config_path.write_text(
             "[nbd]\n"
             f"listen = {json.dumps(f'127.0.0.1:{port}')}\n"
             "\n"
+            f"[control]\nsocket = {json.dumps(str(ctl))}\n\n"
+            f"{metrics}"
             "[[resource]]\n"
             f"name = {json.dumps(EXPORT_NAME)}\n"
             f"disk = {json.dumps(str(self.image))}\n")
@@ -311,9 +318,10 @@ class ReplicatedPairServer(Server):
 
     kind = "repld-pair"
 
-    def __init__(self, label: str, workdir: Path, binary: Path) -> None:
+    def __init__(self, label: str, workdir: Path, binary: Path, metrics: bool = False) -> None:
         super().__init__(label, workdir, workdir / f"{label}-alpha.img")
         self.binary = binary
+        self.metrics_ports = (free_port(), free_port()) if metrics else None
         self.beta_image = workdir / f"{label}-beta.img"
         self.config_path = workdir / f"{label}.toml"
         self.alpha = self.daemon
@@ -333,9 +341,11 @@ class ReplicatedPairServer(Server):
         self.config_path.write_text(
             "[replication]\nping_interval_ms = 1000\nping_timeout_ms = 5000\n\n"
             f"[nodes.alpha]\nnbd_listen = {json.dumps(f'127.0.0.1:{alpha_port}')}\n"
-            f"control_socket = {json.dumps(str(self.ctl))}\n\n"
+            f"control_socket = {json.dumps(str(self.ctl))}\n"
+            f"{self._metrics_key(0)}\n"
             f"[nodes.beta]\nnbd_listen = {json.dumps(f'127.0.0.1:{self.beta_nbd}')}\n"
-            f"control_socket = {json.dumps(str(self.beta_ctl))}\n\n"
+            f"control_socket = {json.dumps(str(self.beta_ctl))}\n"
+            f"{self._metrics_key(1)}\n"
             "[[resource]]\n"
             f"name = {json.dumps(EXPORT_NAME)}\n"
             "secret = \"bench-secret\"\n\n"
@@ -347,6 +357,11 @@ class ReplicatedPairServer(Server):
             f"disk = {json.dumps(str(self.beta_image))}\n"
             f"meta_disk = {json.dumps(str(self.meta[1]))}\n"
             f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[1]}')}\n")
+
+    def _metrics_key(self, i: int) -> str:
+        if self.metrics_ports is None:
+            return ""
+        return f"metrics_listen = {json.dumps(f'127.0.0.1:{self.metrics_ports[i]}')}\n"
 
     def replctl(self, ctl: Path, *args: str) -> subprocess.CompletedProcess:
         replctl = self.binary.parent / "replctl"
@@ -1089,6 +1104,11 @@ def comparisons(servers: List[Server], baseline: Server) -> List[Tuple[Server, S
     pair, qsd = find_kind(servers, "repld-pair"), find_kind(servers, "qsd-mirror")
     if pair and qsd:
         out.append((pair, qsd))
+    # Metrics on against the same server with metrics off.
+    by_label = {s.label: s for s in servers}
+    for s in servers:
+        if s.label.endswith("+metrics") and s.label[: -len("+metrics")] in by_label:
+            out.append((s, by_label[s.label[: -len("+metrics")]]))
     return out
 
 
@@ -1266,8 +1286,14 @@ def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server]
         servers.append(NbdkitServer("ours(nbdkit)", workdir, workdir / "ours.img"))
     else:
         servers.append(ReplDServer("repld", workdir, workdir / "repld.img", args.repld))
+        if args.metrics:
+            servers.append(ReplDServer("repld+metrics", workdir, workdir / "repld-m.img",
+                                       args.repld, metrics=True))
         if not args.no_pair:
             servers.append(ReplicatedPairServer("repl-pair", workdir, args.repld))
+            if args.metrics:
+                servers.append(ReplicatedPairServer("repl-pair+metrics", workdir, args.repld,
+                                                    metrics=True))
     if not args.no_qsd:
         servers.append(QsdMirrorServer("qsd-mirror", workdir))
     baseline = NbdkitServer("nbdkit", workdir, workdir / "nbdkit.img")
@@ -1335,6 +1361,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="skip the replicated pair (alpha Primary -> beta Secondary on loopback)")
     p.add_argument("--no-qsd", action="store_true",
                    help="skip qsd-mirror (qemu-storage-daemon mirroring synchronously to nbdkit)")
+    p.add_argument("--metrics", action="store_true",
+                   help="also run repld and the pair with Prometheus metrics on "
+                        "(repld+metrics, repl-pair+metrics), to compare with metrics off")
     p.add_argument("--self-test-with-nbdkit", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.rounds = a.rounds if a.rounds is not None else (1 if a.short else 3)

@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl)
 
 PASSED=0
 CURRENT_STEP=""
@@ -132,8 +132,18 @@ cargo test --workspace
 pass
 
 # ---------------------------------------------------------------------------
+section "bash tools/pacemaker-test.sh (two-node Pacemaker cluster in network namespaces)"
+bash tools/pacemaker-test.sh
+pass
+
+# ---------------------------------------------------------------------------
 section "cargo bench --bench codec -- --test"
 cargo bench --bench codec -- --test
+pass
+
+# ---------------------------------------------------------------------------
+section "cargo bench --bench metrics -- --test"
+cargo bench --bench metrics -- --test
 pass
 
 # ---------------------------------------------------------------------------

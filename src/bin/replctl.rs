@@ -114,6 +114,13 @@ enum Verb {
         #[arg(long)]
         timeout: Option<f64>,
     },
+    /// Mark this node's data Outdated: it cannot be promoted without
+    /// --force (refused while Primary or connected). Used by a peer's
+    /// fence handler.
+    Outdate { resource: String },
+    /// Release writes frozen by fencing (the peer could not be fenced):
+    /// you vouch that the peer cannot be promoted.
+    ResumeIo { resource: String },
     /// List the out-of-sync byte ranges of a resource.
     OutOfSync {
         resource: String,
@@ -388,6 +395,8 @@ fn run(args: Args) -> Result<()> {
             // The daemon answers at the timeout, or never: wait for it.
             simple(socket, req, None)
         }
+        Verb::Outdate { resource } => simple(socket, Request::Outdate { resource }, wait),
+        Verb::ResumeIo { resource } => simple(socket, Request::ResumeIo { resource }, wait),
         Verb::OutOfSync { resource, json } => {
             let req = Request::OutOfSync { resource };
             if json {

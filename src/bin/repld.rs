@@ -21,6 +21,15 @@ struct Args {
     /// Start a self-contained demo with embedded defaults instead.
     #[arg(long, conflicts_with = "config")]
     demo: bool,
+    /// Parse and validate the configuration for this node, print a summary
+    /// and exit (0: valid; 1: the reason on stderr). Opens and binds nothing.
+    #[arg(long, requires = "config")]
+    check_config: bool,
+    /// Write this process's PID to this file once the configuration is
+    /// valid (removed again at exit), for service managers and the OCF
+    /// resource agent.
+    #[arg(long, requires = "config")]
+    pidfile: Option<PathBuf>,
     /// TCP port for the demo Primary's NBD export (the next three ports
     /// are used by the Secondary and the replication link).
     #[arg(long, default_value_t = 10809, requires = "demo")]
@@ -32,6 +41,20 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.check_config {
+        let path = args.config.unwrap_or_default();
+        let node = args.node.unwrap_or_else(replblk::daemon::default_node_name);
+        return match replblk::daemon::check_config(&path, &node) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("repld: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     replblk::daemon::init_logging();
     let result = if args.demo {
         replblk::daemon::demo(args.demo_port, args.demo_dir.as_deref())
@@ -41,6 +64,10 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|config| {
                 let node = args.node.unwrap_or_else(replblk::daemon::default_node_name);
+                let _pidfile = match &args.pidfile {
+                    Some(p) => Some(replblk::daemon::PidFile::create(p)?),
+                    None => None,
+                };
                 replblk::daemon::run(&config, &node)
             })
     };

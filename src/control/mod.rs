@@ -283,6 +283,8 @@ fn handle(request: Request, ctx: &Context, conn: &UnixStream) -> Result<Answer, 
         Request::InvalidateRemote { resource } => {
             message(find(ctx, &resource)?.invalidate_remote())
         }
+        Request::Outdate { resource } => message(find(ctx, &resource)?.outdate()),
+        Request::ResumeIo { resource } => message(find(ctx, &resource)?.resume_io()),
         Request::Events {} => Err(ControlError::NeedsOwnConnection),
     }
 }

@@ -83,6 +83,15 @@ pub enum Request {
         #[serde(default)]
         timeout_ms: u64,
     },
+    /// Mark this node's data Outdated (a peer's fence handler runs it).
+    Outdate {
+        resource: String,
+    },
+    /// Release writes frozen by fencing; the operator vouches that the
+    /// peer is fenced.
+    ResumeIo {
+        resource: String,
+    },
     /// A stream of `StatusEvent` lines instead of one answer.
     Events {},
 }
@@ -379,6 +388,8 @@ mod tests {
             split_brain_policy: None,
             split_brain: None,
             verify: None,
+            io_frozen: false,
+            peer_fenced: true,
         }
     }
 
@@ -416,8 +427,33 @@ mod tests {
         assert_eq!(v["node"], "alpha");
         assert_eq!(v["resources"][0]["role"], "Primary");
         assert_eq!(v["resources"][0]["peer_disk"], "UpToDate");
+        assert_eq!(v["resources"][0]["io_frozen"], false);
+        assert_eq!(v["resources"][0]["peer_fenced"], true);
         let read: StatusAnswer = parse_answer(&line).expect("json").expect("ok");
         assert_eq!(read.resources[0].ping_rtt_us, Some(42));
+        // Fields added later default when an older daemon omits them.
+        let mut old = v["resources"][0].clone();
+        old.as_object_mut().expect("object").remove("io_frozen");
+        let st: ResourceStatus = serde_json::from_value(old).expect("older status");
+        assert!(!st.io_frozen);
+        for (verb, req) in [
+            (
+                "outdate",
+                Request::Outdate {
+                    resource: "r0".into(),
+                },
+            ),
+            (
+                "resume-io",
+                Request::ResumeIo {
+                    resource: "r0".into(),
+                },
+            ),
+        ] {
+            let j = json!({"verb": verb, "resource": "r0"});
+            assert_eq!(serde_json::to_value(&req).expect("json"), j);
+            assert_eq!(serde_json::from_value::<Request>(j).expect("parse"), req);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod datapath;
 pub mod split_brain;
+pub mod fence;
 pub mod state;
 pub mod uuid;
 

@@ -141,6 +141,16 @@ pub enum Event {
     Invalidate,
     /// Clean shutdown.
     Shutdown,
+    /// Admin (`outdate`, run by a peer's fence handler): mark this
+    /// node's data Outdated, so it cannot be promoted without `force`.
+    /// Refused while Primary or connected (the connected pair knows
+    /// better); Outdated, Inconsistent and Diskless stay as they are.
+    Outdate,
+    /// The fence-peer handler says the unconnected peer is fenced or
+    /// outdated: `PEER_OUTDATED` is set (cleared by the next handshake),
+    /// so this node comes back UpToDate after a restart. Ignored while
+    /// connected.
+    PeerFenced,
 }
 
 /// Log levels for [`Action::Log`].
@@ -478,6 +488,12 @@ impl Node {
             }
             Event::Invalidate => self.invalidate(fresh_uuid, &mut out)?,
             Event::Shutdown => self.shutdown(&mut out),
+            Event::Outdate => self.outdate(&mut out)?,
+            Event::PeerFenced => {
+                if self.conn != ConnState::Connected {
+                    self.kept_flags |= flags::PEER_OUTDATED;
+                }
+            }
         }
         if self.gens.bitmap == 0 {
             self.kept_flags &= !flags::BITMAP_PRIMARY;
@@ -898,6 +914,33 @@ impl Node {
             reason: "invalidated by the operator: reconnecting as full sync target".into(),
         });
         Ok(())
+    }
+
+    fn outdate(&mut self, out: &mut Out) -> Result<(), Refusal> {
+        if self.role == Role::Primary {
+            return Err(refuse("outdate refused: this node is Primary"));
+        }
+        if self.conn == ConnState::Connected {
+            return Err(refuse(
+                "outdate refused: connected to the peer (the pair decides the disk states)",
+            ));
+        }
+        match self.disk {
+            DiskState::UpToDate | DiskState::Consistent => {
+                self.disk = DiskState::Outdated;
+                out.log(
+                    Level::Warn,
+                    "data marked Outdated (by the peer's fence handler or the operator)",
+                );
+            }
+            DiskState::Outdated | DiskState::Inconsistent | DiskState::Diskless => {}
+        }
+        Ok(())
+    }
+
+    /// The peer was fenced since the link was last up (`PEER_OUTDATED`).
+    pub fn peer_outdated(&self) -> bool {
+        self.kept_flags & flags::PEER_OUTDATED != 0
     }
 
     fn shutdown(&mut self, out: &mut Out) {
@@ -2573,5 +2616,74 @@ mod tests {
             r#""SyncTarget""#
         );
         assert_eq!(DiskState::Consistent.to_string(), "Consistent");
+    }
+
+    #[test]
+    fn outdate_marks_an_unconnected_secondary_which_then_needs_force_to_promote() {
+        let (mut a, mut b) = pair();
+        let msg = refused(&mut b, Event::Outdate);
+        assert!(msg.contains("connected"), "{msg}");
+        step(&mut a, Event::Promote { force: false });
+        step(
+            &mut a,
+            Event::PeerLost {
+                reason: "cut".into(),
+            },
+        );
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "cut".into(),
+            },
+        );
+        let msg = refused(&mut a, Event::Outdate);
+        assert!(msg.contains("Primary"), "{msg}");
+        let actions = step(&mut b, Event::Outdate);
+        assert!(actions.contains(&Action::Persist));
+        assert_eq!(b.disk(), DiskState::Outdated);
+        assert_ne!(b.meta_flags() & flags::OUTDATED, 0);
+        // Idempotent.
+        assert!(!step(&mut b, Event::Outdate).contains(&Action::Persist));
+        let msg = refused(&mut b, Event::Promote { force: false });
+        assert!(
+            msg.contains("Outdated, not UpToDate (use --force)"),
+            "{msg}"
+        );
+        // Stays Outdated across a restart.
+        let again = Node::from_meta(b.gens(), b.meta_flags(), true);
+        assert_eq!(again.disk(), DiskState::Outdated);
+        step(&mut b, Event::Promote { force: true });
+        assert_eq!(b.role(), Role::Primary);
+    }
+
+    #[test]
+    fn a_fenced_peer_is_remembered_until_the_next_handshake() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        // Ignored while connected.
+        assert!(!step(&mut a, Event::PeerFenced).contains(&Action::Persist));
+        step(
+            &mut a,
+            Event::PeerLost {
+                reason: "cut".into(),
+            },
+        );
+        step(
+            &mut b,
+            Event::PeerLost {
+                reason: "cut".into(),
+            },
+        );
+        assert!(step(&mut a, Event::PeerFenced).contains(&Action::Persist));
+        assert!(a.peer_outdated());
+        // A restart comes back UpToDate: the peer cannot have newer data.
+        step(&mut a, Event::Shutdown);
+        let mut a = Node::from_meta(a.gens(), a.meta_flags(), true);
+        assert_eq!(a.disk(), DiskState::UpToDate);
+        assert!(a.peer_outdated());
+        step(&mut b, Event::Shutdown);
+        let mut b = Node::from_meta(b.gens(), b.meta_flags(), true);
+        meet(&mut a, &mut b);
+        assert!(!a.peer_outdated());
     }
 }

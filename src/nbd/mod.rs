@@ -27,6 +27,8 @@ pub struct Export {
     pub description: String,
     pub read_only: bool,
     pub store: Arc<dyn Store>,
+    /// Request counters and latencies, when metrics are on.
+    pub metrics: Option<&'static crate::metrics::IoMetrics>,
 }
 
 impl Export {

@@ -12,6 +12,7 @@
 //! broken stream (bad magic, an oversized write payload, a short read) ends
 //! it, and only this connection.
 
+use crate::metrics::Op;
 use crate::store::{Batch, Deferred, Modify};
 use crate::sync::lock;
 use std::io::{self, BufReader, Cursor, Read, Write};
@@ -440,8 +441,17 @@ impl Connection<'_> {
     /// buffered (the store then does not wait for anything inline).
     fn submit(&self, op: Modify<'_>, cookie: u64, more: bool) {
         let replies = self.replies.clone();
-        let done: crate::store::Done =
-            Box::new(move |result, batch| replies.complete(cookie, result, batch));
+        let done: crate::store::Done = match self.export.metrics {
+            None => Box::new(move |result, batch| replies.complete(cookie, result, batch)),
+            Some(m) => {
+                let (kind, bytes) = metric_op(&op);
+                let start = Instant::now();
+                Box::new(move |result, batch| {
+                    m.record(kind, bytes, result.is_ok(), start.elapsed());
+                    replies.complete(cookie, result, batch)
+                })
+            }
+        };
         if more {
             self.export.store.submit_more(op, done);
         } else {
@@ -453,7 +463,20 @@ impl Connection<'_> {
         if let Some(op) = self.modification(req, buf) {
             return self.submit(op, req.cookie, false);
         }
+        let start = self.export.metrics.map(|m| (m, Instant::now()));
         let result = self.execute(req, buf);
+        if let Some((m, start)) = start {
+            let (kind, bytes) = match req.command {
+                Command::Read => (Op::Read, u64::from(req.length)),
+                Command::Write => (Op::Write, u64::from(req.length)),
+                Command::Trim => (Op::Trim, u64::from(req.length)),
+                Command::WriteZeroes => (Op::WriteZeroes, u64::from(req.length)),
+                Command::Flush => (Op::Flush, 0),
+                Command::Cache => (Op::Cache, u64::from(req.length)),
+                Command::Disc | Command::Other(_) => (Op::Other, 0),
+            };
+            m.record(kind, bytes, result.is_ok(), start.elapsed());
+        }
         if is_slow(req) {
             self.replies.slow.fetch_sub(1, Ordering::SeqCst);
         }
@@ -500,6 +523,15 @@ impl Connection<'_> {
                 buf = Vec::new();
             }
         }
+    }
+}
+
+/// The metrics kind and byte count of a submitted modification.
+fn metric_op(op: &Modify<'_>) -> (Op, u64) {
+    match op {
+        Modify::Write { buf, .. } => (Op::Write, buf.len() as u64),
+        Modify::Trim { len, .. } => (Op::Trim, *len),
+        Modify::WriteZeroes { len, .. } => (Op::WriteZeroes, *len),
     }
 }
 

@@ -31,6 +31,9 @@ impl Replica {
         send: impl Fn(&Session) -> Option<Arc<link::Slot>>,
         local: impl FnOnce(&dyn Store) -> io::Result<()>,
     ) -> io::Result<()> {
+        if self.frozen.load(Ordering::Relaxed) {
+            self.wait_thawed();
+        }
         self.inflight.fetch_add(1, Ordering::SeqCst);
         let _inflight = InFlight(&self.inflight);
         if !self.serving.load(Ordering::SeqCst) {
@@ -55,19 +58,23 @@ impl Replica {
         if remote.is_none() {
             remote = start();
         }
-        let in_sync = match remote {
+        let (in_sync, lost) = match remote {
             Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
-                Remote::Done => true,
+                Remote::Done => (true, false),
                 Remote::Failed(errno) => {
                     tracing::warn!(resource = %self.name, offset, len, errno, "peer failed a write; range marked out of sync");
-                    false
+                    (false, false)
                 }
-                Remote::Lost => false,
+                Remote::Lost => (false, true),
             },
-            None => false,
+            None => (false, true),
         };
         if !in_sync || result.is_err() {
             self.mark_out_of_sync(offset, len);
+        }
+        if lost {
+            // Not acknowledged before the peer is fenced (fencing on).
+            self.hold_here()?;
         }
         result
     }
@@ -92,6 +99,9 @@ impl Replica {
             let result = op.apply(self);
             return done(result, &mut Batch::default());
         };
+        if self.frozen.load(Ordering::Relaxed) {
+            self.wait_thawed();
+        }
         self.inflight.fetch_add(1, Ordering::SeqCst);
         if !self.serving.load(Ordering::SeqCst) {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -126,6 +136,19 @@ impl Replica {
             // without it.
             self.mark_out_of_sync(offset, len);
             let result = op.apply(&*store);
+            if self.fencing_on() {
+                // Acknowledged only once the peer is fenced.
+                let r = me.clone();
+                return self.hold(Box::new(move |fail| {
+                    r.intervals.release(range);
+                    r.inflight.fetch_sub(1, Ordering::SeqCst);
+                    let result = match (fail, result) {
+                        (true, _) => Err(io::Error::from_raw_os_error(libc::EIO)),
+                        (false, result) => result,
+                    };
+                    done(result, &mut Batch::default());
+                }));
+            }
             self.intervals.release(range);
             self.inflight.fetch_sub(1, Ordering::SeqCst);
             return done(result, &mut Batch::default());
@@ -143,8 +166,6 @@ impl Replica {
                 if remote != Remote::Done || !local_ok {
                     me.mark_out_of_sync(offset, len);
                 }
-                me.intervals.release(range);
-                me.inflight.fetch_sub(1, Ordering::SeqCst);
                 let result = if local_ok {
                     Ok(())
                 } else {
@@ -155,6 +176,21 @@ impl Replica {
                         },
                     ))
                 };
+                if remote == Remote::Lost && me.fencing_on() {
+                    // Acknowledged only once the peer is fenced.
+                    let r = me.clone();
+                    return me.hold(Box::new(move |fail| {
+                        r.intervals.release(range);
+                        r.inflight.fetch_sub(1, Ordering::SeqCst);
+                        let result = match (fail, result) {
+                            (true, _) => Err(io::Error::from_raw_os_error(libc::EIO)),
+                            (false, result) => result,
+                        };
+                        done(result, &mut Batch::default());
+                    }));
+                }
+                me.intervals.release(range);
+                me.inflight.fetch_sub(1, Ordering::SeqCst);
                 done(result, batch)
             })
         };
@@ -246,10 +282,22 @@ impl Store for Replica {
                 .map(|slot| (s, slot))
         });
         let local = store.flush();
-        if let Some((session, slot)) = remote {
-            if session.wait(&slot, self.ack_timeout()) != Remote::Done {
-                tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
-            }
+        let lost = match remote {
+            Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
+                Remote::Done => false,
+                Remote::Failed(_) => {
+                    tracing::warn!(resource = %self.name, "flush: the peer failed the barrier");
+                    false
+                }
+                Remote::Lost => {
+                    tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
+                    true
+                }
+            },
+            None => true,
+        };
+        if lost {
+            self.hold_here()?;
         }
         local
     }

@@ -28,6 +28,7 @@ mod apply;
 mod datapath;
 pub mod error;
 mod exchange;
+mod fence;
 pub mod intervals;
 pub mod link;
 mod peer;
@@ -56,7 +57,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::bitmap::DirtyBitmap;
-use crate::config::{LocalResource, MetaDisk, PeerConfig};
+use crate::config::{FencingPolicy, LocalResource, MetaDisk, PeerConfig};
 use crate::core::state::{Action, Event, Level, Node, PeerInfo};
 pub use crate::core::state::{ConnState, DiskState, ReplState, Role};
 use crate::core::uuid::{Decision, Rule, UuidView};
@@ -143,6 +144,12 @@ pub struct ResourceStatus {
     /// Online verify: the one running, or the last one.
     #[serde(default)]
     pub verify: Option<VerifyStatus>,
+    /// Writes are frozen: the peer was lost and is not fenced yet.
+    #[serde(default)]
+    pub io_frozen: bool,
+    /// The peer is known fenced or outdated since the link was last up.
+    #[serde(default)]
+    pub peer_fenced: bool,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -218,6 +225,13 @@ pub struct Replica {
     incoming: peer::Incoming,
     manager: Mutex<Option<JoinHandle<()>>>,
     acceptor: Mutex<Option<JoinHandle<()>>>,
+    /// Fencing (`core::fence`): its state, whether writes are frozen (read
+    /// by every write, so kept outside the lock) and the writes held.
+    fencer: Mutex<crate::core::fence::Fencer>,
+    frozen: AtomicBool,
+    freeze: fence::Freeze,
+    /// Bytes sent as resync source (for metrics).
+    resync_sent: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -381,7 +395,12 @@ impl Replica {
             incoming: peer::Incoming::new(),
             manager: Mutex::new(None),
             acceptor: Mutex::new(None),
+            fencer: Mutex::new(crate::core::fence::Fencer::new(false, false)),
+            frozen: AtomicBool::new(false),
+            freeze: fence::Freeze::default(),
+            resync_sent: AtomicU64::new(0),
         });
+        replica.reset_fencer(false);
         if replica.peer.is_none() {
             let store = FileStore::open(&res.disk, res.size, res.read_only).map_err(|e| {
                 ReplicaError::Open {
@@ -434,6 +453,7 @@ impl Replica {
     /// the metadata as a clean shutdown (a Primary comes back Secondary).
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.fence(crate::core::fence::FenceEvent::Shutdown);
         self.wake();
         if let Some(l) = &self.listener {
             // SAFETY: shutdown(2) on our own listening socket wakes accept().
@@ -464,6 +484,16 @@ impl Replica {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "resource is down"))
+    }
+
+    /// A replicated resource (as opposed to a single-node one).
+    pub fn is_replicated(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Bytes sent to the peer as resync source since the daemon started.
+    pub fn resync_bytes(&self) -> u64 {
+        self.resync_sent.load(Ordering::Relaxed)
     }
 
     /// The local role (a single-node resource always serves).
@@ -517,6 +547,8 @@ impl Replica {
             split_brain_policy: self.peer.as_ref().map(|p| p.split_brain),
             split_brain: node.and_then(|n| n.last_split_brain()).cloned(),
             verify: self.verify_status(),
+            io_frozen: self.frozen.load(Ordering::SeqCst),
+            peer_fenced: lock(&self.fencer).peer_fenced(),
         }
     }
 
@@ -524,7 +556,7 @@ impl Replica {
     fn emit_if_changed(&self) {
         let status = self.status();
         let print = format!(
-            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+            "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {} {}",
             status.up,
             status.role,
             status.disk,
@@ -535,6 +567,8 @@ impl Replica {
             status.decision.as_ref().map(|d| (d.decision, d.rule)),
             status.down_reason,
             status.split_brain.as_ref().map(|r| &r.reason),
+            status.io_frozen,
+            status.peer_fenced,
         );
         let changed = {
             let mut inner = lock(&self.inner);
@@ -547,6 +581,7 @@ impl Replica {
         };
         if changed {
             self.events.emit(event_json("change", &status));
+            self.fence_check_in_sync(&status);
         }
     }
 
@@ -763,6 +798,7 @@ impl Replica {
             bitmap.count()
         );
         *lock(&self.oos) = bitmap;
+        self.reset_fencer(node.peer_outdated());
         self.size.store(size, Ordering::SeqCst);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
         inner.node = Some(node);
@@ -992,6 +1028,9 @@ impl Replica {
         // round trip and changes nothing.
         self.dry_run(Event::Promote { force })?;
         let session = self.current_session();
+        if session.is_none() {
+            self.fence_before_promote(force)?;
+        }
         if let Some(s) = &session {
             // Two-phase while connected: announce the promote and wait for
             // the peer's answer. A peer that answered has recorded the

@@ -271,6 +271,7 @@ impl Replica {
             addr = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
             version = agreed.version, "peer connected"
         );
+        self.fence(crate::core::fence::FenceEvent::PeerConnected);
         Ok(Some(stream))
     }
 
@@ -358,6 +359,9 @@ impl Replica {
             let _ = self.step(Event::PeerLost {
                 reason: reason.clone(),
             });
+            if self.role() == Role::Primary {
+                self.fence(crate::core::fence::FenceEvent::PeerUnreachable);
+            }
         }
         self.set_link_error(reason);
         self.emit_if_changed();

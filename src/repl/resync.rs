@@ -42,6 +42,7 @@ impl Replica {
                 return;
             }
             lock(&self.oos).clear_range(offset, len);
+            self.resync_sent.fetch_add(len, Ordering::Relaxed);
         }
         // Durable on the target before it may call itself UpToDate.
         let Some(barrier) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) else {

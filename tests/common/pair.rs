@@ -72,6 +72,8 @@ pub struct PairBuilder {
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
+    resource_keys: String,
+    metrics: bool,
     dial_via: Option<SocketAddr>,
 }
 
@@ -80,6 +82,19 @@ impl PairBuilder {
     /// through `addr` (a fault proxy of the test's) instead of directly.
     pub fn dial_via(mut self, addr: SocketAddr) -> Self {
         self.dial_via = Some(addr);
+        self
+    }
+
+    /// Each node serves Prometheus metrics on a port of its own
+    /// (`Node::metrics_addr`).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
+    /// Extra TOML lines for the `[[resource]]` table (e.g. fencing keys).
+    pub fn resource_keys(mut self, toml: &str) -> Self {
+        self.resource_keys.push_str(toml);
         self
     }
 
@@ -189,11 +204,14 @@ impl PairBuilder {
                 SocketAddr::new(n.ip, 0),
                 n.ctl.display().to_string()
             ));
+            if let Some(m) = n.metrics_addr {
+                text.push_str(&format!("metrics_listen = \"{m}\"\n"));
+            }
         }
         text.push_str(&format!(
             "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n\
-             secret = {secret:?}\n",
-            self.description
+             secret = {secret:?}\n{}",
+            self.description, self.resource_keys
         ));
         for (k, v) in &spec.resource_keys {
             text.push_str(&format!("{k} = {v}\n"));
@@ -264,6 +282,7 @@ impl PairBuilder {
                 ctl: dir.path().join(format!("{name}.ctl")),
                 ip,
                 repl_addr: SocketAddr::new(ip, free_port()),
+                metrics_addr: self.metrics.then(|| SocketAddr::new(ip, free_port())),
                 nbd_port: 0,
                 resource: spec
                     .resource
@@ -330,6 +349,8 @@ pub struct Node {
     pub ip: IpAddr,
     /// Replication address (the accepting node, beta, listens here).
     pub repl_addr: SocketAddr,
+    /// Where the node serves metrics (`PairBuilder::metrics`).
+    pub metrics_addr: Option<SocketAddr>,
     /// NBD port of the running (or last) daemon; 0 before the first start.
     pub nbd_port: u16,
     /// Resource name in this node's config.
@@ -534,6 +555,8 @@ impl Pair {
             ],
             internal_meta: false,
             bootstrap: true,
+            resource_keys: String::new(),
+            metrics: false,
             dial_via: None,
         }
     }
