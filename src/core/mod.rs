@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 pub mod datapath;
-pub mod split_brain;
 pub mod fence;
+pub mod split_brain;
 pub mod state;
 pub mod uuid;
 
