@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod actlog;
 pub mod datapath;
 pub mod state;
 pub mod uuid;
@@ -56,6 +57,10 @@ pub mod flags {
     pub const FULL_SYNC: u32 = 1 << 6;
     /// The data is Outdated: a newer generation exists on the peer.
     pub const OUTDATED: u32 = 1 << 7;
+    /// The bitmap is kept on disk and writes go through the activity
+    /// log: after a crash, the persisted bitmap plus the extents in the
+    /// log are all that can differ (set while the log is in use).
+    pub const ACTIVITY_LOG: u32 = 1 << 8;
     /// Every bit defined above.
-    pub const KNOWN: u32 = (1 << 8) - 1;
+    pub const KNOWN: u32 = (1 << 9) - 1;
 }
