@@ -180,16 +180,16 @@ fn corrupt_in_both_slots_names_each_reason() {
     let start = store.layout().md_start;
     drop(store);
     write(&disk, start + 100, &[0xff]);
-    write(&disk, start + 4096 + 8, &2u32.to_le_bytes());
+    write(&disk, start + 4096 + 8, &3u32.to_le_bytes());
     let err = MetaStore::open(&disk, &Location::Internal, "alpha", "r0").unwrap_err();
     assert!(matches!(err, MetaError::Corrupt { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("corrupt in both slots"), "{msg}");
     assert!(msg.contains("slot A") && msg.contains("checksum"), "{msg}");
-    assert!(msg.contains("slot B") && msg.contains("version 2"), "{msg}");
+    assert!(msg.contains("slot B") && msg.contains("version 3"), "{msg}");
     assert!(msg.contains(&disk.display().to_string()), "{msg}");
     // open never re-initialises: the bytes are still there.
-    assert_eq!(read(&disk, start + 4096 + 8, 4), 2u32.to_le_bytes());
+    assert_eq!(read(&disk, start + 4096 + 8, 4), 3u32.to_le_bytes());
 }
 
 #[test]

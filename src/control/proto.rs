@@ -362,6 +362,7 @@ mod tests {
             generations: None,
             last_error: None,
             ping_rtt_us: Some(42),
+            activity_log: None,
         }
     }
 

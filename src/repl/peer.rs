@@ -190,6 +190,8 @@ impl Replica {
             // A full sync, or a target with changes of its own (which only
             // it knows the blocks of): send every block.
             lock(&self.oos).set_all();
+            // On disk before the sync starts: a crash must not forget it.
+            self.persist_bitmap();
         }
         if let Some(v) = verdict {
             tracing::info!(
