@@ -438,7 +438,7 @@ pub fn recover(ring: &[u8]) -> Recovered {
     let covered = blocks.first().is_some_and(|d| d.seq == 1)
         || blocks.iter().map(|d| d.context.len() as u64).sum::<u64>() >= u64::from(capacity);
     let mut set = BTreeSet::new();
-    let superset = !blocks.is_empty() && !(consecutive && covered);
+    let superset = !(blocks.is_empty() || consecutive && covered);
     if superset {
         for d in &blocks {
             set.extend(d.updates.iter().map(|u| u.extent));
