@@ -67,6 +67,7 @@ pub struct PairBuilder {
     secret: String,
     resource: String,
     replication: Vec<(String, String)>,
+    resource_keys: Vec<(String, String)>,
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
@@ -102,6 +103,13 @@ impl PairBuilder {
     pub fn replication(mut self, key: &str, value: &str) -> Self {
         self.replication.retain(|(k, _)| k != key);
         self.replication.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets a key of the `[[resource]]` table, e.g. `("al_extents", "16")`.
+    pub fn resource_key(mut self, key: &str, value: &str) -> Self {
+        self.resource_keys.retain(|(k, _)| k != key);
+        self.resource_keys.push((key.into(), value.into()));
         self
     }
 
@@ -167,6 +175,9 @@ impl PairBuilder {
              secret = {secret:?}\n",
             self.description
         ));
+        for (k, v) in &self.resource_keys {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
         for n in nodes {
             text.push_str(&format!(
                 "\n[resource.on.{}]\ndisk = {:?}\naddress = \"{}\"\n",
@@ -487,6 +498,7 @@ impl Pair {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            resource_keys: Vec::new(),
             specs: [
                 NodeSpec {
                     start: true,
