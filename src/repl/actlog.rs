@@ -193,61 +193,54 @@ impl Persistent {
     }
 
     /// Makes the whole bitmap on disk match memory: every changed page
-    /// written, then synced.
+    /// written, then synced. Only where no peer link can have cleared
+    /// bits meanwhile (at attach).
     pub(super) fn persist_bitmap(
         &self,
         bitmap: &Mutex<DirtyBitmap>,
     ) -> Result<(), meta::MetaError> {
         let _io = lock(&self.io);
-        self.write_pages(bitmap, None)?;
+        let snap = self.snapshot(bitmap, None);
+        self.write_snapshot(bitmap, &snap)?;
         self.area.sync()
     }
 
-    /// Writes the changed pages (`only`: just these pages, if changed);
-    /// returns how many. Call with `io` held.
-    fn write_pages(
+    /// The changed pages (`only`: just these, if changed) as they are
+    /// now; their change records are reset. Call with `io` held.
+    fn snapshot(&self, bitmap: &Mutex<DirtyBitmap>, only: Option<&[u64]>) -> Vec<(u64, Vec<u8>)> {
+        let mut bm = lock(bitmap);
+        let pages = match only {
+            Some(p) => p.iter().copied().filter(|&p| bm.page_changed(p)).collect(),
+            None => bm.take_dirty_pages(),
+        };
+        pages.into_iter().map(|p| (p, bm.take_page(p))).collect()
+    }
+
+    /// Marks the pages of a snapshot that was not written as changed, so
+    /// that they are written later from memory.
+    fn retouch(&self, bitmap: &Mutex<DirtyBitmap>, snap: &[(u64, Vec<u8>)]) {
+        let mut bm = lock(bitmap);
+        for (p, _) in snap {
+            bm.touch_page(*p);
+        }
+    }
+
+    /// Writes a snapshot (not synced). Call with `io` held.
+    fn write_snapshot(
         &self,
         bitmap: &Mutex<DirtyBitmap>,
-        only: Option<&[u64]>,
-    ) -> Result<u64, meta::MetaError> {
-        let pages = match only {
-            Some(p) => {
-                let bm = lock(bitmap);
-                p.iter().copied().filter(|&p| bm.page_changed(p)).collect()
-            }
-            None => lock(bitmap).take_dirty_pages(),
-        };
-        let mut written = 0;
-        for (i, page) in pages.iter().enumerate() {
-            let bytes = {
-                let mut bm = lock(bitmap);
-                if only.is_some() && !bm.page_changed(*page) {
-                    continue;
-                }
-                bm.take_page(*page)
-            };
+        snap: &[(u64, Vec<u8>)],
+    ) -> Result<(), meta::MetaError> {
+        for (i, (page, bytes)) in snap.iter().enumerate() {
             let at = *page * crate::bitmap::PAGE_BYTES as u64;
             let len = (self.area.layout().bitmap_len.saturating_sub(at) as usize).min(bytes.len());
             if let Err(e) = self.area.write_bitmap(at, &bytes[..len]) {
-                // Not written: these pages must be written later.
-                let mut bm = lock(bitmap);
-                for p in &pages[i..] {
-                    bm.touch_page(*p);
-                }
+                self.retouch(bitmap, &snap[i..]);
                 return Err(e);
             }
-            written += 1;
         }
-        self.pages_written.fetch_add(written, Ordering::Relaxed);
-        Ok(written)
-    }
-
-    /// The periodic write of changed pages.
-    fn flush_changed(&self, bitmap: &Mutex<DirtyBitmap>) -> Result<(), meta::MetaError> {
-        let _io = lock(&self.io);
-        if self.write_pages(bitmap, None)? > 0 {
-            self.area.sync()?;
-        }
+        self.pages_written
+            .fetch_add(snap.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -392,37 +385,57 @@ impl Replica {
         }
     }
 
+    /// Writes changed bitmap pages (`only`: just these) so that no bit is
+    /// cleared on disk before the write that cleared it (a resync write)
+    /// is durable on the peer: the pages are copied first, then a barrier
+    /// makes everything the peer acknowledged so far durable there, then
+    /// the copy is written and synced. `barrier`: send the barrier even if
+    /// no page changed. `Ok(false)`: the link failed meanwhile and what it
+    /// lost is not marked yet; nothing was written (the pages stay marked
+    /// changed). Call with the log's lock held.
+    fn write_bitmap_pages(
+        &self,
+        p: &Persistent,
+        only: Option<&[u64]>,
+        barrier: bool,
+    ) -> Result<bool, meta::MetaError> {
+        let (snap, session) = {
+            // Under the session slot's lock: a link that failed is let go
+            // only after what it lost is marked, and none starts meanwhile.
+            let slot = lock(&self.session);
+            if slot.as_ref().is_some_and(|s| !s.is_alive()) {
+                return Ok(false);
+            }
+            (p.snapshot(&self.oos, only), slot.clone())
+        };
+        // Only writes the peer acknowledged and no barrier made durable
+        // yet need one (a node that sent none has nothing to wait for).
+        let needed = |s: &Arc<Session>| (barrier || !snap.is_empty()) && s.unstable_count() > 0;
+        if let Some(s) = session.filter(needed) {
+            let stable = s
+                .send_frame(Track::Barrier, |seq| Frame::Barrier { seq })
+                .is_some_and(|b| s.wait(&b, self.ack_timeout()) == Remote::Done);
+            if !stable {
+                p.retouch(&self.oos, &snap);
+                return Ok(false);
+            }
+        }
+        if !snap.is_empty() {
+            p.write_snapshot(&self.oos, &snap)?;
+            p.area.sync()?;
+        }
+        Ok(true)
+    }
+
     /// What must hold before `victims` leave the hot set (see the module
     /// doc). Called with the log's lock held.
     fn al_make_evictable(&self, p: &Persistent, victims: &[u32]) -> io::Result<()> {
-        // (1) The peer holds every write it acknowledged durably, or the
-        // link is gone and what it lost is marked.
-        if let Some(s) = self.current_session() {
-            if let Some(b) = s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) {
-                let _ = s.wait(&b, self.ack_timeout());
-            }
-        }
-        let deadline = Instant::now() + self.ack_timeout() + Duration::from_secs(5);
-        loop {
-            let settled = match lock(&self.session).as_ref() {
-                None => true,
-                Some(s) => s.is_alive(),
-            };
-            if settled {
-                break;
-            }
-            // A failed session: its lost writes are marked before the
-            // link thread lets go of it.
-            if Instant::now() >= deadline {
-                return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // (3) Local data durable (internal metadata: the syncs below).
+        // (3) Local data durable (internal metadata: the syncs that follow).
         if p.external {
             self.current_store()?.flush()?;
         }
-        // (2) Their bitmap pages.
+        // (1) and (2): a barrier covering every write to the victims (none
+        // is in flight), then their bitmap pages.
         let g = lock(&self.oos).granularity();
         let mut pages: Vec<u64> = victims
             .iter()
@@ -430,23 +443,44 @@ impl Replica {
             .collect();
         pages.sort_unstable();
         pages.dedup();
-        let meta_err = |e: meta::MetaError| {
-            tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
-            io::Error::from_raw_os_error(libc::EIO)
-        };
-        if p.write_pages(&self.oos, Some(&pages)).map_err(meta_err)? > 0 {
-            p.area.sync().map_err(meta_err)?;
+        let deadline = Instant::now() + self.ack_timeout() + Duration::from_secs(5);
+        loop {
+            match self.write_bitmap_pages(p, Some(&pages), true) {
+                Ok(true) => return Ok(()),
+                Ok(false) if Instant::now() < deadline => {
+                    // The link failed: wait until its losses are marked.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok(false) => return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+                Err(e) => {
+                    tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+            }
         }
-        Ok(())
     }
 
     /// Writes the bitmap's changed pages and syncs, when bits were set
     /// outside the write path (a full sync marking every block).
     pub(super) fn persist_bitmap(&self) {
-        if let Some(p) = self.persistent() {
-            if let Err(e) = p.persist_bitmap(&self.oos) {
-                tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
-                lock(&self.inner).last_error = Some(format!("writing the bitmap failed: {e}"));
+        let Some(p) = self.persistent() else { return };
+        let _io = lock(&p.io);
+        let deadline = Instant::now() + self.ack_timeout() + Duration::from_secs(5);
+        loop {
+            match self.write_bitmap_pages(&p, None, false) {
+                Ok(true) => return,
+                Ok(false) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Ok(false) => {
+                    tracing::warn!(resource = %self.name, "the bitmap could not be written: the link did not settle");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
+                    lock(&self.inner).last_error = Some(format!("writing the bitmap failed: {e}"));
+                    return;
+                }
             }
         }
     }
@@ -475,7 +509,8 @@ impl Replica {
                     }
                 }
                 let Some(r) = weak.upgrade() else { return };
-                if let Err(e) = pp.flush_changed(&r.oos) {
+                let _io = lock(&pp.io);
+                if let Err(e) = r.write_bitmap_pages(&pp, None, false) {
                     tracing::warn!(resource = %r.name, "writing changed bitmap pages failed: {e}");
                 }
             });
