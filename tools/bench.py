@@ -1286,9 +1286,10 @@ def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server]
                 # (random writes then mostly miss it).
                 servers.append(ReplicatedPairServer("pair-noal", workdir, args.repld, 0,
                                                     kind="repld-pair-noal"))
-                servers.append(ReplicatedPairServer(
-                    f"pair-al{args.al_small}", workdir, args.repld, args.al_small,
-                    kind="repld-pair-al-small"))
+                if args.al_small:
+                    servers.append(ReplicatedPairServer(
+                        f"pair-al{args.al_small}", workdir, args.repld, args.al_small,
+                        kind="repld-pair-al-small"))
     if not args.no_qsd:
         servers.append(QsdMirrorServer("qsd-mirror", workdir))
     baseline = NbdkitServer("nbdkit", workdir, workdir / "nbdkit.img")
@@ -1358,7 +1359,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="also run the pair without the activity log (pair-noal, the reference "
                         "for the log's cost) and with a small hot set (pair-alN, see --al-small)")
     p.add_argument("--al-small", type=int, default=16,
-                   help="hot set in 4 MiB extents of the small-log pair (default 16 = 64 MiB)")
+                   help="hot set in 4 MiB extents of the small-log pair (default 16 = 64 MiB; "
+                        "0: no such pair)")
     p.add_argument("--no-qsd", action="store_true",
                    help="skip qsd-mirror (qemu-storage-daemon mirroring synchronously to nbdkit)")
     p.add_argument("--self-test-with-nbdkit", action="store_true", help=argparse.SUPPRESS)
@@ -1373,8 +1375,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--runtime must be in 1..3600")
     if a.ramp < 0 or a.ramp > 600:
         p.error("--ramp must be in 0..600")
-    if a.al_small < 16 or a.al_small > 23808:
-        p.error("--al-small must be in 16..23808")
+    if a.al_small != 0 and not 16 <= a.al_small <= 23808:
+        p.error("--al-small must be 0 or in 16..23808")
     if a.workloads:
         known = {w.key: w for w in WORKLOADS}
         sel = [x.strip() for x in a.workloads.split(",") if x.strip()]

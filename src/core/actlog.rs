@@ -182,13 +182,18 @@ impl ActivityLog {
 
     /// The slot changes that make every extent of `wanted` hot (those
     /// already hot are skipped): free slots first, then victims found by
-    /// the clock hand, asking `candidate` about each. `Err` with the
-    /// victims already taken when there are not enough (the shell gives
-    /// them back and waits for writes to finish). Nothing changes until
-    /// `commit`.
+    /// the clock hand, asking `candidate` about each. If anything has to
+    /// be evicted, up to `spare` more idle extents are evicted with it
+    /// (their slots freed), so that the next misses find free slots and
+    /// evictions, which cost more than a transaction, come in batches.
+    /// `Err` with the victims already taken when there are not enough
+    /// (the shell gives them back and waits for writes to finish).
+    /// Nothing changes until `commit`; at most `MAX_UPDATES` changes are
+    /// planned beyond those `wanted` needs.
     pub fn plan(
         &mut self,
         wanted: &[u32],
+        spare: usize,
         mut candidate: impl FnMut(u32) -> Candidate,
     ) -> Result<Vec<Update>, Vec<u32>> {
         let mut cold: Vec<u32> = wanted
@@ -230,6 +235,24 @@ impl ActivityLog {
             match found {
                 Some(slot) => updates.push(Update { slot, extent }),
                 None => return Err(taken),
+            }
+        }
+        let mut spare = spare.min(MAX_UPDATES.saturating_sub(updates.len()));
+        while !taken.is_empty() && spare > 0 && budget > 0 {
+            budget -= 1;
+            let slot = self.hand;
+            self.hand = (self.hand + 1) % cap;
+            let victim = self.slots[slot as usize];
+            if victim == EMPTY || taken.contains(&victim) {
+                continue;
+            }
+            if candidate(victim) == Candidate::Take {
+                taken.push(victim);
+                updates.push(Update {
+                    slot,
+                    extent: EMPTY,
+                });
+                spare -= 1;
             }
         }
         Ok(updates)
@@ -480,6 +503,7 @@ mod tests {
         al: ActivityLog,
         busy: HashSet<u32>,
         referenced: HashSet<u32>,
+        spare: usize,
     }
 
     impl Disk {
@@ -489,6 +513,7 @@ mod tests {
                 al: ActivityLog::new(capacity, RING, 0),
                 busy: HashSet::new(),
                 referenced: HashSet::new(),
+                spare: 0,
             }
         }
 
@@ -500,7 +525,7 @@ mod tests {
         /// Makes `wanted` hot, one transaction per `MAX_UPDATES` changes.
         fn activate(&mut self, wanted: &[u32]) -> Result<Vec<u32>, Vec<u32>> {
             let (busy, referenced) = (&self.busy, &mut self.referenced);
-            let updates = self.al.plan(wanted, |e| {
+            let updates = self.al.plan(wanted, self.spare, |e| {
                 if busy.contains(&e) || wanted.contains(&e) {
                     Candidate::Busy
                 } else if referenced.remove(&e) {
@@ -559,6 +584,35 @@ mod tests {
         let seq = d.al.seq();
         assert_eq!(d.activate(&[10, 1000]).unwrap(), Vec::<u32>::new());
         assert_eq!(d.al.seq(), seq);
+    }
+
+    #[test]
+    fn evictions_free_spare_slots_in_the_same_transaction() {
+        let mut d = Disk::new(16);
+        d.spare = 3;
+        // Filling free slots evicts nothing, so frees nothing extra.
+        for e in 0..16 {
+            assert!(d.activate(&[e]).unwrap().is_empty());
+        }
+        d.referenced.clear();
+        let seq = d.al.seq();
+        let victims = d.activate(&[100]).unwrap();
+        assert_eq!(victims.len(), 4, "one for 100 and three spare: {victims:?}");
+        assert_eq!(d.al.seq(), seq + 1, "in one transaction");
+        assert_eq!(d.al.active(), 13);
+        // The next three misses use the freed slots: no eviction.
+        for e in 101..104 {
+            assert!(d.activate(&[e]).unwrap().is_empty());
+        }
+        assert_eq!(d.al.active(), 16);
+        assert_eq!(recover(&d.ring).extents, d.hot_sorted());
+        // Busy extents are never spare victims.
+        d.referenced.clear();
+        for e in 0..16 {
+            d.busy.insert(e);
+        }
+        let victims = d.activate(&[200]).unwrap();
+        assert!(victims.iter().all(|v| *v >= 100), "{victims:?}");
     }
 
     #[test]
@@ -678,7 +732,7 @@ mod tests {
     fn a_failed_write_forgets_what_it_changed() {
         let mut d = Disk::new(16);
         d.activate(&[1, 2]).unwrap();
-        let updates = d.al.plan(&[3], |_| Candidate::Take).unwrap();
+        let updates = d.al.plan(&[3], 0, |_| Candidate::Take).unwrap();
         let _t = d.al.commit(&updates);
         d.al.forget(&updates);
         assert!(!d.al.contains(3));

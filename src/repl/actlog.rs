@@ -293,7 +293,10 @@ impl Replica {
                     return Ok(());
                 };
                 let wanted: Vec<u32> = (first..=last).collect();
-                let planned = log.plan(&wanted, |victim| {
+                // Evictions come in batches of a sixteenth of the set: the
+                // barrier and flushes they need are paid once per batch.
+                let spare = (p.capacity / 16) as usize;
+                let planned = log.plan(&wanted, spare, |victim| {
                     if (first..=last).contains(&victim) {
                         return Candidate::Busy;
                     }
