@@ -208,7 +208,10 @@ impl Persistent {
     /// The changed pages (`only`: just these, if changed) as they are
     /// now; their change records are reset. Call with `io` held.
     fn snapshot(&self, bitmap: &Mutex<DirtyBitmap>, only: Option<&[u64]>) -> Vec<(u64, Vec<u8>)> {
-        let mut bm = lock(bitmap);
+        Self::snapshot_of(&mut lock(bitmap), only)
+    }
+
+    fn snapshot_of(bm: &mut DirtyBitmap, only: Option<&[u64]>) -> Vec<(u64, Vec<u8>)> {
         let pages = match only {
             Some(p) => p.iter().copied().filter(|&p| bm.page_changed(p)).collect(),
             None => bm.take_dirty_pages(),
@@ -405,11 +408,13 @@ impl Replica {
         let (snap, session) = {
             // Under the session slot's lock: a link that failed is let go
             // only after what it lost is marked, and none starts meanwhile.
+            // Lock order: the bitmap, then the session slot (as `status`).
+            let mut bm = lock(&self.oos);
             let slot = lock(&self.session);
             if slot.as_ref().is_some_and(|s| !s.is_alive()) {
                 return Ok(false);
             }
-            (p.snapshot(&self.oos, only), slot.clone())
+            (Persistent::snapshot_of(&mut bm, only), slot.clone())
         };
         // Only writes the peer acknowledged and no barrier made durable
         // yet need one (a node that sent none has nothing to wait for).

@@ -162,10 +162,6 @@ impl Replica {
                 self.intervals.acquire(offset, len)
             }
         };
-        // Without a peer the range is marked before the local write: a
-        // session coming up meanwhile must not finish its resync without
-        // it. If one came up by the time the write is done, the write is
-        // sent through it as well.
         // In the activity log before either copy is written; the
         // reference goes once the range is marked if it has to be.
         let al = match self.al_begin(offset, len) {
@@ -176,6 +172,10 @@ impl Replica {
                 return done(Err(e), &mut Batch::default());
             }
         };
+        // Without a peer the range is marked before the local write: a
+        // session coming up meanwhile must not finish its resync without
+        // it. If one came up by the time the write is done, the write is
+        // sent through it as well.
         let session = self.current_session();
         if session.is_none() {
             self.mark_out_of_sync(offset, len);
