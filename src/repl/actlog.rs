@@ -30,6 +30,7 @@
 use super::*;
 use crate::core::actlog::{ActivityLog, Candidate, EXTENT_SHIFT, MAX_UPDATES};
 use crate::meta::MdArea;
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU32;
 
 /// The extent is in the hot set (on disk too).
@@ -79,6 +80,9 @@ pub(super) struct Persistent {
     transactions: AtomicU64,
     evictions: AtomicU64,
     pages_written: AtomicU64,
+    /// Extents requests are waiting to make hot: whoever commits next
+    /// takes them all into its transaction (group commit).
+    pending: Mutex<BTreeSet<u32>>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
     flusher: Mutex<Option<JoinHandle<()>>>,
@@ -118,6 +122,7 @@ impl Persistent {
             transactions: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             pages_written: AtomicU64::new(0),
+            pending: Mutex::new(BTreeSet::new()),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             flusher: Mutex::new(None),
@@ -283,8 +288,11 @@ impl Replica {
 
     /// The slow path of `al_begin`: one transaction making every extent
     /// of `first..=last` hot, evicting idle ones if the set is full.
+    /// Requests waiting meanwhile add theirs to `pending`, and the one
+    /// that gets the lock commits them all in one transaction.
     fn al_activate(&self, p: &Arc<Persistent>, first: u32, last: u32) -> io::Result<()> {
         let deadline = Instant::now() + SLOT_WAIT;
+        lock(&p.pending).extend(first..=last);
         loop {
             {
                 let mut io = lock(&p.io);
@@ -295,32 +303,60 @@ impl Replica {
                 let Some(log) = io.as_mut() else {
                     return Ok(());
                 };
-                let wanted: Vec<u32> = (first..=last).collect();
+                // At most a quarter of the hot set per group: a set much
+                // smaller than the queue depth would only thrash.
+                let mut group: BTreeSet<u32> = {
+                    let mut pending = lock(&p.pending);
+                    let limit = (p.capacity / 4) as usize;
+                    let rest = pending.iter().nth(limit).copied();
+                    let tail = rest.map(|r| pending.split_off(&r)).unwrap_or_default();
+                    std::mem::replace(&mut *pending, tail)
+                };
+                group.extend(first..=last);
+                let mut planned = Err(Vec::new());
                 // Evictions come in batches of a sixteenth of the set: the
                 // barrier and flushes they need are paid once per batch.
                 let spare = (p.capacity / 16) as usize;
-                let planned = log.plan(&wanted, spare, |victim| {
-                    if (first..=last).contains(&victim) {
-                        return Candidate::Busy;
+                for attempt in 0..2 {
+                    if attempt == 1 {
+                        // Not room for the whole group: this request's own
+                        // extents only; the others wait for their turn.
+                        if let Err(taken) = &planned {
+                            for v in taken {
+                                p.state[*v as usize].store(HOT, Ordering::Release);
+                            }
+                        }
+                        let others = group.iter().filter(|e| !(first..=last).contains(*e));
+                        lock(&p.pending).extend(others);
+                        group = (first..=last).collect();
                     }
-                    let s = &p.state[victim as usize];
-                    let v = s.load(Ordering::Acquire);
-                    if v & COUNT != 0 {
-                        Candidate::Busy
-                    } else if v & REFERENCED != 0 {
-                        s.fetch_and(!REFERENCED, Ordering::AcqRel);
-                        Candidate::Referenced
-                    } else if s
-                        .compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
-                        // Cold from now on: a write to it waits for this
-                        // lock and commits it again.
-                        Candidate::Take
-                    } else {
-                        Candidate::Busy
+                    let wanted: Vec<u32> = group.iter().copied().collect();
+                    planned = log.plan(&wanted, spare, |victim| {
+                        if group.contains(&victim) {
+                            return Candidate::Busy;
+                        }
+                        let s = &p.state[victim as usize];
+                        let v = s.load(Ordering::Acquire);
+                        if v & COUNT != 0 {
+                            Candidate::Busy
+                        } else if v & REFERENCED != 0 {
+                            s.fetch_and(!REFERENCED, Ordering::AcqRel);
+                            Candidate::Referenced
+                        } else if s
+                            .compare_exchange(v, 0, Ordering::AcqRel, Ordering::Acquire)
+                            .is_ok()
+                        {
+                            // Cold from now on: a write to it waits for this
+                            // lock and commits it again.
+                            Candidate::Take
+                        } else {
+                            Candidate::Busy
+                        }
+                    });
+                    if planned.is_ok() {
+                        break;
                     }
-                });
+                }
                 match planned {
                     Ok(updates) => {
                         let victims = log.victims(&updates);
@@ -354,13 +390,16 @@ impl Replica {
                         p.evictions
                             .fetch_add(victims.len() as u64, Ordering::Relaxed);
                         p.active.store(log.active(), Ordering::Relaxed);
-                        for e in first..=last {
+                        // Hot now; the other requests of the group take
+                        // their references when they get the lock.
+                        for &e in &group {
                             let s = &p.state[e as usize];
                             if s.load(Ordering::Acquire) & HOT == 0 {
-                                s.store(HOT | REFERENCED | 1, Ordering::Release);
-                            } else {
-                                s.fetch_add(1, Ordering::AcqRel);
+                                s.store(HOT | REFERENCED, Ordering::Release);
                             }
+                        }
+                        for e in first..=last {
+                            p.state[e as usize].fetch_add(1, Ordering::AcqRel);
                         }
                         return Ok(());
                     }
