@@ -12,7 +12,9 @@
 //!   (or its range was marked out of sync). An extent already hot costs
 //!   one compare-and-swap on a per-extent word: no lock. A cold one takes
 //!   the log's lock and commits a transaction (written and synced) before
-//!   the write is issued, locally or to the peer.
+//!   the write is issued, locally or to the peer; requests that miss
+//!   meanwhile queue their extents, and the next one to get the lock
+//!   commits them together (group commit).
 //! - An extent leaves the hot set only when nothing is in flight on it,
 //!   and only after (1) a barrier made every write the peer acknowledged
 //!   durable there (or, without a peer, the writes the link lost were
