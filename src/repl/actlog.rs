@@ -25,8 +25,9 @@
 //! - Bits set outside a write (a full sync marking every block, the
 //!   crash recovery itself) are written and synced before anything relies
 //!   on them (`persist_bitmap`).
-//! - Changed bitmap pages are also written about once a second, so an
-//!   interrupted resync resumes from a recent bitmap. Clearing bits late
+//! - While the node is a sync source, changed bitmap pages are also
+//!   written about once a second, so an interrupted resync resumes from a
+//!   recent bitmap. Clearing bits late
 //!   on disk only costs resync time.
 
 use super::*;
@@ -543,7 +544,9 @@ impl Replica {
         let pp = p.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("bitmap-{}", self.name))
-            .spawn(move || loop {
+            .spawn(move || {
+                let mut was_source = false;
+                loop {
                 {
                     let stop = lock(&pp.stop);
                     if *stop {
@@ -558,9 +561,22 @@ impl Replica {
                     }
                 }
                 let Some(r) = weak.upgrade() else { return };
+                // Only a resync clears bits; bits set by writes are covered
+                // by the log (and written when their extent leaves it). So
+                // pages are written while this node is a sync source, and
+                // once more when it stops being one.
+                let source = lock(&r.inner)
+                    .node
+                    .as_ref()
+                    .is_some_and(|n| n.repl() == ReplState::SyncSource);
+                if !source && !was_source {
+                    continue;
+                }
+                was_source = source;
                 let _io = lock(&pp.io);
                 if let Err(e) = r.write_bitmap_pages(&pp, None, false) {
                     tracing::warn!(resource = %r.name, "writing changed bitmap pages failed: {e}");
+                }
                 }
             });
         match spawned {
