@@ -9,12 +9,21 @@
 /// Default bytes per bit.
 pub const DEFAULT_GRANULARITY: u64 = 4096;
 
+/// Bytes of the on-disk bitmap written as one unit (a metadata block).
+pub const PAGE_BYTES: usize = 4096;
+/// Bits (blocks) per page.
+pub const PAGE_BITS: u64 = PAGE_BYTES as u64 * 8;
+const PAGE_WORDS: usize = PAGE_BYTES / 8;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
     words: Vec<u64>,
     blocks: u64,
     granularity: u64,
     set: u64,
+    /// One bit per page changed since the on-disk copy last took it
+    /// (`take_dirty_pages`): what the lazy write-back has to write.
+    changed_pages: Vec<u64>,
 }
 
 impl DirtyBitmap {
@@ -28,7 +37,72 @@ impl DirtyBitmap {
             blocks,
             granularity,
             set: 0,
+            changed_pages: vec![0; blocks.div_ceil(PAGE_BITS).div_ceil(64) as usize],
         }
+    }
+
+    /// Records that the page holding `block` changed. Every change of a
+    /// bit goes through here.
+    fn note_change(&mut self, block: u64) {
+        let page = block / PAGE_BITS;
+        self.changed_pages[(page / 64) as usize] |= 1 << (page % 64);
+    }
+
+    /// Pages of the on-disk form (`PAGE_BYTES` each; the last one may
+    /// cover fewer blocks).
+    pub fn pages(&self) -> u64 {
+        self.blocks.div_ceil(PAGE_BITS)
+    }
+
+    /// Pages changed since the last call, ascending; the record is reset.
+    pub fn take_dirty_pages(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.changed_pages.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// Whether `page` changed since its record was last taken.
+    pub fn page_changed(&self, page: u64) -> bool {
+        page < self.pages() && self.changed_pages[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Resets the record of `page` and returns its on-disk bytes.
+    pub fn take_page(&mut self, page: u64) -> Vec<u8> {
+        if page < self.pages() {
+            self.changed_pages[(page / 64) as usize] &= !(1 << (page % 64));
+        }
+        self.page_bytes(page)
+    }
+
+    /// Marks `page` as changed (a write of it failed).
+    pub fn touch_page(&mut self, page: u64) {
+        if page < self.pages() {
+            self.changed_pages[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// Marks every page as changed (the whole bitmap is to be written).
+    pub fn touch_all_pages(&mut self) {
+        for p in 0..self.pages() {
+            self.changed_pages[(p / 64) as usize] |= 1 << (p % 64);
+        }
+    }
+
+    /// Page `page` in the on-disk form, `PAGE_BYTES` long (zero past the
+    /// end of the device).
+    pub fn page_bytes(&self, page: u64) -> Vec<u8> {
+        let mut out = vec![0u8; PAGE_BYTES];
+        let first = (page as usize).saturating_mul(PAGE_WORDS);
+        for (i, w) in self.words.iter().skip(first).take(PAGE_WORDS).enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        out
     }
 
     pub fn granularity(&self) -> u64 {
@@ -56,9 +130,11 @@ impl DirtyBitmap {
             if value && !was {
                 self.words[w] |= bit;
                 self.set += 1;
+                self.note_change(b);
             } else if !value && was {
                 self.words[w] &= !bit;
                 self.set -= 1;
+                self.note_change(b);
             }
         }
     }
@@ -197,6 +273,32 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.count(), 3);
         assert_eq!(a.runs().collect::<Vec<_>>(), [(0, 8192), (65536, 4096)]);
+    }
+
+    #[test]
+    fn changed_pages_are_recorded_and_taken() {
+        // Three pages: 2 full ones and a short one.
+        let mut bm = DirtyBitmap::new((2 * PAGE_BITS + 10) * 4096, 4096);
+        assert_eq!(bm.pages(), 3);
+        assert!(bm.take_dirty_pages().is_empty());
+        bm.set_range(0, 4096);
+        bm.set_range((2 * PAGE_BITS + 3) * 4096, 4096);
+        bm.set_range(0, 4096); // no change, nothing new
+        assert!(bm.page_changed(0) && !bm.page_changed(1) && bm.page_changed(2));
+        assert_eq!(bm.take_dirty_pages(), vec![0, 2]);
+        assert!(bm.take_dirty_pages().is_empty());
+        bm.clear_range(0, 4096);
+        assert_eq!(bm.take_page(0)[0], 0);
+        assert!(!bm.page_changed(0));
+        let last = bm.page_bytes(2);
+        assert_eq!(last.len(), PAGE_BYTES);
+        assert_eq!(last[0], 1 << 3);
+        // The pages laid end to end are the on-disk form.
+        let bytes = bm.to_bytes();
+        let pages: Vec<u8> = (0..3).flat_map(|p| bm.page_bytes(p)).collect();
+        assert_eq!(&pages[..bytes.len()], &bytes[..]);
+        bm.touch_all_pages();
+        assert_eq!(bm.take_dirty_pages(), vec![0, 1, 2]);
     }
 
     #[test]

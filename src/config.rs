@@ -313,6 +313,10 @@ pub struct ResourceConfig {
     /// A failed fence-peer handler runs again after this long.
     #[serde(default = "default_fence_retry_ms")]
     pub fence_retry_ms: u64,
+    /// Replicated resources: 4 MiB extents in the activity log's hot set
+    /// (0 disables the log: a crash then means a full resync).
+    #[serde(default)]
+    pub al_extents: Option<u32>,
 }
 
 /// The peer side of a replicated resource, as seen from this node.
@@ -339,6 +343,8 @@ pub struct LocalResource {
     pub description: String,
     /// Replicated resources only: where the metadata is.
     pub meta: Option<MetaDisk>,
+    /// Activity-log hot set in 4 MiB extents (0: no activity log).
+    pub al_extents: u32,
     pub peer: Option<PeerConfig>,
 }
 
@@ -444,6 +450,16 @@ impl Config {
                 if size == 0 || size % SIZE_ALIGN != 0 {
                     return invalid(format!(
                         "resource {:?}: size = {size} is not a positive multiple of 4 KiB",
+                        r.name
+                    ));
+                }
+            }
+            if let Some(n) = r.al_extents {
+                let max = crate::core::actlog::max_extents(crate::meta::AL_BLOCKS as u32);
+                let min = crate::core::actlog::MIN_EXTENTS;
+                if n != 0 && !(min..=max).contains(&n) {
+                    return invalid(format!(
+                        "resource {:?}: al_extents = {n} must be 0 (no activity log) or between {min} and {max}",
                         r.name
                     ));
                 }
@@ -600,6 +616,7 @@ impl Config {
                 description: r.description.clone(),
                 meta,
                 peer,
+                al_extents: r.al_extents.unwrap_or(crate::core::actlog::DEFAULT_EXTENTS),
             });
         }
         Ok(NodeView {
@@ -652,6 +669,21 @@ mod tests {
         let err = Config::parse(&format!("{MINIMAL}size = 4097\n")).unwrap_err();
         assert!(err.to_string().contains("multiple of 4 KiB"), "{err}");
         assert!(Config::parse(&format!("{MINIMAL}size = 8192\n")).is_ok());
+    }
+
+    #[test]
+    fn al_extents_is_zero_or_within_the_log_capacity() {
+        for bad in [1, 15, 23_809, u32::MAX] {
+            let err = Config::parse(&format!("{MINIMAL}al_extents = {bad}\n")).unwrap_err();
+            assert!(err.to_string().contains("al_extents"), "{err}");
+        }
+        for good in [0, 16, 1237, 23_808] {
+            let c = Config::parse(&format!("{MINIMAL}al_extents = {good}\n")).expect("valid");
+            assert_eq!(c.resources[0].al_extents, Some(good));
+        }
+        let c = Config::parse(MINIMAL).expect("valid");
+        let view = c.for_node("any").expect("resolves");
+        assert_eq!(view.resources[0].al_extents, 1237);
     }
 
     #[test]

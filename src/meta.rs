@@ -1,6 +1,6 @@
 //! Crash-safe per-resource metadata on disk, in the spirit of DRBD's
 //! meta-data: generation identifiers, persistent flags, the out-of-sync
-//! bitmap and (reserved for later) an activity log.
+//! bitmap and the activity log.
 //!
 //! # Where the metadata lives
 //!
@@ -23,8 +23,13 @@
 //! The bitmap has one bit per `granularity` bytes (a power of two, at
 //! least 4096) of the usable data size, rounded up to whole 4 KiB
 //! blocks. Bit `b` is bit `b % 8` of byte `b / 8` (the byte order of
-//! little-endian `u64` words). The activity log is 32 blocks of 4 KiB,
-//! zeroed on creation and otherwise unused for now.
+//! little-endian `u64` words). The bitmap is written lazily while the
+//! resource is up (pages that changed, about once a second and before an
+//! activity-log extent leaves the hot set) and in full at clean shutdown.
+//! The activity log is a ring of 32 blocks of 4 KiB holding transactions
+//! (`crate::core::actlog` documents their format); it is zeroed on
+//! creation and again each time the resource comes up, once what it held
+//! has been merged into the bitmap on disk.
 //!
 //! ## Internal placement
 //!
@@ -53,7 +58,7 @@
 //! | offset | size | field                                                  |
 //! |--------|------|--------------------------------------------------------|
 //! | 0      | 8    | magic `b"RBLKMETA"`                                    |
-//! | 8      | 4    | format version, u32 = 1                                |
+//! | 8      | 4    | format version, u32 = 2 (1 is read, see below)         |
 //! | 12     | 4    | flags, u32 (`crate::core::flags`; unknown bits invalid)|
 //! | 16     | 8    | sequence number, u64 (≥ 1)                             |
 //! | 24     | 8    | usable data size in bytes, u64                         |
@@ -76,6 +81,17 @@
 //!
 //! Changing `crate::core::HISTORY` changes this layout and needs a new
 //! format version.
+//!
+//! # Format versions
+//!
+//! Version 2 has the layout of version 1 and adds the flag
+//! `ACTIVITY_LOG` (bit 9): the bitmap on disk and the activity log are
+//! kept up to date while the resource is up, so after a crash only they
+//! are out of sync. Version 1 metadata (bitmap written at clean shutdown
+//! only, activity log unused) is read as it is: a crash it recorded
+//! still marks every block, and the next superblock written is version
+//! 2. Builds that know only version 1 refuse version 2 metadata
+//! ("unsupported format version 2").
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -92,7 +108,9 @@ pub const BLOCK: u64 = 4096;
 /// Bytes in a superblock.
 pub const SUPERBLOCK_SIZE: usize = BLOCK as usize;
 pub const MAGIC: &[u8; 8] = b"RBLKMETA";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest format version this build reads (and upgrades).
+pub const OLDEST_VERSION: u32 = 1;
 /// Longest node or resource name the superblock holds, in bytes.
 pub const MAX_NAME: usize = 64;
 /// Default (and smallest) bitmap granularity: bytes per bit.
@@ -443,9 +461,9 @@ pub fn decode(buf: &[u8]) -> Result<Superblock, String> {
         return Err("bad magic (no superblock)".to_string());
     }
     let version = get_u32(buf, OFF_VERSION);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(format!(
-            "unsupported format version {version} (this build reads {VERSION})"
+            "unsupported format version {version} (this build reads {OLDEST_VERSION} to {VERSION})"
         ));
     }
     let stored = get_u32(buf, OFF_CRC);
@@ -456,11 +474,13 @@ pub fn decode(buf: &[u8]) -> Result<Superblock, String> {
         ));
     }
     let flag_bits = get_u32(buf, OFF_FLAGS);
-    if flag_bits & !flags::KNOWN != 0 {
-        return Err(format!(
-            "unknown flag bits {:#x}",
-            flag_bits & !flags::KNOWN
-        ));
+    let known = if version == 1 {
+        flags::KNOWN & !flags::ACTIVITY_LOG
+    } else {
+        flags::KNOWN
+    };
+    if flag_bits & !known != 0 {
+        return Err(format!("unknown flag bits {:#x}", flag_bits & !known));
     }
     let internal = match buf[OFF_LAYOUT] {
         0 => false,
@@ -1061,6 +1081,20 @@ impl MetaStore {
         })
     }
 
+    /// A second handle on the metadata device for the bitmap and the
+    /// activity log, used without the superblock's lock.
+    pub fn area(&self) -> Result<MdArea, MetaError> {
+        let file = self.file.try_clone().map_err(|e| MetaError::Io {
+            path: self.md_name.clone(),
+            source: e,
+        })?;
+        Ok(MdArea {
+            file,
+            name: self.md_name.clone(),
+            layout: self.layout,
+        })
+    }
+
     /// The layout in use, from the superblock.
     pub fn layout(&self) -> &Plan {
         &self.layout
@@ -1078,6 +1112,82 @@ impl MetaStore {
     /// The slot (0 = A, 1 = B) holding the newest superblock.
     pub fn active_slot(&self) -> usize {
         self.active
+    }
+}
+
+/// The bitmap and activity-log areas of open metadata (see
+/// `MetaStore::area`). Writes are not synced; `sync` makes them durable.
+#[derive(Debug)]
+pub struct MdArea {
+    file: File,
+    name: String,
+    layout: Plan,
+}
+
+impl MdArea {
+    fn io(&self, source: io::Error) -> MetaError {
+        MetaError::Io {
+            path: self.name.clone(),
+            source,
+        }
+    }
+
+    fn outside(&self, what: &str, offset: u64, len: usize, area: u64) -> MetaError {
+        MetaError::Invalid {
+            path: self.name.clone(),
+            detail: format!("{what} access of {len} bytes at {offset} is outside its {area} bytes"),
+        }
+    }
+
+    pub fn layout(&self) -> &Plan {
+        &self.layout
+    }
+
+    /// Writes `bytes` at `offset` within the bitmap area.
+    pub fn write_bitmap(&self, offset: u64, bytes: &[u8]) -> Result<(), MetaError> {
+        match offset.checked_add(bytes.len() as u64) {
+            Some(end) if end <= self.layout.bitmap_len => {}
+            _ => return Err(self.outside("bitmap", offset, bytes.len(), self.layout.bitmap_len)),
+        }
+        let at = self.layout.md_start + self.layout.bitmap_offset + offset;
+        self.file.write_all_at(bytes, at).map_err(|e| self.io(e))
+    }
+
+    /// Blocks in the activity-log ring.
+    pub fn al_blocks(&self) -> u32 {
+        (self.layout.al_len / BLOCK) as u32
+    }
+
+    /// The whole activity-log area.
+    pub fn read_al(&self) -> Result<Vec<u8>, MetaError> {
+        let mut buf = vec![0u8; self.layout.al_len as usize];
+        self.file
+            .read_exact_at(&mut buf, self.layout.md_start + self.layout.al_offset)
+            .map_err(|e| self.io(e))?;
+        Ok(buf)
+    }
+
+    /// Writes one 4 KiB block of the activity-log ring.
+    pub fn write_al_block(&self, index: u32, block: &[u8]) -> Result<(), MetaError> {
+        let offset = u64::from(index) * BLOCK;
+        if block.len() as u64 != BLOCK || offset + BLOCK > self.layout.al_len {
+            return Err(self.outside("activity-log", offset, block.len(), self.layout.al_len));
+        }
+        let at = self.layout.md_start + self.layout.al_offset + offset;
+        self.file.write_all_at(block, at).map_err(|e| self.io(e))
+    }
+
+    /// Zeroes the activity-log ring.
+    pub fn zero_al(&self) -> Result<(), MetaError> {
+        let zeroes = vec![0u8; self.layout.al_len as usize];
+        self.file
+            .write_all_at(&zeroes, self.layout.md_start + self.layout.al_offset)
+            .map_err(|e| self.io(e))
+    }
+
+    /// fdatasync of the metadata file or device.
+    pub fn sync(&self) -> Result<(), MetaError> {
+        self.file.sync_data().map_err(|e| self.io(e))
     }
 }
 
@@ -1122,7 +1232,7 @@ mod tests {
         let buf = encode(&sb);
         assert_eq!(decode(&buf).unwrap(), sb);
         assert_eq!(&buf[..8], b"RBLKMETA");
-        assert_eq!(get_u32(&buf, 8), 1);
+        assert_eq!(get_u32(&buf, 8), 2);
         assert!(buf[OFF_RESOURCE + 1 + MAX_NAME..OFF_CRC]
             .iter()
             .all(|&b| b == 0));
@@ -1170,9 +1280,28 @@ mod tests {
         check(&b, "bad magic");
 
         let mut b = good;
-        put_u32(&mut b, OFF_VERSION, 2);
+        put_u32(&mut b, OFF_VERSION, 3);
         reseal(&mut b);
-        check(&b, "version 2");
+        check(&b, "version 3");
+        let mut b = good;
+        put_u32(&mut b, OFF_VERSION, 0);
+        reseal(&mut b);
+        check(&b, "version 0");
+
+        // Version 1 is read, without the flag it did not have.
+        let mut b = good;
+        put_u32(&mut b, OFF_VERSION, 1);
+        reseal(&mut b);
+        assert_eq!(decode(&b).unwrap(), sample());
+        let al = Superblock {
+            flags: flags::CONSISTENT | flags::ACTIVITY_LOG,
+            ..sample()
+        };
+        let mut b = encode(&al);
+        assert_eq!(decode(&b).unwrap(), al);
+        put_u32(&mut b, OFF_VERSION, 1);
+        reseal(&mut b);
+        check(&b, "unknown flag bits 0x200");
 
         let mut b = good;
         b[OFF_GEN_BITMAP] ^= 0x10;

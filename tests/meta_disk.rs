@@ -180,16 +180,16 @@ fn corrupt_in_both_slots_names_each_reason() {
     let start = store.layout().md_start;
     drop(store);
     write(&disk, start + 100, &[0xff]);
-    write(&disk, start + 4096 + 8, &2u32.to_le_bytes());
+    write(&disk, start + 4096 + 8, &3u32.to_le_bytes());
     let err = MetaStore::open(&disk, &Location::Internal, "alpha", "r0").unwrap_err();
     assert!(matches!(err, MetaError::Corrupt { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("corrupt in both slots"), "{msg}");
     assert!(msg.contains("slot A") && msg.contains("checksum"), "{msg}");
-    assert!(msg.contains("slot B") && msg.contains("version 2"), "{msg}");
+    assert!(msg.contains("slot B") && msg.contains("version 3"), "{msg}");
     assert!(msg.contains(&disk.display().to_string()), "{msg}");
     // open never re-initialises: the bytes are still there.
-    assert_eq!(read(&disk, start + 4096 + 8, 4), 2u32.to_le_bytes());
+    assert_eq!(read(&disk, start + 4096 + 8, 4), 3u32.to_le_bytes());
 }
 
 #[test]
@@ -466,4 +466,66 @@ fn one_gib_internal_and_tiny_devices() {
         "{msg}"
     );
     assert!(read(&tiny, 0, 147_455).iter().all(|&b| b == 0));
+}
+
+/// Rewrites the superblock at `off` as format version 1.
+fn as_version_1(path: &Path, off: u64) {
+    let mut block = read(path, off, 4096);
+    block[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32c::crc32c(&block[..4092]);
+    block[4092..].copy_from_slice(&crc.to_le_bytes());
+    write(path, off, &block);
+}
+
+#[test]
+fn format_1_metadata_is_read_and_upgraded_on_the_next_write() {
+    let dir = TempDir::new().unwrap();
+    let disk = file(&dir, "disk.img", 16 * MIB);
+    let (store, _) =
+        MetaStore::create(&disk, &Location::Internal, "alpha", "r0", 4096, false).unwrap();
+    let start = store.layout().md_start;
+    drop(store);
+    for i in 0..2 {
+        as_version_1(&disk, start + i * 4096);
+        assert_eq!(read(&disk, start + i * 4096 + 8, 4), 1u32.to_le_bytes());
+    }
+    let (mut store, mut sb) = MetaStore::open(&disk, &Location::Internal, "alpha", "r0").unwrap();
+    assert_eq!(sb.flags & flags::ACTIVITY_LOG, 0);
+    sb.flags |= flags::ACTIVITY_LOG;
+    store.write(&mut sb).unwrap();
+    let written = start + store.active_slot() as u64 * 4096;
+    assert_eq!(read(&disk, written + 8, 4), meta::VERSION.to_le_bytes());
+    assert_eq!(meta::VERSION, 2);
+    let (_, again) = MetaStore::open(&disk, &Location::Internal, "alpha", "r0").unwrap();
+    assert_eq!(again.flags & flags::ACTIVITY_LOG, flags::ACTIVITY_LOG);
+}
+
+#[test]
+fn the_activity_log_area_is_written_read_and_zeroed_in_place() {
+    let dir = TempDir::new().unwrap();
+    let disk = file(&dir, "disk.img", 64 * MIB);
+    let md = file(&dir, "md", 4 * MIB);
+    let ext = Location::External(md.clone());
+    let (store, _) = MetaStore::create(&disk, &ext, "alpha", "r0", 4096, false).unwrap();
+    let p = *store.layout();
+    let area = store.area().unwrap();
+    assert_eq!(area.al_blocks(), 32);
+    assert!(area.read_al().unwrap().iter().all(|&b| b == 0));
+    let block = pattern(7, 4096);
+    area.write_al_block(31, &block).unwrap();
+    area.sync().unwrap();
+    assert_eq!(read(&md, p.al_offset + 31 * 4096, 4096), block);
+    assert_eq!(&area.read_al().unwrap()[31 * 4096..], &block[..]);
+    // Outside the ring, or not a whole block: refused, nothing written.
+    let err = area.write_al_block(32, &block).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+    assert!(area.write_al_block(0, &block[..100]).is_err());
+    let err = area.write_bitmap(p.bitmap_len, &[1]).unwrap_err();
+    assert!(err.to_string().contains("outside"), "{err}");
+    area.zero_al().unwrap();
+    assert!(read(&md, p.al_offset, p.al_len as usize)
+        .iter()
+        .all(|&b| b == 0));
+    // The data device is never touched.
+    assert!(read(&disk, 0, 64 * MIB as usize).iter().all(|&b| b == 0));
 }

@@ -318,10 +318,16 @@ class ReplicatedPairServer(Server):
 
     kind = "repld-pair"
 
-    def __init__(self, label: str, workdir: Path, binary: Path, metrics: bool = False) -> None:
+    def __init__(self, label: str, workdir: Path, binary: Path,
+                 al_extents: Optional[int] = None, kind: Optional[str] = None,
+                 metrics: bool = False) -> None:
         super().__init__(label, workdir, workdir / f"{label}-alpha.img")
         self.binary = binary
         self.metrics_ports = (free_port(), free_port()) if metrics else None
+        # None: the default activity log; 0: none; N: a hot set of N extents.
+        self.al_extents = al_extents
+        if kind:
+            self.kind = kind
         self.beta_image = workdir / f"{label}-beta.img"
         self.config_path = workdir / f"{label}.toml"
         self.alpha = self.daemon
@@ -348,7 +354,8 @@ class ReplicatedPairServer(Server):
             f"{self._metrics_key(1)}\n"
             "[[resource]]\n"
             f"name = {json.dumps(EXPORT_NAME)}\n"
-            "secret = \"bench-secret\"\n\n"
+            + (f"al_extents = {self.al_extents}\n" if self.al_extents is not None else "")
+            + "secret = \"bench-secret\"\n\n"
             "[resource.on.alpha]\n"
             f"disk = {json.dumps(str(self.image))}\n"
             f"meta_disk = {json.dumps(str(self.meta[0]))}\n"
@@ -1109,6 +1116,12 @@ def comparisons(servers: List[Server], baseline: Server) -> List[Tuple[Server, S
     for s in servers:
         if s.label.endswith("+metrics") and s.label[: -len("+metrics")] in by_label:
             out.append((s, by_label[s.label[: -len("+metrics")]]))
+    noal = find_kind(servers, "repld-pair-noal")
+    if noal:
+        # The activity log's cost: each logged pair against the pair without.
+        for s in servers:
+            if s.kind in ("repld-pair", "repld-pair-al-small"):
+                out.append((s, noal))
     return out
 
 
@@ -1294,6 +1307,16 @@ def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server]
             if args.metrics:
                 servers.append(ReplicatedPairServer("repl-pair+metrics", workdir, args.repld,
                                                     metrics=True))
+            if args.al_compare:
+                # The same pair without the activity log (the reference for
+                # its cost), and with a hot set far smaller than the device
+                # (random writes then mostly miss it).
+                servers.append(ReplicatedPairServer("pair-noal", workdir, args.repld, 0,
+                                                    kind="repld-pair-noal"))
+                if args.al_small:
+                    servers.append(ReplicatedPairServer(
+                        f"pair-al{args.al_small}", workdir, args.repld, args.al_small,
+                        kind="repld-pair-al-small"))
     if not args.no_qsd:
         servers.append(QsdMirrorServer("qsd-mirror", workdir))
     baseline = NbdkitServer("nbdkit", workdir, workdir / "nbdkit.img")
@@ -1359,6 +1382,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="parent of the temporary work directory (default /var/tmp; avoid tmpfs)")
     p.add_argument("--no-pair", action="store_true",
                    help="skip the replicated pair (alpha Primary -> beta Secondary on loopback)")
+    p.add_argument("--al-compare", action="store_true",
+                   help="also run the pair without the activity log (pair-noal, the reference "
+                        "for the log's cost) and with a small hot set (pair-alN, see --al-small)")
+    p.add_argument("--al-small", type=int, default=16,
+                   help="hot set in 4 MiB extents of the small-log pair (default 16 = 64 MiB; "
+                        "0: no such pair)")
     p.add_argument("--no-qsd", action="store_true",
                    help="skip qsd-mirror (qemu-storage-daemon mirroring synchronously to nbdkit)")
     p.add_argument("--metrics", action="store_true",
@@ -1376,6 +1405,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--runtime must be in 1..3600")
     if a.ramp < 0 or a.ramp > 600:
         p.error("--ramp must be in 0..600")
+    if a.al_small != 0 and not 16 <= a.al_small <= 23808:
+        p.error("--al-small must be 0 or in 16..23808")
     if a.workloads:
         known = {w.key: w for w in WORKLOADS}
         sel = [x.strip() for x in a.workloads.split(",") if x.strip()]

@@ -390,6 +390,7 @@ mod tests {
             verify: None,
             io_frozen: false,
             peer_fenced: true,
+            activity_log: None,
         }
     }
 

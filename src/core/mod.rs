@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod actlog;
 pub mod datapath;
 pub mod fence;
 pub mod split_brain;
@@ -62,6 +63,10 @@ pub mod flags {
     /// peer while Primary); clear for a node promoted while apart. The
     /// split-brain policy `discard-younger-primary` compares it.
     pub const BITMAP_PRIMARY: u32 = 1 << 8;
+    /// The bitmap is kept on disk and writes go through the activity
+    /// log: after a crash, the persisted bitmap plus the extents in the
+    /// log are all that can differ (set while the log is in use).
+    pub const ACTIVITY_LOG: u32 = 1 << 9;
     /// Every bit defined above.
-    pub const KNOWN: u32 = (1 << 9) - 1;
+    pub const KNOWN: u32 = (1 << 10) - 1;
 }

@@ -14,7 +14,15 @@
 //! disconnects and the bootstrap of a fresh pair.
 //!
 //! The shell's rules are mirrored here: after an unclean restart of a node
-//! that was Primary or tracked changes every block is out of sync; a sync
+//! that was Primary or tracked changes every block is out of sync, or,
+//! with the activity log (most seeds), the bitmap on disk plus the blocks
+//! of the log's hot set (one block per extent, four of them: a write
+//! first makes its blocks hot; a block leaves the hot set only with
+//! nothing in flight and nothing the peer acknowledged but a barrier has
+//! not made durable, after the local disk is flushed and its bit is
+//! written to the bitmap on disk;
+//! changed bits are also written at random times, and at once when a
+//! sync source marks every block); a sync
 //! source marks every block for a full sync or a target with dirty bits
 //! of its own; a resync copies only what the source's bitmap marks,
 //! chunk by chunk under the interval lock, then a barrier, `SyncDone` and
@@ -44,6 +52,8 @@ use crate::bitmap::DirtyBitmap;
 /// Blocks per device (one bitmap bit each: offsets and lengths are in
 /// blocks).
 const BLOCKS: usize = 16;
+/// Blocks (extents, here) in the activity log's hot set.
+const AL_CAP: usize = 4;
 /// Largest resync chunk, in blocks.
 const CHUNK: u64 = 2;
 
@@ -242,8 +252,13 @@ struct LocalOp {
 struct SimNode {
     node: Option<Node>,
     persisted: (Generations, u32),
-    /// The bitmap as written at the last clean shutdown.
+    /// The bitmap on disk: written at clean shutdown; with the activity
+    /// log also at eviction, at random times and after a full marking.
     saved_bitmap: DirtyBitmap,
+    /// The activity log is in use on this node.
+    al: bool,
+    /// The log's hot set (on disk as well): block -> writes in flight.
+    hot: BTreeMap<usize, u32>,
     bitmap: DirtyBitmap,
     disk: Disk,
     /// The latest acknowledged write per block this node must hold while
@@ -283,6 +298,8 @@ impl SimNode {
             node: None,
             persisted: (gens, 0),
             saved_bitmap: DirtyBitmap::new(BLOCKS as u64, 1),
+            al: false,
+            hot: BTreeMap::new(),
             bitmap: DirtyBitmap::new(BLOCKS as u64, 1),
             disk: Disk::new(),
             must_vol: vec![0; BLOCKS],
@@ -312,6 +329,7 @@ pub struct Stats {
     pub writes: u64,
     pub flushes: u64,
     pub crashes: u64,
+    pub evictions: u64,
     pub cuts: u64,
     pub handshakes: u64,
     pub resyncs: u64,
@@ -335,6 +353,7 @@ impl std::ops::AddAssign for Stats {
         self.writes += o.writes;
         self.flushes += o.flushes;
         self.crashes += o.crashes;
+        self.evictions += o.evictions;
         self.cuts += o.cuts;
         self.handshakes += o.handshakes;
         self.resyncs += o.resyncs;
@@ -384,6 +403,11 @@ pub struct Sim {
 
 impl Sim {
     pub fn new(trace: bool) -> Sim {
+        Sim::with_log(trace, false)
+    }
+
+    /// A pair whose nodes use the activity log if `al`.
+    pub fn with_log(trace: bool, al: bool) -> Sim {
         let mut sim = Sim {
             n: [SimNode::new(), SimNode::new()],
             link: None,
@@ -400,6 +424,7 @@ impl Sim {
             policy: Policy::default(),
         };
         for i in 0..2 {
+            sim.n[i].al = al;
             sim.up(i);
         }
         sim
@@ -444,9 +469,19 @@ impl Sim {
         } else {
             DirtyBitmap::new(BLOCKS as u64, 1)
         };
-        if !clean && (gens.bitmap != 0 || f & flags::PRIMARY != 0) {
+        if !clean && f & flags::ACTIVITY_LOG != 0 {
+            for &b in s.hot.keys() {
+                s.bitmap.set_range(b as u64, 1);
+            }
+        } else if !clean && (gens.bitmap != 0 || f & flags::PRIMARY != 0) {
             s.bitmap.set_all();
         }
+        node.set_activity_log(s.al);
+        if s.al {
+            // Written back before the log starts afresh.
+            s.saved_bitmap = s.bitmap.clone();
+        }
+        s.hot.clear();
         s.persisted = (node.gens(), node.meta_flags());
         s.node = Some(node);
     }
@@ -587,6 +622,7 @@ impl Sim {
         match c.token {
             Tok::Write { w } => {
                 let fua = matches!(c.kind, Kind::Data { durable: true, .. });
+                self.al_release(i, range.clone());
                 for b in range {
                     self.n[i].locked.remove(&b);
                     self.n[i].must_vol[b] = self.n[i].must_vol[b].max(w);
@@ -670,6 +706,61 @@ impl Sim {
         self.write_at(i, off, len, fua);
     }
 
+    /// Makes blocks `off..off + len` hot and takes a reference on each;
+    /// false (nothing taken) when no block can leave the hot set.
+    fn al_activate(&mut self, i: usize, off: usize, len: usize) -> bool {
+        let s = &mut self.n[i];
+        let cold: Vec<usize> = (off..off + len)
+            .filter(|b| !s.hot.contains_key(b))
+            .collect();
+        let free = AL_CAP - s.hot.len();
+        let evict = cold.len().saturating_sub(free);
+        let victims: Vec<usize> = s
+            .hot
+            .iter()
+            .filter(|&(&v, &refs)| {
+                refs == 0
+                    && !(off..off + len).contains(&v)
+                    && s.paths.values().all(|p| p.unstable_len() == 0)
+            })
+            .map(|(&v, _)| v)
+            .take(evict)
+            .collect();
+        if victims.len() < evict {
+            return false;
+        }
+        if !victims.is_empty() {
+            // The eviction's sync makes the local data durable too (the
+            // shell's metadata sync, or its data flush for external
+            // metadata).
+            s.disk.flush();
+        }
+        for v in victims {
+            // Its bit on disk first, then the transaction that drops it.
+            if s.bitmap.is_set(v as u64) {
+                s.saved_bitmap.set_range(v as u64, 1);
+            } else {
+                s.saved_bitmap.clear_range(v as u64, 1);
+            }
+            s.hot.remove(&v);
+            self.stats.evictions += 1;
+        }
+        for b in off..off + len {
+            *s.hot.entry(b).or_insert(0) += 1;
+        }
+        true
+    }
+
+    fn al_release(&mut self, i: usize, blocks: std::ops::Range<usize>) {
+        if self.n[i].al {
+            for b in blocks {
+                if let Some(r) = self.n[i].hot.get_mut(&b) {
+                    *r -= 1;
+                }
+            }
+        }
+    }
+
     /// The node clients use: a Primary (`i` if both are), else `i`.
     fn writer(&self, i: usize) -> usize {
         let primary = |k: usize| self.up_and(k).is_some_and(|n| n.role() == Role::Primary);
@@ -684,6 +775,9 @@ impl Sim {
     /// the interval lock is taken).
     fn write_at(&mut self, i: usize, off: usize, len: usize, fua: bool) {
         if (off..off + len).any(|b| self.n[i].locked.contains(&b)) {
+            return;
+        }
+        if self.n[i].al && !self.al_activate(i, off, len) {
             return;
         }
         self.next_w += 1;
@@ -786,6 +880,13 @@ impl Sim {
                 match op.what {
                     LocalWhat::Write { off, len, w, fua } => {
                         s.bitmap.set_range(off as u64, len as u64);
+                        if s.al {
+                            for b in off..off + len {
+                                if let Some(r) = s.hot.get_mut(&b) {
+                                    *r -= 1;
+                                }
+                            }
+                        }
                         for b in off..off + len {
                             s.locked.remove(&b);
                             s.must_vol[b] = s.must_vol[b].max(w);
@@ -1127,6 +1228,9 @@ impl Sim {
                 let full = verdict.is_some_and(|v| v.decision.is_full());
                 if full {
                     self.n[i].bitmap.set_all();
+                    if self.n[i].al {
+                        self.n[i].saved_bitmap = self.n[i].bitmap.clone();
+                    }
                 }
                 link.resync = Some((i, Phase::Copy { inflight: false }));
             }
@@ -1445,10 +1549,20 @@ impl Sim {
             615..=644 => self.secondary_flush_start(i),
             645..=674 => self.secondary_flush_done(i),
             675..=734 => self.resync_step(),
-            735..=754 => {
+            735..=749 => {
                 let b = rng.below(BLOCKS as u64) as usize;
                 if self.n[i].node.is_some() {
                     self.n[i].disk.writeback(b);
+                }
+            }
+            750..=754 => {
+                // The bitmap writer: changed bits to disk, once a barrier
+                // made every write the peer acknowledged durable there (a
+                // bit a resync write cleared must not be cleared on disk
+                // before that write is durable on the target).
+                let s = &mut self.n[i];
+                if s.node.is_some() && s.al && s.paths.values().all(|p| p.unstable_len() == 0) {
+                    s.saved_bitmap = s.bitmap.clone();
                 }
             }
             755..=794 => self.handshake(),
@@ -1621,7 +1735,8 @@ impl Sim {
 /// sync, or nothing), `steps` random steps, then the heal.
 pub fn run(seed: u64, steps: u64, trace: bool) -> Stats {
     let mut rng = Rng::new(seed);
-    let mut sim = Sim::new(trace);
+    // Three seeds in four with the activity log.
+    let mut sim = Sim::with_log(trace, !seed.is_multiple_of(4));
     // The split-brain policies, drawn apart so the schedule of a seed
     // does not depend on them.
     let mut prng = Rng::new(seed ^ 0x5b5b_5b5b);

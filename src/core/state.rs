@@ -265,12 +265,16 @@ pub struct Node {
 impl Node {
     /// The node as `up` makes it from the superblock. Always Secondary; a
     /// node that was Primary and did not shut down cleanly gets
-    /// `CRASHED_PRIMARY` and `FULL_SYNC`: writes may have been in flight
-    /// anywhere and there is no activity log to say where, so the sync it
-    /// leads must be a full one. Both flags persist until a sync
+    /// `CRASHED_PRIMARY`, and `FULL_SYNC` too unless `ACTIVITY_LOG` was
+    /// set: without the log, writes may have been in flight anywhere and
+    /// nothing says where, so the sync it leads must be a full one. With
+    /// it, the shell has marked the persisted bitmap and the logged
+    /// extents (and written that bitmap back before anything else), so
+    /// the sync it leads is bitmap-based. Both flags persist until a sync
     /// completes, so a second crash before then (as Secondary, when
     /// `PRIMARY` is no longer set) cannot turn that sync into one that
-    /// copies nothing. The disk: Inconsistent if the UUID is just
+    /// copies nothing. `ACTIVITY_LOG` itself is kept as loaded until the
+    /// shell sets it (`set_activity_log`). The disk: Inconsistent if the UUID is just
     /// created or `CONSISTENT` is clear; Outdated if `OUTDATED`; UpToDate
     /// if `UP_TO_DATE` and the peer was known Outdated (`PEER_OUTDATED`)
     /// or there is no peer; Consistent otherwise (a node that restarts
@@ -280,7 +284,10 @@ impl Node {
     pub fn from_meta(gens: Generations, meta_flags: u32, has_peer: bool) -> Node {
         let mut kept_flags = meta_flags & !DERIVED;
         if meta_flags & flags::PRIMARY != 0 && meta_flags & flags::CLEAN_SHUTDOWN == 0 {
-            kept_flags |= flags::CRASHED_PRIMARY | flags::FULL_SYNC;
+            kept_flags |= flags::CRASHED_PRIMARY;
+            if meta_flags & flags::ACTIVITY_LOG == 0 {
+                kept_flags |= flags::FULL_SYNC;
+            }
         }
         let disk = if gens.just_created() || meta_flags & flags::CONSISTENT == 0 {
             DiskState::Inconsistent
@@ -332,6 +339,17 @@ impl Node {
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Whether the shell keeps the bitmap on disk and writes through the
+    /// activity log from now on (`flags::ACTIVITY_LOG`); the caller
+    /// persists `meta_flags()`.
+    pub fn set_activity_log(&mut self, on: bool) {
+        if on {
+            self.kept_flags |= flags::ACTIVITY_LOG;
+        } else {
+            self.kept_flags &= !flags::ACTIVITY_LOG;
+        }
     }
 
     pub fn disk(&self) -> DiskState {
@@ -2216,6 +2234,41 @@ mod tests {
         step(&mut src, Event::SyncFinished);
         assert_eq!(src.gens(), tgt.gens());
         assert_eq!(src.gens(), c1);
+    }
+
+    /// With the activity log, a crashed Primary leads a bitmap-based sync
+    /// (the shell marked the logged extents); a second crash before it
+    /// ends keeps `CRASHED_PRIMARY` (the persisted bitmap keeps the marks).
+    #[test]
+    fn a_crashed_primary_with_an_activity_log_leads_a_bitmap_based_sync() {
+        let (mut a, mut b) = pair();
+        a.set_activity_log(true);
+        step(&mut a, Event::Promote { force: false });
+        assert_ne!(a.meta_flags() & flags::ACTIVITY_LOG, 0);
+        for _ in 0..2 {
+            let mut back = Node::from_meta(a.gens(), a.meta_flags(), true);
+            assert_eq!(
+                back.meta_flags() & (flags::CRASHED_PRIMARY | flags::FULL_SYNC),
+                flags::CRASHED_PRIMARY
+            );
+            back.set_activity_log(true);
+            step(
+                &mut b,
+                Event::PeerLost {
+                    reason: "crash".into(),
+                },
+            );
+            let (ra, _) = meet(&mut back, &mut b);
+            assert!(ra.contains(&Action::StartSync {
+                source: true,
+                full: false
+            }));
+            a = back;
+        }
+        // Without the log the old rule holds.
+        a.set_activity_log(false);
+        let back = Node::from_meta(a.gens(), a.meta_flags() | flags::PRIMARY, true);
+        assert_ne!(back.meta_flags() & flags::FULL_SYNC, 0);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 use super::*;
 use std::sync::atomic::AtomicI32;
 
+/// Trims and zeroings spanning more 4 MiB extents than this go through
+/// the activity log in pieces of this many extents.
+const AL_PIECE_EXTENTS: u64 = 8;
+
 impl Replica {
     pub(super) fn mark_out_of_sync(&self, offset: u64, len: u64) {
         lock(&self.oos).set_range(offset, len);
@@ -45,6 +49,9 @@ impl Replica {
             return local(&*store);
         }
         let _range = self.intervals.lock(offset, len);
+        // In the activity log before either copy is written; released
+        // (dropped last) once the range is marked if it has to be.
+        let _al = self.al_begin(offset, len)?;
         let start = || {
             self.current_session()
                 .and_then(|s| send(&s).map(|slot| (s, slot)))
@@ -81,8 +88,40 @@ impl Replica {
 }
 
 impl Replica {
+    /// A trim or zeroing spanning more extents than one activity-log
+    /// transaction should make hot at once, carried out piece by piece.
+    fn modify_in_pieces(&self, op: Modify<'_>) -> io::Result<()> {
+        let (offset, len) = op.range();
+        let piece = AL_PIECE_EXTENTS << crate::core::actlog::EXTENT_SHIFT;
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let next = ((at / piece) + 1).saturating_mul(piece).min(end);
+            match op {
+                Modify::Trim { .. } => self.trim(at, next - at)?,
+                Modify::WriteZeroes { may_unmap, .. } => {
+                    self.write_zeroes(at, next - at, may_unmap)?
+                }
+                Modify::Write { buf, .. } => {
+                    let from = (at - offset) as usize;
+                    let to = (next - offset) as usize;
+                    self.write_at(&buf[from..to], at, false)?
+                }
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// Whether a modification of the range is split for the activity log.
+    fn spans_many_extents(&self, offset: u64, len: u64) -> bool {
+        crate::core::actlog::extents(offset, len)
+            .is_some_and(|(first, last)| u64::from(last - first) >= AL_PIECE_EXTENTS)
+            && self.persistent().is_some_and(|p| p.enabled())
+    }
+
     /// Sends what a burst's submissions held back.
-    fn kick(&self) {
+    pub(super) fn kick(&self) {
         if let Some(s) = self.current_session() {
             s.kick();
         }
@@ -118,6 +157,11 @@ impl Replica {
             }
         };
         let (offset, len) = op.range();
+        if self.spans_many_extents(offset, len) {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            let result = self.modify_in_pieces(op);
+            return done(result, &mut Batch::default());
+        }
         // Held until both copies have it: overlapping writes are never in
         // flight together, so they land in the same order on both nodes.
         let range = match self.intervals.try_acquire(offset, len) {
@@ -129,6 +173,17 @@ impl Replica {
                 self.intervals.acquire(offset, len)
             }
         };
+        // In the activity log before either copy is written (the frame
+        // included); the reference goes once the range is marked if it
+        // has to be.
+        let al = match self.al_begin(offset, len) {
+            Ok(al) => al,
+            Err(e) => {
+                self.intervals.release(range);
+                self.inflight.fetch_sub(1, Ordering::SeqCst);
+                return done(Err(e), &mut Batch::default());
+            }
+        };
         let session = self.current_session();
         let Some(session) = session else {
             // Without a peer the range is marked before the local write:
@@ -136,6 +191,7 @@ impl Replica {
             // without it.
             self.mark_out_of_sync(offset, len);
             let result = op.apply(&*store);
+            drop(al);
             if self.fencing_on() {
                 // Acknowledged only once the peer is fenced.
                 let r = me.clone();
@@ -166,6 +222,7 @@ impl Replica {
                 if remote != Remote::Done || !local_ok {
                     me.mark_out_of_sync(offset, len);
                 }
+                drop(al);
                 let result = if local_ok {
                     Ok(())
                 } else {
@@ -304,6 +361,9 @@ impl Store for Replica {
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         let op = Modify::Trim { offset, len };
+        if self.spans_many_extents(offset, len) {
+            return self.modify_in_pieces(op);
+        }
         self.replicate(offset, len, |s| s.send_modify(op), |store| op.apply(store))
     }
 
@@ -313,6 +373,9 @@ impl Store for Replica {
             len,
             may_unmap,
         };
+        if self.spans_many_extents(offset, len) {
+            return self.modify_in_pieces(op);
+        }
         self.replicate(offset, len, |s| s.send_modify(op), |store| op.apply(store))
     }
 

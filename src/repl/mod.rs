@@ -24,6 +24,7 @@
 //! of its current role and switches mode when its role changes, telling
 //! the peer with a `State` frame.
 
+pub mod actlog;
 mod apply;
 mod datapath;
 pub mod error;
@@ -150,6 +151,10 @@ pub struct ResourceStatus {
     /// The peer is known fenced or outdated since the link was last up.
     #[serde(default)]
     pub peer_fenced: bool,
+    /// The activity log and the bitmap on disk, while attached with the
+    /// log enabled.
+    #[serde(default)]
+    pub activity_log: Option<actlog::AlStatus>,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -186,6 +191,10 @@ pub struct Replica {
     meta_loc: Option<Location>,
     cfg_size: Option<u64>,
     read_only: bool,
+    /// Activity-log hot set in extents (0: none).
+    al_extents: u32,
+    /// The bitmap and activity-log areas while attached.
+    persistent: RwLock<Option<Arc<actlog::Persistent>>>,
     peer: Option<PeerConfig>,
     events: Arc<Events>,
     store: RwLock<Option<Arc<dyn Store>>>,
@@ -362,6 +371,8 @@ impl Replica {
             meta_loc,
             cfg_size: res.size,
             read_only: res.read_only,
+            al_extents: res.al_extents,
+            persistent: RwLock::new(None),
             peer,
             events,
             store: RwLock::new(None),
@@ -549,6 +560,10 @@ impl Replica {
             verify: self.verify_status(),
             io_frozen: self.frozen.load(Ordering::SeqCst),
             peer_fenced: lock(&self.fencer).peer_fenced(),
+            activity_log: self
+                .persistent()
+                .filter(|p| p.enabled())
+                .map(|p| p.status()),
         }
     }
 
@@ -767,26 +782,58 @@ impl Replica {
         let store = FileStore::open(&self.disk_path, Some(size), self.read_only)?;
         let mut bitmap = DirtyBitmap::new(size, u64::from(sb.granularity));
         let clean = sb.flags & md_flags::CLEAN_SHUTDOWN != 0;
-        // The bitmap saved by the last clean shutdown, whatever happened
-        // since: blocks it marks were not synced yet when it was written,
-        // and a crash after a clean restart must not forget them.
+        let logged = sb.flags & md_flags::ACTIVITY_LOG != 0;
+        // The bitmap on disk: written at clean shutdown, and while the
+        // activity log is in use kept a superset of the bits set outside
+        // the logged extents (see `actlog`).
         let mut bytes = vec![0u8; bitmap.to_bytes().len()];
         md.read_bitmap(&mut bytes)?;
         bitmap.merge_bytes(&bytes);
-        if !clean && (sb.gens.bitmap != 0 || sb.flags & md_flags::PRIMARY != 0) {
-            // The bitmap is written at clean shutdown only (the activity
-            // log that bounds a crash's damage comes later): after a crash
-            // every block counts as out of sync.
+        // Memory now matches the disk: only what changes below is written.
+        bitmap.take_dirty_pages();
+        let area = md.area()?;
+        if !clean && logged {
+            // Writes may have been in flight in the logged extents only.
+            let ring = area.read_al()?;
+            let found = crate::core::actlog::recover(&ring);
+            for e in &found.extents {
+                let at = u64::from(*e) << crate::core::actlog::EXTENT_SHIFT;
+                bitmap.set_range(at, crate::core::actlog::EXTENT_SIZE);
+            }
+            tracing::warn!(
+                resource = %self.name,
+                extents = found.extents.len(), transactions = found.valid,
+                invalid_blocks = found.invalid, superset = found.superset,
+                "metadata was not shut down cleanly: the {} extent(s) of the activity log are marked out of sync",
+                found.extents.len()
+            );
+        } else if !clean && (sb.gens.bitmap != 0 || sb.flags & md_flags::PRIMARY != 0) {
+            // Without the log (disabled, or metadata of format 1) nothing
+            // says where writes were in flight: every block is out of sync.
             bitmap.set_all();
             tracing::warn!(
                 resource = %self.name,
-                "metadata was not shut down cleanly: every block is marked out of sync"
+                "metadata was not shut down cleanly and had no activity log: every block is marked out of sync"
             );
         }
         let mut node = Node::from_meta(sb.gens, sb.flags, true);
         if let Some(p) = &self.peer {
             node.set_split_brain_policy(p.split_brain);
         }
+        let persistent = Arc::new(actlog::Persistent::new(
+            area,
+            size,
+            self.al_extents,
+            matches!(loc, Location::External(_)),
+        ));
+        // What was recovered is in the bitmap on disk before anything
+        // else happens (a second crash, log or no log, must not forget
+        // it), and only then does the log start afresh.
+        let oos = Mutex::new(bitmap);
+        persistent.persist_bitmap(&oos)?;
+        bitmap = oos.into_inner().unwrap_or_else(|p| p.into_inner());
+        persistent.reset_log()?;
+        node.set_activity_log(persistent.enabled());
         sb.gens = node.gens();
         sb.flags = node.meta_flags();
         md.write(&mut sb)?;
@@ -799,6 +846,8 @@ impl Replica {
         );
         *lock(&self.oos) = bitmap;
         self.reset_fencer(node.peer_outdated());
+        self.start_bitmap_flusher(&persistent);
+        *self.persistent.write().unwrap_or_else(|p| p.into_inner()) = Some(persistent);
         self.size.store(size, Ordering::SeqCst);
         *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
         inner.node = Some(node);
@@ -854,6 +903,7 @@ impl Replica {
         if let Err(r) = node.handle(Event::Shutdown, &mut fresh_uuid) {
             tracing::warn!(resource = %self.name, "shutdown: {}", r.message);
         }
+        self.drop_persistent();
         let bitmap = lock(&self.oos).to_bytes();
         let mut meta = lock(&self.meta);
         if let (Some(md), Some(sb)) = (meta.md.as_mut(), inner.sb.as_mut()) {

@@ -224,6 +224,8 @@ impl Replica {
             // Both sides know the sync is full: nothing to exchange.
             if source {
                 lock(&self.oos).set_all();
+                // On disk before the sync starts: a crash must not forget it.
+                self.persist_bitmap();
             }
         } else if fx.drop_link.is_none() && (source || target) {
             // A bitmap-based sync covers what either side marked: both
@@ -234,15 +236,19 @@ impl Replica {
             };
             match exchange::exchange(&stream, &ours, bits) {
                 Ok(theirs) => {
-                    let mut oos = lock(&self.oos);
-                    let before = oos.count();
-                    oos.merge_bytes(&theirs);
-                    tracing::info!(
-                        resource = %self.name, peer = %cfg.peer_node,
-                        local_blocks = before, peer_blocks = theirs.iter().map(|b| u64::from(b.count_ones())).sum::<u64>(),
-                        union_blocks = oos.count(),
-                        "bitmaps exchanged: the resync covers the union of both"
-                    );
+                    {
+                        let mut oos = lock(&self.oos);
+                        let before = oos.count();
+                        oos.merge_bytes(&theirs);
+                        tracing::info!(
+                            resource = %self.name, peer = %cfg.peer_node,
+                            local_blocks = before, peer_blocks = theirs.iter().map(|b| u64::from(b.count_ones())).sum::<u64>(),
+                            union_blocks = oos.count(),
+                            "bitmaps exchanged: the resync covers the union of both"
+                        );
+                    }
+                    // The peer's marks on disk too before the sync starts.
+                    self.persist_bitmap();
                 }
                 Err(e) => {
                     let reason = format!("bitmap exchange failed: {e}");
