@@ -73,6 +73,19 @@ pub enum Request {
     },
     /// A stream of `StatusEvent` lines instead of one answer.
     Events {},
+    /// Changes the resync rate settings at run time; absent values stay.
+    ResyncRate {
+        resource: String,
+        /// 0: unlimited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rate_mib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_rate_mib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fill_target_kib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plan_ahead_ms: Option<u64>,
+    },
 }
 
 /// `status`: this node's name and the status of each resource asked for.
@@ -181,6 +194,9 @@ pub enum EventKind {
     /// One per resource when the stream starts.
     Exists,
     Change,
+    /// About once a second while this node sends a resync, and once at
+    /// its end: the status with its `resync` progress.
+    Progress,
 }
 
 /// One `events` line: a `status` object with an added `"type"`.
@@ -303,6 +319,16 @@ mod tests {
                 },
             ),
             (json!({"verb": "events"}), Request::Events {}),
+            (
+                json!({"verb": "resync-rate", "resource": "r0", "max_rate_mib": 0, "min_rate_mib": 8}),
+                Request::ResyncRate {
+                    resource: r("r0"),
+                    max_rate_mib: Some(0),
+                    min_rate_mib: Some(8),
+                    fill_target_kib: None,
+                    plan_ahead_ms: None,
+                },
+            ),
         ];
         for (wire, want) in cases {
             assert_eq!(request(wire.clone()).expect("parses"), want, "{wire}");
@@ -362,6 +388,8 @@ mod tests {
             generations: None,
             last_error: None,
             ping_rtt_us: Some(42),
+            resync: Default::default(),
+            resync_rate: Default::default(),
         }
     }
 

@@ -31,6 +31,7 @@ impl Replica {
         local: impl FnOnce(&dyn Store) -> io::Result<()>,
     ) -> io::Result<()> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.note_app_write();
         let _inflight = InFlight(&self.inflight);
         if !self.serving.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -92,6 +93,7 @@ impl Replica {
             return done(result, &mut Batch::default());
         };
         self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.note_app_write();
         if !self.serving.load(Ordering::SeqCst) {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
             return done(

@@ -349,6 +349,14 @@ pub enum Waiter {
     Call(Callback),
     /// Nobody (a barrier sent only to bound the transfer log).
     Nobody,
+    /// A long-lived receiver of many answers, told which one by a tag
+    /// (the resync's requests in flight: no allocation per request).
+    Note(Arc<dyn Notify>, u64),
+}
+
+/// Receives the answers of requests submitted with `Waiter::Note`.
+pub trait Notify: Send + Sync {
+    fn notify(&self, tag: u64, r: Remote, batch: &mut Batch);
 }
 
 impl Waiter {
@@ -357,6 +365,7 @@ impl Waiter {
             Waiter::Slot(s) => s.complete(r),
             Waiter::Call(f) => f(r, batch),
             Waiter::Nobody => {}
+            Waiter::Note(n, tag) => n.notify(tag, r, batch),
         }
     }
 }

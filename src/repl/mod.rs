@@ -31,8 +31,10 @@ pub mod intervals;
 pub mod link;
 mod peer;
 pub use peer::dials;
+pub mod rate;
 mod resync;
 pub use error::VerbError;
+pub use resync::SyncStatus;
 
 use crate::sync::lock;
 use std::io;
@@ -130,6 +132,12 @@ pub struct ResourceStatus {
     pub last_error: Option<String>,
     /// Round trip of the last keepalive Ping, while connected.
     pub ping_rtt_us: Option<u64>,
+    /// The resync this node sends (or sent last): progress and bytes.
+    #[serde(default)]
+    pub resync: SyncStatus,
+    /// The resync rate settings in force.
+    #[serde(default)]
+    pub resync_rate: rate::RateSettings,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -189,6 +197,11 @@ pub struct Replica {
     gate: Mutex<Gate>,
     oos: Mutex<DirtyBitmap>,
     intervals: IntervalLock,
+    /// Resync rate settings (changed at run time by `resync-rate`).
+    rate: Mutex<rate::RateSettings>,
+    /// Application write requests, for the resync rate controller.
+    app_writes: AtomicU64,
+    progress: resync::SyncProgress,
     session: Mutex<Option<Arc<Session>>>,
     /// The role the session currently runs as, for promote to wait on.
     mode: Mutex<Option<Role>>,
@@ -303,6 +316,7 @@ impl Replica {
         events: Arc<Events>,
     ) -> Result<Arc<Replica>, ReplicaError> {
         let peer = res.peer.clone();
+        let peer_resync = peer.as_ref().map(|p| p.resync).unwrap_or_default();
         let listener = match &peer {
             Some(p) if !dials(p) => {
                 Some(
@@ -349,6 +363,9 @@ impl Replica {
             gate: Mutex::new(Gate::default()),
             oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
             intervals: IntervalLock::new(),
+            rate: Mutex::new(peer_resync.rate),
+            app_writes: AtomicU64::new(0),
+            progress: resync::SyncProgress::default(),
             session: Mutex::new(None),
             mode: Mutex::new(None),
             mode_cv: Condvar::new(),
@@ -440,6 +457,7 @@ impl Replica {
     pub fn status(&self) -> ResourceStatus {
         let inner = lock(&self.inner);
         let oos = lock(&self.oos);
+        let remaining = oos.bytes(self.size());
         let node = inner.node.as_ref();
         let single = self.peer.is_none();
         let peer_state = node.and_then(|n| n.peer());
@@ -464,7 +482,7 @@ impl Replica {
             peer: self.peer.as_ref().map(|p| p.peer_node.clone()),
             peer_role: peer_state.map(|p| p.0),
             peer_disk: peer_state.map(|p| p.1),
-            out_of_sync_bytes: oos.bytes(self.size()),
+            out_of_sync_bytes: remaining,
             out_of_sync_blocks: oos.count(),
             bitmap_granularity: oos.granularity(),
             decision: node.and_then(|n| n.last_verdict()).map(|v| DecisionStatus {
@@ -476,6 +494,8 @@ impl Replica {
             generations: node.map(|n| n.gens().into()),
             last_error: inner.last_error.clone(),
             ping_rtt_us: self.current_session().and_then(|s| s.rtt_us()),
+            resync: self.sync_status(remaining),
+            resync_rate: self.resync_rate(),
         }
     }
 

@@ -1,47 +1,457 @@
-//! The sync source's resync loop.
+//! The sync source's resync loop, and the progress `status` shows.
+//!
+//! The loop walks the out-of-sync bitmap with a forward-only cursor and
+//! sends each run (up to `CHUNK` bytes) while the rate controller allows
+//! it, keeping several chunks in flight. Each chunk holds the interval
+//! lock on its range from before it is read until the peer acknowledged
+//! every frame of it: an application write to the same range waits for
+//! it (or the chunk waits for the write), so a chunk never carries data
+//! older than a write the peer already has, and never lands after a
+//! newer one. A chunk's blocks are cleared in the bitmap as its frames
+//! are acknowledged (by whichever thread reads the Acks), so the bitmap
+//! stays the one record of what is left: an interrupted sync resumes
+//! from it, not from the start. Bits set behind the cursor meanwhile
+//! (a write that did not reach the peer) are found by the next pass.
+//!
+//! One read buffer serves every chunk: a frame's payload is copied into
+//! the outbox, or written to the socket, before `submit_modify` returns.
+//! A chunk that reads as zeroes goes as a `WriteZeroes` frame instead of
+//! its data; mixed chunks are split into zero and data runs at 64 KiB.
 
+use std::collections::VecDeque;
+
+use super::rate::{Allow, Controller, RateSettings};
 use super::*;
 
+/// Largest run one chunk covers.
+pub(super) const CHUNK: u64 = 1 << 20;
+/// Zero runs shorter than this inside a chunk of data go as data.
+const ZERO_SPLIT: usize = 64 * 1024;
+/// A barrier every so many bytes makes what was sent durable on the
+/// target: an interrupted sync then resends at most this much.
+const BARRIER_EVERY: u64 = 64 << 20;
+/// ...or this often while bytes were sent.
+const BARRIER_INTERVAL: Duration = Duration::from_millis(250);
+/// Progress events while syncing, at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The rate shown is measured over about this long.
+const RATE_WINDOW: Duration = Duration::from_secs(3);
+
+/// `(when, done)` samples, and when the sync started.
+type Samples = (VecDeque<(Instant, u64)>, Option<Instant>);
+
+/// What a sync moved and how far it got; kept as it happens, so
+/// `status` never scans the bitmap.
+#[derive(Default)]
+pub(super) struct SyncProgress {
+    active: AtomicBool,
+    /// Bytes of this sync acknowledged by the peer (sent, zeroed or
+    /// found equal).
+    done: AtomicU64,
+    /// Data bytes sent in `Write` frames by this sync.
+    moved: AtomicU64,
+    /// Bytes sent as `WriteZeroes` by this sync.
+    zeroed: AtomicU64,
+    /// Bytes found equal by checksum and not sent, this sync.
+    same: AtomicU64,
+    /// The same three over every sync since the resource came up.
+    moved_total: AtomicU64,
+    zeroed_total: AtomicU64,
+    same_total: AtomicU64,
+    /// Completed syncs since the resource came up.
+    finished: AtomicU64,
+    /// `(when, done)` samples for the rate, and when the sync started.
+    samples: Mutex<Samples>,
+}
+
+/// Progress of the current (or last) sync, in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SyncStatus {
+    /// This node is sending a resync now.
+    pub active: bool,
+    /// Bytes done in this sync (last sync once finished).
+    pub done_bytes: u64,
+    /// `done_bytes` plus what is still out of sync.
+    pub total_bytes: u64,
+    /// Over the last few seconds.
+    pub rate_bytes_per_sec: u64,
+    /// Seconds left at that rate, while active.
+    pub eta_secs: Option<u64>,
+    pub elapsed_ms: u64,
+    /// Data sent in Write frames (this sync).
+    pub moved_bytes: u64,
+    /// Sent as write-zeroes requests instead of data (this sync).
+    pub zeroed_bytes: u64,
+    /// Found equal by checksum, not sent (this sync).
+    pub same_bytes: u64,
+    /// The same, over every sync since the resource came up.
+    pub moved_bytes_total: u64,
+    pub zeroed_bytes_total: u64,
+    pub same_bytes_total: u64,
+    /// Syncs finished since the resource came up.
+    pub finished: u64,
+}
+
+impl SyncProgress {
+    fn start(&self) {
+        for c in [&self.done, &self.moved, &self.zeroed, &self.same] {
+            c.store(0, Ordering::SeqCst);
+        }
+        let mut s = lock(&self.samples);
+        s.0.clear();
+        s.0.push_back((Instant::now(), 0));
+        s.1 = Some(Instant::now());
+        self.active.store(true, Ordering::SeqCst);
+    }
+
+    fn stop(&self) {
+        self.active.store(false, Ordering::SeqCst);
+    }
+
+    fn sample(&self) {
+        let now = Instant::now();
+        let done = self.done.load(Ordering::Relaxed);
+        let mut s = lock(&self.samples);
+        s.0.push_back((now, done));
+        while s.0.len() > 2 && now.duration_since(s.0[0].0) > RATE_WINDOW {
+            s.0.pop_front();
+        }
+    }
+
+    fn add(&self, kind: Sent, bytes: u64) {
+        let (this, total) = match kind {
+            Sent::Data => (&self.moved, &self.moved_total),
+            Sent::Zeroes => (&self.zeroed, &self.zeroed_total),
+        };
+        this.fetch_add(bytes, Ordering::Relaxed);
+        total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The status, given the bytes still out of sync.
+    pub(super) fn status(&self, remaining: u64) -> SyncStatus {
+        let active = self.active.load(Ordering::SeqCst);
+        let done = self.done.load(Ordering::Relaxed);
+        let (rate, elapsed_ms) = {
+            let s = lock(&self.samples);
+            let rate = match (s.0.front(), s.0.back()) {
+                (Some(&(t0, d0)), Some(&(t1, d1))) if t1 > t0 => {
+                    ((d1 - d0) as f64 / t1.duration_since(t0).as_secs_f64()) as u64
+                }
+                _ => 0,
+            };
+            (rate, s.1.map_or(0, |t| t.elapsed().as_millis() as u64))
+        };
+        SyncStatus {
+            active,
+            done_bytes: done,
+            total_bytes: done + remaining,
+            rate_bytes_per_sec: rate,
+            eta_secs: (active && rate > 0).then(|| remaining.div_ceil(rate)),
+            elapsed_ms,
+            moved_bytes: self.moved.load(Ordering::Relaxed),
+            zeroed_bytes: self.zeroed.load(Ordering::Relaxed),
+            same_bytes: self.same.load(Ordering::Relaxed),
+            moved_bytes_total: self.moved_total.load(Ordering::Relaxed),
+            zeroed_bytes_total: self.zeroed_total.load(Ordering::Relaxed),
+            same_bytes_total: self.same_total.load(Ordering::Relaxed),
+            finished: self.finished.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Data,
+    Zeroes,
+}
+
+/// One chunk in flight: its interval, how many of its frames are still
+/// unanswered, and its length.
+struct Chunk {
+    interval: u64,
+    frames: u32,
+    len: u64,
+}
+
+/// One frame in flight: its range, what it carried, its chunk.
+struct FrameEntry {
+    offset: u64,
+    len: u64,
+    sent: Sent,
+    chunk: usize,
+}
+
+#[derive(Default)]
+struct FlightState {
+    chunks: Vec<Option<Chunk>>,
+    free_chunks: Vec<usize>,
+    frames: Vec<Option<FrameEntry>>,
+    free_frames: Vec<usize>,
+    /// Bytes of chunks not fully answered.
+    bytes: u64,
+    /// A frame was failed by the peer's storage or lost with the link.
+    failed: Option<Remote>,
+}
+
+/// The resync's requests in flight; answers arrive through `Notify` on
+/// the thread that reads the peer's Acks.
+struct Flight {
+    replica: Weak<Replica>,
+    state: Mutex<FlightState>,
+    changed: Condvar,
+}
+
+fn slot<T>(slab: &mut Vec<Option<T>>, free: &mut Vec<usize>, v: T) -> usize {
+    match free.pop() {
+        Some(i) => {
+            slab[i] = Some(v);
+            i
+        }
+        None => {
+            slab.push(Some(v));
+            slab.len() - 1
+        }
+    }
+}
+
+impl Flight {
+    fn begin_chunk(&self, interval: u64, len: u64) -> usize {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        st.bytes += len;
+        slot(
+            &mut st.chunks,
+            &mut st.free_chunks,
+            Chunk {
+                interval,
+                frames: 1,
+                len,
+            },
+        )
+    }
+
+    fn add_frame(&self, chunk: usize, offset: u64, len: u64, sent: Sent) -> u64 {
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        if let Some(c) = st.chunks[chunk].as_mut() {
+            c.frames += 1;
+        }
+        slot(
+            &mut st.frames,
+            &mut st.free_frames,
+            FrameEntry {
+                offset,
+                len,
+                sent,
+                chunk,
+            },
+        ) as u64
+    }
+
+    /// Drops one reference to `chunk` (a frame answered, or the
+    /// submitter done with it); the last releases its interval.
+    fn put_chunk(&self, st: &mut FlightState, chunk: usize, replica: &Replica) {
+        let last = match st.chunks[chunk].as_mut() {
+            Some(c) => {
+                c.frames -= 1;
+                c.frames == 0
+            }
+            None => false,
+        };
+        if last {
+            if let Some(c) = st.chunks[chunk].take() {
+                st.bytes -= c.len;
+                st.free_chunks.push(chunk);
+                replica.intervals.release(c.interval);
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    fn end_submit(&self, chunk: usize, replica: &Replica) {
+        let mut st = lock(&self.state);
+        self.put_chunk(&mut st, chunk, replica);
+    }
+
+    fn in_flight(&self) -> u64 {
+        lock(&self.state).bytes
+    }
+
+    fn failed(&self) -> Option<Remote> {
+        lock(&self.state).failed
+    }
+
+    /// Waits until less than `below` bytes are in flight, or `max`.
+    fn wait_below(&self, below: u64, max: Duration) {
+        let st = lock(&self.state);
+        if st.bytes >= below.max(1) {
+            let _ = self.changed.wait_timeout(st, max);
+        }
+    }
+}
+
+impl link::Notify for Flight {
+    fn notify(&self, tag: u64, r: Remote, _batch: &mut Batch) {
+        let Some(replica) = self.replica.upgrade() else {
+            return;
+        };
+        let mut st = lock(&self.state);
+        let st = &mut *st;
+        let Some(f) = st.frames.get_mut(tag as usize).and_then(Option::take) else {
+            return;
+        };
+        st.free_frames.push(tag as usize);
+        if r == Remote::Done {
+            // Cleared before the interval is released: a write that waits
+            // for this range and then fails to reach the peer marks it
+            // again after this.
+            lock(&replica.oos).clear_range(f.offset, f.len);
+            replica.progress.done.fetch_add(f.len, Ordering::Relaxed);
+            replica.progress.add(f.sent, f.len);
+        } else if st.failed.is_none() {
+            st.failed = Some(r);
+        }
+        self.put_chunk(st, f.chunk, &replica);
+    }
+}
+
+/// Splits `buf` (the data of `[offset, offset + len)`) into runs that
+/// are all zeroes (at least `ZERO_SPLIT` long, or the whole buffer) and
+/// runs of data: `(offset within buf, len, zero)`.
+fn split_zeroes(buf: &[u8], out: &mut Vec<(usize, usize, bool)>) {
+    out.clear();
+    let is_zero = |b: &[u8]| {
+        let (pre, mid, post) = unsafe_free_align(b);
+        pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+    };
+    if is_zero(buf) {
+        out.push((0, buf.len(), true));
+        return;
+    }
+    let step = ZERO_SPLIT.min(buf.len());
+    let mut start = 0;
+    let mut pos = 0;
+    let mut zero_start: Option<usize> = None;
+    while pos < buf.len() {
+        let end = (pos + step).min(buf.len());
+        let z = end - pos == step && is_zero(&buf[pos..end]);
+        match (z, zero_start) {
+            (true, None) => zero_start = Some(pos),
+            (false, Some(zs)) => {
+                if zs > start {
+                    out.push((start, zs - start, false));
+                }
+                out.push((zs, pos - zs, true));
+                start = pos;
+                zero_start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    match zero_start {
+        Some(zs) => {
+            if zs > start {
+                out.push((start, zs - start, false));
+            }
+            out.push((zs, buf.len() - zs, true));
+        }
+        None => out.push((start, buf.len() - start, false)),
+    }
+}
+
+/// `b` as a byte prefix, a run of u64 words and a byte suffix, for a
+/// zero test that reads eight bytes at a time.
+fn unsafe_free_align(b: &[u8]) -> (&[u8], &[u64], &[u8]) {
+    // SAFETY: every bit pattern is a valid u64; align_to keeps the
+    // middle slice aligned and in bounds.
+    unsafe { b.align_to::<u64>() }
+}
+
 impl Replica {
+    /// The resync progress as `status` shows it.
+    pub(super) fn sync_status(&self, remaining: u64) -> SyncStatus {
+        self.progress.status(remaining)
+    }
+
+    /// The rate settings in force.
+    pub fn resync_rate(&self) -> RateSettings {
+        *lock(&self.rate)
+    }
+
+    /// `resync-rate`: changes the rate settings of the running daemon
+    /// (a sync under way follows within one chunk).
+    pub fn set_resync_rate(
+        &self,
+        max_rate: Option<u64>,
+        min_rate: Option<u64>,
+        fill_target: Option<u64>,
+        plan_ahead_ms: Option<u64>,
+    ) -> Result<String, VerbError> {
+        self.location()?;
+        let mut r = lock(&self.rate);
+        let mut new = *r;
+        if let Some(v) = max_rate {
+            new.max_rate = v;
+        }
+        if let Some(v) = min_rate {
+            new.min_rate = v;
+        }
+        if let Some(v) = fill_target {
+            new.fill_target = v;
+        }
+        if let Some(v) = plan_ahead_ms {
+            new.plan_ahead_ms = v;
+        }
+        new.check()
+            .map_err(|message| VerbError::BadRequest { message })?;
+        *r = new;
+        drop(r);
+        let mib = |v: u64| v as f64 / (1u64 << 20) as f64;
+        let max = if new.max_rate == 0 {
+            "unlimited".to_owned()
+        } else {
+            format!("{:.0} MiB/s", mib(new.max_rate))
+        };
+        tracing::info!(resource = %self.name, ?new, "resync rate changed");
+        Ok(format!(
+            "{}: resync rate at most {max}, at least {:.0} MiB/s while the application writes, {} KiB in flight, plan ahead {} ms",
+            self.name,
+            mib(new.min_rate),
+            new.fill_target / 1024,
+            new.plan_ahead_ms
+        ))
+    }
+
+    /// Counts an application write for the rate controller.
+    pub(super) fn note_app_write(&self) {
+        self.app_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Sends every out-of-sync block to the peer (this node is the sync
-    /// source), clearing each range once the peer acknowledged it, then
-    /// tells the peer it is in sync and, once it confirmed, records the
-    /// end of the sync. Application writes keep flowing meanwhile: the
-    /// interval lock orders each resync chunk against them.
-    ///
-    /// This is the plain version: no rate control, no progress report
-    /// (the resync issue adds those).
+    /// source), then tells the peer it is in sync and, once it
+    /// confirmed, records the end of the sync. Application writes keep
+    /// flowing meanwhile (see the module comment).
     pub(super) fn resync(&self, session: &Arc<Session>) {
-        const CHUNK: u64 = 256 * 1024;
         let started = Instant::now();
         let total = lock(&self.oos).count();
+        self.progress.start();
         tracing::info!(resource = %self.name, peer = %session.peer, blocks = total, "resync started");
-        loop {
-            if !session.is_alive() || self.stopping.load(Ordering::SeqCst) {
-                return;
-            }
-            let next = lock(&self.oos).runs().next();
-            let Some((offset, len)) = next else {
-                break;
-            };
-            let len = len.min(CHUNK);
-            let _range = self.intervals.lock(offset, len);
-            let mut buf = vec![0u8; len as usize];
-            let read = self
-                .current_store()
-                .and_then(|store| store.read_at(&mut buf, offset));
-            if let Err(e) = read {
-                tracing::error!(resource = %self.name, offset, "resync: reading the local disk failed: {e}");
-                session.fail(&format!("resync read failed: {e}"));
-                return;
-            }
-            let Some(slot) = session.send_write(offset, 0, &buf) else {
-                return;
-            };
-            if session.wait(&slot, self.ack_timeout()) != Remote::Done {
-                return;
-            }
-            lock(&self.oos).clear_range(offset, len);
+        let flight = Arc::new(Flight {
+            replica: self.me.clone(),
+            state: Mutex::new(FlightState::default()),
+            changed: Condvar::new(),
+        });
+        let copied = self.copy_out_of_sync(session, &flight);
+        // Nothing of ours may still be answered once this returns: the
+        // session's end marks ranges again after it (see `run_session`).
+        while flight.in_flight() > 0 {
+            flight.wait_below(1, Duration::from_millis(100));
+        }
+        self.progress.stop();
+        if !copied {
+            self.emit_progress();
+            return;
         }
         // Durable on the target before it may call itself UpToDate.
         let Some(barrier) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) else {
@@ -66,9 +476,178 @@ impl Replica {
                 return;
             }
         }
+        self.progress.finished.fetch_add(1, Ordering::Relaxed);
+        let st = self.progress.status(0);
+        let secs = started.elapsed().as_secs_f64();
         tracing::info!(
             resource = %self.name, peer = %session.peer, blocks = total,
-            elapsed_ms = started.elapsed().as_millis() as u64, "resync finished"
+            moved = st.moved_bytes, zeroed = st.zeroed_bytes, same = st.same_bytes,
+            elapsed_ms = (secs * 1000.0) as u64,
+            mib_per_sec = format!("{:.1}", st.done_bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9)),
+            "resync finished"
         );
+        self.emit_progress();
+    }
+
+    fn emit_progress(&self) {
+        self.events.emit(event_json("progress", &self.status()));
+    }
+
+    /// The copy passes; true once nothing is out of sync and nothing in
+    /// flight, false if the session or the daemon is ending.
+    fn copy_out_of_sync(&self, session: &Arc<Session>, flight: &Arc<Flight>) -> bool {
+        let store = match self.current_store() {
+            Ok(s) => s,
+            Err(e) => {
+                session.fail(&format!("resync: {e}"));
+                return false;
+            }
+        };
+        let notify: Arc<dyn link::Notify> = flight.clone();
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut parts = Vec::with_capacity(16);
+        let mut ctl = Controller::new(Instant::now());
+        let mut cursor = crate::bitmap::Cursor::new();
+        let mut since_barrier = 0u64;
+        let mut last_barrier = Instant::now();
+        let mut last_progress = Instant::now();
+        let size = self.size();
+        loop {
+            if !session.is_alive() || self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            if let Some(r) = flight.failed() {
+                let why = match r {
+                    Remote::Failed(errno) => {
+                        format!("the peer could not write resync data (errno {errno})")
+                    }
+                    _ => "resync data lost with the link".to_owned(),
+                };
+                session.fail(&why);
+                return false;
+            }
+            let now = Instant::now();
+            if now.duration_since(last_progress) >= PROGRESS_EVERY {
+                last_progress = now;
+                self.progress.sample();
+                self.emit_progress();
+            }
+            if since_barrier >= BARRIER_EVERY
+                || (since_barrier > 0 && now.duration_since(last_barrier) >= BARRIER_INTERVAL)
+            {
+                // Bounds what a link cut makes the next sync resend.
+                let _ = session.submit_frame(Track::Barrier, Waiter::Nobody, false, |seq| {
+                    Frame::Barrier { seq }
+                });
+                session.activate();
+                since_barrier = 0;
+                last_barrier = now;
+            }
+            let settings = *lock(&self.rate);
+            let app = self.app_writes.load(Ordering::Relaxed);
+            let room = match ctl.allow(&settings, CHUNK, flight.in_flight(), app, now) {
+                Allow::Send(n) => n,
+                Allow::Wait(d) => {
+                    let in_flight = flight.in_flight();
+                    if in_flight > 0 {
+                        // Woken early by an acknowledgement.
+                        flight.wait_below(in_flight, d);
+                    } else {
+                        std::thread::sleep(d);
+                    }
+                    continue;
+                }
+            };
+            let next = cursor.next_run(&lock(&self.oos), room);
+            let Some((offset, len)) = next else {
+                // End of a pass: what is still set was set behind the
+                // cursor, or is in flight.
+                if flight.in_flight() > 0 {
+                    flight.wait_below(1, Duration::from_millis(100));
+                    continue;
+                }
+                if lock(&self.oos).count() == 0 {
+                    return true;
+                }
+                cursor = crate::bitmap::Cursor::new();
+                continue;
+            };
+            let len = len.min(size.saturating_sub(offset));
+            if len == 0 {
+                // A bit beyond the device (cannot happen: clipped).
+                lock(&self.oos).clear_range(offset, 1);
+                continue;
+            }
+            let interval = self.intervals.acquire(offset, len);
+            let data = &mut buf[..len as usize];
+            if let Err(e) = store.read_at(data, offset) {
+                self.intervals.release(interval);
+                tracing::error!(resource = %self.name, offset, "resync: reading the local disk failed: {e}");
+                session.fail(&format!("resync read failed: {e}"));
+                return false;
+            }
+            let chunk = flight.begin_chunk(interval, len);
+            split_zeroes(data, &mut parts);
+            for &(at, n, zero) in &parts {
+                let off = offset + at as u64;
+                let sent = if zero { Sent::Zeroes } else { Sent::Data };
+                let tag = flight.add_frame(chunk, off, n as u64, sent);
+                let op = if zero {
+                    Modify::WriteZeroes {
+                        offset: off,
+                        len: n as u64,
+                        may_unmap: true,
+                    }
+                } else {
+                    Modify::Write {
+                        buf: &data[at..at + n],
+                        offset: off,
+                    }
+                };
+                let waiter = Waiter::Note(notify.clone(), tag);
+                if let Err(Waiter::Note(n, tag)) = session.submit_modify(op, waiter, false) {
+                    // The session is down: the frame was never sent.
+                    n.notify(tag, Remote::Lost, &mut Batch::default());
+                }
+            }
+            flight.end_submit(chunk, self);
+            session.activate();
+            since_barrier += len;
+            ctl.spent(len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(buf: &[u8]) -> Vec<(usize, usize, bool)> {
+        let mut out = Vec::new();
+        split_zeroes(buf, &mut out);
+        out
+    }
+
+    #[test]
+    fn zero_runs_are_split_out_at_64k() {
+        let mut buf = vec![0u8; 1 << 20];
+        assert_eq!(split(&buf), [(0, 1 << 20, true)]);
+        buf[5] = 1;
+        buf[200 * 1024] = 1;
+        assert_eq!(
+            split(&buf),
+            [
+                (0, 64 * 1024, false),
+                (64 * 1024, 128 * 1024, true),
+                (192 * 1024, 64 * 1024, false),
+                (256 * 1024, (1 << 20) - 256 * 1024, true),
+            ]
+        );
+        let small = [0u8, 0, 1];
+        assert_eq!(split(&small), [(0, 3, false)]);
+        let mut tail = vec![7u8; 100 * 1024];
+        tail[64 * 1024..].fill(0);
+        // The tail is shorter than the split size: sent as data.
+        assert_eq!(split(&tail), [(0, 100 * 1024, false)]);
     }
 }
