@@ -290,6 +290,24 @@ impl Cursor {
     }
 }
 
+impl Cursor {
+    /// Like `next_run`, but only a run that starts before byte `end`, cut
+    /// at `end`; the cursor does not move if there is none.
+    pub fn next_run_before(
+        &mut self,
+        bm: &DirtyBitmap,
+        end: u64,
+        max_bytes: u64,
+    ) -> Option<(u64, u64)> {
+        let end_block = end.div_ceil(bm.granularity).min(bm.blocks);
+        let start = bm.next_set(self.block).filter(|&b| b < end_block)?;
+        let max_blocks = (max_bytes / bm.granularity).max(1);
+        let stop = bm.next_clear(start, start.saturating_add(max_blocks).min(end_block));
+        self.block = stop;
+        Some((start * bm.granularity, (stop - start) * bm.granularity))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,7 +507,25 @@ mod tests {
                     covered[blk as usize] = true;
                 }
             }
-            prop_assert_eq!(covered, model.clone());
+            prop_assert_eq!(&covered, &model);
+            // Runs gathered span by span cover the same blocks too.
+            let mut c = Cursor::new();
+            let mut spans = vec![false; blocks as usize];
+            while let Some((o, l)) = c.next_run(&bm, max * g) {
+                let mut mark = |o: u64, l: u64| {
+                    for blk in o / g..(o + l) / g {
+                        assert!(!spans[blk as usize]);
+                        spans[blk as usize] = true;
+                    }
+                };
+                mark(o, l);
+                let end = o + 3 * max * g;
+                while let Some((o2, l2)) = c.next_run_before(&bm, end, max * g) {
+                    prop_assert!(o2 + l2 <= end && l2 <= max * g && l2 > 0);
+                    mark(o2, l2);
+                }
+            }
+            prop_assert_eq!(&spans, &model);
             let expected_bytes: u64 = (0..blocks).filter(|&b| model[b as usize])
                 .map(|b| g.min(size - b * g)).sum();
             prop_assert_eq!(bm.bytes(size), expected_bytes);

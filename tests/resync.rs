@@ -348,3 +348,48 @@ fn events_report_progress_while_syncing() {
     stop_both(&mut pair);
     assert_disks_identical(&pair);
 }
+
+/// Block `b`'s contents in generation `g`.
+fn block_data(b: u64, g: u8) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(b * 256 + u64::from(g));
+    let mut buf = vec![0u8; BLOCK as usize];
+    rng.fill_bytes(&mut buf);
+    buf
+}
+
+#[test]
+fn checksum_based_resync_sends_only_the_blocks_that_differ() {
+    let mut pair = Pair::builder()
+        .disk_size(64 * MIB)
+        .resync("csums_alg", "\"xxh3-128\"")
+        .start();
+    let blocks: Vec<u64> = (0..2048u64).map(|i| i * 7).collect();
+    let mut client = Client::connect(&pair.primary_addr(), "r0");
+    for &b in &blocks {
+        assert_eq!(client.write(b * BLOCK, &block_data(b, 1)), 0);
+    }
+    assert_eq!(client.flush(), 0);
+    client.disconnect();
+    cut(&pair);
+    // Every block rewritten while away (all out of sync), but only every
+    // third one with new contents.
+    let mut client = Client::connect(&pair.primary_addr(), "r0");
+    let mut changed = 0u64;
+    for (i, &b) in blocks.iter().enumerate() {
+        let g = if i % 3 == 0 { 2 } else { 1 };
+        changed += u64::from(g == 2);
+        assert_eq!(client.write(b * BLOCK, &block_data(b, g)), 0);
+    }
+    assert_eq!(client.flush(), 0);
+    client.disconnect();
+    let dirtied = blocks.len() as u64 * BLOCK;
+    assert_eq!(pair.status(ALPHA).out_of_sync_bytes, dirtied);
+    pair.ok(ALPHA, &["connect", "r0"]);
+    wait_sync(&pair, 60);
+    let r = resync(&pair, ALPHA);
+    assert_eq!(field(&r, "moved_bytes"), changed * BLOCK, "{r}");
+    assert_eq!(field(&r, "same_bytes"), dirtied - changed * BLOCK, "{r}");
+    assert_eq!(field(&r, "done_bytes"), dirtied, "{r}");
+    stop_both(&mut pair);
+    assert_disks_identical(&pair);
+}

@@ -168,6 +168,8 @@ fn expect_frame(
 /// What both sides agreed on.
 pub struct Agreed {
     pub version: u16,
+    /// Feature bits both sides offered.
+    pub features: u64,
 }
 
 /// Runs the handshake on a fresh connection. The dialer speaks first.
@@ -187,7 +189,7 @@ pub fn handshake(
     let mine = Hello {
         min_version: repl::PROTOCOL_MIN,
         max_version: repl::PROTOCOL_MAX,
-        features: repl::features::NONE,
+        features: repl::features::KNOWN,
         node: cfg.local_node.clone(),
         peer: cfg.peer_node.clone(),
         resource: resource.to_owned(),
@@ -291,7 +293,10 @@ pub fn handshake(
     }
     write_frame(stream, &Frame::AuthOk)?;
     match expect_frame(stream, "AuthOk", deadline)? {
-        Frame::AuthOk => Ok(Agreed { version }),
+        Frame::AuthOk => Ok(Agreed {
+            version,
+            features: repl::features::KNOWN & theirs.features,
+        }),
         other => Err(refuse(
             stream,
             RefuseCode::ProtocolError,
@@ -445,6 +450,15 @@ pub struct Session {
     stash: Mutex<Vec<(u16, Vec<u8>)>>,
     /// The Primary's receiver runs, so a submitter may read the link.
     primary_reading: AtomicBool,
+    /// Feature bits agreed in the handshake.
+    features: AtomicU64,
+    /// Where the peer's `CsumReply` frames go (the resync in progress).
+    csum_sink: Mutex<Option<Arc<dyn CsumSink>>>,
+}
+
+/// Takes the peer's answers to `CsumQuery`.
+pub trait CsumSink: Send + Sync {
+    fn reply(&self, id: u64, digests: Vec<u128>);
 }
 
 /// What a session does with the peer's state frames.
@@ -486,6 +500,8 @@ impl Session {
             park_cv: Condvar::new(),
             stash: Mutex::new(Vec::new()),
             primary_reading: AtomicBool::new(false),
+            features: AtomicU64::new(0),
+            csum_sink: Mutex::new(None),
         })
     }
 
@@ -504,6 +520,21 @@ impl Session {
             }
         }
         self.activate();
+    }
+
+    /// Records the feature bits agreed in the handshake.
+    pub fn set_features(&self, features: u64) {
+        self.features.store(features, Ordering::SeqCst);
+    }
+
+    /// Whether both sides offered `feature` (a `repl::features` bit).
+    pub fn has_feature(&self, feature: u64) -> bool {
+        self.features.load(Ordering::SeqCst) & feature == feature
+    }
+
+    /// Sends the peer's `CsumReply` frames to `sink` (or nowhere).
+    pub fn set_csum_sink(&self, sink: Option<Arc<dyn CsumSink>>) {
+        *lock(&self.csum_sink) = sink;
     }
 
     /// Wakes the receiver to read the link.
@@ -1019,7 +1050,19 @@ impl Session {
                 }
                 Ok(())
             }
-            f @ Frame::SyncDone { .. } => (self.hook)(f),
+            f @ (Frame::SyncDone { .. } | Frame::CsumQuery { .. }) => (self.hook)(f),
+            Frame::CsumReply { id, digests, .. } => {
+                let sink = lock(&self.csum_sink).clone();
+                match sink {
+                    Some(s) => {
+                        s.reply(id, digests);
+                        Ok(())
+                    }
+                    None => Err(LinkError::Protocol(format!(
+                        "a checksum reply ({id}) when no checksum query is waiting"
+                    ))),
+                }
+            }
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {} from a {from}",
                 other.kind()

@@ -199,6 +199,10 @@ pub struct Replica {
     intervals: IntervalLock,
     /// Resync rate settings (changed at run time by `resync-rate`).
     rate: Mutex<rate::RateSettings>,
+    /// Checksum-based resync (`csums_alg`).
+    csums: bool,
+    /// Buffer for answering the peer's checksum queries.
+    csum_buf: Mutex<Vec<u8>>,
     /// Application write requests, for the resync rate controller.
     app_writes: AtomicU64,
     progress: resync::SyncProgress,
@@ -364,6 +368,8 @@ impl Replica {
             oos: Mutex::new(DirtyBitmap::new(0, meta::DEFAULT_GRANULARITY as u64)),
             intervals: IntervalLock::new(),
             rate: Mutex::new(peer_resync.rate),
+            csums: peer_resync.csums,
+            csum_buf: Mutex::new(Vec::new()),
             app_writes: AtomicU64::new(0),
             progress: resync::SyncProgress::default(),
             session: Mutex::new(None),

@@ -23,13 +23,19 @@ use std::collections::VecDeque;
 use super::rate::{Allow, Controller, RateSettings};
 use super::*;
 
-/// Largest run one chunk covers.
+/// Most data one chunk carries.
 pub(super) const CHUNK: u64 = 1 << 20;
+/// Most device bytes one chunk's runs span (its interval).
+const SPAN: u64 = 4 << 20;
+/// Most runs in one chunk.
+const MAX_RUNS: usize = 256;
+/// Most chunks in flight.
+const MAX_CHUNKS: usize = 32;
 /// Zero runs shorter than this inside a chunk of data go as data.
 const ZERO_SPLIT: usize = 64 * 1024;
 /// A barrier every so many bytes makes what was sent durable on the
 /// target: an interrupted sync then resends at most this much.
-const BARRIER_EVERY: u64 = 64 << 20;
+const BARRIER_EVERY: u64 = 128 << 20;
 /// ...or this often while bytes were sent.
 const BARRIER_INTERVAL: Duration = Duration::from_millis(250);
 /// Progress events while syncing, at most this often.
@@ -122,6 +128,7 @@ impl SyncProgress {
         let (this, total) = match kind {
             Sent::Data => (&self.moved, &self.moved_total),
             Sent::Zeroes => (&self.zeroed, &self.zeroed_total),
+            Sent::Same => (&self.same, &self.same_total),
         };
         this.fetch_add(bytes, Ordering::Relaxed);
         total.fetch_add(bytes, Ordering::Relaxed);
@@ -163,6 +170,8 @@ impl SyncProgress {
 enum Sent {
     Data,
     Zeroes,
+    /// Equal on both sides by checksum: nothing sent.
+    Same,
 }
 
 /// One chunk in flight: its interval, how many of its frames are still
@@ -191,6 +200,8 @@ struct FlightState {
     bytes: u64,
     /// A frame was failed by the peer's storage or lost with the link.
     failed: Option<Remote>,
+    /// The peer's answers to checksum queries, not yet looked at.
+    replies: VecDeque<(u64, Vec<u128>)>,
 }
 
 /// The resync's requests in flight; answers arrive through `Notify` on
@@ -268,6 +279,17 @@ impl Flight {
         }
     }
 
+    /// One more reference to `chunk` (a checksum query in flight).
+    fn hold(&self, chunk: usize) {
+        if let Some(c) = lock(&self.state).chunks[chunk].as_mut() {
+            c.frames += 1;
+        }
+    }
+
+    fn take_replies(&self) -> VecDeque<(u64, Vec<u128>)> {
+        std::mem::take(&mut lock(&self.state).replies)
+    }
+
     fn end_submit(&self, chunk: usize, replica: &Replica) {
         let mut st = lock(&self.state);
         self.put_chunk(&mut st, chunk, replica);
@@ -275,6 +297,12 @@ impl Flight {
 
     fn in_flight(&self) -> u64 {
         lock(&self.state).bytes
+    }
+
+    /// Chunks not fully answered.
+    fn chunks(&self) -> usize {
+        let st = lock(&self.state);
+        st.chunks.len() - st.free_chunks.len()
     }
 
     fn failed(&self) -> Option<Remote> {
@@ -314,6 +342,29 @@ impl link::Notify for Flight {
         self.put_chunk(st, f.chunk, &replica);
     }
 }
+
+/// Where a chunk's frames go.
+#[derive(Clone, Copy)]
+struct Out<'a> {
+    session: &'a Session,
+    flight: &'a Flight,
+    notify: &'a Arc<dyn link::Notify>,
+}
+
+impl link::CsumSink for Flight {
+    fn reply(&self, id: u64, digests: Vec<u128>) {
+        lock(&self.state).replies.push_back((id, digests));
+        self.changed.notify_all();
+    }
+}
+
+/// The digest of one block for checksum-based resync.
+fn digest(block: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(block)
+}
+
+/// Largest range a peer may ask checksums for at once.
+const CSUM_QUERY_MAX: u64 = 32 << 20;
 
 /// Splits `buf` (the data of `[offset, offset + len)`) into runs that
 /// are all zeroes (at least `ZERO_SPLIT` long, or the whole buffer) and
@@ -423,6 +474,147 @@ impl Replica {
         ))
     }
 
+    /// Answers the peer's `CsumQuery` (this node is its sync target):
+    /// the digests of our blocks, read after every earlier frame was
+    /// applied (this runs on the thread that applies them, in order).
+    pub(super) fn answer_csum_query(
+        &self,
+        id: u64,
+        offset: u64,
+        length: u32,
+        block: u32,
+    ) -> Result<(), LinkError> {
+        let len = u64::from(length);
+        if len > CSUM_QUERY_MAX || offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(LinkError::Protocol(format!(
+                "checksum query for {offset}+{len} is outside the {}-byte device or over {CSUM_QUERY_MAX} bytes",
+                self.size()
+            )));
+        }
+        let Some(session) = self.current_session() else {
+            return Ok(());
+        };
+        let mut buf = lock(&self.csum_buf);
+        buf.resize(len as usize, 0);
+        let digests = match self
+            .current_store()
+            .and_then(|s| s.read_at(&mut buf, offset))
+        {
+            Ok(()) => buf.chunks(block as usize).map(digest).collect(),
+            Err(e) => {
+                // No digests: the source sends the data.
+                tracing::warn!(resource = %self.name, offset, "reading blocks to checksum failed: {e}");
+                Vec::new()
+            }
+        };
+        drop(buf);
+        session.send_control(&Frame::CsumReply {
+            id,
+            alg: replblk_proto::repl::csum_alg::XXH3_128,
+            digests,
+        });
+        Ok(())
+    }
+
+    /// Handles the peer's checksum replies: blocks whose digests match
+    /// ours are cleared without sending them, the others are sent. False
+    /// if the session must end.
+    fn take_csum_replies(
+        &self,
+        out: &Out<'_>,
+        store: &dyn Store,
+        queries: &mut std::collections::HashMap<u64, (u64, u64, usize)>,
+        buf: &mut [u8],
+        parts: &mut Vec<(usize, usize, bool)>,
+    ) -> bool {
+        let (session, flight) = (out.session, out.flight);
+        let gran = lock(&self.oos).granularity() as usize;
+        for (id, digests) in flight.take_replies() {
+            let Some((offset, len, chunk)) = queries.remove(&id) else {
+                session.fail(&format!(
+                    "the peer answered checksum query {id}, which was not asked"
+                ));
+                return false;
+            };
+            let data = &mut buf[..len as usize];
+            if let Err(e) = store.read_at(data, offset) {
+                flight.end_submit(chunk, self);
+                session.fail(&format!("resync read failed: {e}"));
+                return false;
+            }
+            let data = &buf[..len as usize];
+            let blocks = data.len().div_ceil(gran);
+            let usable = digests.len() == blocks;
+            let mut i = 0;
+            while i < blocks {
+                let same = |i: usize| {
+                    usable
+                        && digest(&data[i * gran..((i + 1) * gran).min(data.len())]) == digests[i]
+                };
+                let run_same = same(i);
+                let mut j = i + 1;
+                while j < blocks && same(j) == run_same {
+                    j += 1;
+                }
+                let (at, end) = (i * gran, (j * gran).min(data.len()));
+                let off = offset + at as u64;
+                let n = (end - at) as u64;
+                if run_same {
+                    lock(&self.oos).clear_range(off, n);
+                    self.progress.done.fetch_add(n, Ordering::Relaxed);
+                    self.progress.add(Sent::Same, n);
+                } else {
+                    self.send_run(out, chunk, off, &data[at..end], parts);
+                }
+                i = j;
+            }
+            flight.end_submit(chunk, self);
+            session.kick();
+        }
+        true
+    }
+
+    /// Queues the frames of one run read into `data` for chunk `chunk`:
+    /// zero runs as write-zeroes, the rest as data (held back until
+    /// `kick`).
+    fn send_run(
+        &self,
+        out: &Out<'_>,
+        chunk: usize,
+        run_off: u64,
+        data: &[u8],
+        parts: &mut Vec<(usize, usize, bool)>,
+    ) {
+        let Out {
+            session,
+            flight,
+            notify,
+        } = *out;
+        split_zeroes(data, parts);
+        for &(pos, n, zero) in parts.iter() {
+            let off = run_off + pos as u64;
+            let sent = if zero { Sent::Zeroes } else { Sent::Data };
+            let tag = flight.add_frame(chunk, off, n as u64, sent);
+            let op = if zero {
+                Modify::WriteZeroes {
+                    offset: off,
+                    len: n as u64,
+                    may_unmap: true,
+                }
+            } else {
+                Modify::Write {
+                    buf: &data[pos..pos + n],
+                    offset: off,
+                }
+            };
+            let waiter = Waiter::Note(notify.clone(), tag);
+            if let Err(Waiter::Note(n, tag)) = session.submit_modify(op, waiter, true) {
+                // The session is down: the frame was never sent.
+                n.notify(tag, Remote::Lost, &mut Batch::default());
+            }
+        }
+    }
+
     /// Counts an application write for the rate controller.
     pub(super) fn note_app_write(&self) {
         self.app_writes.fetch_add(1, Ordering::Relaxed);
@@ -496,6 +688,34 @@ impl Replica {
     /// The copy passes; true once nothing is out of sync and nothing in
     /// flight, false if the session or the daemon is ending.
     fn copy_out_of_sync(&self, session: &Arc<Session>, flight: &Arc<Flight>) -> bool {
+        let csums = self.csums && session.has_feature(replblk_proto::repl::features::CSUMS);
+        if self.csums && !csums {
+            tracing::warn!(resource = %self.name, "the peer does not answer checksum queries: sending every out-of-sync block");
+        }
+        if csums {
+            let sink: Arc<dyn link::CsumSink> = flight.clone();
+            session.set_csum_sink(Some(sink));
+        }
+        let mut queries = std::collections::HashMap::new();
+        let done = self.copy_passes(session, flight, csums, &mut queries);
+        // Queries the peer will not answer now hold their chunks no more.
+        for (_, (_, _, chunk)) in queries.drain() {
+            flight.end_submit(chunk, self);
+        }
+        if csums {
+            session.set_csum_sink(None);
+        }
+        done
+    }
+
+    fn copy_passes(
+        &self,
+        session: &Arc<Session>,
+        flight: &Arc<Flight>,
+        csums: bool,
+        queries: &mut std::collections::HashMap<u64, (u64, u64, usize)>,
+    ) -> bool {
+        let mut next_query = 0u64;
         let store = match self.current_store() {
             Ok(s) => s,
             Err(e) => {
@@ -504,16 +724,26 @@ impl Replica {
             }
         };
         let notify: Arc<dyn link::Notify> = flight.clone();
+        let out = Out {
+            session,
+            flight,
+            notify: &notify,
+        };
         let mut buf = vec![0u8; CHUNK as usize];
         let mut parts = Vec::with_capacity(16);
+        let mut runs: Vec<(u64, u64)> = Vec::with_capacity(MAX_RUNS);
         let mut ctl = Controller::new(Instant::now());
         let mut cursor = crate::bitmap::Cursor::new();
         let mut since_barrier = 0u64;
         let mut last_barrier = Instant::now();
         let mut last_progress = Instant::now();
         let size = self.size();
+        let gran = lock(&self.oos).granularity();
         loop {
             if !session.is_alive() || self.stopping.load(Ordering::SeqCst) {
+                return false;
+            }
+            if csums && !self.take_csum_replies(&out, &*store, queries, &mut buf, &mut parts) {
                 return false;
             }
             if let Some(r) = flight.failed() {
@@ -543,6 +773,10 @@ impl Replica {
                 since_barrier = 0;
                 last_barrier = now;
             }
+            if flight.chunks() >= MAX_CHUNKS {
+                flight.wait_below(flight.in_flight(), Duration::from_millis(5));
+                continue;
+            }
             let settings = *lock(&self.rate);
             let app = self.app_writes.load(Ordering::Relaxed);
             let room = match ctl.allow(&settings, CHUNK, flight.in_flight(), app, now) {
@@ -558,8 +792,28 @@ impl Replica {
                     continue;
                 }
             };
-            let next = cursor.next_run(&lock(&self.oos), room);
-            let Some((offset, len)) = next else {
+            // A chunk: the runs within one span of the device, up to
+            // `room` bytes of them, under one interval.
+            runs.clear();
+            {
+                let bm = lock(&self.oos);
+                if let Some(first) = cursor.next_run(&bm, room) {
+                    let span_end = first.0.saturating_add(SPAN).min(size);
+                    let mut bytes = first.1;
+                    runs.push(first);
+                    while bytes < room && runs.len() < MAX_RUNS {
+                        match cursor.next_run_before(&bm, span_end, room - bytes) {
+                            Some(r) => {
+                                bytes += r.1;
+                                runs.push(r);
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            let (Some(&(offset, _)), Some(&(last_off, last_len))) = (runs.first(), runs.last())
+            else {
                 // End of a pass: what is still set was set behind the
                 // cursor, or is in flight.
                 if flight.in_flight() > 0 {
@@ -572,43 +826,50 @@ impl Replica {
                 cursor = crate::bitmap::Cursor::new();
                 continue;
             };
-            let len = len.min(size.saturating_sub(offset));
-            if len == 0 {
-                // A bit beyond the device (cannot happen: clipped).
-                lock(&self.oos).clear_range(offset, 1);
-                continue;
-            }
-            let interval = self.intervals.acquire(offset, len);
-            let data = &mut buf[..len as usize];
-            if let Err(e) = store.read_at(data, offset) {
-                self.intervals.release(interval);
-                tracing::error!(resource = %self.name, offset, "resync: reading the local disk failed: {e}");
-                session.fail(&format!("resync read failed: {e}"));
-                return false;
+            let span = (last_off + last_len).min(size) - offset;
+            let interval = self.intervals.acquire(offset, span);
+            let mut len = 0u64;
+            let mut at = 0usize;
+            for r in runs.iter_mut() {
+                r.1 = r.1.min(size.saturating_sub(r.0));
+                if csums {
+                    len += r.1;
+                    continue;
+                }
+                let data = &mut buf[at..at + r.1 as usize];
+                if let Err(e) = store.read_at(data, r.0) {
+                    self.intervals.release(interval);
+                    tracing::error!(resource = %self.name, offset = r.0, "resync: reading the local disk failed: {e}");
+                    session.fail(&format!("resync read failed: {e}"));
+                    return false;
+                }
+                at += r.1 as usize;
+                len += r.1;
             }
             let chunk = flight.begin_chunk(interval, len);
-            split_zeroes(data, &mut parts);
-            for &(at, n, zero) in &parts {
-                let off = offset + at as u64;
-                let sent = if zero { Sent::Zeroes } else { Sent::Data };
-                let tag = flight.add_frame(chunk, off, n as u64, sent);
-                let op = if zero {
-                    Modify::WriteZeroes {
-                        offset: off,
-                        len: n as u64,
-                        may_unmap: true,
-                    }
-                } else {
-                    Modify::Write {
-                        buf: &data[at..at + n],
-                        offset: off,
-                    }
-                };
-                let waiter = Waiter::Note(notify.clone(), tag);
-                if let Err(Waiter::Note(n, tag)) = session.submit_modify(op, waiter, false) {
-                    // The session is down: the frame was never sent.
-                    n.notify(tag, Remote::Lost, &mut Batch::default());
+            if csums {
+                // Ask for the target's digests; the data follows (or not)
+                // when they come.
+                for &(run_off, run_len) in &runs {
+                    next_query += 1;
+                    flight.hold(chunk);
+                    queries.insert(next_query, (run_off, run_len, chunk));
+                    session.send_control(&Frame::CsumQuery {
+                        id: next_query,
+                        offset: run_off,
+                        length: run_len as u32,
+                        block: gran as u32,
+                        alg: replblk_proto::repl::csum_alg::XXH3_128,
+                    });
                 }
+            } else {
+                let mut at = 0usize;
+                for &(run_off, run_len) in &runs {
+                    let data = &buf[at..at + run_len as usize];
+                    at += run_len as usize;
+                    self.send_run(&out, chunk, run_off, data, &mut parts);
+                }
+                session.kick();
             }
             flight.end_submit(chunk, self);
             session.activate();
