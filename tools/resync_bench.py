@@ -211,17 +211,30 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def bench_full(args, workdir: Path, size: int) -> Dict[str, Any]:
+def reference_copy(src: Path, dst: Path) -> float:
+    """Seconds for `dd` to copy src to dst durably (the disk's own pace
+    for the same bytes, measured in the same run)."""
+    t = time.monotonic()
+    subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fdatasync"],
+                   check=True, capture_output=True, timeout=3600)
+    return time.monotonic() - t
+
+
+def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool) -> Dict[str, Any]:
     need = 2 * size + 4 * GiB
     if free_bytes(workdir) < need:
         return {"size": size, "skipped": f"needs {human(need)} free in {workdir}, "
                 f"has {human(free_bytes(workdir))}"}
-    pair = Pair(workdir, args.repld, size, {})
+    pair = Pair(workdir, binary, size, {})
     try:
         t = time.monotonic()
         fill_data(pair.disks["alpha"], size, args.seed)
-        sparse(pair.disks["beta"], size)
         fill_s = time.monotonic() - t
+        ref_s = None
+        if reference:
+            ref_s = reference_copy(pair.disks["alpha"], pair.disks["beta"])
+            pair.disks["beta"].unlink()
+        sparse(pair.disks["beta"], size)
         pair.start()
         pair.bring_up()
         t0 = time.monotonic()
@@ -229,18 +242,20 @@ def bench_full(args, workdir: Path, size: int) -> Dict[str, Any]:
         pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
                  timeout=args.sync_timeout + 30)
         wall = time.monotonic() - t0
-        st = pair.status()["resync"]
-        return {"size": size, "seconds": wall, "mib_per_s": size / MiB / wall,
-                "daemon_ms": st["elapsed_ms"], "moved_bytes": st["moved_bytes"],
-                "zeroed_bytes": st["zeroed_bytes"], "fill_seconds": fill_s}
+        st = pair.status().get("resync", {})
+        return {"size": size, "binary": str(binary), "seconds": wall,
+                "mib_per_s": size / MiB / wall,
+                "daemon_ms": st.get("elapsed_ms"), "moved_bytes": st.get("moved_bytes"),
+                "zeroed_bytes": st.get("zeroed_bytes"), "fill_seconds": fill_s,
+                "dd_seconds": ref_s, "dd_mib_per_s": size / MiB / ref_s if ref_s else None}
     finally:
         pair.stop()
         pair.remove_files()
 
 
-def bench_scatter(args, workdir: Path) -> Dict[str, Any]:
+def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
     size = args.scatter_size
-    pair = Pair(workdir, args.repld, size, {})
+    pair = Pair(workdir, binary, size, {})
     try:
         sparse(pair.disks["alpha"], size)
         sparse(pair.disks["beta"], size)
@@ -260,12 +275,16 @@ def bench_scatter(args, workdir: Path) -> Dict[str, Any]:
         pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
                  timeout=args.sync_timeout + 30)
         wall = time.monotonic() - t0
-        st = pair.status()["resync"]
-        daemon_s = max(st["elapsed_ms"], 1) / 1000.0
-        return {"device": size, "dirtied_bytes": dirtied, "moved_bytes": st["moved_bytes"],
-                "moved_ratio": st["moved_bytes"] / max(dirtied, 1),
-                "seconds_connect_to_synced": wall, "mib_per_s_wall": dirtied / MiB / wall,
-                "daemon_seconds": daemon_s, "mib_per_s_daemon": dirtied / MiB / daemon_s}
+        st = pair.status().get("resync")
+        out = {"device": size, "binary": str(binary), "dirtied_bytes": dirtied,
+               "seconds_connect_to_synced": wall, "mib_per_s_wall": dirtied / MiB / wall,
+               "moved_bytes": None, "moved_ratio": None}
+        if st:
+            daemon_s = max(st["elapsed_ms"], 1) / 1000.0
+            out.update({"moved_bytes": st["moved_bytes"],
+                        "moved_ratio": st["moved_bytes"] / max(dirtied, 1),
+                        "daemon_seconds": daemon_s, "mib_per_s_daemon": dirtied / MiB / daemon_s})
+        return out
     finally:
         pair.stop()
         pair.remove_files()
@@ -336,6 +355,11 @@ def main() -> int:
     p.add_argument("--tmpdir", type=Path, default=Path("/var/tmp"))
     p.add_argument("--repld", type=Path, default=REPO_ROOT / "target" / "release" / "repld")
     p.add_argument("--json", type=Path)
+    p.add_argument("--baseline-repld", type=Path,
+                   help="a repld built from an older commit, run on the same full and scatter "
+                        "cases in the same run (its replctl must be beside it)")
+    p.add_argument("--baseline-max-size", default="8G",
+                   help="largest full-sync size the baseline runs (default 8G)")
     args = p.parse_args()
     if not args.repld.exists():
         print(f"no {args.repld}: run `cargo build --release` first", file=sys.stderr)
@@ -345,26 +369,41 @@ def main() -> int:
                            "commit": git_rev(), "cpus": os.cpu_count()}
     workdir = Path(tempfile.mkdtemp(prefix="resync-bench-", dir=args.tmpdir))
     try:
+        binaries = [("new", args.repld)]
+        if args.baseline_repld:
+            binaries.append(("baseline", args.baseline_repld))
         if "full" in only:
             res["full"] = []
+            baseline_max = parse_size(args.baseline_max_size)
             for s in args.full_sizes.split(","):
-                r = bench_full(args, workdir, parse_size(s))
-                res["full"].append(r)
-                if "skipped" in r:
-                    print(f"full sync {human(r['size'])}: skipped ({r['skipped']})", flush=True)
-                else:
-                    print(f"full sync {human(r['size'])}: {r['seconds']:.1f} s = "
-                          f"{r['mib_per_s']:.0f} MiB/s (daemon {r['daemon_ms'] / 1000:.1f} s, "
-                          f"moved {human(r['moved_bytes'])}, zeroed {human(r['zeroed_bytes'])})",
-                          flush=True)
+                size = parse_size(s)
+                for label, binary in binaries:
+                    if label == "baseline" and size > baseline_max:
+                        continue
+                    r = bench_full(args, workdir, size, binary, reference=(label == "new"))
+                    r["label"] = label
+                    res["full"].append(r)
+                    if "skipped" in r:
+                        print(f"full sync {human(size)}: skipped ({r['skipped']})", flush=True)
+                        break
+                    extra = ""
+                    if r["dd_mib_per_s"]:
+                        extra = (f"; dd copy of the same file with fdatasync: "
+                                 f"{r['dd_mib_per_s']:.0f} MiB/s, ratio "
+                                 f"{r['mib_per_s'] / r['dd_mib_per_s']:.2f}")
+                    print(f"full sync {human(size)} [{label}]: {r['seconds']:.1f} s = "
+                          f"{r['mib_per_s']:.0f} MiB/s{extra}", flush=True)
         if "scatter" in only:
-            r = bench_scatter(args, workdir)
-            res["scatter"] = r
-            print(f"scattered 4K resync: {human(r['dirtied_bytes'])} dirtied on "
-                  f"{human(r['device'])}, moved {human(r['moved_bytes'])} "
-                  f"({r['moved_ratio']:.3f}x), {r['seconds_connect_to_synced']:.2f} s from connect "
-                  f"= {r['mib_per_s_wall']:.0f} MiB/s (daemon's own sync time: "
-                  f"{r['mib_per_s_daemon']:.0f} MiB/s)", flush=True)
+            res["scatter"] = []
+            for label, binary in binaries:
+                r = bench_scatter(args, workdir, binary)
+                r["label"] = label
+                res["scatter"].append(r)
+                moved = ("" if r["moved_bytes"] is None else
+                         f", moved {human(r['moved_bytes'])} ({r['moved_ratio']:.3f}x)")
+                print(f"scattered 4K resync [{label}]: {human(r['dirtied_bytes'])} dirtied on "
+                      f"{human(r['device'])}{moved}, {r['seconds_connect_to_synced']:.2f} s "
+                      f"from connect = {r['mib_per_s_wall']:.0f} MiB/s", flush=True)
         if "yield" in only:
             r = bench_yield(args, workdir)
             res["yield"] = r

@@ -35,9 +35,9 @@ const MAX_CHUNKS: usize = 32;
 const ZERO_SPLIT: usize = 64 * 1024;
 /// A barrier every so many bytes makes what was sent durable on the
 /// target: an interrupted sync then resends at most this much.
-const BARRIER_EVERY: u64 = 128 << 20;
+const BARRIER_EVERY: u64 = 256 << 20;
 /// ...or this often while bytes were sent.
-const BARRIER_INTERVAL: Duration = Duration::from_millis(250);
+const BARRIER_INTERVAL: Duration = Duration::from_millis(500);
 /// Progress events while syncing, at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// The rate shown is measured over about this long.
