@@ -309,7 +309,8 @@ def bench_yield(args, workdir: Path) -> Dict[str, Any]:
                     pair.ctl("alpha", "promote", EXPORT)
                 else:
                     pair.ctl("alpha", "promote", EXPORT, "--force")
-                    pair.wait("sync running", lambda s: s["resync"]["active"])
+                    pair.wait("sync started", lambda s: s["resync"]["active"]
+                              or s["resync"]["finished"] > 0)
                 before = pair.status()["resync"]
                 t0 = time.monotonic()
                 job = fio(pair.uri(), fio_args, workdir / "yield.json", args.runtime + 120)

@@ -153,6 +153,12 @@ python3 "$REPO_ROOT/tools/bench.py" --short
 pass
 
 # ---------------------------------------------------------------------------
+section "python3 tools/resync_bench.py (smoke: small sizes)"
+python3 "$REPO_ROOT/tools/resync_bench.py" --full-sizes 256M --scatter-size 256M \
+    --scatter-mib 8 --yield-size 256M --runtime 3 --rounds 1
+pass
+
+# ---------------------------------------------------------------------------
 echo
 echo "=================================================================="
 echo "all steps passed in $((SECONDS - SUITE_START)) s${SKIPPED[*]:+ (skipped: ${SKIPPED[*]})}"
