@@ -50,6 +50,33 @@ fn scatter(pair: &Pair, seed: u64, count: usize, span: u64) -> BTreeSet<u64> {
     blocks
 }
 
+/// Everything `child` prints on stdout until it exits (killed by PID
+/// after `limit`); panics if it fails.
+fn wait_output(mut child: std::process::Child, limit: Duration) -> String {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{child:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = reader.join().unwrap_or_default();
+    assert!(status.success(), "{status}: {out}");
+    out
+}
+
 fn stop_both(pair: &mut Pair) {
     pair.stop(ALPHA);
     pair.stop(BETA);
@@ -210,7 +237,27 @@ fn application_writes_during_a_sync_leave_identical_copies() {
         resync(&pair, ALPHA)["active"] == Value::Bool(true),
         "the sync ended before the writes did; make it slower"
     );
+    // On a terminal (a pty from script(1)), wait-sync redraws a progress
+    // line until the sync ends, then prints its answer.
+    let replctl = format!(
+        "{} --socket {} wait-sync r0 --timeout 60",
+        env!("CARGO_BIN_EXE_replctl"),
+        pair.alpha().ctl.display()
+    );
+    let waiter = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &replctl, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1)");
+    std::thread::sleep(Duration::from_millis(2500));
     pair.ok(ALPHA, &["resync-rate", "r0", "--max", "0"]);
+    let out = wait_output(waiter, Duration::from_secs(60));
+    assert!(
+        out.contains("sync ") && out.contains(" eta ") && out.contains("r0 is in sync"),
+        "wait-sync on a terminal printed: {out:?}"
+    );
     wait_sync(&pair, 60);
     stop_both(&mut pair);
     assert_disks_identical(&pair);
