@@ -43,8 +43,15 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// The rate shown is measured over about this long.
 const RATE_WINDOW: Duration = Duration::from_secs(3);
 
-/// `(when, done)` samples, and when the sync started.
-type Samples = (VecDeque<(Instant, u64)>, Option<Instant>);
+/// `(when, done)` samples, and when the sync started, finished copying
+/// (everything acknowledged, before the final barrier) and ended.
+#[derive(Default)]
+struct Timeline {
+    samples: VecDeque<(Instant, u64)>,
+    started: Option<Instant>,
+    copied: Option<Instant>,
+    ended: Option<Instant>,
+}
 
 /// What a sync moved and how far it got; kept as it happens, so
 /// `status` never scans the bitmap.
@@ -66,8 +73,7 @@ pub(super) struct SyncProgress {
     same_total: AtomicU64,
     /// Completed syncs since the resource came up.
     finished: AtomicU64,
-    /// `(when, done)` samples for the rate, and when the sync started.
-    samples: Mutex<Samples>,
+    timeline: Mutex<Timeline>,
 }
 
 /// Progress of the current (or last) sync, in `status`.
@@ -84,6 +90,9 @@ pub struct SyncStatus {
     /// Seconds left at that rate, while active.
     pub eta_secs: Option<u64>,
     pub elapsed_ms: u64,
+    /// Of which copying (until the last block was acknowledged, before
+    /// the final flush on the target), once done.
+    pub copy_ms: Option<u64>,
     /// Data sent in Write frames (this sync).
     pub moved_bytes: u64,
     /// Sent as write-zeroes requests instead of data (this sync).
@@ -103,24 +112,32 @@ impl SyncProgress {
         for c in [&self.done, &self.moved, &self.zeroed, &self.same] {
             c.store(0, Ordering::SeqCst);
         }
-        let mut s = lock(&self.samples);
-        s.0.clear();
-        s.0.push_back((Instant::now(), 0));
-        s.1 = Some(Instant::now());
+        let now = Instant::now();
+        *lock(&self.timeline) = Timeline {
+            samples: VecDeque::from([(now, 0)]),
+            started: Some(now),
+            copied: None,
+            ended: None,
+        };
         self.active.store(true, Ordering::SeqCst);
     }
 
+    fn copied(&self) {
+        lock(&self.timeline).copied = Some(Instant::now());
+    }
+
     fn stop(&self) {
+        lock(&self.timeline).ended = Some(Instant::now());
         self.active.store(false, Ordering::SeqCst);
     }
 
     fn sample(&self) {
         let now = Instant::now();
         let done = self.done.load(Ordering::Relaxed);
-        let mut s = lock(&self.samples);
-        s.0.push_back((now, done));
-        while s.0.len() > 2 && now.duration_since(s.0[0].0) > RATE_WINDOW {
-            s.0.pop_front();
+        let mut t = lock(&self.timeline);
+        t.samples.push_back((now, done));
+        while t.samples.len() > 2 && now.duration_since(t.samples[0].0) > RATE_WINDOW {
+            t.samples.pop_front();
         }
     }
 
@@ -138,15 +155,23 @@ impl SyncProgress {
     pub(super) fn status(&self, remaining: u64) -> SyncStatus {
         let active = self.active.load(Ordering::SeqCst);
         let done = self.done.load(Ordering::Relaxed);
-        let (rate, elapsed_ms) = {
-            let s = lock(&self.samples);
-            let rate = match (s.0.front(), s.0.back()) {
+        let (rate, elapsed_ms, copy_ms) = {
+            let t = lock(&self.timeline);
+            let rate = match (t.samples.front(), t.samples.back()) {
                 (Some(&(t0, d0)), Some(&(t1, d1))) if t1 > t0 => {
                     ((d1 - d0) as f64 / t1.duration_since(t0).as_secs_f64()) as u64
                 }
                 _ => 0,
             };
-            (rate, s.1.map_or(0, |t| t.elapsed().as_millis() as u64))
+            let ms = |until: Instant| {
+                t.started
+                    .map_or(0, |s| until.saturating_duration_since(s).as_millis() as u64)
+            };
+            (
+                rate,
+                ms(t.ended.unwrap_or_else(Instant::now)),
+                t.copied.map(ms),
+            )
         };
         SyncStatus {
             active,
@@ -155,6 +180,7 @@ impl SyncProgress {
             rate_bytes_per_sec: rate,
             eta_secs: (active && rate > 0).then(|| remaining.div_ceil(rate)),
             elapsed_ms,
+            copy_ms,
             moved_bytes: self.moved.load(Ordering::Relaxed),
             zeroed_bytes: self.zeroed.load(Ordering::Relaxed),
             same_bytes: self.same.load(Ordering::Relaxed),
@@ -625,7 +651,6 @@ impl Replica {
     /// confirmed, records the end of the sync. Application writes keep
     /// flowing meanwhile (see the module comment).
     pub(super) fn resync(&self, session: &Arc<Session>) {
-        let started = Instant::now();
         let total = lock(&self.oos).count();
         self.progress.start();
         tracing::info!(resource = %self.name, peer = %session.peer, blocks = total, "resync started");
@@ -640,17 +665,39 @@ impl Replica {
         while flight.in_flight() > 0 {
             flight.wait_below(1, Duration::from_millis(100));
         }
-        self.progress.stop();
         if !copied {
+            self.progress.stop();
             self.emit_progress();
             return;
         }
-        // Durable on the target before it may call itself UpToDate.
+        self.progress.copied();
+        if !self.finish_sync(session) {
+            self.progress.stop();
+            self.emit_progress();
+            return;
+        }
+        let st = self.progress.status(0);
+        tracing::info!(
+            resource = %self.name, peer = %session.peer, blocks = total,
+            moved = st.moved_bytes, zeroed = st.zeroed_bytes, same = st.same_bytes,
+            elapsed_ms = st.elapsed_ms, copy_ms = st.copy_ms.unwrap_or(0),
+            mib_per_sec = format!("{:.1}", st.done_bytes as f64 / (1u64 << 20) as f64 / (st.elapsed_ms.max(1) as f64 / 1000.0)),
+            "resync finished"
+        );
+        self.emit_progress();
+    }
+
+    /// The end of a sync whose blocks are all acknowledged: a barrier,
+    /// `SyncDone`, the target's confirmation, then our own state step.
+    fn finish_sync(&self, session: &Arc<Session>) -> bool {
+        // Durable on the target before it may call itself UpToDate. The
+        // flush may write back gigabytes: pings, not this wait, tell a
+        // dead peer from a slow disk.
         let Some(barrier) = session.send_frame(Track::Barrier, |seq| Frame::Barrier { seq }) else {
-            return;
+            return false;
         };
-        if session.wait(&barrier, self.ack_timeout()) != Remote::Done {
-            return;
+        if session.wait(&barrier, self.ack_timeout() * 10) != Remote::Done {
+            return false;
         }
         let current = lock(&self.inner)
             .node
@@ -659,26 +706,22 @@ impl Replica {
         session.send_control(&Frame::SyncDone { current });
         // The target records the end first; its answer confirms it.
         if !self.confirm_state(session, 0) {
-            return;
+            return false;
         }
+        // Ended before the state says so: whoever sees the pair in sync
+        // sees the sync's final figures.
+        self.progress.finished.fetch_add(1, Ordering::Relaxed);
+        self.progress.stop();
         match self.step(Event::SyncFinished) {
-            Ok(fx) => self.effects(&fx),
+            Ok(fx) => {
+                self.effects(&fx);
+                true
+            }
             Err(e) => {
                 tracing::warn!(resource = %self.name, "resync finished, but: {e}");
-                return;
+                false
             }
         }
-        self.progress.finished.fetch_add(1, Ordering::Relaxed);
-        let st = self.progress.status(0);
-        let secs = started.elapsed().as_secs_f64();
-        tracing::info!(
-            resource = %self.name, peer = %session.peer, blocks = total,
-            moved = st.moved_bytes, zeroed = st.zeroed_bytes, same = st.same_bytes,
-            elapsed_ms = (secs * 1000.0) as u64,
-            mib_per_sec = format!("{:.1}", st.done_bytes as f64 / (1u64 << 20) as f64 / secs.max(1e-9)),
-            "resync finished"
-        );
-        self.emit_progress();
     }
 
     fn emit_progress(&self) {
