@@ -271,6 +271,11 @@ impl Cursor {
         self.block
     }
 
+    /// Moves forward to `block` (never back).
+    pub fn advance_to(&mut self, block: u64) {
+        self.block = self.block.max(block);
+    }
+
     /// The next run of set blocks at or after the cursor, at most
     /// `max_bytes` long (at least one block), as a byte range; the cursor
     /// moves past it. `None` once nothing is set from the cursor on (the

@@ -223,18 +223,22 @@ def reference_copy(src: Path, dst: Path) -> float:
     return time.monotonic() - t
 
 
-def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool) -> Dict[str, Any]:
-    need = 2 * size + GiB
+def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool,
+               holes: bool = False) -> Dict[str, Any]:
+    need = GiB if holes else 2 * size + GiB
     if free_bytes(workdir) < need:
         return {"size": size, "skipped": f"needs {human(need)} free in {workdir}, "
                 f"has {human(free_bytes(workdir))}"}
     pair = Pair(workdir, binary, size, {})
     try:
         t = time.monotonic()
-        fill_data(pair.disks["alpha"], size, args.seed)
+        if holes:
+            sparse(pair.disks["alpha"], size)
+        else:
+            fill_data(pair.disks["alpha"], size, args.seed)
         fill_s = time.monotonic() - t
         ref_s = None
-        if reference:
+        if reference and not holes:
             ref_s = reference_copy(pair.disks["alpha"], pair.disks["beta"])
             pair.disks["beta"].unlink()
         sparse(pair.disks["beta"], size)
@@ -285,7 +289,7 @@ def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
                "moved_bytes": None, "moved_ratio": None}
         if st:
             daemon_s = max(st["elapsed_ms"], 1) / 1000.0
-            out.update({"moved_bytes": st["moved_bytes"],
+            out.update({"moved_bytes": st["moved_bytes"], "copy_ms": st.get("copy_ms"),
                         "moved_ratio": st["moved_bytes"] / max(dirtied, 1),
                         "daemon_seconds": daemon_s, "mib_per_s_daemon": dirtied / MiB / daemon_s})
         return out
@@ -348,7 +352,8 @@ def git_rev() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="full,scatter,yield",
-                   help="comma-separated subset of full,scatter,yield")
+                   help="comma-separated subset of full,scatter,yield,holes (holes: full sync "
+                        "of sparse devices, the engine's own cost per GiB)")
     p.add_argument("--full-sizes", default="2G,8G,32G")
     p.add_argument("--scatter-size", type=parse_size, default=parse_size("4G"))
     p.add_argument("--scatter-mib", type=int, default=64)
@@ -402,6 +407,17 @@ def main() -> int:
                                   f"the final flush on the target")
                     print(f"full sync {human(size)} [{label}]: {r['seconds']:.1f} s = "
                           f"{r['mib_per_s']:.0f} MiB/s{extra}", flush=True)
+        if "holes" in only:
+            # The engine alone: a sparse source reads as zeroes, so every
+            # chunk goes as a write-zeroes request and no data hits a disk.
+            res["holes"] = []
+            for s in args.full_sizes.split(","):
+                size = parse_size(s)
+                r = bench_full(args, workdir, size, args.repld, reference=False, holes=True)
+                res["holes"].append(r)
+                print(f"full sync of a sparse {human(size)} (all write-zeroes): "
+                      f"{r['seconds']:.2f} s = {r['mib_per_s']:.0f} MiB/s, "
+                      f"{r['seconds'] / (size / GiB):.3f} s per GiB", flush=True)
         if "scatter" in only:
             res["scatter"] = []
             for label, binary in binaries:
@@ -410,6 +426,9 @@ def main() -> int:
                 res["scatter"].append(r)
                 moved = ("" if r["moved_bytes"] is None else
                          f", moved {human(r['moved_bytes'])} ({r['moved_ratio']:.3f}x)")
+                if r.get("copy_ms"):
+                    moved += (f", copy phase {r['copy_ms'] / 1000:.2f} s = "
+                              f"{r['dirtied_bytes'] / MiB / (r['copy_ms'] / 1000):.0f} MiB/s")
                 print(f"scattered 4K resync [{label}]: {human(r['dirtied_bytes'])} dirtied on "
                       f"{human(r['device'])}{moved}, {r['seconds_connect_to_synced']:.2f} s "
                       f"from connect = {r['mib_per_s_wall']:.0f} MiB/s", flush=True)

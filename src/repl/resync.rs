@@ -31,6 +31,8 @@ const SPAN: u64 = 4 << 20;
 const MAX_RUNS: usize = 256;
 /// Most chunks in flight.
 const MAX_CHUNKS: usize = 32;
+/// Largest hole one write-zeroes frame covers.
+const HOLE_CHUNK: u64 = 256 << 20;
 /// Zero runs shorter than this inside a chunk of data go as data.
 const ZERO_SPLIT: usize = 64 * 1024;
 /// A barrier every so many bytes makes what was sent durable on the
@@ -600,6 +602,51 @@ impl Replica {
         true
     }
 
+    /// If the next run (up to `HOLE_CHUNK`) is a hole in the local store,
+    /// sends it as one write-zeroes frame, moves the cursor past it and
+    /// returns true. Checked again under the interval: a write that
+    /// completed before it was taken has filled the hole.
+    fn send_hole(
+        &self,
+        out: &Out<'_>,
+        store: &dyn Store,
+        cursor: &mut crate::bitmap::Cursor,
+        size: u64,
+    ) -> bool {
+        let (gran, next) = {
+            let bm = lock(&self.oos);
+            let g = bm.granularity();
+            (g, bm.run_from(cursor.block(), HOLE_CHUNK / g))
+        };
+        let Some((block, n)) = next else {
+            return false;
+        };
+        let offset = block * gran;
+        let len = (n * gran).min(size.saturating_sub(offset));
+        if len == 0 || !store.reads_as_zeroes(offset, len) {
+            return false;
+        }
+        let interval = self.intervals.acquire(offset, len);
+        if !store.reads_as_zeroes(offset, len) {
+            self.intervals.release(interval);
+            return false;
+        }
+        cursor.advance_to(block + n);
+        let chunk = out.flight.begin_chunk(interval, len);
+        let tag = out.flight.add_frame(chunk, offset, len, Sent::Zeroes);
+        let op = Modify::WriteZeroes {
+            offset,
+            len,
+            may_unmap: true,
+        };
+        let waiter = Waiter::Note(out.notify.clone(), tag);
+        if let Err(Waiter::Note(n, tag)) = out.session.submit_modify(op, waiter, false) {
+            n.notify(tag, Remote::Lost, &mut Batch::default());
+        }
+        out.flight.end_submit(chunk, self);
+        true
+    }
+
     /// Queues the frames of one run read into `data` for chunk `chunk`:
     /// zero runs as write-zeroes, the rest as data (held back until
     /// `kick`).
@@ -835,6 +882,12 @@ impl Replica {
                     continue;
                 }
             };
+            // A run the store knows to be a hole goes as one write-zeroes
+            // frame of up to `HOLE_CHUNK`, without reading it.
+            if !csums && self.send_hole(&out, &*store, &mut cursor, size) {
+                since_barrier += CHUNK;
+                continue;
+            }
             // A chunk: the runs within one span of the device, up to
             // `room` bytes of them, under one interval.
             runs.clear();
