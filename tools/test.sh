@@ -154,8 +154,8 @@ pass
 
 # ---------------------------------------------------------------------------
 section "python3 tools/resync_bench.py (smoke: small sizes)"
-python3 "$REPO_ROOT/tools/resync_bench.py" --full-sizes 256M --scatter-size 256M \
-    --scatter-mib 8 --yield-size 256M --runtime 3 --rounds 1
+timeout 900 python3 "$REPO_ROOT/tools/resync_bench.py" --only full,scatter \
+    --full-sizes 256M --scatter-size 256M --scatter-mib 8
 pass
 
 # ---------------------------------------------------------------------------
