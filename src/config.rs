@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::repl::rate::RateSettings;
+
 /// Granularity every export size must be a multiple of.
 pub const SIZE_ALIGN: u64 = 4096;
 
@@ -62,6 +64,10 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Resync rate control and checksums, for every resource that does
+    /// not override them in its own `[resource.resync]`.
+    #[serde(default)]
+    pub resync: ResyncOptions,
     #[serde(default, rename = "resource")]
     pub resources: Vec<ResourceConfig>,
 }
@@ -317,6 +323,75 @@ pub struct ResourceConfig {
     /// (0 disables the log: a crash then means a full resync).
     #[serde(default)]
     pub al_extents: Option<u32>,
+    /// Overrides of `[resync]` for this resource.
+    #[serde(default)]
+    pub resync: ResyncOptions,
+}
+
+/// `[resync]` and `[resource.resync]`: how a resync runs. Absent keys of a
+/// resource take the global value, absent global ones the default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncOptions {
+    /// How far ahead the controller plans: the depth of the rate
+    /// limiter's bucket, and how long after the last application write
+    /// the resync still yields to it (at most 100 ms).
+    pub c_plan_ahead_ms: Option<u64>,
+    /// Resync data in flight (sent, not yet acknowledged) at most, KiB.
+    pub c_fill_target_kib: Option<u64>,
+    /// Resync rate at most, MiB/s; 0 means no limit.
+    pub c_max_rate_mib: Option<u64>,
+    /// Resync rate while the application writes, MiB/s: the sync yields
+    /// to the application down to this rate, never below.
+    pub c_min_rate_mib: Option<u64>,
+    /// Checksum-based resync: `"none"` (send every out-of-sync block) or
+    /// `"xxh3-128"` (the target sends checksums of its blocks, the
+    /// source sends only the blocks that differ).
+    pub csums_alg: Option<String>,
+}
+
+/// The resolved resync settings of one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResyncConfig {
+    pub rate: RateSettings,
+    /// Checksum-based resync.
+    pub csums: bool,
+}
+
+impl ResyncOptions {
+    /// `self` over `global` over the defaults.
+    fn resolve(&self, global: &ResyncOptions, what: &str) -> Result<ResyncConfig, ConfigError> {
+        let d = RateSettings::default();
+        let pick = |a: Option<u64>, b: Option<u64>| a.or(b);
+        let mib = 1u64 << 20;
+        let rate = RateSettings {
+            plan_ahead_ms: pick(self.c_plan_ahead_ms, global.c_plan_ahead_ms)
+                .unwrap_or(d.plan_ahead_ms),
+            fill_target: pick(self.c_fill_target_kib, global.c_fill_target_kib)
+                .map_or(d.fill_target, |k| k.saturating_mul(1024)),
+            max_rate: pick(self.c_max_rate_mib, global.c_max_rate_mib)
+                .map_or(d.max_rate, |m| m.saturating_mul(mib)),
+            min_rate: pick(self.c_min_rate_mib, global.c_min_rate_mib)
+                .map_or(d.min_rate, |m| m.saturating_mul(mib)),
+        };
+        rate.check()
+            .map_err(|m| ConfigError::Invalid(format!("{what}: {m}")))?;
+        let alg = self
+            .csums_alg
+            .as_deref()
+            .or(global.csums_alg.as_deref())
+            .unwrap_or("none");
+        let csums = match alg {
+            "none" => false,
+            "xxh3-128" => true,
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "{what}: csums_alg = {other:?} is not one of \"none\", \"xxh3-128\""
+                )))
+            }
+        };
+        Ok(ResyncConfig { rate, csums })
+    }
 }
 
 /// The peer side of a replicated resource, as seen from this node.
@@ -331,6 +406,7 @@ pub struct PeerConfig {
     /// Automatic split-brain policies; both nodes must agree.
     pub split_brain: crate::core::split_brain::Policy,
     pub fencing: FencingConfig,
+    pub resync: ResyncConfig,
 }
 
 /// A resource resolved for one node.
@@ -548,6 +624,13 @@ impl Config {
         if defaults > 1 {
             return invalid("more than one resource has default = true".into());
         }
+        self.resync.resolve(&ResyncOptions::default(), "[resync]")?;
+        for r in &self.resources {
+            r.resync.resolve(
+                &self.resync,
+                &format!("resource {:?} [resource.resync]", r.name),
+            )?;
+        }
         Ok(())
     }
 
@@ -601,7 +684,18 @@ impl Config {
                                 timeout_ms: r.fence_timeout_ms,
                                 retry_ms: r.fence_retry_ms,
                             },
+                            resync: ResyncConfig::default(),
                         });
+                let peer = match peer {
+                    Some(mut p) => {
+                        p.resync = r.resync.resolve(
+                            &self.resync,
+                            &format!("resource {:?} [resource.resync]", r.name),
+                        )?;
+                        Some(p)
+                    }
+                    None => None,
+                };
                 let meta = peer.as_ref().map(|_| match &mine.meta_disk {
                     Some(p) if p.as_os_str() != "internal" => MetaDisk::External(p.clone()),
                     _ => MetaDisk::Internal,
@@ -823,5 +917,44 @@ mod tests {
         assert_eq!((f.timeout_ms, f.retry_ms), (60_000, 5_000));
         // Off by default.
         assert_eq!(Config::parse(MINIMAL).expect("valid").metrics.listen, None);
+    }
+
+    #[test]
+    fn resync_settings_resolve_resource_over_global_over_defaults() {
+        let base = "[[resource]]\nname = \"r0\"\nsecret = \"s\"\n\
+                    [resource.on.a]\ndisk = \"/d/a\"\naddress = \"127.0.0.1:1\"\n\
+                    [resource.on.b]\ndisk = \"/d/b\"\naddress = \"127.0.0.1:2\"\n";
+        let c = Config::parse(base).expect("valid");
+        let p = c.for_node("a").expect("a").resources[0]
+            .peer
+            .clone()
+            .expect("peer");
+        assert_eq!(p.resync, ResyncConfig::default());
+        let text = format!(
+            "[resync]\nc_max_rate_mib = 200\nc_min_rate_mib = 20\n{base}\
+             [resource.resync]\nc_min_rate_mib = 5\ncsums_alg = \"xxh3-128\"\n"
+        );
+        let c = Config::parse(&text).expect("valid");
+        let p = c.for_node("b").expect("b").resources[0]
+            .peer
+            .clone()
+            .expect("peer");
+        assert_eq!(p.resync.rate.max_rate, 200 << 20);
+        assert_eq!(p.resync.rate.min_rate, 5 << 20);
+        assert!(p.resync.csums);
+        let err = Config::parse(&format!("[resync]\ncsums_alg = \"md4\"\n{base}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("md4"), "{err}");
+        let err = Config::parse(&format!(
+            "[resync]\nc_max_rate_mib = 1\nc_min_rate_mib = 2\n{base}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("below"), "{err}");
+        let err = Config::parse(&format!("[resync]\nc_rate = 1\n{base}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c_rate"), "{err}");
     }
 }

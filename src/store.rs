@@ -134,6 +134,11 @@ pub trait Store: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
     /// Hints that the range will be read soon.
     fn cache(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// True only if the range is known to read as zeroes without reading
+    /// it (a hole in a sparse file); false when unknown.
+    fn reads_as_zeroes(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Error)]
@@ -203,6 +208,25 @@ impl FileStore {
         })
     }
 
+    /// Whether `[offset, offset + len)` is one hole: `SEEK_DATA` from
+    /// `offset` finds no data before its end.
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if self.is_block_device || len == 0 {
+            return false;
+        }
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        // SAFETY: lseek on a descriptor we own; positional I/O elsewhere
+        // never uses the file offset this moves.
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if next < 0 {
+            // ENXIO: no data at or after `offset`; anything else: unknown.
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        next as u64 >= offset.saturating_add(len)
+    }
+
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
@@ -266,6 +290,10 @@ impl FileStore {
 impl Store for FileStore {
     fn as_dyn(&self) -> &dyn Store {
         self
+    }
+
+    fn reads_as_zeroes(&self, offset: u64, len: u64) -> bool {
+        self.is_hole(offset, len)
     }
     fn size(&self) -> u64 {
         self.size
@@ -429,6 +457,26 @@ mod tests {
         f.as_file().set_len(len).expect("set_len");
         let store = FileStore::open(f.path(), None, false).expect("open");
         (f, store)
+    }
+
+    #[test]
+    fn holes_are_known_to_read_as_zeroes_and_data_is_not() {
+        let (_f, s) = temp_file(8 << 20);
+        assert!(
+            s.reads_as_zeroes(0, 8 << 20),
+            "a fresh sparse file is one hole"
+        );
+        s.write_at(&[1u8; 4096], 4 << 20, false).expect("write");
+        assert!(s.reads_as_zeroes(0, 4 << 20));
+        assert!(!s.reads_as_zeroes(0, (4 << 20) + 1));
+        assert!(!s.reads_as_zeroes(4 << 20, 4096));
+        // Past the written block, up to the end: a hole again (file systems
+        // may round the data up to their block size).
+        assert!(s.reads_as_zeroes(5 << 20, 3 << 20));
+        assert!(
+            !MemStore::new(4096).reads_as_zeroes(0, 4096),
+            "unknown is not zero"
+        );
     }
 
     #[test]

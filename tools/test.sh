@@ -180,6 +180,12 @@ python3 "$REPO_ROOT/tools/powerloss.py" --cycles 6
 pass
 
 # ---------------------------------------------------------------------------
+section "python3 tools/resync_bench.py (smoke: small sizes)"
+timeout 900 python3 "$REPO_ROOT/tools/resync_bench.py" --only full,scatter \
+    --full-sizes 256M --scatter-size 256M --scatter-mib 8
+pass
+
+# ---------------------------------------------------------------------------
 echo
 echo "=================================================================="
 echo "all steps passed in $((SECONDS - SUITE_START)) s${SKIPPED[*]:+ (skipped: ${SKIPPED[*]})}"

@@ -51,6 +51,8 @@ pub mod kind {
     pub const VERIFY_REPLY: u16 = 50;
     pub const OUT_OF_SYNC: u16 = 51;
     pub const INVALIDATE: u16 = 52;
+    pub const CSUM_QUERY: u16 = 22;
+    pub const CSUM_REPLY: u16 = 23;
 }
 
 /// Flags on data frames.
@@ -65,10 +67,24 @@ pub mod data_flags {
 
 /// Feature bits offered in `Hello`; the session uses the intersection.
 pub mod features {
-    /// Nothing optional exists yet; the field is there so a later version
-    /// can add capabilities without a new protocol version.
     pub const NONE: u64 = 0;
+    /// The sender answers `CsumQuery` with `CsumReply` (checksum-based
+    /// resync, `csum_alg::XXH3_128`).
+    pub const CSUMS: u64 = 1 << 0;
+    pub const KNOWN: u64 = CSUMS;
 }
+
+/// Checksum algorithms of `CsumQuery`.
+pub mod csum_alg {
+    /// XXH3, 128-bit digest.
+    pub const XXH3_128: u16 = 1;
+    /// Bytes of one digest.
+    pub const XXH3_128_LEN: usize = 16;
+}
+
+/// Most digests one `CsumReply` carries (and so most blocks one
+/// `CsumQuery` asks for).
+pub const MAX_CSUMS: u32 = 65536;
 
 /// Bits of `StateFrame::state_flags`.
 pub mod state_flags {
@@ -415,6 +431,24 @@ pub enum Frame {
     /// The sender asks the receiver to become a full sync target
     /// (`invalidate-remote`).
     Invalidate,
+    /// Asks the receiver (a sync target) for the digests of its blocks of
+    /// `block` bytes in `[offset, offset + length)`, taken after every
+    /// data frame sent before this one is applied. Unsequenced; answered
+    /// by `CsumReply` with the same `id`.
+    CsumQuery {
+        id: u64,
+        offset: u64,
+        length: u32,
+        block: u32,
+        alg: u16,
+    },
+    /// One digest per block of the query `id`, in order (the last block
+    /// may be partial). Empty when the receiver could not read the range.
+    CsumReply {
+        id: u64,
+        alg: u16,
+        digests: Vec<u128>,
+    },
 }
 
 /// Bytes of a block digest in `VerifyReply`.
@@ -724,6 +758,8 @@ impl Frame {
             Frame::VerifyReply { .. } => kind::VERIFY_REPLY,
             Frame::OutOfSync { .. } => kind::OUT_OF_SYNC,
             Frame::Invalidate => kind::INVALIDATE,
+            Frame::CsumQuery { .. } => kind::CSUM_QUERY,
+            Frame::CsumReply { .. } => kind::CSUM_REPLY,
         }
     }
 
@@ -837,6 +873,28 @@ impl Frame {
                 dst.put_u64(*length);
             }
             Frame::Invalidate => {}
+            Frame::CsumQuery {
+                id,
+                offset,
+                length,
+                block,
+                alg,
+            } => {
+                dst.put_u64(*id);
+                dst.put_u64(*offset);
+                dst.put_u32(*length);
+                dst.put_u32(*block);
+                dst.put_u16(*alg);
+            }
+            Frame::CsumReply { id, alg, digests } => {
+                dst.put_u64(*id);
+                dst.put_u16(*alg);
+                let n = digests.len().min(MAX_CSUMS as usize);
+                dst.put_u32(n as u32);
+                for d in &digests[..n] {
+                    dst.put_u128(*d);
+                }
+            }
         }
         let length = (dst.len() - body_at) as u32;
         dst[header_at + 8..header_at + 12].copy_from_slice(&length.to_be_bytes());
@@ -1191,6 +1249,75 @@ impl Frame {
             kind::INVALIDATE => {
                 fixed(body, "Invalidate", 0)?;
                 Frame::Invalidate
+            }
+            kind::CSUM_QUERY => {
+                fixed(body, "CsumQuery", 26)?;
+                let id = src.get_u64();
+                let offset = src.get_u64();
+                let length = src.get_u32();
+                let block = src.get_u32();
+                let alg = src.get_u16();
+                if alg != csum_alg::XXH3_128 {
+                    return Err(DecodeError::Invalid {
+                        what: "CsumQuery algorithm",
+                        detail: format!("unknown algorithm {alg}"),
+                    });
+                }
+                if !block.is_power_of_two() || block < 512 {
+                    return Err(DecodeError::Invalid {
+                        what: "CsumQuery block size",
+                        detail: format!("{block} is not a power of two of at least 512"),
+                    });
+                }
+                if length == 0 || length.div_ceil(block) > MAX_CSUMS {
+                    return Err(DecodeError::Invalid {
+                        what: "CsumQuery length",
+                        detail: format!(
+                            "{length} bytes: between 1 and {MAX_CSUMS} blocks of {block}"
+                        ),
+                    });
+                }
+                if offset.checked_add(u64::from(length)).is_none() {
+                    return Err(DecodeError::Invalid {
+                        what: "CsumQuery range",
+                        detail: format!("offset {offset} + {length} overflows"),
+                    });
+                }
+                Frame::CsumQuery {
+                    id,
+                    offset,
+                    length,
+                    block,
+                    alg,
+                }
+            }
+            kind::CSUM_REPLY => {
+                if body.len() < 14 {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "CsumReply",
+                        declared: 14,
+                        actual: body.len() as u64,
+                    });
+                }
+                let id = src.get_u64();
+                let alg = src.get_u16();
+                let n = src.get_u32();
+                if alg != csum_alg::XXH3_128 {
+                    return Err(DecodeError::Invalid {
+                        what: "CsumReply algorithm",
+                        detail: format!("unknown algorithm {alg}"),
+                    });
+                }
+                if n > MAX_CSUMS {
+                    return Err(DecodeError::TooLong {
+                        what: "CsumReply digests",
+                        len: u64::from(n),
+                        max: u64::from(MAX_CSUMS),
+                    });
+                }
+                fixed(body, "CsumReply", 14 + n as usize * csum_alg::XXH3_128_LEN)?;
+                let digests = (0..n).map(|_| src.get_u128()).collect();
+                Frame::CsumReply { id, alg, digests }
             }
             other => {
                 return Err(DecodeError::Invalid {

@@ -18,10 +18,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use replblk_proto::repl::{
-    auth_mac, auth_verify, data_flags, kind, negotiate_version, state_flags, BitmapChunk,
+    auth_mac, auth_verify, csum_alg, data_flags, kind, negotiate_version, state_flags, BitmapChunk,
     BitmapEncoding, Frame, FrameHeader, Hello, RefuseCode, StateFrame, WriteFrame, WriteRef,
     CHALLENGE_LEN, DIGEST_LEN, HEADER_VERSION, MAC_LEN, MAGIC, MAX_BITMAP_CHUNK_BITS, MAX_BODY,
-    MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_ROLE, MAX_VERIFY_LEN, PROTOCOL_MAX, PROTOCOL_MIN,
+    MAX_CSUMS, MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_ROLE, MAX_VERIFY_LEN, PROTOCOL_MAX,
+    PROTOCOL_MIN,
 };
 use replblk_proto::DecodeError;
 
@@ -369,6 +370,27 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         state_frame().prop_map(Frame::State),
         any::<u64>().prop_map(|current| Frame::SyncDone { current }),
+        (
+            any::<u64>(),
+            0u64..u64::MAX / 2,
+            9u32..21,
+            1u32..(MAX_CSUMS * 8)
+        )
+            .prop_map(|(id, offset, shift, length)| Frame::CsumQuery {
+                id,
+                offset,
+                length: (u64::from(length).min(u64::from(MAX_CSUMS) << shift))
+                    .min(u64::from(u32::MAX)) as u32,
+                block: 1 << shift,
+                alg: csum_alg::XXH3_128,
+            }),
+        (any::<u64>(), vec(any::<u128>(), 0..300)).prop_map(|(id, digests)| {
+            Frame::CsumReply {
+                id,
+                alg: csum_alg::XXH3_128,
+                digests,
+            }
+        }),
         bitmap_chunk().prop_map(Frame::Bitmap),
         verify_request(),
         verify_reply(),
@@ -471,7 +493,9 @@ fn framing() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
     (vec(any::<u8>(), 0..8), vec(any::<u8>(), 0..16))
 }
 
-const KNOWN_KINDS: [u16; 18] = [
+const KNOWN_KINDS: [u16; 20] = [
+    kind::CSUM_QUERY,
+    kind::CSUM_REPLY,
     kind::BITMAP,
     kind::VERIFY_REQUEST,
     kind::VERIFY_REPLY,
@@ -636,8 +660,8 @@ fn protocol_constants_have_their_documented_values() {
 fn frame_kinds_have_their_documented_numbers() {
     assert_eq!(
         KNOWN_KINDS,
-        [48, 49, 50, 51, 52, 5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
-        "BITMAP VERIFY_REQUEST VERIFY_REPLY OUT_OF_SYNC INVALIDATE STATE SYNC_DONE HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
+        [22, 23, 48, 49, 50, 51, 52, 5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
+        "CSUM_QUERY CSUM_REPLY BITMAP VERIFY_REQUEST VERIFY_REPLY OUT_OF_SYNC INVALIDATE STATE SYNC_DONE HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
     );
 }
 
@@ -2062,4 +2086,62 @@ fn malformed_verify_frames_are_rejected() {
     b.put_u64(2);
     assert!(decode_raw(kind::OUT_OF_SYNC, &b).is_err());
     assert!(decode_raw(kind::INVALIDATE, &[0]).is_err());
+}
+
+#[test]
+fn csum_frames_have_the_documented_layout_and_bad_ones_are_refused() {
+    let q = Frame::CsumQuery {
+        id: 7,
+        offset: 1 << 20,
+        length: 1 << 16,
+        block: 4096,
+        alg: csum_alg::XXH3_128,
+    };
+    let bytes = frame_bytes(&q);
+    assert_eq!(bytes.len(), FrameHeader::LEN + 26);
+    assert_eq!(&bytes[6..8], &kind::CSUM_QUERY.to_be_bytes());
+    let body = &bytes[FrameHeader::LEN..];
+    assert_eq!(&body[..8], &7u64.to_be_bytes());
+    assert_eq!(&body[16..20], &(1u32 << 16).to_be_bytes());
+    assert_eq!(&body[24..26], &1u16.to_be_bytes());
+    assert_eq!(decode_raw(kind::CSUM_QUERY, body), Ok(q));
+    let mut bad = body.to_vec();
+    bad[24..26].copy_from_slice(&9u16.to_be_bytes());
+    assert!(
+        decode_raw(kind::CSUM_QUERY, &bad).is_err(),
+        "unknown algorithm"
+    );
+    let mut bad = body.to_vec();
+    bad[20..24].copy_from_slice(&4095u32.to_be_bytes());
+    assert!(
+        decode_raw(kind::CSUM_QUERY, &bad).is_err(),
+        "odd block size"
+    );
+    let mut bad = body.to_vec();
+    bad[16..20].copy_from_slice(&0u32.to_be_bytes());
+    assert!(decode_raw(kind::CSUM_QUERY, &bad).is_err(), "empty range");
+    let mut bad = body.to_vec();
+    bad[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+    assert!(
+        decode_raw(kind::CSUM_QUERY, &bad).is_err(),
+        "overflowing range"
+    );
+
+    let r = Frame::CsumReply {
+        id: 7,
+        alg: csum_alg::XXH3_128,
+        digests: vec![1, u128::MAX],
+    };
+    let bytes = frame_bytes(&r);
+    let body = &bytes[FrameHeader::LEN..];
+    assert_eq!(body.len(), 14 + 32);
+    assert_eq!(&body[10..14], &2u32.to_be_bytes());
+    assert_eq!(decode_raw(kind::CSUM_REPLY, body), Ok(r));
+    // A count that does not match the digests that follow.
+    let mut bad = body.to_vec();
+    bad[10..14].copy_from_slice(&3u32.to_be_bytes());
+    assert!(decode_raw(kind::CSUM_REPLY, &bad).is_err());
+    let mut bad = body[..14].to_vec();
+    bad[10..14].copy_from_slice(&(MAX_CSUMS + 1).to_be_bytes());
+    assert!(decode_raw(kind::CSUM_REPLY, &bad).is_err());
 }

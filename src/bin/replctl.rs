@@ -1,7 +1,7 @@
 //! `replctl`: the operator's tool. Sends one request to the local repld's
 //! control socket and prints the answer (or, for `events`, the stream).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -121,6 +121,22 @@ enum Verb {
     /// Release writes frozen by fencing (the peer could not be fenced):
     /// you vouch that the peer cannot be promoted.
     ResumeIo { resource: String },
+    /// Show or change the resync rate settings of a running daemon.
+    ResyncRate {
+        resource: String,
+        /// Resync rate at most, MiB/s (0: unlimited).
+        #[arg(long)]
+        max: Option<u64>,
+        /// Rate the resync keeps while the application writes, MiB/s.
+        #[arg(long)]
+        min: Option<u64>,
+        /// Resync data in flight at most, KiB.
+        #[arg(long)]
+        fill_target: Option<u64>,
+        /// Controller planning horizon, ms.
+        #[arg(long)]
+        plan_ahead: Option<u64>,
+    },
     /// List the out-of-sync byte ranges of a resource.
     OutOfSync {
         resource: String,
@@ -182,6 +198,15 @@ fn print_status(answer: &StatusAnswer) {
                     name_or_dash(&r.peer_disk),
                     r.out_of_sync_bytes
                 );
+                if let Some(p) = progress_line(r) {
+                    println!("    {p}");
+                }
+                if r.resync.active || r.resync.finished > 0 {
+                    println!(
+                        "    resync: sent {} bytes, zeroed {} bytes, skipped {} equal bytes",
+                        r.resync.moved_bytes, r.resync.zeroed_bytes, r.resync.same_bytes
+                    );
+                }
                 if let Some(d) = &r.decision {
                     println!(
                         "    last decision: {} (rule {} {}: {})",
@@ -257,6 +282,16 @@ fn event_line(e: &StatusEvent) -> String {
             v.out_of_sync_bytes
         ));
     }
+    let s = &r.resync;
+    if s.active {
+        line.push_str(&format!(
+            " sync-done:{} sync-total:{} sync-rate:{}",
+            s.done_bytes, s.total_bytes, s.rate_bytes_per_sec
+        ));
+        if let Some(eta) = s.eta_secs {
+            line.push_str(&format!(" eta:{eta}"));
+        }
+    }
     line
 }
 
@@ -299,6 +334,83 @@ fn print_md(answer: &DumpMdAnswer) {
 fn simple(socket: &Path, req: Request, timeout: Option<Duration>) -> Result<()> {
     let answer: MessageAnswer = request(socket, &req, timeout)?;
     println!("{}", answer.message);
+    Ok(())
+}
+
+/// Bytes as MiB/GiB with one decimal.
+fn human(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b / (1u64 << 20) as f64)
+    }
+}
+
+/// The resync progress of `r` in one line, if it is syncing.
+fn progress_line(r: &ResourceStatus) -> Option<String> {
+    let s = &r.resync;
+    if !s.active {
+        return None;
+    }
+    let pct = if s.total_bytes > 0 {
+        s.done_bytes as f64 * 100.0 / s.total_bytes as f64
+    } else {
+        100.0
+    };
+    let eta = s.eta_secs.map_or_else(
+        || "-".to_owned(),
+        |e| format!("{}:{:02}:{:02}", e / 3600, e / 60 % 60, e % 60),
+    );
+    Some(format!(
+        "sync {:.1}% {} of {} at {}/s, eta {eta}",
+        pct,
+        human(s.done_bytes),
+        human(s.total_bytes),
+        human(s.rate_bytes_per_sec)
+    ))
+}
+
+/// `wait-sync` on a terminal: the answer, with a progress line redrawn
+/// meanwhile (from `status`, once a second).
+fn wait_with_progress(socket: &Path, req: Request) -> Result<()> {
+    let Request::WaitSync { resource, .. } = &req else {
+        return simple(socket, req, None);
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let (sock, res) = (socket.to_owned(), resource.clone());
+    let painter = std::thread::spawn(move || {
+        let mut drawn = false;
+        loop {
+            let st: Result<StatusAnswer> = request(
+                &sock,
+                &Request::Status {
+                    resource: Some(res.clone()),
+                },
+                Some(Duration::from_secs(5)),
+            );
+            let line = st
+                .ok()
+                .and_then(|a| a.resources.first().and_then(progress_line));
+            let mut out = std::io::stdout().lock();
+            if let Some(l) = line {
+                let _ = write!(out, "\r\x1b[2K{l}");
+                let _ = out.flush();
+                drawn = true;
+            }
+            drop(out);
+            if done_rx.recv_timeout(Duration::from_secs(1)).is_ok() {
+                break;
+            }
+        }
+        if drawn {
+            let _ = write!(std::io::stdout().lock(), "\r\x1b[2K");
+        }
+    });
+    let answer: Result<MessageAnswer> = request(socket, &req, None);
+    let _ = done_tx.send(());
+    let _ = painter.join();
+    println!("{}", answer?.message);
     Ok(())
 }
 
@@ -393,10 +505,31 @@ fn run(args: Args) -> Result<()> {
                 timeout_ms,
             };
             // The daemon answers at the timeout, or never: wait for it.
-            simple(socket, req, None)
+            if std::io::stdout().is_terminal() {
+                wait_with_progress(socket, req)
+            } else {
+                simple(socket, req, None)
+            }
         }
         Verb::Outdate { resource } => simple(socket, Request::Outdate { resource }, wait),
         Verb::ResumeIo { resource } => simple(socket, Request::ResumeIo { resource }, wait),
+        Verb::ResyncRate {
+            resource,
+            max,
+            min,
+            fill_target,
+            plan_ahead,
+        } => simple(
+            socket,
+            Request::ResyncRate {
+                resource,
+                max_rate_mib: max,
+                min_rate_mib: min,
+                fill_target_kib: fill_target,
+                plan_ahead_ms: plan_ahead,
+            },
+            wait,
+        ),
         Verb::OutOfSync { resource, json } => {
             let req = Request::OutOfSync { resource };
             if json {

@@ -286,6 +286,21 @@ fn handle(request: Request, ctx: &Context, conn: &UnixStream) -> Result<Answer, 
         Request::Outdate { resource } => message(find(ctx, &resource)?.outdate()),
         Request::ResumeIo { resource } => message(find(ctx, &resource)?.resume_io()),
         Request::Events {} => Err(ControlError::NeedsOwnConnection),
+        Request::ResyncRate {
+            resource,
+            max_rate_mib,
+            min_rate_mib,
+            fill_target_kib,
+            plan_ahead_ms,
+        } => {
+            let mib = |v: u64| v.saturating_mul(1 << 20);
+            message(find(ctx, &resource)?.set_resync_rate(
+                max_rate_mib.map(mib),
+                min_rate_mib.map(mib),
+                fill_target_kib.map(|k| k.saturating_mul(1024)),
+                plan_ahead_ms,
+            ))
+        }
     }
 }
 

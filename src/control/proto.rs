@@ -94,6 +94,19 @@ pub enum Request {
     },
     /// A stream of `StatusEvent` lines instead of one answer.
     Events {},
+    /// Changes the resync rate settings at run time; absent values stay.
+    ResyncRate {
+        resource: String,
+        /// 0: unlimited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rate_mib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_rate_mib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fill_target_kib: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plan_ahead_ms: Option<u64>,
+    },
 }
 
 /// `status`: this node's name and the status of each resource asked for.
@@ -204,6 +217,9 @@ pub enum EventKind {
     Change,
     /// An online verify started or ended (see `verify` in the status).
     Verify,
+    /// About once a second while this node sends a resync, and once at
+    /// its end: the status with its `resync` progress.
+    Progress,
 }
 
 /// One `events` line: a `status` object with an added `"type"`.
@@ -326,6 +342,16 @@ mod tests {
                 },
             ),
             (json!({"verb": "events"}), Request::Events {}),
+            (
+                json!({"verb": "resync-rate", "resource": "r0", "max_rate_mib": 0, "min_rate_mib": 8}),
+                Request::ResyncRate {
+                    resource: r("r0"),
+                    max_rate_mib: Some(0),
+                    min_rate_mib: Some(8),
+                    fill_target_kib: None,
+                    plan_ahead_ms: None,
+                },
+            ),
         ];
         for (wire, want) in cases {
             assert_eq!(request(wire.clone()).expect("parses"), want, "{wire}");
@@ -391,6 +417,8 @@ mod tests {
             io_frozen: false,
             peer_fenced: true,
             activity_log: None,
+            resync: Default::default(),
+            resync_rate: Default::default(),
         }
     }
 

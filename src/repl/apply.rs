@@ -69,7 +69,10 @@ impl Replica {
             if !durable {
                 continue;
             }
-            if reader.buffer().is_empty() {
+            // A sync target leaves every flush to the flusher: the source
+            // streams data behind its periodic barriers, and a flush of
+            // what a resync wrote takes long enough to stall that stream.
+            if reader.buffer().is_empty() && !self.sync_target() {
                 // Acks of earlier writes need not wait for the flush.
                 send_acks(session);
                 if !flush_group(session, &*store, &self.name) {
@@ -92,6 +95,14 @@ impl Replica {
             while flush_group(session, &*store, &self.name) {}
         }
         result
+    }
+
+    /// This node is receiving a resync.
+    fn sync_target(&self) -> bool {
+        lock(&self.inner)
+            .node
+            .as_ref()
+            .is_some_and(|n| n.repl() == ReplState::SyncTarget)
     }
 
     /// Checks the numbering of a sequenced frame received.

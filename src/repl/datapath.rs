@@ -39,6 +39,7 @@ impl Replica {
             self.wait_thawed();
         }
         self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.note_app_write();
         let _inflight = InFlight(&self.inflight);
         if !self.serving.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
@@ -142,6 +143,7 @@ impl Replica {
             self.wait_thawed();
         }
         self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.note_app_write();
         if !self.serving.load(Ordering::SeqCst) {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
             return done(

@@ -48,6 +48,9 @@ pub enum VerbError {
     /// e.g. `promote refused: local data is Inconsistent ...`).
     #[error(transparent)]
     Refused(#[from] Refusal),
+    /// Values a verb was given that make no sense (`resync-rate`).
+    #[error("{message}")]
+    BadRequest { message: String },
     #[error("promote refused: the peer is being promoted")]
     PeerPromoting,
     #[error("promote refused: the peer did not answer")]

@@ -168,6 +168,8 @@ fn expect_frame(
 /// What both sides agreed on.
 pub struct Agreed {
     pub version: u16,
+    /// Feature bits both sides offered.
+    pub features: u64,
 }
 
 /// Runs the handshake on a fresh connection. The dialer speaks first.
@@ -187,7 +189,7 @@ pub fn handshake(
     let mine = Hello {
         min_version: repl::PROTOCOL_MIN,
         max_version: repl::PROTOCOL_MAX,
-        features: repl::features::NONE,
+        features: repl::features::KNOWN,
         node: cfg.local_node.clone(),
         peer: cfg.peer_node.clone(),
         resource: resource.to_owned(),
@@ -313,7 +315,10 @@ pub fn handshake(
     }
     write_frame(stream, &Frame::AuthOk)?;
     match expect_frame(stream, "AuthOk", deadline)? {
-        Frame::AuthOk => Ok(Agreed { version }),
+        Frame::AuthOk => Ok(Agreed {
+            version,
+            features: repl::features::KNOWN & theirs.features,
+        }),
         other => Err(refuse(
             stream,
             RefuseCode::ProtocolError,
@@ -372,6 +377,14 @@ pub enum Waiter {
     Call(Callback),
     /// Nobody (a barrier sent only to bound the transfer log).
     Nobody,
+    /// A long-lived receiver of many answers, told which one by a tag
+    /// (the resync's requests in flight: no allocation per request).
+    Note(Arc<dyn Notify>, u64),
+}
+
+/// Receives the answers of requests submitted with `Waiter::Note`.
+pub trait Notify: Send + Sync {
+    fn notify(&self, tag: u64, r: Remote, batch: &mut Batch);
 }
 
 impl Waiter {
@@ -380,6 +393,7 @@ impl Waiter {
             Waiter::Slot(s) => s.complete(r),
             Waiter::Call(f) => f(r, local_ok, batch),
             Waiter::Nobody => {}
+            Waiter::Note(n, tag) => n.notify(tag, r, batch),
         }
     }
 }
@@ -482,6 +496,15 @@ pub struct Session {
     /// after `created` (the peer is sending requests, see `keep_reading`).
     linger_ms: AtomicU64,
     created: Instant,
+    /// Feature bits agreed in the handshake.
+    features: AtomicU64,
+    /// Where the peer's `CsumReply` frames go (the resync in progress).
+    csum_sink: Mutex<Option<Arc<dyn CsumSink>>>,
+}
+
+/// Takes the peer's answers to `CsumQuery`.
+pub trait CsumSink: Send + Sync {
+    fn reply(&self, id: u64, digests: Vec<u128>);
 }
 
 /// What a session does with the peer's state frames.
@@ -526,6 +549,8 @@ impl Session {
             awaiting: AtomicUsize::new(0),
             linger_ms: AtomicU64::new(0),
             created: Instant::now(),
+            features: AtomicU64::new(0),
+            csum_sink: Mutex::new(None),
         })
     }
 
@@ -567,6 +592,21 @@ impl Session {
         let until = (self.created.elapsed() + d).as_millis() as u64;
         self.linger_ms.fetch_max(until, Ordering::Relaxed);
         self.activate();
+    }
+
+    /// Records the feature bits agreed in the handshake.
+    pub fn set_features(&self, features: u64) {
+        self.features.store(features, Ordering::SeqCst);
+    }
+
+    /// Whether both sides offered `feature` (a `repl::features` bit).
+    pub fn has_feature(&self, feature: u64) -> bool {
+        self.features.load(Ordering::SeqCst) & feature == feature
+    }
+
+    /// Sends the peer's `CsumReply` frames to `sink` (or nowhere).
+    pub fn set_csum_sink(&self, sink: Option<Arc<dyn CsumSink>>) {
+        *lock(&self.csum_sink) = sink;
     }
 
     /// Wakes the receiver to read the link.
@@ -1115,7 +1155,20 @@ impl Session {
             | Frame::VerifyRequest { .. }
             | Frame::VerifyReply { .. }
             | Frame::OutOfSync { .. }
-            | Frame::Invalidate) => (self.hook)(f),
+            | Frame::Invalidate
+            | Frame::CsumQuery { .. }) => (self.hook)(f),
+            Frame::CsumReply { id, digests, .. } => {
+                let sink = lock(&self.csum_sink).clone();
+                match sink {
+                    Some(s) => {
+                        s.reply(id, digests);
+                        Ok(())
+                    }
+                    None => Err(LinkError::Protocol(format!(
+                        "a checksum reply ({id}) when no checksum query is waiting"
+                    ))),
+                }
+            }
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {} from a {from}",
                 other.kind()

@@ -34,9 +34,11 @@ pub mod intervals;
 pub mod link;
 mod peer;
 pub use peer::dials;
+pub mod rate;
 mod resync;
 mod verify;
 pub use error::VerbError;
+pub use resync::SyncStatus;
 pub use verify::{VerifyState, VerifyStatus};
 
 use crate::sync::lock;
@@ -155,6 +157,12 @@ pub struct ResourceStatus {
     /// log enabled.
     #[serde(default)]
     pub activity_log: Option<actlog::AlStatus>,
+    /// The resync this node sends (or sent last): progress and bytes.
+    #[serde(default)]
+    pub resync: SyncStatus,
+    /// The resync rate settings in force.
+    #[serde(default)]
+    pub resync_rate: rate::RateSettings,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -221,6 +229,15 @@ pub struct Replica {
     /// Online verify: status, stop flag, the request in flight.
     verify: Mutex<verify::VerifyCtl>,
     verify_cv: Condvar,
+    /// Resync rate settings (changed at run time by `resync-rate`).
+    rate: Mutex<rate::RateSettings>,
+    /// Checksum-based resync (`csums_alg`).
+    csums: bool,
+    /// Buffer for answering the peer's checksum queries.
+    csum_buf: Mutex<Vec<u8>>,
+    /// Application write requests, for the resync rate controller.
+    app_writes: AtomicU64,
+    progress: resync::SyncProgress,
     session: Mutex<Option<Arc<Session>>>,
     /// The role the session currently runs as, for promote to wait on.
     mode: Mutex<Option<Role>>,
@@ -346,6 +363,7 @@ impl Replica {
         events: Arc<Events>,
     ) -> Result<Arc<Replica>, ReplicaError> {
         let peer = res.peer.clone();
+        let peer_resync = peer.as_ref().map(|p| p.resync).unwrap_or_default();
         let listener = match &peer {
             Some(p) if !dials(p) => {
                 Some(
@@ -396,6 +414,11 @@ impl Replica {
             intervals: IntervalLock::new(),
             verify: Mutex::new(verify::VerifyCtl::default()),
             verify_cv: Condvar::new(),
+            rate: Mutex::new(peer_resync.rate),
+            csums: peer_resync.csums,
+            csum_buf: Mutex::new(Vec::new()),
+            app_writes: AtomicU64::new(0),
+            progress: resync::SyncProgress::default(),
             session: Mutex::new(None),
             mode: Mutex::new(None),
             mode_cv: Condvar::new(),
@@ -519,6 +542,7 @@ impl Replica {
     pub fn status(&self) -> ResourceStatus {
         let inner = lock(&self.inner);
         let oos = lock(&self.oos);
+        let remaining = oos.bytes(self.size());
         let node = inner.node.as_ref();
         let single = self.peer.is_none();
         let peer_state = node.and_then(|n| n.peer());
@@ -543,7 +567,7 @@ impl Replica {
             peer: self.peer.as_ref().map(|p| p.peer_node.clone()),
             peer_role: peer_state.map(|p| p.0),
             peer_disk: peer_state.map(|p| p.1),
-            out_of_sync_bytes: oos.bytes(self.size()),
+            out_of_sync_bytes: remaining,
             out_of_sync_blocks: oos.count(),
             bitmap_granularity: oos.granularity(),
             decision: node.and_then(|n| n.last_verdict()).map(|v| DecisionStatus {
@@ -564,6 +588,8 @@ impl Replica {
                 .persistent()
                 .filter(|p| p.enabled())
                 .map(|p| p.status()),
+            resync: self.sync_status(remaining),
+            resync_rate: self.resync_rate(),
         }
     }
 

@@ -32,6 +32,13 @@ impl Replica {
                 self.effects(&fx);
                 Ok(())
             }
+            Frame::CsumQuery {
+                id,
+                offset,
+                length,
+                block,
+                ..
+            } => self.answer_csum_query(id, offset, length, block),
             Frame::SyncDone { current } => {
                 let fx = self
                     .step(Event::SyncDone { current })
@@ -109,10 +116,10 @@ impl Replica {
                 continue;
             }
             match self.establish(&cfg) {
-                Ok(Some(stream)) => {
+                Ok(Some((stream, features))) => {
                     last_logged = None;
                     backoff = min_backoff;
-                    self.run_session(&cfg, stream);
+                    self.run_session(&cfg, stream, features);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -148,7 +155,7 @@ impl Replica {
     /// Dials or accepts one connection, authenticates it, exchanges state
     /// and takes the sync decision. `Ok(None)`: the decision (or the
     /// operator) says not to run a session.
-    fn establish(&self, cfg: &PeerConfig) -> Result<Option<TcpStream>, LinkError> {
+    fn establish(&self, cfg: &PeerConfig) -> Result<Option<(TcpStream, u64)>, LinkError> {
         let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
         // The dialer runs the handshake here; the listener takes a
         // connection its acceptor already authenticated.
@@ -278,10 +285,10 @@ impl Replica {
             version = agreed.version, "peer connected"
         );
         self.fence(crate::core::fence::FenceEvent::PeerConnected);
-        Ok(Some(stream))
+        Ok(Some((stream, agreed.features)))
     }
 
-    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: TcpStream) {
+    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: TcpStream, features: u64) {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
         let weak: Weak<Replica> = Arc::downgrade(self);
         let hook: link::Hook = Box::new(move |frame| match weak.upgrade() {
@@ -303,6 +310,7 @@ impl Replica {
                 return;
             }
         };
+        session.set_features(features);
         *lock(&self.session) = Some(session.clone());
         if self.stopping.load(Ordering::SeqCst) {
             session.fail("shutting down");

@@ -69,6 +69,7 @@ pub struct PairBuilder {
     secret: String,
     resource: String,
     replication: Vec<(String, String)>,
+    resync: Vec<(String, String)>,
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
@@ -127,6 +128,13 @@ impl PairBuilder {
     pub fn replication(mut self, key: &str, value: &str) -> Self {
         self.replication.retain(|(k, _)| k != key);
         self.replication.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets (or overrides) a `[resync]` key, e.g. `("c_min_rate_mib", "8")`.
+    pub fn resync(mut self, key: &str, value: &str) -> Self {
+        self.resync.retain(|(k, _)| k != key);
+        self.resync.push((key.into(), value.into()));
         self
     }
 
@@ -196,6 +204,12 @@ impl PairBuilder {
         let mut text = String::from("[replication]\n");
         for (k, v) in &self.replication {
             text.push_str(&format!("{k} = {v}\n"));
+        }
+        if !self.resync.is_empty() {
+            text.push_str("\n[resync]\n");
+            for (k, v) in &self.resync {
+                text.push_str(&format!("{k} = {v}\n"));
+            }
         }
         for n in nodes {
             text.push_str(&format!(
@@ -543,6 +557,7 @@ impl Pair {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            resync: Vec::new(),
             specs: [
                 NodeSpec {
                     start: true,

@@ -1,0 +1,460 @@
+#!/usr/bin/env python3
+"""Resync benchmark for a replicated repld pair on loopback.
+
+Three measurements, each on a fresh pair (two repld daemons, alpha and beta,
+external metadata, backing files under --tmpdir):
+
+  full      Full initial sync: alpha's backing file is filled with data (a
+            64 MiB random pattern repeated: no holes, no zero runs), beta's is
+            empty; fresh metadata on both, `promote --force` on alpha, and the
+            time until `wait-sync` returns.  Sizes from --full-sizes (default
+            2G,8G,32G); a size whose two files do not fit in the free space
+            of --tmpdir (with a margin) is skipped and reported as such.
+  scatter   Bitmap resync after a disconnect: alpha disconnected, fio writes
+            --scatter-mib MiB of distinct random 4 KiB blocks through it, then
+            `connect` and the time until in sync.  Bytes moved (from
+            `status --json`) against bytes dirtied.
+  yield     fio 4k QD32 random writes for --runtime seconds on an in-sync pair
+            (reference), then the same during a full sync (default rate
+            settings); the IOPS ratio, and the sync's own rate meanwhile.
+            Rounds alternate reference and sync runs (--rounds).
+
+Every process is stopped by PID, every file removed after its run.  Results
+are printed and, with --json FILE, written as JSON.  Python standard library
+only; needs fio with the nbd engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+GiB = 1 << 30
+EXPORT = "r0"
+TOOL_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+META_BYTES = 64 * MiB
+
+
+class BenchError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().lower().rstrip("b").rstrip("i")
+    mult = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "kmgt" else t
+    return int(num) * mult
+
+
+def human(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def fill_data(path: Path, size: int, seed: int) -> None:
+    """Writes `size` bytes of a repeated 64 MiB random pattern (no zero
+    runs); fsync'ed so the page cache starts from written-back data."""
+    pattern = random.Random(seed).randbytes(64 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        done = 0
+        view = memoryview(pattern)
+        while done < size:
+            n = min(len(pattern), size - done)
+            w = os.write(fd, view[:n])
+            done += w
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+class Pair:
+    """alpha and beta repld on loopback, external metadata."""
+
+    def __init__(self, workdir: Path, binary: Path, size: int, resync: Dict[str, str]) -> None:
+        self.dir = workdir
+        self.binary = binary
+        self.replctl_bin = binary.parent / "replctl"
+        self.size = size
+        self.resync = resync
+        self.disks = {n: workdir / f"{n}.img" for n in ("alpha", "beta")}
+        self.metas = {n: workdir / f"{n}.md" for n in ("alpha", "beta")}
+        self.ctls = {n: workdir / f"{n}.ctl" for n in ("alpha", "beta")}
+        self.nbd = {n: free_port() for n in ("alpha", "beta")}
+        self.repl = {n: free_port() for n in ("alpha", "beta")}
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self.config = workdir / "pair.toml"
+
+    def write_config(self) -> None:
+        text = "[replication]\nping_interval_ms = 1000\nping_timeout_ms = 10000\n"
+        if self.resync:
+            text += "\n[resync]\n" + "".join(f"{k} = {v}\n" for k, v in self.resync.items())
+        for n in ("alpha", "beta"):
+            text += (f"\n[nodes.{n}]\nnbd_listen = \"127.0.0.1:{self.nbd[n]}\"\n"
+                     f"control_socket = {json.dumps(str(self.ctls[n]))}\n")
+        text += f"\n[[resource]]\nname = \"{EXPORT}\"\nsecret = \"bench\"\n"
+        for n in ("alpha", "beta"):
+            text += (f"\n[resource.on.{n}]\ndisk = {json.dumps(str(self.disks[n]))}\n"
+                     f"meta_disk = {json.dumps(str(self.metas[n]))}\n"
+                     f"address = \"127.0.0.1:{self.repl[n]}\"\n")
+        self.config.write_text(text)
+
+    def start(self) -> None:
+        self.write_config()
+        for n in ("alpha", "beta"):
+            if not self.metas[n].exists():
+                sparse(self.metas[n], META_BYTES)
+            log = open(self.dir / f"{n}.log", "ab")
+            self.procs[n] = subprocess.Popen(
+                [str(self.binary), "--config", str(self.config), "--node", n],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            log.close()
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not all(c.exists() for c in self.ctls.values()):
+            if time.monotonic() > deadline:
+                raise BenchError("control sockets did not appear\n" + self.logs())
+            time.sleep(0.05)
+
+    def ctl(self, node: str, *args: str, timeout: float = TOOL_TIMEOUT_S) -> str:
+        r = subprocess.run([str(self.replctl_bin), "--socket", str(self.ctls[node]), *args],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise BenchError(f"replctl {' '.join(args)} on {node}: {r.stdout}{r.stderr}")
+        return r.stdout
+
+    def status(self, node: str = "alpha") -> Dict[str, Any]:
+        return json.loads(self.ctl(node, "status", "--json"))["resources"][0]
+
+    def wait(self, what: str, check, timeout: float = READY_TIMEOUT_S) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.status()
+            if check(s):
+                return s
+            time.sleep(0.05)
+        raise BenchError(f"{what}: not within {timeout:.0f}s\n" + self.logs())
+
+    def bring_up(self) -> None:
+        for n in ("alpha", "beta"):
+            # A restarted daemon brings up the metadata it finds.
+            subprocess.run([str(self.replctl_bin), "--socket", str(self.ctls[n]), "down", EXPORT],
+                           capture_output=True, timeout=TOOL_TIMEOUT_S)
+            self.ctl(n, "create-md", EXPORT, "--force")
+            self.ctl(n, "up", EXPORT)
+        self.wait("connected", lambda s: s["connection"] == "Connected")
+
+    def stop(self) -> None:
+        for n, p in list(self.procs.items()):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=STOP_TIMEOUT_S)
+            del self.procs[n]
+
+    def logs(self) -> str:
+        out = ""
+        for n in ("alpha", "beta"):
+            try:
+                lines = (self.dir / f"{n}.log").read_text(errors="replace").splitlines()
+            except OSError:
+                lines = []
+            out += f"--- {n} ---\n" + "\n".join(lines[-20:]) + "\n"
+        return out
+
+    def remove_files(self) -> None:
+        for p in list(self.disks.values()) + list(self.metas.values()):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def uri(self) -> str:
+        return f"nbd://127.0.0.1:{self.nbd['alpha']}/{EXPORT}"
+
+
+def fio(uri: str, args: List[str], out: Path, timeout: float) -> Dict[str, Any]:
+    cmd = ["fio", "--name=w", "--ioengine=nbd", "--uri=" + uri,
+           "--output-format=json", "--output=" + str(out), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise BenchError(f"fio failed: {r.stdout}{r.stderr}")
+    return json.loads(out.read_text())["jobs"][0]
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def reference_copy(src: Path, dst: Path) -> float:
+    """Seconds for `dd` to copy src to dst durably (the disk's own pace
+    for the same bytes, measured in the same run)."""
+    t = time.monotonic()
+    subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fdatasync"],
+                   check=True, capture_output=True, timeout=3600)
+    return time.monotonic() - t
+
+
+def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool,
+               holes: bool = False) -> Dict[str, Any]:
+    need = GiB if holes else 2 * size + GiB
+    if free_bytes(workdir) < need:
+        return {"size": size, "skipped": f"needs {human(need)} free in {workdir}, "
+                f"has {human(free_bytes(workdir))}"}
+    pair = Pair(workdir, binary, size, {})
+    try:
+        t = time.monotonic()
+        if holes:
+            sparse(pair.disks["alpha"], size)
+        else:
+            fill_data(pair.disks["alpha"], size, args.seed)
+        fill_s = time.monotonic() - t
+        ref_s = None
+        if reference and not holes:
+            ref_s = reference_copy(pair.disks["alpha"], pair.disks["beta"])
+            pair.disks["beta"].unlink()
+        sparse(pair.disks["beta"], size)
+        pair.start()
+        pair.bring_up()
+        t0 = time.monotonic()
+        pair.ctl("alpha", "promote", EXPORT, "--force")
+        pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
+                 timeout=args.sync_timeout + 30)
+        wall = time.monotonic() - t0
+        st = pair.status().get("resync", {})
+        return {"size": size, "binary": str(binary), "seconds": wall,
+                "mib_per_s": size / MiB / wall,
+                "daemon_ms": st.get("elapsed_ms"), "copy_ms": st.get("copy_ms"),
+                "moved_bytes": st.get("moved_bytes"),
+                "zeroed_bytes": st.get("zeroed_bytes"), "fill_seconds": fill_s,
+                "dd_seconds": ref_s, "dd_mib_per_s": size / MiB / ref_s if ref_s else None}
+    finally:
+        pair.stop()
+        pair.remove_files()
+
+
+def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
+    size = args.scatter_size
+    pair = Pair(workdir, binary, size, {})
+    try:
+        sparse(pair.disks["alpha"], size)
+        sparse(pair.disks["beta"], size)
+        pair.start()
+        pair.bring_up()
+        pair.ctl("alpha", "new-current-uuid", EXPORT, "--clear-bitmap")
+        pair.ctl("alpha", "promote", EXPORT)
+        pair.ctl("alpha", "disconnect", EXPORT)
+        blocks = args.scatter_mib * MiB // 4096
+        fio(pair.uri(), ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}",
+                         f"--number_ios={blocks}", "--randrepeat=0",
+                         "--buffer_compress_percentage=0", "--refill_buffers"],
+            workdir / "scatter.json", 600)
+        dirtied = pair.status()["out_of_sync_bytes"]
+        t0 = time.monotonic()
+        pair.ctl("alpha", "connect", EXPORT)
+        pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
+                 timeout=args.sync_timeout + 30)
+        wall = time.monotonic() - t0
+        st = pair.status().get("resync")
+        out = {"device": size, "binary": str(binary), "dirtied_bytes": dirtied,
+               "seconds_connect_to_synced": wall, "mib_per_s_wall": dirtied / MiB / wall,
+               "moved_bytes": None, "moved_ratio": None}
+        if st:
+            daemon_s = max(st["elapsed_ms"], 1) / 1000.0
+            out.update({"moved_bytes": st["moved_bytes"], "copy_ms": st.get("copy_ms"),
+                        "moved_ratio": st["moved_bytes"] / max(dirtied, 1),
+                        "daemon_seconds": daemon_s, "mib_per_s_daemon": dirtied / MiB / daemon_s})
+        return out
+    finally:
+        pair.stop()
+        pair.remove_files()
+
+
+def bench_yield(args, workdir: Path) -> Dict[str, Any]:
+    size = args.yield_size
+    runs: List[Dict[str, Any]] = []
+    pair = Pair(workdir, args.repld, size, {})
+    fio_args = ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}",
+                "--time_based", f"--runtime={args.runtime}", "--ramp_time=2",
+                "--randrepeat=0", "--norandommap"]
+    try:
+        fill_data(pair.disks["alpha"], size, args.seed)
+        sparse(pair.disks["beta"], size)
+        for rnd in range(args.rounds):
+            for mode in ("reference", "during-sync"):
+                pair.start()
+                pair.bring_up()
+                if mode == "reference":
+                    pair.ctl("alpha", "new-current-uuid", EXPORT, "--clear-bitmap")
+                    pair.ctl("alpha", "promote", EXPORT)
+                else:
+                    pair.ctl("alpha", "promote", EXPORT, "--force")
+                    pair.wait("sync started", lambda s: s["resync"]["active"]
+                              or s["resync"]["finished"] > 0)
+                before = pair.status()["resync"]
+                t0 = time.monotonic()
+                job = fio(pair.uri(), fio_args, workdir / "yield.json", args.runtime + 120)
+                secs = time.monotonic() - t0
+                after = pair.status()
+                sync_rate = (after["resync"]["done_bytes"] - before["done_bytes"]) / secs
+                runs.append({"round": rnd, "mode": mode, "iops": job["write"]["iops"],
+                             "sync_mib_per_s": sync_rate / MiB if mode != "reference" else None,
+                             "sync_still_active": after["resync"]["active"],
+                             "min_rate_mib": after["resync_rate"]["min_rate"] / MiB})
+                pair.stop()
+    finally:
+        pair.stop()
+        pair.remove_files()
+    ref = [r["iops"] for r in runs if r["mode"] == "reference"]
+    dur = [r["iops"] for r in runs if r["mode"] == "during-sync"]
+    med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None
+    return {"device": size, "runtime": args.runtime, "runs": runs,
+            "iops_reference_median": med(ref), "iops_during_sync_median": med(dur),
+            "ratio": (med(dur) / med(ref)) if ref and dur else None}
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="full,scatter,yield",
+                   help="comma-separated subset of full,scatter,yield,holes (holes: full sync "
+                        "of sparse devices, the engine's own cost per GiB)")
+    p.add_argument("--full-sizes", default="2G,8G,32G")
+    p.add_argument("--scatter-size", type=parse_size, default=parse_size("4G"))
+    p.add_argument("--scatter-mib", type=int, default=64)
+    p.add_argument("--yield-size", type=parse_size, default=parse_size("4G"))
+    p.add_argument("--runtime", type=int, default=20, help="fio seconds per yield run")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sync-timeout", type=int, default=3600)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--tmpdir", type=Path, default=Path("/var/tmp"))
+    p.add_argument("--repld", type=Path, default=REPO_ROOT / "target" / "release" / "repld")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--baseline-repld", type=Path,
+                   help="a repld built from an older commit, run on the same full and scatter "
+                        "cases in the same run (its replctl must be beside it)")
+    p.add_argument("--baseline-max-size", default="8G",
+                   help="largest full-sync size the baseline runs (default 8G)")
+    args = p.parse_args()
+    if not args.repld.exists():
+        print(f"no {args.repld}: run `cargo build --release` first", file=sys.stderr)
+        return 2
+    only = set(args.only.split(","))
+    res: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                           "commit": git_rev(), "cpus": os.cpu_count()}
+    workdir = Path(tempfile.mkdtemp(prefix="resync-bench-", dir=args.tmpdir))
+    try:
+        binaries = [("new", args.repld)]
+        if args.baseline_repld:
+            binaries.append(("baseline", args.baseline_repld))
+        if "full" in only:
+            res["full"] = []
+            baseline_max = parse_size(args.baseline_max_size)
+            for s in args.full_sizes.split(","):
+                size = parse_size(s)
+                for label, binary in binaries:
+                    if label == "baseline" and size > baseline_max:
+                        continue
+                    r = bench_full(args, workdir, size, binary, reference=(label == "new"))
+                    r["label"] = label
+                    res["full"].append(r)
+                    if "skipped" in r:
+                        print(f"full sync {human(size)}: skipped ({r['skipped']})", flush=True)
+                        break
+                    extra = ""
+                    if r["dd_mib_per_s"]:
+                        extra = (f"; dd copy of the same file with fdatasync: "
+                                 f"{r['dd_mib_per_s']:.0f} MiB/s, ratio "
+                                 f"{r['mib_per_s'] / r['dd_mib_per_s']:.2f}")
+                    if r.get("copy_ms"):
+                        extra += (f"; copy phase {r['copy_ms'] / 1000:.1f} s = "
+                                  f"{size / MiB / (r['copy_ms'] / 1000):.0f} MiB/s, the rest is "
+                                  f"the final flush on the target")
+                    print(f"full sync {human(size)} [{label}]: {r['seconds']:.1f} s = "
+                          f"{r['mib_per_s']:.0f} MiB/s{extra}", flush=True)
+        if "holes" in only:
+            # The engine alone: a sparse source reads as zeroes, so every
+            # chunk goes as a write-zeroes request and no data hits a disk.
+            res["holes"] = []
+            for s in args.full_sizes.split(","):
+                size = parse_size(s)
+                r = bench_full(args, workdir, size, args.repld, reference=False, holes=True)
+                res["holes"].append(r)
+                print(f"full sync of a sparse {human(size)} (all write-zeroes): "
+                      f"{r['seconds']:.2f} s = {r['mib_per_s']:.0f} MiB/s, "
+                      f"{r['seconds'] / (size / GiB):.3f} s per GiB", flush=True)
+        if "scatter" in only:
+            res["scatter"] = []
+            for label, binary in binaries:
+                r = bench_scatter(args, workdir, binary)
+                r["label"] = label
+                res["scatter"].append(r)
+                moved = ("" if r["moved_bytes"] is None else
+                         f", moved {human(r['moved_bytes'])} ({r['moved_ratio']:.3f}x)")
+                if r.get("copy_ms"):
+                    moved += (f", copy phase {r['copy_ms'] / 1000:.2f} s = "
+                              f"{r['dirtied_bytes'] / MiB / (r['copy_ms'] / 1000):.0f} MiB/s")
+                print(f"scattered 4K resync [{label}]: {human(r['dirtied_bytes'])} dirtied on "
+                      f"{human(r['device'])}{moved}, {r['seconds_connect_to_synced']:.2f} s "
+                      f"from connect = {r['mib_per_s_wall']:.0f} MiB/s", flush=True)
+        if "yield" in only:
+            r = bench_yield(args, workdir)
+            res["yield"] = r
+            for run in r["runs"]:
+                extra = ""
+                if run["sync_mib_per_s"] is not None:
+                    extra = (f", sync {run['sync_mib_per_s']:.1f} MiB/s "
+                             f"(min {run['min_rate_mib']:.0f}), still active: "
+                             f"{run['sync_still_active']}")
+                print(f"4k QD32 randwrite round {run['round']} {run['mode']}: "
+                      f"{run['iops']:.0f} IOPS{extra}", flush=True)
+            if r["ratio"] is not None:
+                print(f"IOPS during a full sync / without: {r['ratio']:.2f}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"resync_bench: {e}", file=sys.stderr)
+        sys.exit(1)
