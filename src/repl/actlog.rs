@@ -477,6 +477,25 @@ impl Replica {
         Ok(true)
     }
 
+    /// A sync target's changed bitmap pages: a snapshot, then the local
+    /// data flushed (every write whose bits the snapshot cleared was
+    /// applied before it), then the pages.
+    fn write_target_bitmap_pages(&self, p: &Persistent) -> Result<(), meta::MetaError> {
+        let snap = Persistent::snapshot_of(&mut lock(&self.oos), None);
+        if snap.is_empty() {
+            return Ok(());
+        }
+        let flushed = self.current_store().and_then(|s| s.flush());
+        if let Err(e) = flushed {
+            p.retouch(&self.oos, &snap);
+            tracing::warn!(resource = %self.name, "flushing before a bitmap write failed: {e}");
+            return Ok(());
+        }
+        p.write_snapshot(&self.oos, &snap)?;
+        p.area.sync()?;
+        Ok(())
+    }
+
     /// What must hold before `victims` leave the hot set (see the module
     /// doc). Called with the log's lock held.
     fn al_make_evictable(&self, p: &Persistent, victims: &[u32]) -> io::Result<()> {
@@ -565,16 +584,23 @@ impl Replica {
                 // by the log (and written when their extent leaves it). So
                 // pages are written while this node is a sync source, and
                 // once more when it stops being one.
-                let source = lock(&r.inner)
-                    .node
-                    .as_ref()
-                    .is_some_and(|n| n.repl() == ReplState::SyncSource);
-                if !source && !was_source {
+                // A sync target clears bits too, as the sync's data lands
+                // (`apply::now_in_sync`): its pages are written likewise,
+                // after a local flush made that data durable.
+                let repl = lock(&r.inner).node.as_ref().map(|n| n.repl());
+                let source = repl == Some(ReplState::SyncSource);
+                let target = repl == Some(ReplState::SyncTarget);
+                if !source && !target && !was_source {
                     continue;
                 }
-                was_source = source;
+                was_source = source || target;
                 let _io = lock(&pp.io);
-                if let Err(e) = r.write_bitmap_pages(&pp, None, false) {
+                let written = if target {
+                    r.write_target_bitmap_pages(&pp)
+                } else {
+                    r.write_bitmap_pages(&pp, None, false).map(|_| ())
+                };
+                if let Err(e) = written {
                     tracing::warn!(resource = %r.name, "writing changed bitmap pages failed: {e}");
                 }
                 }

@@ -122,6 +122,27 @@ impl Replica {
         }
     }
 
+    /// The blocks `[offset, offset + len)` covers whole now hold what the
+    /// peer sent: a sync target clears them from its own bitmap (which the
+    /// bitmap exchange filled with the source's marks), as DRBD's target
+    /// does, so an interrupted sync resumes with what is left on both
+    /// sides. Partly covered blocks stay marked. (A trim is advisory: its
+    /// blocks stay marked too.)
+    fn now_in_sync(&self, offset: u64, len: u64) {
+        let mut oos = lock(&self.oos);
+        if oos.count() == 0 {
+            return;
+        }
+        let g = oos.granularity();
+        let end = offset.saturating_add(len);
+        let first = offset.div_ceil(g) * g;
+        // The device's last block may be partial: covered to the end counts.
+        let last = if end >= self.size() { end } else { end / g * g };
+        if last > first {
+            oos.clear_range(first, last - first);
+        }
+    }
+
     /// Applies one frame received by the Secondary.
     fn apply(
         &self,
@@ -147,6 +168,9 @@ impl Replica {
                 )));
             }
             let r = store.write_at(w.payload, w.offset, false);
+            if r.is_ok() {
+                self.now_in_sync(w.offset, w.payload.len() as u64);
+            }
             (w.seq, w.flags & data_flags::FUA != 0, r)
         } else {
             match Frame::decode_body(kind, body).map_err(protocol)? {
@@ -170,6 +194,9 @@ impl Replica {
                     Self::receive(session, seq)?;
                     self.check_range(offset, length)?;
                     let r = store.write_zeroes(offset, length, flags & data_flags::NO_HOLE == 0);
+                    if r.is_ok() {
+                        self.now_in_sync(offset, length);
+                    }
                     (seq, flags & data_flags::FUA != 0, r)
                 }
                 Frame::Barrier { seq } => {
