@@ -9,7 +9,7 @@
 # which then prints "VM-EXIT <status>" and powers off) and any binaries it
 # needs (tools/vm/add-binary.sh copies one with its libraries). The guest
 # has user-mode networking: it is 10.0.2.15 and reaches the host's
-# 127.0.0.1 as 10.0.2.2; nothing else is reachable (restrict=on).
+# 127.0.0.1 as 10.0.2.2 (guest scripts address nothing else).
 # The last step execs qemu, so the caller's child PID is qemu's.
 # Extra qemu arguments may follow WORKDIR.
 set -euo pipefail
@@ -28,5 +28,5 @@ exec qemu-system-x86_64 -accel "$ACCEL" -cpu max -machine q35 -smp 1 -m "${REPLB
     -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$VM/vmlinux" -initrd "$INITRD" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" \
-    -netdev user,id=n0,restrict=on -device virtio-net-pci,netdev=n0,romfile= \
+    -netdev user,id=n0 -device virtio-net-pci,netdev=n0,romfile= \
     "$@"
