@@ -244,6 +244,7 @@ pub fn run(target: &Target, opts: &Options, stop: &AtomicBool) -> Result<()> {
         dead_conn_timeout: opts.dead_conn_timeout,
         backend: format!("replblk:{}", target.export),
     };
+    let backend = params.backend.clone();
     let index = nl
         .connect(&params, &[first.stream.as_raw_fd()])
         .with_context(|| format!("attaching /dev/nbd{}", opts.index))?;
@@ -288,7 +289,7 @@ pub fn run(target: &Target, opts: &Options, stop: &AtomicBool) -> Result<()> {
                         d.host, d.addr, d.info.size
                     ));
                 }
-                Ok(d) => match nl.reconfigure(index, &[d.stream.as_raw_fd()]) {
+                Ok(d) => match nl.reconfigure(index, &backend, &[d.stream.as_raw_fd()]) {
                     Ok(()) => {
                         log(format!(
                             "/dev/nbd{index} reconnected to {} ({}) {} ms after the link died",
@@ -298,11 +299,14 @@ pub fn run(target: &Target, opts: &Options, stop: &AtomicBool) -> Result<()> {
                         ));
                         break;
                     }
-                    Err(e) => log(format!("NBD_CMD_RECONFIGURE with {}: {e}", d.addr)),
+                    Err(e) if rounds.is_multiple_of(10) => {
+                        log(format!("NBD_CMD_RECONFIGURE with {}: {e}", d.addr))
+                    }
+                    Err(_) => {}
                 },
                 Err(errors) => {
                     // Every tenth round, so a long outage does not flood.
-                    if rounds % 10 == 0 {
+                    if rounds.is_multiple_of(10) {
                         log(format!("no Primary yet:\n  {}", errors.join("\n  ")));
                     }
                 }

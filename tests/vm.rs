@@ -71,6 +71,18 @@ writer() {
     done
     echo "G writer files=$i errors=$errors max_gap_cs=$maxgap"
 }
+# Rewrites 1 MiB at a time of /mnt/stream with O_DIRECT until /tmp/stop,
+# so that requests are in flight whenever the Primary goes away; counts
+# failed writes.
+streamer() {
+    n=0; errors=0
+    while [ ! -e /tmp/stop ] && [ $n -lt 100000 ]; do
+        dd if=/dev/zero of=/mnt/stream bs=1M count=1 seek=$((n % 8)) oflag=direct conv=notrunc 2>/tmp/st.err ||
+            { errors=$((errors+1)); echo "G stream-error $(cat /tmp/st.err)"; }
+        n=$((n+1))
+    done
+    echo "G streamer writes=$n errors=$errors"
+}
 check_fs() {
     sync
     umount /mnt || echo "G umount failed"
@@ -157,7 +169,10 @@ wait_size
 $R/mke2fs -q -t ext4 -F /dev/nbd0 || {{ echo "G mkfs failed"; exit 1; }}
 mount -t ext4 /dev/nbd0 /mnt || {{ echo "G mount failed"; exit 1; }}
 ( read line < /dev/console; touch /tmp/stop ) &
+streamer > /tmp/streamer.out 2>&1 &
 writer 3000
+wait $!
+cat /tmp/streamer.out
 check_fs
 $R/replctl detach /dev/nbd0
 echo "G detach status=$?"
@@ -207,6 +222,7 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
 
     vm.send("stop");
     let writer = vm.wait_line("writer", BOOT_AND_RUN, |l| l.starts_with("G writer "));
+    let streamer = vm.wait_line("streamer", BOOT_AND_RUN, |l| l.starts_with("G streamer "));
     let fsck = vm.wait_line("fsck", BOOT_AND_RUN, |l| l.starts_with("G fsck "));
     let verify = vm.wait_line("verify", BOOT_AND_RUN, |l| l.starts_with("G verify "));
     let dmesg = vm.wait_line("dmesg", BOOT_AND_RUN, |l| l.starts_with("G dmesg "));
@@ -221,6 +237,7 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
         test_start.elapsed().as_secs_f64()
     );
     assert_eq!(field(&writer, "errors"), 0, "{writer}");
+    assert_eq!(field(&streamer, "errors"), 0, "{streamer}");
     assert_eq!(field(&dmesg, "io_errors"), 0, "{dmesg}");
     assert_eq!(field(&fsck, "status"), 0, "e2fsck found problems: {fsck}");
     assert_eq!(field(&verify, "files"), field(&writer, "files"), "{verify}");

@@ -216,8 +216,11 @@ pub fn messages(mut buf: &[u8]) -> Result<Vec<Message<'_>>, NetlinkError> {
     Ok(out)
 }
 
-/// The attributes of a payload (type with the flag bits masked off, data).
-pub fn attrs(mut buf: &[u8]) -> Result<Vec<(u16, &[u8])>, NetlinkError> {
+/// Attributes as (type with the flag bits masked off, data).
+pub type Attrs<'a> = Vec<(u16, &'a [u8])>;
+
+/// The attributes of a payload.
+pub fn attrs(mut buf: &[u8]) -> Result<Attrs<'_>, NetlinkError> {
     let mut out = Vec::new();
     while buf.len() >= NLA_HDRLEN {
         let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
@@ -245,7 +248,7 @@ fn get_u32(list: &[(u16, &[u8])], kind: u16) -> Option<u32> {
 }
 
 /// A generic netlink message's command and attributes.
-pub fn genl(payload: &[u8]) -> Result<(u8, Vec<(u16, &[u8])>), NetlinkError> {
+pub fn genl(payload: &[u8]) -> Result<(u8, Attrs<'_>), NetlinkError> {
     if payload.len() < GENL_HDRLEN {
         return Err(malformed("generic netlink header cut short"));
     }
@@ -355,8 +358,9 @@ pub fn connect_msg(family: u16, seq: u32, p: &ConnectParams, fds: &[RawFd]) -> V
     m.finish()
 }
 
-/// The `NBD_CMD_RECONFIGURE` request handing the kernel new sockets.
-pub fn reconfigure_msg(family: u16, seq: u32, index: u32, fds: &[RawFd]) -> Vec<u8> {
+/// The `NBD_CMD_RECONFIGURE` request handing the kernel new sockets. A
+/// device connected with a backend identifier must be given the same one.
+pub fn reconfigure_msg(family: u16, seq: u32, index: u32, backend: &str, fds: &[RawFd]) -> Vec<u8> {
     let mut m = MsgBuilder::new(
         family,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -365,6 +369,9 @@ pub fn reconfigure_msg(family: u16, seq: u32, index: u32, fds: &[RawFd]) -> Vec<
         NBD_GENL_VERSION,
     );
     m.put_u32(attr::INDEX, index);
+    if !backend.is_empty() {
+        m.put_str(attr::BACKEND_IDENTIFIER, backend);
+    }
     put_sockets(&mut m, fds);
     m.finish()
 }
@@ -642,9 +649,14 @@ impl NbdNetlink {
 
     /// `NBD_CMD_RECONFIGURE`: gives the device new sockets in place of
     /// dead ones; queued I/O goes out on them.
-    pub fn reconfigure(&mut self, index: u32, fds: &[RawFd]) -> Result<(), NetlinkError> {
+    pub fn reconfigure(
+        &mut self,
+        index: u32,
+        backend: &str,
+        fds: &[RawFd],
+    ) -> Result<(), NetlinkError> {
         let seq = self.sock.next_seq();
-        let msg = reconfigure_msg(self.family, seq, index, fds);
+        let msg = reconfigure_msg(self.family, seq, index, backend, fds);
         self.sock.request("NBD_CMD_RECONFIGURE", seq, &msg)?;
         Ok(())
     }
@@ -796,6 +808,22 @@ mod tests {
             })
             .collect();
         assert_eq!(fds, vec![9, 11]);
+    }
+
+    #[test]
+    fn reconfigure_names_the_backend_it_was_connected_with() {
+        let msg = reconfigure_msg(0x22, 8, 2, "replblk:r0", &[5]);
+        let m = messages(&msg).unwrap();
+        let (command, list) = genl(m[0].payload).unwrap();
+        assert_eq!(command, cmd::RECONFIGURE);
+        assert_eq!(get_u32(&list, attr::INDEX), Some(2));
+        assert_eq!(
+            find(&list, attr::BACKEND_IDENTIFIER),
+            Some(&b"replblk:r0\0"[..])
+        );
+        let without = reconfigure_msg(0x22, 8, 2, "", &[5]);
+        let (_, list) = genl(messages(&without).unwrap()[0].payload).unwrap();
+        assert_eq!(find(&list, attr::BACKEND_IDENTIFIER), None);
     }
 
     #[test]
