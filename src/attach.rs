@@ -81,20 +81,37 @@ fn host_of(hostport: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// The node a Secondary's refusal names as Primary ("... connect to the
-/// Primary, NODE").
-pub fn primary_named(message: &str) -> Option<&str> {
-    let (_, rest) = message.split_once("connect to the Primary, ")?;
-    let name = rest.split([' ', ',', ';', '(']).next()?.trim();
-    (!name.is_empty()).then_some(name)
+/// What a Secondary's refusal says about the Primary: "... connect to
+/// the Primary, NODE" or "... connect to the Primary, NODE (nbd ADDR)".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint {
+    pub node: String,
+    pub nbd: Option<String>,
 }
 
-/// The order to try the hosts in: the one whose host part is `hint` (a
-/// node name from a refusal) first, the others after it in list order.
-pub fn dial_order<'a>(hosts: &'a [String], hint: Option<&str>) -> Vec<&'a String> {
+pub fn primary_named(message: &str) -> Option<Hint> {
+    let (_, rest) = message.split_once("connect to the Primary, ")?;
+    let node = rest.split([' ', ',', ';', '(']).next()?.trim();
+    if node.is_empty() {
+        return None;
+    }
+    let nbd = rest
+        .split_once("(nbd ")
+        .and_then(|(_, a)| a.split_once(')'))
+        .map(|(a, _)| a.trim().to_owned());
+    Some(Hint {
+        node: node.to_owned(),
+        nbd,
+    })
+}
+
+/// The order to try the hosts in: the listed one the hint points at (by
+/// its NBD address, or a host part equal to the node name) first, the
+/// others after it in list order. Only listed hosts are ever tried.
+pub fn dial_order<'a>(hosts: &'a [String], hint: Option<&Hint>) -> Vec<&'a String> {
     let mut v: Vec<&String> = hosts.iter().collect();
     if let Some(hint) = hint {
-        v.sort_by_key(|h| host_of(h) != hint);
+        v.sort_by_key(|h| !(host_of(h) == hint.node || hint.nbd.as_deref() == Some(h.as_str())));
     }
     v
 }
@@ -128,11 +145,11 @@ pub struct Dialed {
 /// Returns the failures (one line each) if none does.
 pub fn dial(target: &Target, opts: &Options) -> Result<Dialed, Vec<String>> {
     let mut errors = Vec::new();
-    let mut hint: Option<String> = None;
+    let mut hint: Option<Hint> = None;
     let mut tried: Vec<String> = Vec::new();
     // A refusal naming the Primary may reorder the rest of the round.
     while tried.len() < target.hosts.len() {
-        let host = dial_order(&target.hosts, hint.as_deref())
+        let host = dial_order(&target.hosts, hint.as_ref())
             .into_iter()
             .find(|h| !tried.contains(h))
             .expect("an untried host")
@@ -143,7 +160,7 @@ pub fn dial(target: &Target, opts: &Options) -> Result<Dialed, Vec<String>> {
             Err(e) => {
                 if let Some(ClientError::Refused { message, .. }) = e.downcast_ref::<ClientError>()
                 {
-                    hint = primary_named(message).map(str::to_owned);
+                    hint = primary_named(message);
                 }
                 errors.push(format!("{host}: {e:#}"));
             }
@@ -383,7 +400,14 @@ mod tests {
     fn refusal_names_the_primary() {
         let m =
             "resource r0 is Secondary on node alpha (disk UpToDate); connect to the Primary, beta";
-        assert_eq!(primary_named(m), Some("beta"));
+        let hint = |node: &str, nbd: Option<&str>| Hint {
+            node: node.into(),
+            nbd: nbd.map(str::to_owned),
+        };
+        assert_eq!(primary_named(m), Some(hint("beta", None)));
+        let m = "resource r0 is Secondary on node alpha (disk UpToDate); \
+                 connect to the Primary, beta (nbd 10.0.0.2:10809)";
+        assert_eq!(primary_named(m), Some(hint("beta", Some("10.0.0.2:10809"))));
         assert_eq!(primary_named("no node is Primary; promote one"), None);
     }
 
@@ -394,16 +418,30 @@ mod tests {
             "beta:2".to_owned(),
             "[::1]:3".to_owned(),
         ];
-        let order = |h| {
-            dial_order(&hosts, h)
+        let order = |node: Option<&str>, nbd: Option<&str>| {
+            let hint = node.map(|n| Hint {
+                node: n.into(),
+                nbd: nbd.map(str::to_owned),
+            });
+            dial_order(&hosts, hint.as_ref())
                 .into_iter()
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        assert_eq!(order(None), hosts);
-        assert_eq!(order(Some("beta")), vec!["beta:2", "alpha:1", "[::1]:3"]);
-        assert_eq!(order(Some("::1")), vec!["[::1]:3", "alpha:1", "beta:2"]);
-        assert_eq!(order(Some("gamma")), hosts);
+        assert_eq!(order(None, None), hosts);
+        assert_eq!(
+            order(Some("beta"), None),
+            vec!["beta:2", "alpha:1", "[::1]:3"]
+        );
+        assert_eq!(
+            order(Some("::1"), None),
+            vec!["[::1]:3", "alpha:1", "beta:2"]
+        );
+        assert_eq!(
+            order(Some("gamma"), Some("[::1]:3")),
+            vec!["[::1]:3", "alpha:1", "beta:2"]
+        );
+        assert_eq!(order(Some("gamma"), Some("10.0.0.9:1")), hosts);
     }
 
     fn opts() -> Options {
