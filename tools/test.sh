@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 qemu-system-x86 binutils)
 
 PASSED=0
 CURRENT_STEP=""
@@ -129,6 +129,14 @@ pass
 # ---------------------------------------------------------------------------
 section "cargo test --workspace"
 cargo test --workspace
+pass
+
+# ---------------------------------------------------------------------------
+# The kernel's NBD client (this host has no nbd module) in a small VM:
+# Debian's stock kernel under qemu TCG, built and cached by tools/vm/build.sh.
+section "VM tests: kernel NBD client (cargo test --test vm -- --ignored)"
+bash tools/vm/build.sh >/dev/null
+cargo test --test vm -- --ignored --test-threads=1
 pass
 
 # ---------------------------------------------------------------------------
