@@ -153,7 +153,7 @@ fn qemu_client_rides_through_failover_behind_a_floating_address() {
          reconnect-delay=30,open-timeout=10",
         lan.floating()
     );
-    let mut client = Command::new("ip")
+    let client = Command::new("ip")
         // Line-buffered, so each write's line arrives when it completes.
         .args([
             "netns",
@@ -171,17 +171,19 @@ fn qemu_client_rides_through_failover_behind_a_floating_address() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-io (package qemu-utils)");
-    let pid = client.id();
-    // Stopped by PID on every way out of this test.
-    struct Reap(u32);
+    // Stopped by PID on every way out of this test (unless already reaped).
+    struct Reap(std::process::Child);
     impl Drop for Reap {
         fn drop(&mut self) {
-            // SAFETY: kill(2) on our own child's PID; harmless if reaped.
-            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            if let Ok(None) = self.0.try_wait() {
+                // SAFETY: kill(2) on our own child, not yet reaped.
+                unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
+                let _ = self.0.wait();
+            }
         }
     }
-    let _reap = Reap(pid);
-    let stderr = client.stderr.take().expect("stderr");
+    let mut client = Reap(client);
+    let stderr = client.0.stderr.take().expect("stderr");
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -191,7 +193,7 @@ fn qemu_client_rides_through_failover_behind_a_floating_address() {
         s
     });
     let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = client.stdout.take().expect("stdout");
+    let stdout = client.0.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -239,7 +241,7 @@ fn qemu_client_rides_through_failover_behind_a_floating_address() {
             );
         }
     }
-    let status = client.wait().expect("qemu-io exit");
+    let status = client.0.wait().expect("qemu-io exit");
     let errors = err_thread.join().unwrap_or_default();
     println!(
         "qemu-io: {wrote} of {WRITES} writes; longest gap between two completed writes \

@@ -147,6 +147,16 @@ fn wait_progress(vm: &mut Vm, from: i64, more: i64) -> i64 {
     field(&line, "files")
 }
 
+/// How long the attach tool says the link was down ("... N ms after the
+/// link died").
+fn link_down_ms(line: &str) -> u64 {
+    line.split(" ms after the link died")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {line:?}"))
+}
+
 /// The largest pause the writer reported among console lines from index
 /// `from` on, in seconds.
 fn max_pause(vm: &Vm, from: usize) -> f64 {
@@ -164,6 +174,10 @@ fn attach_follows_the_primary() {
     let (pa, pb) = (pair.alpha().nbd_port, pair.beta().nbd_port);
     let script = format!(
         r#"{GUEST_LIB}
+# beta alone is Secondary: refused, with the reason.
+$R/replctl attach nbd://{b}/r0 /dev/nbd1 2>/tmp/refused.log
+echo "G refused status=$? named=$(grep -c 'connect to the Primary, alpha' /tmp/refused.log)"
+cat /tmp/refused.log
 $R/replctl attach nbd://{a},{b}/r0 /dev/nbd0 --timeout 3 --dead-conn-timeout 120 &
 wait_size
 $R/mke2fs -q -t ext4 -F /dev/nbd0 || {{ echo "G mkfs failed"; exit 1; }}
@@ -187,6 +201,9 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
     let mut vm = Vm::boot(&script, &[(replctl(), "/usr/local/sbin/replctl")]);
     vm.wait_line("VM-READY", BOOT_AND_RUN, |l| l.contains("VM-READY"));
     println!("boot: {:.1} s", test_start.elapsed().as_secs_f64());
+    let refused = vm.wait_line("refusal", BOOT_AND_RUN, |l| l.starts_with("G refused "));
+    assert_ne!(field(&refused, "status"), 0, "{refused}");
+    assert_eq!(field(&refused, "named"), 1, "{refused}");
     let mut files = wait_progress(&mut vm, 0, 20);
 
     // Planned switchover: alpha hands over to beta.
@@ -198,9 +215,10 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
         "switchover: demote + promote took {:.2} s",
         t.elapsed().as_secs_f64()
     );
-    vm.wait_line("reconnect", Duration::from_secs(120), |l| {
+    let line = vm.wait_line("reconnect", Duration::from_secs(120), |l| {
         l.contains("reconnected to")
     });
+    let switchover_link = link_down_ms(&line);
     files = wait_progress(&mut vm, files, 20);
     let switchover_pause = max_pause(&vm, mark);
 
@@ -214,9 +232,10 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
         "failover: kill + promote took {:.2} s",
         t.elapsed().as_secs_f64()
     );
-    vm.wait_line("reconnect", Duration::from_secs(120), |l| {
+    let line = vm.wait_line("reconnect", Duration::from_secs(120), |l| {
         l.contains("reconnected to")
     });
+    let failover_link = link_down_ms(&line);
     wait_progress(&mut vm, files, 20);
     let failover_pause = max_pause(&vm, mark);
 
@@ -232,8 +251,9 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
     });
     assert_eq!(vm.finish(BOOT_AND_RUN), 0);
     println!(
-        "I/O pause seen by the writer: switchover {switchover_pause:.2} s, failover {failover_pause:.2} s \
-         (0 = under 0.5 s); {writer}; VM test {:.1} s",
+        "link down (attach tool): switchover {switchover_link} ms, failover {failover_link} ms; \
+         longest gap between two completed files: switchover {switchover_pause:.2} s, \
+         failover {failover_pause:.2} s (0 = under 0.5 s); {writer}; VM test {:.1} s",
         test_start.elapsed().as_secs_f64()
     );
     assert_eq!(field(&writer, "errors"), 0, "{writer}");
