@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod pair;
+pub mod proxy;
 pub mod vm;
 
 use std::fs::File;
