@@ -4,12 +4,13 @@
 //! to the kernel with `NBD_CMD_CONNECT` (with a per-request timeout and a
 //! dead-connection timeout), and stays running: when the kernel reports
 //! the link dead (`NBD_CMD_LINK_DEAD`), it finds the node that is Primary
-//! now by trying the listed addresses (a Secondary's refusal names the
-//! Primary; that node is tried first when the address list names nodes),
-//! handshakes again and gives the kernel the new socket with
-//! `NBD_CMD_RECONFIGURE`. Meanwhile the kernel holds the block I/O and
-//! re-sends what was in flight on the dead link, so applications see a
-//! pause, not an error. This relies on two properties of replblk: the new
+//! now by handshaking with all listed addresses at once (the first that
+//! admits us wins; Secondaries refuse, naming the Primary, which the tool
+//! logs if that address is missing from its list) and gives the kernel
+//! the new socket with `NBD_CMD_RECONFIGURE`. Meanwhile the kernel holds
+//! the block I/O and re-sends what was in flight on the dead link (once
+//! those requests reach their timeout), so applications see a pause, not
+//! an error. This relies on two properties of replblk: the new
 //! Primary holds every write the old one acknowledged (protocol C), and a
 //! request executed twice (sent, executed, the reply lost, sent again) is
 //! harmless for WRITE, TRIM and WRITE_ZEROES at the same offset.
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::nbd::client::{self, ClientError, ExportInfo};
+use crate::nbd::client::{self, ExportInfo};
 use crate::nbd::netlink::{self, ConnectParams, NbdNetlink};
 
 /// The default NBD port.
@@ -75,12 +76,6 @@ pub fn parse_uri(uri: &str) -> Result<Target, String> {
     })
 }
 
-/// The host part of `host:port`, without IPv6 brackets.
-fn host_of(hostport: &str) -> &str {
-    let host = &hostport[..hostport.rfind(':').unwrap_or(hostport.len())];
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
 /// What a Secondary's refusal says about the Primary: "... connect to
 /// the Primary, NODE" or "... connect to the Primary, NODE (nbd ADDR)".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,17 +98,6 @@ pub fn primary_named(message: &str) -> Option<Hint> {
         node: node.to_owned(),
         nbd,
     })
-}
-
-/// The order to try the hosts in: the listed one the hint points at (by
-/// its NBD address, or a host part equal to the node name) first, the
-/// others after it in list order. Only listed hosts are ever tried.
-pub fn dial_order<'a>(hosts: &'a [String], hint: Option<&Hint>) -> Vec<&'a String> {
-    let mut v: Vec<&String> = hosts.iter().collect();
-    if let Some(hint) = hint {
-        v.sort_by_key(|h| !(host_of(h) == hint.node || hint.nbd.as_deref() == Some(h.as_str())));
-    }
-    v
 }
 
 #[derive(Debug, Clone)]
@@ -141,32 +125,52 @@ pub struct Dialed {
     pub host: String,
 }
 
-/// Connects and handshakes with each host in turn until one admits us.
-/// Returns the failures (one line each) if none does.
+/// Connects and handshakes with every listed host at once; the first that
+/// admits us wins (the others' connections are closed as they finish), so
+/// a silent address costs nothing while another answers. Returns the
+/// failures, in list order, if none admits us.
 pub fn dial(target: &Target, opts: &Options) -> Result<Dialed, Vec<String>> {
-    let mut errors = Vec::new();
-    let mut hint: Option<Hint> = None;
-    let mut tried: Vec<String> = Vec::new();
-    // A refusal naming the Primary may reorder the rest of the round.
-    while tried.len() < target.hosts.len() {
-        let host = dial_order(&target.hosts, hint.as_ref())
-            .into_iter()
-            .find(|h| !tried.contains(h))
-            .expect("an untried host")
-            .clone();
-        tried.push(host.clone());
-        match dial_one(&host, &target.export, opts) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, host) in target.hosts.iter().enumerate() {
+        let (tx, host, export, opts) = (
+            tx.clone(),
+            host.clone(),
+            target.export.clone(),
+            opts.clone(),
+        );
+        // Each attempt ends within the connect timeout.
+        std::thread::spawn(move || {
+            let r = dial_one(&host, &export, &opts).map_err(|e| format!("{host}: {e:#}"));
+            let _ = tx.send((i, r));
+        });
+    }
+    drop(tx);
+    let mut errors = vec![None; target.hosts.len()];
+    for (i, r) in rx {
+        match r {
             Ok(d) => return Ok(d),
-            Err(e) => {
-                if let Some(ClientError::Refused { message, .. }) = e.downcast_ref::<ClientError>()
-                {
-                    hint = primary_named(message);
-                }
-                errors.push(format!("{host}: {e:#}"));
+            Err(e) => errors[i] = Some(e),
+        }
+    }
+    Err(errors.into_iter().flatten().collect())
+}
+
+/// Primaries that refusals name by an NBD address missing from `hosts`
+/// (worth telling the operator: the list may be out of date).
+pub fn unlisted_primaries(errors: &[String], hosts: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in errors {
+        if let Some(Hint {
+            node,
+            nbd: Some(addr),
+        }) = primary_named(e)
+        {
+            if !hosts.contains(&addr) && !out.iter().any(|o: &String| o.contains(&addr)) {
+                out.push(format!("{node} ({addr})"));
             }
         }
     }
-    Err(errors)
+    out
 }
 
 fn dial_one(host: &str, export: &str, opts: &Options) -> Result<Dialed> {
@@ -325,6 +329,11 @@ pub fn run(target: &Target, opts: &Options, stop: &AtomicBool) -> Result<()> {
                     // Every tenth round, so a long outage does not flood.
                     if rounds.is_multiple_of(10) {
                         log(format!("no Primary yet:\n  {}", errors.join("\n  ")));
+                        for p in unlisted_primaries(&errors, &target.hosts) {
+                            log(format!(
+                                "a refusal names the Primary {p}, which is not in the address list"
+                            ));
+                        }
                     }
                 }
             }
@@ -412,36 +421,17 @@ mod tests {
     }
 
     #[test]
-    fn hint_goes_first() {
-        let hosts = vec![
-            "alpha:1".to_owned(),
-            "beta:2".to_owned(),
-            "[::1]:3".to_owned(),
-        ];
-        let order = |node: Option<&str>, nbd: Option<&str>| {
-            let hint = node.map(|n| Hint {
-                node: n.into(),
-                nbd: nbd.map(str::to_owned),
-            });
-            dial_order(&hosts, hint.as_ref())
-                .into_iter()
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(order(None, None), hosts);
+    fn refusals_naming_an_unlisted_primary_are_reported_once() {
+        let hosts = vec!["10.0.0.1:10809".to_owned(), "10.0.0.2:10809".to_owned()];
+        let listed = "10.0.0.1:10809: server refused export \"r0\" (NBD_REP_ERR_POLICY): \
+                      resource r0 is Secondary on node a (disk UpToDate); \
+                      connect to the Primary, b (nbd 10.0.0.2:10809)";
+        assert!(unlisted_primaries(&[listed.to_owned()], &hosts).is_empty());
+        let moved = listed.replace("10.0.0.2:10809)", "10.0.0.9:10809)");
         assert_eq!(
-            order(Some("beta"), None),
-            vec!["beta:2", "alpha:1", "[::1]:3"]
+            unlisted_primaries(&[moved.clone(), moved], &hosts),
+            vec!["b (10.0.0.9:10809)"]
         );
-        assert_eq!(
-            order(Some("::1"), None),
-            vec!["[::1]:3", "alpha:1", "beta:2"]
-        );
-        assert_eq!(
-            order(Some("gamma"), Some("[::1]:3")),
-            vec!["[::1]:3", "alpha:1", "beta:2"]
-        );
-        assert_eq!(order(Some("gamma"), Some("10.0.0.9:1")), hosts);
     }
 
     fn opts() -> Options {
