@@ -18,8 +18,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::forward::Forwarder;
 use common::pair::{read_disk, Pair, ALPHA, BETA};
-use common::proxy::Proxy;
 use common::vm::{field, host_addr, Vm};
 
 const DISK: u64 = 128 << 20;
@@ -181,8 +181,8 @@ fn attach_follows_the_primary() {
             .parse()
             .expect("addr")
     };
-    let proxy_a = Proxy::start(nbd(&pair, ALPHA));
-    let proxy_b = Proxy::start(nbd(&pair, BETA));
+    let proxy_a = Forwarder::start(nbd(&pair, ALPHA));
+    let proxy_b = Forwarder::start(nbd(&pair, BETA));
     let script = format!(
         r#"{GUEST_LIB}
 # beta alone is Secondary: refused, with the reason.

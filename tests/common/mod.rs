@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod forward;
 pub mod pair;
 pub mod proxy;
 pub mod vm;

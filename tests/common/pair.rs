@@ -71,9 +71,17 @@ pub struct PairBuilder {
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
+    dial_via: Option<SocketAddr>,
 }
 
 impl PairBuilder {
+    /// alpha (the node that dials) reaches beta's replication address
+    /// through `addr` (a fault proxy of the test's) instead of directly.
+    pub fn dial_via(mut self, addr: SocketAddr) -> Self {
+        self.dial_via = Some(addr);
+        self
+    }
+
     /// Metadata at the end of each backing file (default: a separate
     /// `NODE.md` file, so the backing files hold data only).
     pub fn internal_meta(mut self) -> Self {
@@ -176,11 +184,15 @@ impl PairBuilder {
             self.description
         ));
         for n in nodes {
+            let address = match self.dial_via {
+                Some(via) if node == 0 && n.name == BETA => via,
+                _ => n.repl_addr,
+            };
             text.push_str(&format!(
                 "\n[resource.on.{}]\ndisk = {:?}\naddress = \"{}\"\n",
                 n.name,
                 n.disk.display().to_string(),
-                n.repl_addr
+                address
             ));
             if !self.internal_meta {
                 text.push_str(&format!("meta_disk = {:?}\n", n.meta.display().to_string()));
@@ -510,6 +522,7 @@ impl Pair {
             ],
             internal_meta: false,
             bootstrap: true,
+            dial_via: None,
         }
     }
 
