@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::nbd::client::{self, ExportInfo};
-use crate::nbd::netlink::{self, ConnectParams, NbdNetlink};
+use crate::nbd::netlink::{self, ConnectParams, NbdNetlink, NetlinkError};
 
 /// The default NBD port.
 pub const NBD_PORT: u16 = 10809;
@@ -266,9 +266,29 @@ pub fn run(target: &Target, opts: &Options, stop: &AtomicBool) -> Result<()> {
         backend: format!("replblk:{}", target.export),
     };
     let backend = params.backend.clone();
-    let index = nl
-        .connect(&params, &[first.stream.as_raw_fd()])
-        .with_context(|| format!("attaching /dev/nbd{}", opts.index))?;
+    let fd = first.stream.as_raw_fd();
+    let index = match nl.connect(&params, &[fd]) {
+        Ok(index) => index,
+        // A device this tool attached to the same export before (its
+        // attach process died or was restarted): follow it again. The
+        // link may have died meanwhile, unseen: offer the kernel the new
+        // socket (it keeps a live link and drops the socket otherwise).
+        Err(NetlinkError::Kernel { err, .. })
+            if err.raw_os_error() == Some(libc::EBUSY)
+                && device_backend(opts.index).as_deref() == Some(backend.as_str()) =>
+        {
+            log(format!(
+                "/dev/nbd{} is already attached to {backend}; adopting it",
+                opts.index
+            ));
+            nl.reconfigure(opts.index, &backend, &[fd])
+                .with_context(|| format!("adopting /dev/nbd{}", opts.index))?;
+            opts.index
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("attaching /dev/nbd{}", opts.index));
+        }
+    };
     // The kernel holds its own reference to the socket.
     drop(first.stream);
     let _pid = PidFile::create(opts.pid_file.as_deref())?;
@@ -349,6 +369,13 @@ pub fn run(target: &Target, opts: &Options, stop: &AtomicBool) -> Result<()> {
         "stopped; /dev/nbd{index} stays attached but is no longer followed"
     ));
     Ok(())
+}
+
+/// The backend identifier of a connected `/dev/nbdINDEX` (sysfs).
+fn device_backend(index: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/block/nbd{index}/backend"))
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// `replctl detach`: `NBD_CMD_DISCONNECT`, then stops the attach process

@@ -11,7 +11,9 @@
 //!   writing fsync'ed files through ext4 while the Primary is switched over
 //!   (demote/promote) and then SIGKILLed (the other node promoted): zero I/O
 //!   errors, fsck clean, every file verifies, copies identical after the
-//!   killed node resyncs. The I/O pauses are measured and printed.
+//!   killed node resyncs; a silent failure (no FIN) likewise; between the
+//!   events the attach process is killed and restarted, and adopts the
+//!   device. The I/O pauses are measured and printed.
 
 mod common;
 
@@ -192,11 +194,21 @@ fn attach_follows_the_primary() {
 $R/replctl attach nbd://{b}/r0 /dev/nbd1 2>/tmp/refused.log
 echo "G refused status=$? named=$(grep -c 'connect to the Primary, alpha' /tmp/refused.log)"
 cat /tmp/refused.log
-$R/replctl attach nbd://{a},{b}/r0 /dev/nbd0 --timeout 3 --connect-timeout 2 --dead-conn-timeout 120 &
+ATTACH="$R/replctl attach nbd://{a},{b}/r0 /dev/nbd0 --timeout 3 --connect-timeout 2 --dead-conn-timeout 120"
+$ATTACH &
 wait_size
 $R/mke2fs -q -t ext4 -F /dev/nbd0 || {{ echo "G mkfs failed"; exit 1; }}
 mount -t ext4 /dev/nbd0 /mnt || {{ echo "G mount failed"; exit 1; }}
-( read line < /dev/console; touch /tmp/stop ) &
+# Console commands from the test: "restart" SIGKILLs the attach process
+# and starts a new one (which must adopt the device), "stop" ends the run.
+(
+    while read line < /dev/console; do
+        case "$line" in
+        restart) kill -9 "$(cat /run/replblk/attach-nbd0.pid)"; $ATTACH & ;;
+        stop) touch /tmp/stop; break ;;
+        esac
+    done
+) &
 streamer > /tmp/streamer.out 2>&1 &
 writer 5000
 wait $!
@@ -249,6 +261,13 @@ echo "G attach-exited=$([ -e /run/replblk/attach-nbd0.pid ] && echo 0 || echo 1)
         mark,
         &mut files,
     );
+
+    // The attach process dies (SIGKILL) and is started again: the new one
+    // adopts the attached device and follows it from then on.
+    vm.send("restart");
+    vm.wait_line("adoption", Duration::from_secs(60), |l| {
+        l.contains("is already attached to replblk:r0; adopting it")
+    });
 
     // 2. Failover: beta, now Primary, is SIGKILLed; alpha takes over.
     let mark = vm.seen.len();
