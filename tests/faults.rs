@@ -351,3 +351,134 @@ fn a_slow_link_stays_up_and_loses_nothing() {
     assert_eq!(v["excused"], 0, "{v}");
     heal_and_converge(&pair, &proxy, Some(&log));
 }
+
+#[test]
+fn a_peer_that_stalls_the_handshake_is_given_up_after_the_connect_timeout() {
+    let proxy = FaultProxy::start();
+    let stall = Faults {
+        stall: true,
+        ..Faults::default()
+    };
+    proxy.set(Dir::Forward, stall.clone());
+    proxy.set(Dir::Back, stall);
+    let pair = Pair::builder()
+        .dial_via(proxy.addr())
+        .replication("connect_timeout_ms", "1000")
+        .replication("reconnect_max_ms", "300")
+        .start_unconnected();
+    proxy.set_target(pair.beta().repl_addr);
+    // Each attempt hangs in the handshake until the timeout, then the
+    // dialer closes it and tries again.
+    let started = Instant::now();
+    while proxy.accepted() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the dialer did not give up on a stalled handshake: {} attempts in 15 s",
+            proxy.accepted()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let per_attempt = started.elapsed() / 2;
+    eprintln!("stalled handshakes: about {per_attempt:?} per attempt");
+    assert!(
+        per_attempt >= Duration::from_millis(900),
+        "attempts ended before the connect timeout: {per_attempt:?}"
+    );
+    assert!(!pair.status(ALPHA).connected());
+    proxy.clear();
+    pair.wait_connected();
+    synced(&pair);
+}
+
+#[test]
+fn a_flush_whose_barrier_ack_is_lost_completes_and_the_unflushed_writes_are_marked() {
+    let proxy = FaultProxy::start();
+    let pair = pair_via(&proxy);
+    let mut client = common::client::Client::connect(&pair.alpha().nbd_addr(), "r0");
+    for i in 0..16u64 {
+        assert_eq!(client.write(i * 65536, &[0x77; 65536]), 0);
+    }
+    // The barrier reaches beta; its Ack never comes back.
+    proxy.refuse(true);
+    proxy.set(
+        Dir::Back,
+        Faults {
+            stall: true,
+            ..Faults::default()
+        },
+    );
+    let started = Instant::now();
+    assert_eq!(
+        client.flush(),
+        0,
+        "the local flush succeeded: so does FLUSH"
+    );
+    let took = started.elapsed();
+    eprintln!("FLUSH with its barrier ack lost returned after {took:?}");
+    assert!(took < Duration::from_secs(10), "FLUSH took {took:?}");
+    wait_disconnected(&pair, "dropping the link whose acks stopped");
+    // Not known durable on beta: the written MiB is marked.
+    let runs = pair.out_of_sync_runs(ALPHA);
+    for off in (0..MIB).step_by(4096) {
+        assert!(
+            runs.iter().any(|&(o, l)| o <= off && off < o + l),
+            "block at {off} written before the FLUSH is not marked: {runs:?}"
+        );
+    }
+    client.disconnect();
+    heal_and_converge(&pair, &proxy, None);
+}
+
+#[test]
+fn reconnects_back_off_from_100_ms_doubling_to_the_cap_and_start_over_after_a_session() {
+    let proxy = FaultProxy::start();
+    // Every connection is closed at once: a failure, not a refusal.
+    proxy.refuse(true);
+    let pair = Pair::builder()
+        .dial_via(proxy.addr())
+        .replication("reconnect_max_ms", "1000")
+        .start_unconnected();
+    proxy.set_target(pair.beta().repl_addr);
+    let until = Instant::now() + Duration::from_secs(20);
+    while proxy.attempts().len() < 7 {
+        assert!(
+            Instant::now() < until,
+            "only {} attempts",
+            proxy.attempts().len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = proxy.attempts();
+    let gaps: Vec<u64> = t
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis() as u64)
+        .collect();
+    eprintln!("gaps between attempts (ms): {gaps:?}");
+    // 100, 200, 400, 800, then the 1000 ms cap, each ±20 % (plus the
+    // time an attempt takes on a loaded machine).
+    for (gap, want) in gaps.iter().zip([100u64, 200, 400, 800, 1000, 1000]) {
+        assert!(
+            *gap >= want * 8 / 10 && *gap <= want * 12 / 10 + 300,
+            "gap {gap} ms where {want} ms ±20 % was due: {gaps:?}"
+        );
+    }
+    // A session resets the backoff: once connected, a dropped link is
+    // retried after the first delay, not the cap.
+    proxy.refuse(false);
+    pair.wait_connected();
+    let before = proxy.attempts().len();
+    let cut = Instant::now();
+    proxy.cut();
+    let until = Instant::now() + Duration::from_secs(10);
+    while proxy.attempts().len() == before {
+        assert!(Instant::now() < until, "no reconnect after the cut");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let again = proxy.attempts()[before] - cut;
+    eprintln!("reconnect after a session: {again:?}");
+    assert!(
+        again < Duration::from_millis(500),
+        "the first retry after a session took {again:?}: the backoff did not start over"
+    );
+    pair.wait_connected();
+}

@@ -590,6 +590,7 @@ fn a_dialer_refused_for_a_wrong_secret_retries_no_faster_than_reconnect_max_ms()
     let listener = TcpListener::bind(pair.beta().repl_addr).expect("binding beta's address");
     listener.set_nonblocking(true).expect("nonblocking");
     let mut attempts = 0;
+    let mut times: Vec<Instant> = Vec::new();
     let mut first: Option<Instant> = None;
     let deadline = Instant::now() + WAIT;
     loop {
@@ -610,6 +611,7 @@ fn a_dialer_refused_for_a_wrong_secret_retries_no_faster_than_reconnect_max_ms()
         };
         first.get_or_insert_with(Instant::now);
         attempts += 1;
+        times.push(Instant::now());
         stream.set_nonblocking(false).expect("blocking");
         let mut fake = FakePeer::with(stream);
         fake.answer_as_beta(size, b"some-other-secret");
@@ -630,6 +632,15 @@ fn a_dialer_refused_for_a_wrong_secret_retries_no_faster_than_reconnect_max_ms()
         "{attempts} connection attempts in 4 s with reconnect_max_ms = 1000\n{}",
         pair.log(ALPHA)
     );
+    // After each refusal the dialer waits the cap (1 s, -20 % jitter at
+    // most), not the short first backoff of a plain failure.
+    for w in times.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(800),
+            "a retry {gap:?} after a refusal, with reconnect_max_ms = 1000"
+        );
+    }
     let log = pair.log(ALPHA);
     assert_eq!(count_lines(&log, "authentication failed"), 1, "{log}");
     let s = pair.status(ALPHA);

@@ -147,27 +147,24 @@ fn scribble(path: &Path, offset: u64) {
 #[test]
 fn a_corrupt_superblock_slot_falls_back_to_the_other_and_two_corrupt_slots_refuse_clearly() {
     let mut pair = Pair::start_default();
-    let before = st(&pair, BETA)["generations"]["current"].clone();
     let (slot, offset) = active_slot(&pair, BETA);
     pair.stop(BETA);
     scribble(&pair.beta().meta, offset);
     let mark = pair.log(BETA).len();
     pair.start(BETA);
-    let s = pair.wait_status(BETA, "up again", |s| s.raw["resources"][0]["up"] == true);
+    pair.wait_status(BETA, "up again", |s| s.raw["resources"][0]["up"] == true);
     let log = log_since(&pair, BETA, mark);
     assert!(
         log.contains("slot") && log.contains("WARN"),
         "no warning about the bad slot:\n{log}"
     );
-    // The previous version was used: same generation, and the data is
-    // UpToDate again after the handshake.
-    assert_eq!(
-        s.raw["resources"][0]["generations"]["current"], before,
-        "{:?}",
-        s.raw
-    );
-    pair.wait_status(BETA, "UpToDate", |s| {
+    // The previous version was used (it may name an older generation: the
+    // metadata writer writes only the newest of versions queued together),
+    // and after the handshake beta is UpToDate on alpha's generation.
+    pair.wait_status(BETA, "UpToDate on alpha's generation", |s| {
         s.raw["resources"][0]["disk"] == "UpToDate"
+            && s.raw["resources"][0]["generations"]["current"]
+                == st(&pair, ALPHA)["generations"]["current"]
     });
     let _ = slot;
 
@@ -850,6 +847,7 @@ fn two_simultaneous_promotes_never_leave_two_primaries() {
         s.raw["resources"][0]["peer_role"] == "Secondary"
     });
     let ctl = env!("CARGO_BIN_EXE_replctl");
+    let mut backed_off = 0;
     for round in 0..5 {
         let spawn = |node: &str| {
             Command::new(ctl)
@@ -872,14 +870,27 @@ fn two_simultaneous_promotes_never_leave_two_primaries() {
             primaries.len() <= 1,
             "round {round}: both Primary (alpha: {a:?}, beta: {b:?})"
         );
-        // A refused promote says why.
+        // A refused promote says why; a promote that said yes made its
+        // node the Primary.
         for (node, out) in [(ALPHA, &a), (BETA, &b)] {
-            if !out.status.success() {
+            if out.status.success() {
+                assert_eq!(primaries, [node], "round {round}: {node} said promoted");
+            } else {
                 let e = String::from_utf8_lossy(&out.stderr);
                 assert!(e.contains("promote refused"), "{node}: {e}");
             }
         }
         pair.wait_connected();
+        if primaries.is_empty() {
+            // Both backed off: the refusal is not sticky, a lone promote
+            // goes through.
+            pair.wait_status(BETA, "seeing alpha Secondary", |s| {
+                s.raw["resources"][0]["peer_role"] == "Secondary"
+            });
+            pair.ok(ALPHA, &["promote", "r0"]);
+            pair.ok(ALPHA, &["demote", "r0"]);
+            backed_off += 1;
+        }
         for n in primaries {
             pair.ok(n, &["demote", "r0"]);
         }
@@ -889,6 +900,7 @@ fn two_simultaneous_promotes_never_leave_two_primaries() {
             });
         }
     }
+    eprintln!("simultaneous promotes: both backed off in {backed_off} of 5 rounds");
     pair.assert_no_panic();
 }
 

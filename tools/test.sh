@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 qemu-system-x86 binutils)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace qemu-system-x86 binutils)
 
 PASSED=0
 CURRENT_STEP=""
@@ -167,6 +167,14 @@ pass
 section "python3 tools/longrun.py --cycles 8 (faults under load, ackcheck)"
 cargo build --release --bins
 python3 "$REPO_ROOT/tools/longrun.py" --cycles 8
+pass
+
+# ---------------------------------------------------------------------------
+section "python3 tools/powerloss.py --cycles 6 (power cuts emulated with tools/lazyfs.py)"
+if ! python3 -c "import mfusepy" 2>/dev/null; then
+    python3 -m pip install --quiet mfusepy
+fi
+python3 "$REPO_ROOT/tools/powerloss.py" --cycles 6
 pass
 
 # ---------------------------------------------------------------------------

@@ -930,6 +930,13 @@ impl Node {
                     ),
                 );
                 out.then(Action::StartSync { source: true, full });
+                // The sync source's data is the newest there is (a node
+                // restarted Consistent, e.g. a crashed Primary): it is
+                // UpToDate now, not only once the sync finished, so it can
+                // be promoted while it brings the peer up to date.
+                if self.disk == DiskState::Consistent {
+                    self.disk = DiskState::UpToDate;
+                }
                 DiskState::Inconsistent
             }
             Plan::Target { full } => {
@@ -1585,14 +1592,19 @@ mod tests {
         let mut a = Node::from_meta(g(0xC2, 0xC1, [0x11, 0]), UTD | flags::CRASHED_PRIMARY, true);
         let mut b = Node::from_meta(g(0xC1, 0, [0x11, 0]), UTD | flags::FULL_SYNC, true);
         let (ra, rb) = meet(&mut a, &mut b);
-        // b's FULL_SYNC flag makes it full.
+        // b's FULL_SYNC flag makes it full; a, restarted Consistent, is
+        // the source and UpToDate from now on.
         assert_eq!(
             without_logs(ra),
-            vec![Action::StartSync {
-                source: true,
-                full: true
-            }]
+            vec![
+                Action::Persist,
+                Action::StartSync {
+                    source: true,
+                    full: true
+                }
+            ]
         );
+        assert_eq!(a.disk(), DiskState::UpToDate);
         assert_eq!(
             without_logs(rb),
             vec![

@@ -292,8 +292,7 @@ impl Connection<'_> {
                     )));
                     return None;
                 }
-                payload.resize(request.length as usize, 0);
-                if let Err(e) = reader.read_exact(payload) {
+                if let Err(e) = read_payload(&mut *reader, payload, request.length as usize) {
                     self.close(CloseReason::Error(format!(
                         "client disconnected in the middle of a {}-byte write payload: {e}",
                         request.length
@@ -603,6 +602,23 @@ pub struct Limits {
     pub send_timeout: Duration,
     /// How long a closing connection waits for its requests in flight.
     pub drain: Duration,
+}
+
+/// Bytes of a write payload read (and so allocated) at a time: a client
+/// that announces a large write and stalls costs what it sent, not what
+/// it announced.
+const PAYLOAD_STEP: usize = 1 << 20;
+
+/// Reads a `len`-byte payload into `buf`, growing it as the bytes arrive.
+fn read_payload(reader: &mut impl Read, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
+    buf.clear();
+    while buf.len() < len {
+        let start = buf.len();
+        let end = (start + PAYLOAD_STEP).min(len);
+        buf.resize(end, 0);
+        reader.read_exact(&mut buf[start..end])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

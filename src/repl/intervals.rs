@@ -89,6 +89,11 @@ impl IntervalLock {
     pub fn held(&self) -> usize {
         lock(&self.held).0.len()
     }
+
+    /// Threads waiting for a range (for tests).
+    pub fn waiting(&self) -> usize {
+        lock(&self.held).2
+    }
 }
 
 impl Drop for IntervalGuard<'_> {
@@ -124,7 +129,15 @@ mod tests {
                 got.store(true, Ordering::SeqCst);
             })
         };
-        std::thread::sleep(Duration::from_millis(50));
+        // Awaited, not slept on: the other thread is blocked on the lock.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while l.waiting() == 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the waiter never blocked"
+            );
+            std::thread::yield_now();
+        }
         assert!(!got.load(Ordering::SeqCst), "overlap acquired while held");
         drop(a);
         t.join().expect("thread");

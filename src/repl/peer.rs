@@ -107,12 +107,13 @@ impl Replica {
                     }
                     self.set_link_error(msg);
                     self.emit_if_changed();
-                    backoff = if e.is_refusal() {
-                        max_backoff
-                    } else {
-                        (backoff * 2).min(max_backoff)
-                    };
-                    if self.pause(jitter(backoff)) {
+                    // The first retry waits the minimum, each next one
+                    // twice as long up to the cap; after a refusal, the
+                    // cap at once (the peer will not change its mind
+                    // quickly).
+                    let delay = if e.is_refusal() { max_backoff } else { backoff };
+                    backoff = (delay * 2).min(max_backoff);
+                    if self.pause(jitter(delay)) {
                         break;
                     }
                 }
@@ -349,9 +350,12 @@ impl Replica {
                 // on the peer, which would force write-back that the local
                 // side does not do.
                 if session.unstable_count() > UNSTABLE_CAP {
-                    let _ = session.submit_frame(Track::Barrier, Waiter::Nobody, false, |seq| {
-                        Frame::Barrier { seq }
-                    });
+                    let _ = session.submit_frame(
+                        Track::Barrier,
+                        Waiter::Nobody,
+                        link::Queue::default(),
+                        |seq| Frame::Barrier { seq },
+                    );
                     session.activate();
                 }
             }

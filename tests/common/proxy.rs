@@ -54,6 +54,8 @@ struct State {
     /// Bytes forwarded per direction, by connection.
     forwarded: std::collections::BTreeMap<u64, [u64; 2]>,
     accepted: u64,
+    /// When each connection came in, refused ones included.
+    attempts: Vec<Instant>,
 }
 
 pub struct FaultProxy {
@@ -125,6 +127,11 @@ impl FaultProxy {
         s.forwarded.values().map(|f| f[idx(dir)]).max().unwrap_or(0)
     }
 
+    /// When each connection came in so far, refused ones included.
+    pub fn attempts(&self) -> Vec<Instant> {
+        lock(&self.state).attempts.clone()
+    }
+
     /// Connections accepted so far.
     pub fn accepted(&self) -> u64 {
         lock(&self.state).accepted
@@ -164,7 +171,8 @@ fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, closed: Arc<Atom
         };
         let _ = client.set_nonblocking(false);
         let (target, refuse) = {
-            let s = lock(&state);
+            let mut s = lock(&state);
+            s.attempts.push(Instant::now());
             (s.target, s.refuse)
         };
         let Some(target) = target.filter(|_| !refuse) else {
