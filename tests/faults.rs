@@ -435,10 +435,18 @@ fn reconnects_back_off_from_100_ms_doubling_to_the_cap_and_start_over_after_a_se
     // Every connection is closed at once: a failure, not a refusal.
     proxy.refuse(true);
     let pair = Pair::builder()
+        .fresh()
         .dial_via(proxy.addr())
         .replication("reconnect_max_ms", "1000")
         .start_unconnected();
     proxy.set_target(pair.beta().repl_addr);
+    for node in [ALPHA, BETA] {
+        pair.ok(node, &["create-md", "r0"]);
+    }
+    // Nothing else happens on alpha from here (a promote, say, would wake
+    // its link loop early): the attempts follow the backoff alone.
+    pair.ok(BETA, &["up", "r0"]);
+    pair.ok(ALPHA, &["up", "r0"]);
     let until = Instant::now() + Duration::from_secs(20);
     while proxy.attempts().len() < 7 {
         assert!(

@@ -17,6 +17,7 @@ use bytes::BytesMut;
 use replblk_proto::nbd::{Command as NbdCommand, Request};
 
 use common::client::{connect_raw, greet, Client};
+use common::pair::{Pair, ALPHA};
 use common::Daemon;
 
 /// (threads, resident KiB) of a process.
@@ -132,6 +133,31 @@ fn clients_stalled_in_a_write_payload_cost_what_they_sent_not_what_they_announce
     assert!(
         rss1 <= rss0 + 256 * 1024,
         "RSS {rss0} -> {rss1} KiB: stalled payloads cost what they announced"
+    );
+    drop(stalled);
+}
+
+#[test]
+fn a_replication_port_flooded_with_stalled_handshakes_still_lets_the_real_peer_in() {
+    let mut pair = Pair::builder()
+        .replication("connect_timeout_ms", "2000")
+        .replication("reconnect_max_ms", "500")
+        .start();
+    // 40 connections to beta's replication port that never say a word.
+    let mut stalled = Vec::new();
+    for _ in 0..40 {
+        stalled.push(std::net::TcpStream::connect(pair.beta().repl_addr).expect("connect to beta"));
+    }
+    // The real peer comes back: alpha restarted.
+    pair.stop(ALPHA);
+    let started = Instant::now();
+    pair.start(ALPHA);
+    pair.wait_connected();
+    let took = started.elapsed();
+    eprintln!("with 40 stalled handshakes queued, the real peer connected in {took:?}");
+    assert!(
+        took < Duration::from_secs(8),
+        "the real peer waited {took:?} behind stalled handshakes"
     );
     drop(stalled);
 }

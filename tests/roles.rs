@@ -375,10 +375,30 @@ fn demote_force_closes_a_client_admitted_but_still_in_its_handshake() {
 struct Stopped(u32);
 
 impl Stopped {
+    /// SIGSTOP, then waits (bounded) until every thread is stopped: the
+    /// signal is delivered asynchronously.
     fn stop(pid: u32) -> Stopped {
         // SAFETY: kill(2) on the PID of a repld the pair started.
         unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        Stopped(pid)
+        let stopped = Stopped(pid);
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("stat"))
+                            .ok()
+                            .and_then(|st| st.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+                            .unwrap_or(true)
+                    })
+                })
+                .unwrap_or(false)
+        };
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !all_stopped() {
+            assert!(std::time::Instant::now() < until, "{pid} did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stopped
     }
 }
 

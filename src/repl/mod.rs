@@ -197,7 +197,11 @@ pub struct Replica {
     wake_lock: Mutex<()>,
     wake_cv: Condvar,
     listener: Option<TcpListener>,
+    /// Connections to the listener that passed the handshake, waiting for
+    /// the link loop (see `peer::accept_loop`).
+    incoming: peer::Incoming,
     manager: Mutex<Option<JoinHandle<()>>>,
+    acceptor: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -356,7 +360,9 @@ impl Replica {
             wake_lock: Mutex::new(()),
             wake_cv: Condvar::new(),
             listener,
+            incoming: peer::Incoming::new(),
             manager: Mutex::new(None),
+            acceptor: Mutex::new(None),
         });
         if replica.peer.is_none() {
             let store = FileStore::open(&res.disk, res.size, res.read_only).map_err(|e| {
@@ -392,6 +398,17 @@ impl Replica {
                 source,
             })?;
         *lock(&self.manager) = Some(handle);
+        if self.listener.is_some() {
+            let me = self.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("accept-{}", self.name))
+                .spawn(move || me.accept_loop())
+                .map_err(|source| ReplicaError::Thread {
+                    resource: self.name.clone(),
+                    source,
+                })?;
+            *lock(&self.acceptor) = Some(handle);
+        }
         Ok(())
     }
 
@@ -408,6 +425,9 @@ impl Replica {
             s.fail("shutting down");
         }
         if let Some(h) = lock(&self.manager).take() {
+            let _ = h.join();
+        }
+        if let Some(h) = lock(&self.acceptor).take() {
             let _ = h.join();
         }
         if self.peer.is_some() {

@@ -126,7 +126,9 @@ impl Replica {
     /// operator) says not to run a session.
     fn establish(&self, cfg: &PeerConfig) -> Result<Option<TcpStream>, LinkError> {
         let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
-        let (mut stream, dialer) = match &self.listener {
+        // The dialer runs the handshake here; the listener takes a
+        // connection its acceptor already authenticated.
+        let (mut stream, accepted) = match &self.listener {
             None => (
                 TcpStream::connect_timeout(&cfg.peer_address, timeout).map_err(|e| {
                     LinkError::Io(io::Error::new(
@@ -137,9 +139,12 @@ impl Replica {
                         ),
                     ))
                 })?,
-                true,
+                None,
             ),
-            Some(l) => (l.accept()?.0, false),
+            Some(_) => match self.next_incoming() {
+                Some(authenticated) => (authenticated.0, Some(authenticated.1)),
+                None => return Ok(None),
+            },
         };
         if self.stopping.load(Ordering::SeqCst) {
             return Err(LinkError::Protocol("shutting down".into()));
@@ -148,11 +153,14 @@ impl Replica {
             let _ = stream.shutdown(Shutdown::Both);
             return Ok(None);
         }
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_write_timeout(Some(timeout))?;
-        let size = self.size();
-        let agreed = link::handshake(&mut stream, cfg, &self.name, size, dialer)?;
+        let dialer = accepted.is_none();
+        let agreed = match accepted {
+            Some(agreed) => agreed,
+            None => {
+                prepare(&mut stream, timeout)?;
+                link::handshake(&mut stream, cfg, &self.name, self.size(), true)?
+            }
+        };
         let _t = lock(&self.transition);
         let theirs = link::exchange_state(&mut stream, self.state_frame(0, 0), timeout)?;
         lock(&self.gate).peer_promoting = false;
@@ -466,4 +474,155 @@ fn jitter(d: Duration) -> Duration {
         .unwrap_or(0);
     let factor = 0.8 + f64::from(nanos % 1000) / 2500.0;
     d.mul_f64(factor)
+}
+
+/// Handshakes on the listener side run in threads of their own, at most
+/// this many at once; past it, the oldest is dropped.
+const MAX_PENDING_HANDSHAKES: usize = 8;
+
+/// Connections to the listener that passed the handshake.
+pub(super) struct Incoming {
+    tx: mpsc::SyncSender<(TcpStream, link::Agreed)>,
+    rx: Mutex<mpsc::Receiver<(TcpStream, link::Agreed)>>,
+    /// Handshakes in progress, oldest first (a clone of each socket, to
+    /// drop the oldest when a new connection needs its place).
+    pending: Mutex<std::collections::VecDeque<(u64, TcpStream)>>,
+    next_id: AtomicU64,
+    /// The last handshake failure logged (one line per distinct failure).
+    last_error: Mutex<Option<String>>,
+}
+
+impl Incoming {
+    pub(super) fn new() -> Incoming {
+        let (tx, rx) = mpsc::sync_channel(1);
+        Incoming {
+            tx,
+            rx: Mutex::new(rx),
+            pending: Mutex::new(std::collections::VecDeque::new()),
+            next_id: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+/// Socket options and timeouts of a fresh peer connection.
+fn prepare(stream: &mut TcpStream, timeout: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))
+}
+
+impl Replica {
+    /// The listener's acceptor: every connection gets its handshake in a
+    /// thread of its own (bounded by the connect timeout), so connections
+    /// that stall, trickle or speak garbage cannot keep the real peer
+    /// waiting behind them. The first that authenticates is handed to the
+    /// link loop.
+    pub(super) fn accept_loop(self: Arc<Self>) {
+        let (Some(listener), Some(cfg)) = (&self.listener, self.peer.clone()) else {
+            return;
+        };
+        let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
+        loop {
+            let accepted = listener.accept();
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut stream = match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(resource = %self.name, "accepting a peer connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let id = self.incoming.next_id.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut pending = lock(&self.incoming.pending);
+                if pending.len() >= MAX_PENDING_HANDSHAKES {
+                    // The oldest gives way: a real peer's handshake takes a
+                    // round trip or two, a stalled one holds its place
+                    // until the timeout.
+                    if let Some((_, oldest)) = pending.pop_front() {
+                        let _ = oldest.shutdown(Shutdown::Both);
+                        drop(pending);
+                        self.incoming_failed(
+                            format!("{MAX_PENDING_HANDSHAKES} handshakes in progress: the oldest was dropped"),
+                            false,
+                        );
+                        pending = lock(&self.incoming.pending);
+                    }
+                }
+                match stream.try_clone() {
+                    Ok(clone) => pending.push_back((id, clone)),
+                    Err(_) => continue,
+                }
+            }
+            let me = self.clone();
+            let cfg = cfg.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("handshake-{}", self.name))
+                .spawn(move || {
+                    let result = prepare(&mut stream, timeout)
+                        .map_err(LinkError::Io)
+                        .and_then(|()| {
+                            link::handshake(&mut stream, &cfg, &me.name, me.size(), false)
+                        });
+                    lock(&me.incoming.pending).retain(|(i, _)| *i != id);
+                    match result {
+                        Ok(agreed) => {
+                            // One waits at most; a newer one is dropped
+                            // (the peer dials again).
+                            if me.incoming.tx.try_send((stream, agreed)).is_ok() {
+                                me.wake();
+                            }
+                        }
+                        Err(e) => {
+                            let refusal = e.is_refusal();
+                            me.incoming_failed(e.to_string(), refusal)
+                        }
+                    }
+                });
+            if spawned.is_err() {
+                lock(&self.incoming.pending).retain(|(i, _)| *i != id);
+            }
+        }
+    }
+
+    /// Logs a failed incoming handshake once per distinct failure (a
+    /// refusal as an error, like the dialer's) and shows it in status.
+    fn incoming_failed(&self, msg: String, refusal: bool) {
+        let mut last = lock(&self.incoming.last_error);
+        if last.as_deref() != Some(msg.as_str()) {
+            let peer = self.peer.as_ref().map_or("", |p| p.peer_node.as_str());
+            if refusal {
+                tracing::error!(resource = %self.name, peer, "peer link: {msg}");
+            } else {
+                tracing::info!(resource = %self.name, peer, "peer link: {msg}");
+            }
+            *last = Some(msg.clone());
+        }
+        drop(last);
+        self.set_link_error(msg);
+        self.emit_if_changed();
+    }
+
+    /// Waits for an authenticated incoming connection; `None` when the
+    /// link is no longer wanted or the node is stopping.
+    fn next_incoming(&self) -> Option<(TcpStream, link::Agreed)> {
+        let rx = lock(&self.incoming.rx);
+        loop {
+            if self.stopping.load(Ordering::SeqCst) || !self.wants_link() {
+                return None;
+            }
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(got) => {
+                    *lock(&self.incoming.last_error) = None;
+                    return Some(got);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
 }

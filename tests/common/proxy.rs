@@ -287,6 +287,13 @@ fn pump(dir: Dir, mut src: TcpStream, mut dst: TcpStream, link: &Link) {
             }
             Err(_) => return end(&src, &dst, false),
         };
+        // A stall set while this read was waiting holds what it read.
+        while lock(state).faults[d].stall
+            && !link.closed.load(Ordering::SeqCst)
+            && !link.dead.load(Ordering::SeqCst)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(at) = faults.flip_at {
             if at < pos + n as u64 {
                 buf[at.saturating_sub(pos) as usize] ^= 0xFF;
