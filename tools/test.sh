@@ -136,7 +136,8 @@ pass
 # Debian's stock kernel under qemu TCG, built and cached by tools/vm/build.sh.
 section "VM tests: kernel NBD client (cargo test --test vm -- --ignored)"
 bash tools/vm/build.sh >/dev/null
-cargo test --test vm -- --ignored --test-threads=1
+# --nocapture: the tests print boot time, I/O pauses and durations.
+cargo test --test vm -- --ignored --test-threads=1 --nocapture
 pass
 
 # ---------------------------------------------------------------------------

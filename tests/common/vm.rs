@@ -2,7 +2,8 @@
 //! initramfs under qemu's TCG, with a guest script appended as a second
 //! cpio archive. The guest reaches the host's 127.0.0.1 as 10.0.2.2 (qemu
 //! user networking). Console lines are collected on a thread; the test
-//! waits for lines and can type a line into the console. Dropping a `Vm`
+//! waits for lines and can type a line into the console (set
+//! REPLBLK_VM_CONSOLE=1 to see every line). Dropping a `Vm`
 //! SIGKILLs qemu by PID and removes its directory.
 
 use std::io::{BufRead, BufReader, Write};
@@ -36,6 +37,9 @@ pub struct Vm {
     pub seen: Vec<String>,
     pub started: Instant,
     dir: tempfile::TempDir,
+    /// Print console lines as they come (REPLBLK_VM_CONSOLE=1); a failure
+    /// shows the console's tail either way.
+    echo: bool,
 }
 
 impl Vm {
@@ -96,6 +100,7 @@ impl Vm {
             seen: Vec::new(),
             started: Instant::now(),
             dir,
+            echo: std::env::var_os("REPLBLK_VM_CONSOLE").is_some_and(|v| v == "1"),
         }
     }
 
@@ -117,7 +122,9 @@ impl Vm {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
-                    println!("vm| {line}");
+                    if self.echo {
+                        println!("vm| {line}");
+                    }
                     self.seen.push(line.clone());
                     if check(&line) {
                         return line;
