@@ -401,6 +401,10 @@ pub struct PeerConfig {
     pub local_address: SocketAddr,
     pub peer_node: String,
     pub peer_address: SocketAddr,
+    /// The peer's NBD listen address, when the file gives a concrete one
+    /// (not a wildcard, not port 0): named in refusals so clients can
+    /// find the Primary.
+    pub peer_nbd: Option<SocketAddr>,
     pub secret: String,
     pub timing: ReplicationConfig,
     /// Automatic split-brain policies; both nodes must agree.
@@ -634,6 +638,15 @@ impl Config {
         Ok(())
     }
 
+    /// Where node `node` listens for NBD, if that is a concrete address.
+    fn nbd_listen_of(&self, node: &str) -> Option<SocketAddr> {
+        let listen = match self.nodes.get(node).and_then(|o| o.nbd_listen) {
+            Some(l) => l,
+            None => self.nbd.listen,
+        }?;
+        (!listen.ip().is_unspecified() && listen.port() != 0).then_some(listen)
+    }
+
     /// Resolves the shared file for the node called `node`.
     pub fn for_node(&self, node: &str) -> Result<NodeView, ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
@@ -671,6 +684,7 @@ impl Config {
                             local_address: mine.address,
                             peer_node: n.clone(),
                             peer_address: p.address,
+                            peer_nbd: self.nbd_listen_of(n),
                             secret: r.secret.clone().unwrap_or_default(),
                             timing: self.replication.clone(),
                             split_brain: crate::core::split_brain::Policy {
@@ -814,6 +828,23 @@ mod tests {
             assert_eq!(r.meta, Some(MetaDisk::Internal), "{node}");
             assert!(r.peer.is_some(), "{node}");
         }
+    }
+
+    #[test]
+    fn the_peers_concrete_nbd_address_is_known_for_refusals() {
+        let text = "[nodes.a]\nnbd_listen = \"10.0.0.1:10809\"\n\
+                    [nodes.b]\nnbd_listen = \"0.0.0.0:10809\"\n\
+                    [[resource]]\nname = \"r0\"\nsecret = \"s\"\n\
+                    [resource.on.a]\ndisk = \"/d/a\"\naddress = \"127.0.0.1:1\"\n\
+                    [resource.on.b]\ndisk = \"/d/b\"\naddress = \"127.0.0.1:2\"\n";
+        let c = Config::parse(text).expect("valid");
+        let peer_nbd = |node: &str| {
+            let view = c.for_node(node).expect("resolves");
+            view.resources[0].peer.as_ref().expect("peer").peer_nbd
+        };
+        assert_eq!(peer_nbd("b"), Some("10.0.0.1:10809".parse().unwrap()));
+        // A wildcard says nothing about where clients reach the node.
+        assert_eq!(peer_nbd("a"), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!
 //! Wire formats live in the `replblk-proto` crate, which does no I/O.
 
+pub mod attach;
 pub mod bitmap;
 pub mod checksum;
 pub mod config;

@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl qemu-system-x86 binutils)
 
 PASSED=0
 CURRENT_STEP=""
@@ -134,6 +134,15 @@ pass
 # ---------------------------------------------------------------------------
 section "bash tools/pacemaker-test.sh (two-node Pacemaker cluster in network namespaces)"
 bash tools/pacemaker-test.sh
+pass
+
+# ---------------------------------------------------------------------------
+# The kernel's NBD client (this host has no nbd module) in a small VM:
+# Debian's stock kernel under qemu TCG, built and cached by tools/vm/build.sh.
+section "VM tests: kernel NBD client (cargo test --test vm -- --ignored)"
+bash tools/vm/build.sh >/dev/null
+# --nocapture: the tests print boot time, I/O pauses and durations.
+cargo test --test vm -- --ignored --test-threads=1 --nocapture
 pass
 
 # ---------------------------------------------------------------------------

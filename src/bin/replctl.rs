@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use replblk::attach;
 use replblk::control::client;
 use replblk::control::proto::{
     DumpMdAnswer, MessageAnswer, OutOfSyncAnswer, Request, ResourceStatus, StatusAnswer,
@@ -142,6 +146,41 @@ enum Verb {
         resource: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Attach a kernel NBD device (/dev/nbdN) to whichever listed node is
+    /// Primary, and follow the Primary across failover: stays running,
+    /// reconnecting the device when its link dies (see docs/failover.md).
+    Attach {
+        /// nbd://HOST:PORT[,HOST:PORT...]/EXPORT (port default 10809).
+        uri: String,
+        /// The device, e.g. /dev/nbd0.
+        device: String,
+        /// Logical block size of the device (512..4096, a power of two).
+        #[arg(long, default_value_t = 512)]
+        block_size: u64,
+        /// Seconds a request may go unanswered before the kernel gives up
+        /// on the link and re-sends it on the next one.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        /// Seconds the kernel holds I/O while no link is up before failing
+        /// it.
+        #[arg(long, default_value_t = 120)]
+        dead_conn_timeout: u64,
+        /// Seconds for TCP connect plus handshake, per address.
+        #[arg(long, default_value_t = 3.0)]
+        connect_timeout: f64,
+        /// PID file (default /run/replblk/attach-nbdN.pid).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+    },
+    /// Disconnect a device attached with `attach` and stop its attach
+    /// process.
+    Detach {
+        device: String,
+        /// PID file of the attach process (default
+        /// /run/replblk/attach-nbdN.pid).
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
 }
 
@@ -530,6 +569,30 @@ fn run(args: Args) -> Result<()> {
             },
             wait,
         ),
+        Verb::Attach {
+            uri,
+            device,
+            block_size,
+            timeout,
+            dead_conn_timeout,
+            connect_timeout,
+            pid_file,
+        } => attach(
+            &uri,
+            &device,
+            block_size,
+            timeout,
+            dead_conn_timeout,
+            connect_timeout,
+            pid_file,
+        ),
+        Verb::Detach { device, pid_file } => {
+            let index = nbd_index(&device)?;
+            let pid_file = pid_file.unwrap_or_else(|| attach::default_pid_file(index));
+            attach::detach(index, &pid_file)?;
+            println!("{device} disconnected");
+            Ok(())
+        }
         Verb::OutOfSync { resource, json } => {
             let req = Request::OutOfSync { resource };
             if json {
@@ -543,6 +606,50 @@ fn run(args: Args) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn nbd_index(device: &str) -> Result<u32> {
+    match replblk::nbd::netlink::device_index(device) {
+        Some(i) => Ok(i),
+        None => bail!("{device:?} is not an NBD device (expected /dev/nbdN)"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    uri: &str,
+    device: &str,
+    block_size: u64,
+    timeout: u64,
+    dead_conn_timeout: u64,
+    connect_timeout: f64,
+    pid_file: Option<PathBuf>,
+) -> Result<()> {
+    let target = attach::parse_uri(uri).map_err(anyhow::Error::msg)?;
+    let index = nbd_index(device)?;
+    if !(512..=4096).contains(&block_size) || !block_size.is_power_of_two() {
+        bail!("--block-size {block_size}: must be a power of two from 512 to 4096");
+    }
+    if timeout == 0 {
+        bail!("--timeout must be at least 1 second (without it the kernel never re-sends)");
+    }
+    if !(connect_timeout.is_finite() && connect_timeout > 0.0) {
+        bail!("--connect-timeout must be a positive number of seconds");
+    }
+    let opts = attach::Options {
+        index,
+        block_size,
+        timeout: Duration::from_secs(timeout),
+        dead_conn_timeout: Duration::from_secs(dead_conn_timeout),
+        connect_timeout: Duration::from_secs_f64(connect_timeout),
+        retry_interval: Duration::from_millis(200),
+        pid_file: Some(pid_file.unwrap_or_else(|| attach::default_pid_file(index))),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    attach::run(&target, &opts, &stop)
 }
 
 fn main() -> ExitCode {

@@ -5,7 +5,9 @@
 //! `docs/architecture.md` for why the data path does not use an async
 //! runtime.
 
+pub mod client;
 pub mod handshake;
+pub mod netlink;
 pub mod transmission;
 
 use std::collections::BTreeMap;

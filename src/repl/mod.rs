@@ -681,7 +681,10 @@ impl Replica {
                 node,
                 disk: n.disk(),
                 primary: match n.peer() {
-                    Some((Role::Primary, _)) => self.peer.as_ref().map(|p| p.peer_node.clone()),
+                    Some((Role::Primary, _)) => self.peer.as_ref().map(|p| match p.peer_nbd {
+                        Some(addr) => format!("{} (nbd {addr})", p.peer_node),
+                        None => p.peer_node.clone(),
+                    }),
                     _ => None,
                 },
             }),

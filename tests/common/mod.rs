@@ -5,8 +5,10 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod forward;
 pub mod pair;
 pub mod proxy;
+pub mod vm;
 
 use std::fs::File;
 use std::io::Read;

@@ -58,6 +58,7 @@ struct NodeSpec {
     disk_size: Option<u64>,
     wrapper: Vec<String>,
     ip: Option<IpAddr>,
+    nbd_listen: Option<SocketAddr>,
     start: bool,
     /// Extra `[[resource]]` keys in this node's config file.
     resource_keys: Vec<(String, String)>,
@@ -188,6 +189,13 @@ impl PairBuilder {
         self
     }
 
+    /// `node` listens for NBD on `addr` (default: its IP, port 0), e.g.
+    /// `0.0.0.0:PORT` to take connections for an address that moves.
+    pub fn nbd_listen_on(mut self, node: &str, addr: SocketAddr) -> Self {
+        self.specs[index(node)].nbd_listen = Some(addr);
+        self
+    }
+
     /// Starts only `node`; the other is configured but not started (start
     /// it later with `Pair::start`), e.g. to talk to `node` as a fake peer.
     pub fn only(mut self, node: &str) -> Self {
@@ -215,7 +223,7 @@ impl PairBuilder {
             text.push_str(&format!(
                 "\n[nodes.{}]\nnbd_listen = \"{}\"\ncontrol_socket = {:?}\n",
                 n.name,
-                SocketAddr::new(n.ip, 0),
+                n.nbd_listen,
                 n.ctl.display().to_string()
             ));
             if let Some(m) = n.metrics_addr {
@@ -295,6 +303,7 @@ impl PairBuilder {
                 disk_size: spec.disk_size.unwrap_or(self.disk_size),
                 ctl: dir.path().join(format!("{name}.ctl")),
                 ip,
+                nbd_listen: spec.nbd_listen.unwrap_or(SocketAddr::new(ip, 0)),
                 repl_addr: SocketAddr::new(ip, free_port()),
                 metrics_addr: self.metrics.then(|| SocketAddr::new(ip, free_port())),
                 nbd_port: 0,
@@ -361,6 +370,8 @@ pub struct Node {
     pub disk_size: u64,
     pub ctl: PathBuf,
     pub ip: IpAddr,
+    /// Where repld listens for NBD (port 0: chosen by the OS).
+    pub nbd_listen: SocketAddr,
     /// Replication address (the accepting node, beta, listens here).
     pub repl_addr: SocketAddr,
     /// Where the node serves metrics (`PairBuilder::metrics`).
@@ -456,7 +467,7 @@ impl Node {
     }
 
     fn wait_for_port(&mut self) -> u16 {
-        let needle = format!("listening for NBD on tcp {}:", self.ip);
+        let needle = format!("listening for NBD on tcp {}:", self.nbd_listen.ip());
         let deadline = Instant::now() + WAIT;
         while Instant::now() < deadline {
             let text = self.current_log();
