@@ -162,6 +162,7 @@ mod tests {
             description: String::new(),
             read_only: false,
             store: Arc::new(MemStore::new(1 << 20)),
+            metrics: None,
         });
         Exports::new(vec![export], None)
     }
