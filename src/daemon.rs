@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Config, NodeView};
@@ -75,12 +75,51 @@ fn open_replicas(view: &NodeView, events: &Arc<Events>) -> Result<Vec<Arc<Replic
     Ok(replicas)
 }
 
-/// Serves `config` as node `node` until SIGTERM or SIGINT, then shuts
-/// down gracefully.
-pub fn run(config: &Config, node: &str) -> Result<()> {
+/// Re-reads the access rules (`tls`, `allowed_clients`,
+/// `allowed_addresses`) of every export from `path` and closes the
+/// clients they no longer admit. Everything else in the file takes effect
+/// at the next start.
+fn reload_access(path: &Path, node: &str, exports: &Exports, clients: &crate::server::Clients) {
+    let view = match Config::load(path).and_then(|c| c.for_node(node)) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("reload refused, keeping the current access rules: {e}");
+            return;
+        }
+    };
+    for r in &view.resources {
+        if let Some(export) = exports.find(&r.name).filter(|e| e.name == r.name) {
+            if export.access() != r.access {
+                tracing::info!(export = %r.name, "access rules changed");
+            }
+            export.set_access(r.access.clone());
+        }
+    }
+    let closed = clients.enforce_access();
+    tracing::info!(
+        closed,
+        "reloaded access rules from {}; other settings apply at restart",
+        path.display()
+    );
+}
+
+/// Serves `config` (read from `path`, which SIGHUP re-reads for the
+/// access rules) as node `node` until SIGTERM or SIGINT, then shuts down
+/// gracefully.
+pub fn run(config: &Config, node: &str, path: Option<&Path>) -> Result<()> {
     // Register before starting, so an early signal is not lost.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let view = config.for_node(node)?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut view = config.for_node(node)?;
+    view.load_secrets()?;
+    for r in &config.resources {
+        if r.secret.is_some() && r.on.len() == 2 {
+            tracing::warn!(
+                resource = %r.name,
+                "the shared secret is inline in the config file; move it to a secret_file"
+            );
+        }
+    }
     let events = Events::new();
     let replicas = open_replicas(&view, &events)?;
     let exports = Exports::new(
@@ -93,11 +132,13 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
                     description: r.description.clone(),
                     read_only: r.read_only,
                     store: replica.clone() as Arc<dyn Store>,
+                    access: std::sync::RwLock::new(r.access.clone()),
                 })
             })
             .collect(),
         view.default_resource.clone(),
     );
+    let exports_for_reload = exports.clone();
     let admission = RoleAdmission {
         replicas: replicas.clone(),
     };
@@ -130,7 +171,16 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         replicas.len()
     );
-    let signal = signals.forever().next();
+    let clients = server.clients();
+    let signal = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => match path {
+                Some(p) => reload_access(p, node, &exports_for_reload, &clients),
+                None => tracing::info!("SIGHUP ignored: no config file to reload"),
+            },
+            other => break other,
+        }
+    };
     tracing::info!(signal = ?signal, "shutting down: draining in-flight requests");
     // NBD first (in-flight writes still replicate and the final flush is a
     // barrier on both nodes), then the peer links, then the control socket.

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|config| {
                 let node = args.node.unwrap_or_else(replblk::daemon::default_node_name);
-                replblk::daemon::run(&config, &node)
+                replblk::daemon::run(&config, &node, Some(&path))
             })
     };
     match result {

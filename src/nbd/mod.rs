@@ -9,10 +9,11 @@ pub mod handshake;
 pub mod transmission;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use replblk_proto::nbd::tflags;
 
+use crate::config::Access;
 use crate::store::Store;
 
 /// Largest READ or WRITE payload accepted (the spec's portable maximum).
@@ -27,9 +28,23 @@ pub struct Export {
     pub description: String,
     pub read_only: bool,
     pub store: Arc<dyn Store>,
+    /// Who may open it; replaced when the configuration is reloaded.
+    pub access: RwLock<Access>,
 }
 
 impl Export {
+    /// The current access rules.
+    pub fn access(&self) -> Access {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_access(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = access;
+    }
+
     pub fn size(&self) -> u64 {
         self.store.size()
     }

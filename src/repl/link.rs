@@ -264,7 +264,7 @@ pub fn handshake(
     if !dialer {
         write_frame(stream, &Frame::Hello(mine))?;
     }
-    let secret = cfg.secret.as_bytes();
+    let secret = cfg.secret.0.as_bytes();
     let mac = auth_mac(secret, &theirs.challenge, &cfg.local_node, resource)
         .ok_or_else(|| LinkError::Protocol("cannot key HMAC with the shared secret".into()))?;
     write_frame(stream, &Frame::Auth { mac })?;
