@@ -3,6 +3,8 @@
 //! Primary's receiver, the Secondary's pinger).
 
 use super::*;
+use crate::net::Stream;
+use crate::tls::TlsStream;
 
 impl Replica {
     /// `State` and `SyncDone` frames from the peer (any reading thread).
@@ -123,9 +125,9 @@ impl Replica {
     /// Dials or accepts one connection, authenticates it, exchanges state
     /// and takes the sync decision. `Ok(None)`: the decision (or the
     /// operator) says not to run a session.
-    fn establish(&self, cfg: &PeerConfig) -> Result<Option<TcpStream>, LinkError> {
+    fn establish(&self, cfg: &PeerConfig) -> Result<Option<Stream>, LinkError> {
         let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
-        let (mut stream, dialer) = match &self.listener {
+        let (stream, dialer) = match &self.listener {
             None => (
                 TcpStream::connect_timeout(&cfg.peer_address, timeout).map_err(|e| {
                     LinkError::Io(io::Error::new(
@@ -150,6 +152,31 @@ impl Replica {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
+        let mut stream = match &cfg.tls {
+            None => Stream::Tcp(stream),
+            Some(tls) => {
+                let addr = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                let deadline = Instant::now() + timeout;
+                let made = if dialer {
+                    TlsStream::connect(stream, tls.client.clone(), deadline)
+                } else {
+                    TlsStream::accept(stream, tls.server.clone(), deadline)
+                };
+                match made {
+                    Ok(s) => Stream::Tls(s),
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        return Err(LinkError::Tls(format!(
+                            "handshake with {addr} (expecting {}) failed: {e}",
+                            cfg.peer_node
+                        )))
+                    }
+                    Err(e) => return Err(LinkError::Io(e)),
+                }
+            }
+        };
         let size = self.size();
         let agreed = link::handshake(&mut stream, cfg, &self.name, size, dialer)?;
         let _t = lock(&self.transition);
@@ -199,19 +226,20 @@ impl Replica {
             );
         }
         if let Some(reason) = fx.drop_link {
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown(Shutdown::Both);
             self.set_link_error(reason);
             return Ok(None);
         }
         tracing::info!(
             resource = %self.name, peer = %cfg.peer_node,
             addr = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            tls = matches!(stream, Stream::Tls(_)),
             version = agreed.version, "peer connected"
         );
         Ok(Some(stream))
     }
 
-    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: TcpStream) {
+    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: Stream) {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
         let weak: Weak<Replica> = Arc::downgrade(self);
         let hook: link::Hook = Box::new(move |frame| match weak.upgrade() {
@@ -298,7 +326,7 @@ impl Replica {
         }
         self.set_link_error(reason);
         self.emit_if_changed();
-        let _ = stream.shutdown(Shutdown::Both);
+        stream.shutdown(Shutdown::Both);
     }
 
     /// The Primary's receiver. With more than one request in flight it
@@ -379,7 +407,7 @@ impl Replica {
                     session.fail(&why);
                 }
             }
-            let fd = reader.get_ref().as_raw_fd();
+            
             let tick_end = Instant::now() + PRIMARY_TICK;
             while session.is_alive() {
                 if reader.buffer().is_empty() {
@@ -396,7 +424,7 @@ impl Replica {
                     if wait.is_zero() && active {
                         break;
                     }
-                    if !crate::net::wait_readable(fd, wait) {
+                    if !reader.get_ref().wait_readable(wait) {
                         break;
                     }
                 }

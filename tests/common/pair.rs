@@ -70,6 +70,13 @@ pub struct PairBuilder {
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
+    /// Extra keys for the `[[resource]]` table.
+    resource_keys: String,
+    /// Keys for `[resource.on.ABOUT]` in the config file of FILE (`None`:
+    /// every file): (file, about, keys).
+    on_keys: Vec<(Option<usize>, usize, String)>,
+    /// Write `secret = ...` into the resource table.
+    inline_secret: bool,
 }
 
 impl PairBuilder {
@@ -146,6 +153,26 @@ impl PairBuilder {
         self
     }
 
+    /// Extra keys for the resource table (e.g. `secret_file = ...`).
+    pub fn resource_keys(mut self, keys: &str) -> Self {
+        self.resource_keys.push_str(keys);
+        self
+    }
+
+    /// Keys for `[resource.on.ABOUT]`, in the config file of `file` (or in
+    /// both files with `None`).
+    pub fn on_keys(mut self, file: Option<&str>, about: &str, keys: &str) -> Self {
+        self.on_keys
+            .push((file.map(index), index(about), keys.to_owned()));
+        self
+    }
+
+    /// Leave the inline `secret` out (a `secret_file` replaces it).
+    pub fn no_inline_secret(mut self) -> Self {
+        self.inline_secret = false;
+        self
+    }
+
     fn config_text(&self, node: usize, nodes: &[Node; 2]) -> String {
         let spec = &self.specs[node];
         let secret = spec.secret.as_deref().unwrap_or(&self.secret);
@@ -163,17 +190,25 @@ impl PairBuilder {
             ));
         }
         text.push_str(&format!(
-            "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n\
-             secret = {secret:?}\n",
+            "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n",
             self.description
         ));
-        for n in nodes {
+        if self.inline_secret {
+            text.push_str(&format!("secret = {secret:?}\n"));
+        }
+        text.push_str(&self.resource_keys);
+        for (i, n) in nodes.iter().enumerate() {
             text.push_str(&format!(
                 "\n[resource.on.{}]\ndisk = {:?}\naddress = \"{}\"\n",
                 n.name,
                 n.disk.display().to_string(),
                 n.repl_addr
             ));
+            for (file, about, keys) in &self.on_keys {
+                if *about == i && file.is_none_or(|f| f == node) {
+                    text.push_str(keys);
+                }
+            }
             if !self.internal_meta {
                 text.push_str(&format!("meta_disk = {:?}\n", n.meta.display().to_string()));
             }
@@ -499,6 +534,9 @@ impl Pair {
             ],
             internal_meta: false,
             bootstrap: true,
+            resource_keys: String::new(),
+            on_keys: Vec::new(),
+            inline_secret: true,
         }
     }
 
