@@ -269,7 +269,9 @@ impl Cidr {
         let ip = ip.to_canonical();
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -568,10 +570,9 @@ impl Config {
                             r.name
                         ));
                     }
-                    if let Some((node, _)) = r
-                        .on
-                        .iter()
-                        .find(|(_, o)| o.tls_cert.is_some() != o.tls_key.is_some())
+                    if let Some((node, _)) =
+                        r.on.iter()
+                            .find(|(_, o)| o.tls_cert.is_some() != o.tls_key.is_some())
                     {
                         return invalid(format!(
                             "resource {:?} on {node:?}: tls_cert and tls_key go together",
@@ -620,7 +621,11 @@ impl Config {
         if nbd.tls != TlsMode::Off && (nbd.tls_cert.is_none() || nbd.tls_key.is_none()) {
             return invalid(format!(
                 "[nbd] tls = \"{}\" needs tls_cert and tls_key",
-                if nbd.tls == TlsMode::Allow { "allow" } else { "require" }
+                if nbd.tls == TlsMode::Allow {
+                    "allow"
+                } else {
+                    "require"
+                }
             ));
         }
         if nbd.tls == TlsMode::Require && nbd.listen.is_none() {

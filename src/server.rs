@@ -341,7 +341,10 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
                 )
             });
             if !welcome {
-                tracing::warn!(peer, "refusing connection: address not allowed for any export");
+                tracing::warn!(
+                    peer,
+                    "refusing connection: address not allowed for any export"
+                );
                 stream.shutdown(Shutdown::Both);
                 continue;
             }

@@ -54,8 +54,8 @@ pub fn check_private(path: &Path, what: &str) -> Result<(), String> {
 
 /// Reads a PEM certificate chain (leaf first).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let file = File::open(path)
-        .map_err(|e| format!("cannot read certificate {}: {e}", path.display()))?;
+    let file =
+        File::open(path).map_err(|e| format!("cannot read certificate {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_reader_iter(io::BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("certificate {}: {e}", path.display()))?;
@@ -72,8 +72,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// itself never appears in an error message.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     check_private(path, "private key")?;
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| format!("private key {}: {e}", path.display()))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("private key {}: {e}", path.display()))
 }
 
 /// Reads a secret from a file that only its owner may read; surrounding
@@ -154,10 +153,7 @@ impl std::fmt::Display for Identity {
 
 /// Subjects compare without regard to spaces after separators.
 fn normalize_subject(s: &str) -> String {
-    s.split(',')
-        .map(|p| p.trim())
-        .collect::<Vec<_>>()
-        .join(",")
+    s.split(',').map(|p| p.trim()).collect::<Vec<_>>().join(",")
 }
 
 /// What the NBD listener offers over TLS.
@@ -604,7 +600,9 @@ impl Read for TlsStream {
                 }
                 if rx.pos < rx.len || rx.eof {
                     fed = true;
-                    let RxState { buf: b, pos, len, .. } = &mut *rx;
+                    let RxState {
+                        buf: b, pos, len, ..
+                    } = &mut *rx;
                     let mut pending = &b[*pos..*len];
                     let before = pending.len();
                     let at_end = before == 0;

@@ -72,7 +72,10 @@ fn wait_log(d: &Daemon, what: &str) -> String {
         if log.contains(what) {
             return log;
         }
-        assert!(Instant::now() < deadline, "log never showed {what:?}:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "log never showed {what:?}:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -175,13 +178,27 @@ fn real_clients_over_tls_with_client_certificates() {
     let data: Vec<u8> = (0..1 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
     let src = pki.path().join("src.bin");
     std::fs::write(&src, &data).expect("source");
-    run_ok(Command::new("nbdcopy").arg(&src).arg(nbds(&d, "secure", &client1)));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&src)
+            .arg(nbds(&d, "secure", &client1)),
+    );
     let back = pki.path().join("back.bin");
-    run_ok(Command::new("nbdcopy").arg(nbds(&d, "secure", &client1)).arg(&back));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(nbds(&d, "secure", &client1))
+            .arg(&back),
+    );
     assert_eq!(std::fs::read(&back).expect("copy")[..data.len()], data[..]);
-    assert_eq!(read_disk(&d.dir.path().join("secure.img"))[..data.len()], data[..]);
+    assert_eq!(
+        read_disk(&d.dir.path().join("secure.img"))[..data.len()],
+        data[..]
+    );
     let log = d.log_text();
-    assert!(log.contains("TLS established") && log.contains("CN=client1"), "{log}");
+    assert!(
+        log.contains("TLS established") && log.contains("CN=client1"),
+        "{log}"
+    );
 
     // qemu-io with tls-creds-x509 on r0 (TLS required, any client).
     let out = pki.path().join("qemu-io.out");
@@ -211,7 +228,10 @@ fn real_clients_over_tls_with_client_certificates() {
             .args(["--iodepth=8", "--size=2M", "--offset=8M"])
             .arg(format!("--uri=nbds://127.0.0.1:{}/r0", d.port)),
     );
-    assert!(ok && fio_out.contains("IOPS"), "fio over TLS:\n{fio_out}\n{fio_err}");
+    assert!(
+        ok && fio_out.contains("IOPS"),
+        "fio over TLS:\n{fio_out}\n{fio_err}"
+    );
 
     // In clear: nothing (TLS is required on the listener).
     let (ok, text) = nbdinfo(&d.uri());
@@ -226,11 +246,18 @@ fn real_clients_over_tls_with_client_certificates() {
     assert!(log.contains("export=secure"), "{log}");
     let (ok, text) = nbdinfo(&nbds(&d, "secure", &anonymous));
     assert!(!ok, "a client without certificate was served:\n{text}");
-    wait_log(&d, "a client certificate is required and none was presented");
+    wait_log(
+        &d,
+        "a client certificate is required and none was presented",
+    );
     let (ok, text) = nbdinfo(&nbds(&d, "r0", &client2));
     assert!(ok, "client2 refused r0:\n{text}");
     // The restricted export is not even listed to client2.
-    let (_, text, _) = run_tool(Command::new("nbdinfo").arg("--list").arg(nbds(&d, "", &client2)));
+    let (_, text, _) = run_tool(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(nbds(&d, "", &client2)),
+    );
     assert!(text.contains("r0") && !text.contains("secure"), "{text}");
     assert!(!d.log_text().contains("panicked"));
 }
@@ -288,7 +315,9 @@ fn tls_go(addr: &str, ca_pem: &str, client: &Issued) -> Result<u32, String> {
 #[test]
 fn hostile_clients_get_nothing_and_others_carry_on() {
     let pki = Pki::new();
-    let d = Daemon::builder().nbd_extra(&pki.nbd_keys("require")).start();
+    let d = Daemon::builder()
+        .nbd_extra(&pki.nbd_keys("require"))
+        .start();
     let good = pki.client_dir("good", Some(&pki.ca.client("client1")));
     // A client kept connected (and writing) through every attack.
     let out = pki.path().join("bystander.out");
@@ -305,12 +334,19 @@ fn hostile_clients_get_nothing_and_others_carry_on() {
         assert_eq!(replies[0].header.reply_type, rep::ERR_TLS_REQD);
     }
     send_option(&mut s, opt::LIST, &[]);
-    assert_eq!(read_option_reply(&mut s).header.reply_type, rep::ERR_TLS_REQD);
+    assert_eq!(
+        read_option_reply(&mut s).header.reply_type,
+        rep::ERR_TLS_REQD
+    );
     // EXPORT_NAME has no error reply: the connection ends, no export data.
     send_option(&mut s, opt::EXPORT_NAME, b"r0");
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "got {} bytes after EXPORT_NAME in clear", rest.len());
+    assert!(
+        rest.is_empty(),
+        "got {} bytes after EXPORT_NAME in clear",
+        rest.len()
+    );
     wait_log(&d, "before STARTTLS, and TLS is required");
 
     // STARTTLS, then garbage instead of a ClientHello.
@@ -330,10 +366,16 @@ fn hostile_clients_get_nothing_and_others_carry_on() {
     // an attacker would not).
     let rogue = Ca::new("rogue CA");
     let refused = tls_go(&d.addr(), &pki.ca.pem(), &rogue.client("client1"));
-    assert!(refused.is_err(), "a certificate from another CA was served: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA was served: {refused:?}"
+    );
     wait_log(&d, "UnknownIssuer");
     let refused = tls_go(&d.addr(), &pki.ca.pem(), &pki.ca.expired_client("client1"));
-    assert!(refused.is_err(), "an expired certificate was served: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "an expired certificate was served: {refused:?}"
+    );
     wait_log(&d, "certificate expired");
     // The same client code with a good certificate is served (so the two
     // refusals above are the certificates', not the test client's).
@@ -347,7 +389,10 @@ fn hostile_clients_get_nothing_and_others_carry_on() {
     wait_output(&out, "4 KiB, 1 ops", 2);
     bystander.command("write -P 0x22 4k 4k");
     let text = wait_output(&out, "4 KiB, 1 ops", 3);
-    assert!(!text.contains("failed") && !text.contains("error"), "{text}");
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "{text}"
+    );
     bystander.finish();
     let disk = read_disk(&d.disk);
     assert!(disk[..4096].iter().all(|b| *b == 0x11));
@@ -418,15 +463,26 @@ fn address_allow_lists_are_checked_before_the_handshake() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     assert!(rest.is_empty(), "got {} bytes (a greeting?)", rest.len());
-    wait_log(&d, "refusing connection: address not allowed for any export");
+    wait_log(
+        &d,
+        "refusing connection: address not allowed for any export",
+    );
     let (ok, text) = nbdinfo(&d.uri());
     assert!(!ok, "{text}");
 
     // Two exports, one for loopback: the other is neither listed nor
     // served, with the reason.
     let d = Daemon::builder()
-        .resource("lan", vec![0; 1 << 20], "allowed_addresses = [\"10.0.0.0/8\"]")
-        .resource("local", vec![0; 1 << 20], "allowed_addresses = [\"127.0.0.1\", \"::1\"]")
+        .resource(
+            "lan",
+            vec![0; 1 << 20],
+            "allowed_addresses = [\"10.0.0.0/8\"]",
+        )
+        .resource(
+            "local",
+            vec![0; 1 << 20],
+            "allowed_addresses = [\"127.0.0.1\", \"::1\"]",
+        )
         .start();
     let (_, text, _) = run_tool(Command::new("nbdinfo").arg("--list").arg(d.uri_for("")));
     assert!(text.contains("local") && !text.contains("lan"), "{text}");
@@ -459,7 +515,10 @@ fn secrets_and_keys_readable_by_others_are_refused() {
             .arg(&config),
     );
     assert!(!ok, "started with a group-readable key:\n{out}{err}");
-    assert!(err.contains("group or others") && err.contains("mode 640"), "{err}");
+    assert!(
+        err.contains("group or others") && err.contains("mode 640"),
+        "{err}"
+    );
     assert!(!err.contains("PRIVATE KEY"), "{err}");
 }
 
@@ -477,10 +536,22 @@ fn peer_link_over_tls_with_pinned_certificates() {
     let pair = Pair::builder()
         .no_inline_secret()
         .resource_keys(&format!("secret_file = {secret_file:?}\n"))
-        .on_keys(None, "alpha", &format!("tls_cert = {a_cert:?}\ntls_key = {a_key:?}\n"))
-        .on_keys(None, "beta", &format!("tls_cert = {b_cert:?}\ntls_key = {b_key:?}\n"))
+        .on_keys(
+            None,
+            "alpha",
+            &format!("tls_cert = {a_cert:?}\ntls_key = {a_key:?}\n"),
+        )
+        .on_keys(
+            None,
+            "beta",
+            &format!("tls_cert = {b_cert:?}\ntls_key = {b_key:?}\n"),
+        )
         .start();
-    assert!(pair.log("alpha").contains("tls=true"), "{}", pair.log("alpha"));
+    assert!(
+        pair.log("alpha").contains("tls=true"),
+        "{}",
+        pair.log("alpha")
+    );
     let out = dir.path().join("q.out");
     let data: Vec<u8> = (0..256 << 10).map(|i| (i % 251) as u8).collect();
     let src = dir.path().join("src.bin");
@@ -494,7 +565,10 @@ fn peer_link_over_tls_with_pinned_certificates() {
         let status = pair.ok(node, &["status", "--json"]);
         assert!(!status.contains(secret), "{status}");
         let log = pair.log(node);
-        assert!(!log.contains(secret) && !log.contains("PRIVATE KEY"), "{log}");
+        assert!(
+            !log.contains(secret) && !log.contains("PRIVATE KEY"),
+            "{log}"
+        );
     }
     pair.assert_no_panic();
 }
@@ -508,12 +582,28 @@ fn a_peer_presenting_the_other_nodes_certificate_is_refused() {
     let (a_cert, a_key) = certs::save(dir.path(), "alpha", &certs::self_signed("alpha"));
     let (b_cert, b_key) = certs::save(dir.path(), "beta", &certs::self_signed("beta"));
     let pair = Pair::builder()
-        .on_keys(Some("alpha"), "alpha", &format!("tls_cert = {a_cert:?}\ntls_key = {a_key:?}\n"))
-        .on_keys(Some("alpha"), "beta", &format!("tls_cert = {b_cert:?}\ntls_key = {b_key:?}\n"))
+        .on_keys(
+            Some("alpha"),
+            "alpha",
+            &format!("tls_cert = {a_cert:?}\ntls_key = {a_key:?}\n"),
+        )
+        .on_keys(
+            Some("alpha"),
+            "beta",
+            &format!("tls_cert = {b_cert:?}\ntls_key = {b_key:?}\n"),
+        )
         // Beta's file: it presents alpha's certificate (and pins beta's
         // for its peer, so it starts).
-        .on_keys(Some("beta"), "beta", &format!("tls_cert = {a_cert:?}\ntls_key = {a_key:?}\n"))
-        .on_keys(Some("beta"), "alpha", &format!("tls_cert = {b_cert:?}\ntls_key = {b_key:?}\n"))
+        .on_keys(
+            Some("beta"),
+            "beta",
+            &format!("tls_cert = {a_cert:?}\ntls_key = {a_key:?}\n"),
+        )
+        .on_keys(
+            Some("beta"),
+            "alpha",
+            &format!("tls_cert = {b_cert:?}\ntls_key = {b_key:?}\n"),
+        )
         .start_unconnected();
     let deadline = Instant::now() + WAIT;
     loop {

@@ -141,6 +141,9 @@ if [[ -f fuzz/build.sh ]]; then
     section "bash fuzz/build.sh"
     bash fuzz/build.sh
     pass
+    section "bash fuzz/run.sh 10 (every fuzz target, 10 s each)"
+    bash fuzz/run.sh 10
+    pass
 else
     echo
     echo "== skipped: fuzz/build.sh (not present)"
@@ -150,6 +153,12 @@ fi
 # ---------------------------------------------------------------------------
 section "python3 tools/bench.py --short"
 python3 "$REPO_ROOT/tools/bench.py" --short
+pass
+
+# ---------------------------------------------------------------------------
+section "python3 tools/longrun.py --cycles 8 (faults under load, ackcheck)"
+cargo build --release --bins
+python3 "$REPO_ROOT/tools/longrun.py" --cycles 8
 pass
 
 # ---------------------------------------------------------------------------

@@ -87,8 +87,7 @@ pub fn permit(access: &Access, client: &Client) -> Result<(), Refusal> {
         // but it cannot carry TLS: exports that need TLS are not on it.
         if access.tls_required {
             return Err(Refusal::Denied(
-                "this export is served over TLS only, which the unix socket does not offer"
-                    .into(),
+                "this export is served over TLS only, which the unix socket does not offer".into(),
             ));
         }
         return Ok(());

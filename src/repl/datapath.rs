@@ -3,6 +3,7 @@
 //! reads the peer's Ack; FUA writes and flushes wait for theirs.
 
 use super::*;
+use std::sync::atomic::AtomicI32;
 
 impl Replica {
     pub(super) fn mark_out_of_sync(&self, offset: u64, len: u64) {
@@ -118,44 +119,79 @@ impl Replica {
                 self.intervals.acquire(offset, len)
             }
         };
-        // Without a peer the range is marked before the local write: a
-        // session coming up meanwhile must not finish its resync without
-        // it. If one came up by the time the write is done, the write is
-        // sent through it as well.
         let session = self.current_session();
-        if session.is_none() {
+        let Some(session) = session else {
+            // Without a peer the range is marked before the local write:
+            // a session coming up meanwhile must not finish its resync
+            // without it.
             self.mark_out_of_sync(offset, len);
-        }
-        if let Err(e) = op.apply(&*store) {
-            self.mark_out_of_sync(offset, len);
+            let result = op.apply(&*store);
             self.intervals.release(range);
             self.inflight.fetch_sub(1, Ordering::SeqCst);
-            return done(Err(e), &mut Batch::default());
-        }
-        let finish: link::Callback = Box::new(move |remote, batch| {
-            if remote != Remote::Done {
+            return done(result, &mut Batch::default());
+        };
+        // The frame goes first, then the local write: the peer works on
+        // it meanwhile. The request completes when both halves are known,
+        // on whichever thread learns the last one.
+        let local_error = Arc::new(AtomicI32::new(0));
+        let finish: link::Callback = {
+            let local_error = local_error.clone();
+            Box::new(move |remote, local_ok, batch| {
                 if let Remote::Failed(errno) = remote {
                     tracing::warn!(resource = %me.name, offset, len, errno, "peer failed a write; range marked out of sync");
                 }
-                me.mark_out_of_sync(offset, len);
-            }
-            me.intervals.release(range);
-            me.inflight.fetch_sub(1, Ordering::SeqCst);
-            done(Ok(()), batch);
-        });
-        let session = session.or_else(|| self.current_session());
-        let queued = match &session {
-            None => Err(Waiter::Call(finish)),
-            Some(s) => s.submit_modify(op, Waiter::Call(finish), more),
+                if remote != Remote::Done || !local_ok {
+                    me.mark_out_of_sync(offset, len);
+                }
+                me.intervals.release(range);
+                me.inflight.fetch_sub(1, Ordering::SeqCst);
+                let result = if local_ok {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(
+                        match local_error.load(Ordering::SeqCst) {
+                            0 => libc::EIO,
+                            e => e,
+                        },
+                    ))
+                };
+                done(result, batch)
+            })
         };
-        match (queued, session) {
-            (Ok(_), Some(s)) if more => s.activate(),
-            (Ok(seq), Some(s)) => s.after_submit(seq, self.ack_timeout()),
-            (Err(Waiter::Call(finish)), _) => {
-                // No peer: the local write stands, the range is out of sync.
-                finish(Remote::Lost, &mut Batch::default());
+        let queue = link::Queue {
+            defer: more,
+            local_pending: true,
+        };
+        let seq = match session.submit_modify(op, Waiter::Call(finish), queue) {
+            Ok(seq) => Some(seq),
+            Err(Waiter::Call(finish)) => {
+                // The session ended meanwhile: marked before the local
+                // write, as without a peer.
+                self.mark_out_of_sync(offset, len);
+                let result = op.apply(&*store);
+                let ok = result.is_ok();
+                if let Err(e) = result {
+                    local_error.store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::SeqCst);
+                }
+                finish(Remote::Lost, ok, &mut Batch::default());
+                None
             }
-            _ => {}
+            Err(_) => None,
+        };
+        let Some(seq) = seq else {
+            return;
+        };
+        let result = op.apply(&*store);
+        if let Err(e) = &result {
+            local_error.store(e.raw_os_error().unwrap_or(libc::EIO), Ordering::SeqCst);
+        }
+        let mut batch = Batch::default();
+        session.local_done(seq, result.is_ok(), &mut batch);
+        batch.run();
+        if more {
+            session.activate();
+        } else {
+            session.after_submit(seq, self.ack_timeout());
         }
     }
 }

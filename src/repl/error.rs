@@ -84,4 +84,8 @@ pub enum VerbError {
         disk: DiskState,
         primary: Option<String>,
     },
+    /// An NBD client came while this node's promote is still under way
+    /// (the role is Primary, the write path not yet switched over).
+    #[error("resource {resource} is being promoted on node {node}; try again")]
+    NotServingYet { resource: String, node: String },
 }

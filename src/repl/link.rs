@@ -19,8 +19,8 @@ use replblk_proto::repl::{
 use thiserror::Error;
 
 use crate::config::PeerConfig;
-use crate::net::Stream;
 use crate::core::datapath::{Kind, Peer, PrimaryPath, SecondaryPath};
+use crate::net::Stream;
 use crate::store::{Batch, Modify};
 
 #[derive(Debug, Error)]
@@ -342,9 +342,10 @@ impl Slot {
     }
 }
 
-/// What runs when a submitted frame's answer arrives (or the session
-/// ends first): on the thread that read the answer, inside its batch.
-pub type Callback = Box<dyn FnOnce(Remote, &mut Batch) + Send>;
+/// What runs when both halves of a submitted frame are known: the peer's
+/// answer (or `Lost`) and whether the local half succeeded; on the thread
+/// that learned the last of them, inside its batch.
+pub type Callback = Box<dyn FnOnce(Remote, bool, &mut Batch) + Send>;
 
 /// Who learns the answer to a sequenced frame.
 pub enum Waiter {
@@ -357,10 +358,10 @@ pub enum Waiter {
 }
 
 impl Waiter {
-    fn complete(self, r: Remote, batch: &mut Batch) {
+    fn complete(self, r: Remote, local_ok: bool, batch: &mut Batch) {
         match self {
             Waiter::Slot(s) => s.complete(r),
-            Waiter::Call(f) => f(r, batch),
+            Waiter::Call(f) => f(r, local_ok, batch),
             Waiter::Nobody => {}
         }
     }
@@ -384,6 +385,22 @@ struct Outbox {
 /// Bytes queued in the outbox past which submitters wait for the send
 /// turn instead of appending.
 const OUTBOX_MAX: usize = 8 << 20;
+
+/// Bytes a burst's submissions hold back before they are sent anyway,
+/// so the peer starts on the first writes while the rest are written
+/// locally.
+const DEFER_MAX: usize = 32 * 1024;
+
+/// How a sequenced frame is queued.
+#[derive(Clone, Copy, Default)]
+pub struct Queue {
+    /// Held back until `kick` (or `DEFER_MAX` bytes are queued): the
+    /// caller has more frames to queue.
+    pub defer: bool,
+    /// The caller does the local half after queuing and reports it with
+    /// `local_done`; the request completes when both halves are known.
+    pub local_pending: bool,
+}
 
 /// How long a lone request's submitter polls for its Ack before it
 /// sleeps (see `net::spin_until_readable`).
@@ -697,7 +714,7 @@ impl Session {
         }
         let mut batch = Batch::default();
         for c in lost.completions {
-            c.token.complete(Remote::Lost, &mut batch);
+            c.token.complete(Remote::Lost, c.local_ok, &mut batch);
         }
         batch.run();
     }
@@ -716,8 +733,12 @@ impl Session {
         waiter: Waiter,
         head: impl FnOnce(&mut BytesMut, u64),
         payload: &[u8],
-        defer: bool,
+        queue: Queue,
     ) -> Result<u64, Waiter> {
+        let Queue {
+            defer,
+            local_pending,
+        } = queue;
         let mut ob = lock(&self.outbox);
         let direct = payload.len() >= DIRECT_PAYLOAD;
         // A large payload waits for the send turn rather than being
@@ -751,9 +772,12 @@ impl Session {
                 } => p.submit(waiter, offset, len, durable),
                 Track::Barrier => p.barrier(waiter),
             };
-            // The caller does the local half itself (before, or while it
-            // waits): the request completes with the peer's answer.
-            let _ = p.local_done(seq, true);
+            // Unless the caller reports its local half later (`local_done`),
+            // it did it before or does it while it waits: the request
+            // completes with the peer's answer.
+            if !local_pending {
+                let _ = p.local_done(seq, true);
+            }
             seq
         };
         if direct && !ob.sending {
@@ -778,7 +802,7 @@ impl Session {
             ob.buf.extend_from_slice(payload);
             // Deferred: the caller has more to queue and `kick`s after
             // (unless the outbox is full).
-            if ob.sending || (defer && ob.buf.len() < OUTBOX_MAX) {
+            if ob.sending || (defer && ob.buf.len() < DEFER_MAX) {
                 return Ok(seq);
             }
             ob.sending = true;
@@ -859,9 +883,15 @@ impl Session {
     /// slot its Ack completes, or `None` if the session is down.
     pub fn send_write(&self, offset: u64, flags: u32, payload: &[u8]) -> Option<Arc<Slot>> {
         let slot = Slot::new();
-        self.submit_write(offset, flags, payload, Waiter::Slot(slot.clone()), false)
-            .ok()
-            .map(|_| slot)
+        self.submit_write(
+            offset,
+            flags,
+            payload,
+            Waiter::Slot(slot.clone()),
+            Queue::default(),
+        )
+        .ok()
+        .map(|_| slot)
     }
 
     /// Queues a data frame whose Ack completes `waiter`.
@@ -871,7 +901,7 @@ impl Session {
         flags: u32,
         payload: &[u8],
         waiter: Waiter,
-        defer: bool,
+        queue: Queue,
     ) -> Result<u64, Waiter> {
         let track = Track::Data {
             offset,
@@ -884,7 +914,7 @@ impl Session {
             waiter,
             |buf, seq| repl::WriteRef::encode_head(buf, seq, offset, flags, crc, payload.len()),
             payload,
-            defer,
+            queue,
         )
     }
 
@@ -895,13 +925,13 @@ impl Session {
         &self,
         op: Modify<'_>,
         waiter: Waiter,
-        defer: bool,
+        queue: Queue,
     ) -> Result<u64, Waiter> {
         let (offset, len) = op.range();
         let track = Track::plain(offset, len);
         match op {
-            Modify::Write { buf, .. } => self.submit_write(offset, 0, buf, waiter, defer),
-            Modify::Trim { .. } => self.submit_frame(track, waiter, defer, |seq| Frame::Trim {
+            Modify::Write { buf, .. } => self.submit_write(offset, 0, buf, waiter, queue),
+            Modify::Trim { .. } => self.submit_frame(track, waiter, queue, |seq| Frame::Trim {
                 seq,
                 offset,
                 length: len,
@@ -913,7 +943,7 @@ impl Session {
                 } else {
                     repl::data_flags::NO_HOLE
                 };
-                self.submit_frame(track, waiter, defer, |seq| Frame::WriteZeroes {
+                self.submit_frame(track, waiter, queue, |seq| Frame::WriteZeroes {
                     seq,
                     offset,
                     length: len,
@@ -927,7 +957,7 @@ impl Session {
     /// completes, or `None` if the session is down.
     pub fn send_modify(&self, op: Modify<'_>) -> Option<Arc<Slot>> {
         let slot = Slot::new();
-        self.submit_modify(op, Waiter::Slot(slot.clone()), false)
+        self.submit_modify(op, Waiter::Slot(slot.clone()), Queue::default())
             .ok()
             .map(|_| slot)
     }
@@ -937,17 +967,17 @@ impl Session {
         &self,
         track: Track,
         waiter: Waiter,
-        defer: bool,
+        queue: Queue,
         make: impl FnOnce(u64) -> Frame,
     ) -> Result<u64, Waiter> {
-        self.send_sequenced(track, waiter, |buf, seq| make(seq).encode(buf), &[], defer)
+        self.send_sequenced(track, waiter, |buf, seq| make(seq).encode(buf), &[], queue)
     }
 
     /// Sends a frame that carries a sequence number chosen here; returns
     /// the slot its Ack completes, or `None` if the session is down.
     pub fn send_frame(&self, track: Track, make: impl FnOnce(u64) -> Frame) -> Option<Arc<Slot>> {
         let slot = Slot::new();
-        self.submit_frame(track, Waiter::Slot(slot.clone()), false, make)
+        self.submit_frame(track, Waiter::Slot(slot.clone()), Queue::default(), make)
             .ok()
             .map(|_| slot)
     }
@@ -982,9 +1012,18 @@ impl Session {
             .ack(seq, status)
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         if let Some(c) = done {
-            c.token.complete(c.peer, batch);
+            c.token.complete(c.peer, c.local_ok, batch);
         }
         Ok(())
+    }
+
+    /// The local half of `seq` (submitted with `local_pending`) finished:
+    /// completes the request if the peer's half is known already.
+    pub fn local_done(&self, seq: u64, ok: bool, batch: &mut Batch) {
+        let done = lock(&self.sending).local_done(seq, ok);
+        if let Some(c) = done {
+            c.token.complete(c.peer, c.local_ok, batch);
+        }
     }
 
     /// Frames the Primary receives: Acks complete requests (inside

@@ -551,7 +551,13 @@ impl Replica {
                     .clone()
                     .unwrap_or_else(|| "not attached".into()),
             }),
-            Some(n) if n.role() == Role::Primary => Ok(()),
+            // Admitted only once the promote is complete: before, its
+            // writes would be refused.
+            Some(n) if n.role() == Role::Primary && self.serving.load(Ordering::SeqCst) => Ok(()),
+            Some(n) if n.role() == Role::Primary => Err(VerbError::NotServingYet {
+                resource: self.name.clone(),
+                node,
+            }),
             Some(n) => Err(VerbError::NotServingSecondary {
                 resource: self.name.clone(),
                 node,

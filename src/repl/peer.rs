@@ -377,9 +377,12 @@ impl Replica {
                 // on the peer, which would force write-back that the local
                 // side does not do.
                 if session.unstable_count() > UNSTABLE_CAP {
-                    let _ = session.submit_frame(Track::Barrier, Waiter::Nobody, false, |seq| {
-                        Frame::Barrier { seq }
-                    });
+                    let _ = session.submit_frame(
+                        Track::Barrier,
+                        Waiter::Nobody,
+                        link::Queue::default(),
+                        |seq| Frame::Barrier { seq },
+                    );
                     session.activate();
                 }
             }
@@ -407,7 +410,7 @@ impl Replica {
                     session.fail(&why);
                 }
             }
-            
+
             let tick_end = Instant::now() + PRIMARY_TICK;
             while session.is_alive() {
                 if reader.buffer().is_empty() {

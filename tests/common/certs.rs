@@ -52,8 +52,8 @@ impl Ca {
 
     /// A server certificate for 127.0.0.1 and localhost.
     pub fn server(&self) -> Issued {
-        let mut p = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("params");
+        let mut p =
+            CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).expect("params");
         p.distinguished_name.push(DnType::CommonName, "localhost");
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(p)

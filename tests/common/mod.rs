@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod client;
 pub mod pair;
+pub mod proxy;
 
 use std::fs::File;
 use std::io::Read;

@@ -77,9 +77,17 @@ pub struct PairBuilder {
     on_keys: Vec<(Option<usize>, usize, String)>,
     /// Write `secret = ...` into the resource table.
     inline_secret: bool,
+    dial_via: Option<SocketAddr>,
 }
 
 impl PairBuilder {
+    /// alpha (the node that dials) reaches beta's replication address
+    /// through `addr` (a fault proxy of the test's) instead of directly.
+    pub fn dial_via(mut self, addr: SocketAddr) -> Self {
+        self.dial_via = Some(addr);
+        self
+    }
+
     /// Metadata at the end of each backing file (default: a separate
     /// `NODE.md` file, so the backing files hold data only).
     pub fn internal_meta(mut self) -> Self {
@@ -198,11 +206,15 @@ impl PairBuilder {
         }
         text.push_str(&self.resource_keys);
         for (i, n) in nodes.iter().enumerate() {
+            let address = match self.dial_via {
+                Some(via) if node == 0 && n.name == BETA => via,
+                _ => n.repl_addr,
+            };
             text.push_str(&format!(
                 "\n[resource.on.{}]\ndisk = {:?}\naddress = \"{}\"\n",
                 n.name,
                 n.disk.display().to_string(),
-                n.repl_addr
+                address
             ));
             for (file, about, keys) in &self.on_keys {
                 if *about == i && file.is_none_or(|f| f == node) {
@@ -537,6 +549,7 @@ impl Pair {
             resource_keys: String::new(),
             on_keys: Vec::new(),
             inline_secret: true,
+            dial_via: None,
         }
     }
 
