@@ -245,7 +245,7 @@ control_socket = "{d}/beta.ctl"
 [[resource]]
 name = "r0"
 description = "replblk demo volume"
-secret = "demo-secret-change-me"
+secret_file = "{d}/r0.secret"
 
 [resource.on.alpha]
 disk = "{d}/alpha.img"
@@ -316,6 +316,22 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
             .with_context(|| format!("creating {}", disk.display()))?;
     }
     let config_path = dir.0.join("replblk.toml");
+    let mut secret = [0u8; 24];
+    getrandom::getrandom(&mut secret)
+        .map_err(|e| anyhow::anyhow!("making the demo secret: {e}"))?;
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_path = dir.0.join("r0.secret");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_path)
+            .and_then(|mut f| f.write_all(secret.as_bytes()))
+            .context("writing the demo secret")?;
+    }
     std::fs::write(&config_path, demo_config(&dir.0, port)).context("writing the demo config")?;
     Config::load(&config_path)?;
     let mut data_size = 0;
