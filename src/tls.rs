@@ -565,12 +565,32 @@ impl TlsStream {
         Ok(())
     }
 
-    /// Sends a close_notify (best effort) and shuts the socket.
+    /// Sends a close_notify if the socket takes it at once (never waits:
+    /// a peer that stopped reading must not hold the closer) and shuts the
+    /// socket.
     pub fn shutdown(&self, how: Shutdown) {
         if how != Shutdown::Read {
-            if let Ok(mut out) = self.0.send.try_lock() {
-                lock(&self.0.conn).send_close_notify();
-                let _ = self.flush_records(&mut out);
+            if let Ok(_turn) = self.0.send.try_lock() {
+                let mut out = Vec::new();
+                {
+                    let mut conn = lock(&self.0.conn);
+                    conn.send_close_notify();
+                    while conn.wants_write() {
+                        if conn.write_tls(&mut out).is_err() {
+                            break;
+                        }
+                    }
+                }
+                // SAFETY: a non-blocking send from a buffer we own, on
+                // our own socket.
+                unsafe {
+                    libc::send(
+                        self.0.sock.as_raw_fd(),
+                        out.as_ptr() as *const libc::c_void,
+                        out.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
             }
         }
         let _ = self.0.sock.shutdown(how);

@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 openssl)
 
 PASSED=0
 CURRENT_STEP=""
@@ -151,8 +151,8 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-section "python3 tools/bench.py --short"
-python3 "$REPO_ROOT/tools/bench.py" --short
+section "python3 tools/bench.py --short --tls"
+python3 "$REPO_ROOT/tools/bench.py" --short --tls
 pass
 
 # ---------------------------------------------------------------------------
