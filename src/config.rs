@@ -760,9 +760,9 @@ impl Config {
     /// Who may open resource `r`'s export (validated: the ranges parse).
     pub fn access(&self, r: &ResourceConfig) -> Access {
         Access {
-            tls_required: self.nbd.tls == TlsMode::Require
-                || r.tls == Some(TlsMode::Require)
-                || !r.allowed_clients.is_empty(),
+            // `[nbd] tls = "require"` is the TCP listener's rule (enforced
+            // in the handshake); this is the export's own.
+            tls_required: r.tls == Some(TlsMode::Require) || !r.allowed_clients.is_empty(),
             allowed_clients: r.allowed_clients.clone(),
             allowed_addresses: r
                 .allowed_addresses

@@ -494,6 +494,25 @@ fn address_allow_lists_are_checked_before_the_handshake() {
 }
 
 #[test]
+fn the_unix_socket_serves_local_clients_but_not_exports_that_need_tls() {
+    let pki = Pki::new();
+    let d = Daemon::builder()
+        .unix_socket()
+        .nbd_extra(&pki.nbd_keys("require"))
+        .resource("secure", vec![0; 1 << 20], "tls = \"require\"")
+        .start();
+    let unix = |export: &str| format!("nbd+unix:///{export}?socket={}", d.socket.display());
+    let (ok, text) = nbdinfo(&unix("r0"));
+    assert!(ok, "{text}");
+    let (ok, text) = nbdinfo(&unix("secure"));
+    assert!(!ok, "{text}");
+    wait_log(&d, "which the unix socket does not offer");
+    // TCP in clear: nothing.
+    let (ok, text) = nbdinfo(&d.uri());
+    assert!(!ok, "{text}");
+}
+
+#[test]
 fn secrets_and_keys_readable_by_others_are_refused() {
     let pki = Pki::new();
     let keys = pki.nbd_keys("allow");
