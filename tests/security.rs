@@ -494,6 +494,29 @@ fn address_allow_lists_are_checked_before_the_handshake() {
 }
 
 #[test]
+fn under_allow_only_exports_that_require_tls_answer_tls_reqd_in_clear() {
+    let pki = Pki::new();
+    let d = Daemon::builder()
+        .nbd_extra(&pki.nbd_keys("allow"))
+        .resource("secure", vec![0; 1 << 20], "tls = \"require\"")
+        .start();
+    let mut s = connect_raw(&d.addr());
+    greet(&mut s);
+    let replies = go(&mut s, opt::INFO, "secure", &[]);
+    assert_eq!(replies[0].header.reply_type, rep::ERR_TLS_REQD);
+    let replies = go(&mut s, opt::GO, "secure", &[]);
+    assert_eq!(replies[0].header.reply_type, rep::ERR_TLS_REQD);
+    let replies = go(&mut s, opt::GO, "r0", &[]);
+    assert_eq!(replies.last().map(|r| r.header.reply_type), Some(rep::ACK));
+    // The real clients: r0 in clear, `secure` over TLS only.
+    assert!(nbdinfo(&d.uri()).0);
+    assert!(!nbdinfo(&d.uri_for("secure")).0);
+    let anon = pki.client_dir("anon", None);
+    let (ok, text) = nbdinfo(&nbds(&d, "secure", &anon));
+    assert!(ok, "{text}");
+}
+
+#[test]
 fn the_unix_socket_serves_local_clients_but_not_exports_that_need_tls() {
     let pki = Pki::new();
     let d = Daemon::builder()
