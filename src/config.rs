@@ -6,7 +6,7 @@
 //! opened or bound, so a bad file gives one clear message and no side effects.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -213,6 +213,13 @@ pub struct ResourceOnNode {
     /// exported size) or the path of a separate file or block device.
     #[serde(default)]
     pub meta_disk: Option<PathBuf>,
+    /// That node's certificate (PEM) for the peer link over TLS: its peer
+    /// accepts exactly this certificate (pinned).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// That node's private key for `tls_cert`, read only on that node.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where a replicated resource keeps its metadata on one node.
@@ -249,6 +256,113 @@ pub struct NbdConfig {
     /// On SIGTERM, how long to wait for in-flight requests to finish.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// TLS on the TCP listener: `off` (STARTTLS unsupported), `allow`
+    /// (offered; exports with `tls = "require"` or `allowed_clients` need
+    /// it) or `require` (no export in clear).
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// The server's certificate chain (PEM), for `tls` other than `off`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM); refused when group or others may read it.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) client certificates are verified against.
+    /// Without it a client certificate is identified by its fingerprint
+    /// only.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// `tls = "off" | "allow" | "require"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    #[default]
+    Off,
+    Allow,
+    Require,
+}
+
+/// An address range (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad address range {text:?}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("bad prefix length in {text:?} (0 to {max})"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as
+    /// their IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// Who may open one export (see `docs/security.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Only over TLS.
+    pub tls_required: bool,
+    /// Client certificate identities (subject or `sha256:` fingerprint);
+    /// empty: any client (that meets the rest).
+    pub allowed_clients: Vec<String>,
+    /// Client address ranges; empty: any address. Unix-socket clients are
+    /// local and not subject to it.
+    pub allowed_addresses: Vec<Cidr>,
+}
+
+/// A shared secret: never printed.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Default for NbdConfig {
@@ -261,6 +375,10 @@ impl Default for NbdConfig {
             workers_per_connection: default_workers(),
             max_connections: default_max_connections(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            tls: TlsMode::Off,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }
@@ -290,8 +408,24 @@ pub struct ResourceConfig {
     #[serde(default)]
     pub default: bool,
     /// Shared secret the two nodes prove to each other (HMAC-SHA256).
+    /// Prefer `secret_file`: a secret here is in every copy of the file.
     #[serde(default)]
     pub secret: Option<String>,
+    /// A file holding the shared secret, readable by its owner only.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Overrides `[nbd] tls` for this export: `require` serves it over
+    /// TLS only.
+    #[serde(default)]
+    pub tls: Option<TlsMode>,
+    /// Client certificate identities that may open this export: subjects
+    /// (`CN=app1, O=Example`, needs `[nbd] tls_ca`) or fingerprints
+    /// (`sha256:...`). Implies TLS with a client certificate.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Address ranges (CIDR) clients may connect from.
+    #[serde(default)]
+    pub allowed_addresses: Vec<String>,
     /// Per-node disks and replication addresses (exactly two nodes).
     #[serde(default)]
     pub on: BTreeMap<String, ResourceOnNode>,
@@ -405,7 +539,14 @@ pub struct PeerConfig {
     /// (not a wildcard, not port 0): named in refusals so clients can
     /// find the Primary.
     pub peer_nbd: Option<SocketAddr>,
-    pub secret: String,
+    pub secret: Secret,
+    /// Where the secret is read from at start (`secret_file`), if not
+    /// inline.
+    pub secret_file: Option<PathBuf>,
+    /// The peer link's TLS files: (own cert, own key, peer's cert).
+    pub tls_files: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Built from `tls_files` at start (`NodeView::load_secrets`).
+    pub tls: Option<crate::tls::PeerTls>,
     pub timing: ReplicationConfig,
     /// Automatic split-brain policies; both nodes must agree.
     pub split_brain: crate::core::split_brain::Policy,
@@ -426,6 +567,7 @@ pub struct LocalResource {
     /// Activity-log hot set in 4 MiB extents (0: no activity log).
     pub al_extents: u32,
     pub peer: Option<PeerConfig>,
+    pub access: Access,
 }
 
 /// Everything one node needs from the shared file.
@@ -457,6 +599,25 @@ where
     s.parse()
         .map(Some)
         .map_err(|e| serde::de::Error::custom(format!("bad socket address {s:?}: {e}")))
+}
+
+impl NodeView {
+    /// Reads what the config only points at: shared secrets from their
+    /// files and the peer link's certificates and keys, refusing files
+    /// with secrets that others may read.
+    pub fn load_secrets(&mut self) -> Result<(), ConfigError> {
+        for r in &mut self.resources {
+            let Some(peer) = &mut r.peer else { continue };
+            let what = |e: String| ConfigError::Invalid(format!("resource {:?}: {e}", r.name));
+            if let Some(path) = &peer.secret_file {
+                peer.secret = Secret(crate::tls::read_secret_file(path).map_err(what)?);
+            }
+            if let Some((cert, key, peer_cert)) = &peer.tls_files {
+                peer.tls = Some(crate::tls::PeerTls::new(cert, key, peer_cert).map_err(what)?);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -563,9 +724,27 @@ impl Config {
                 }
                 (None, 1) => {}
                 (None, 2) => {
-                    if r.secret.as_deref().unwrap_or("").is_empty() {
+                    if r.secret.as_deref().unwrap_or("").is_empty() && r.secret_file.is_none() {
                         return invalid(format!(
-                            "resource {:?} is replicated between two nodes but has no `secret`",
+                            "resource {:?} is replicated between two nodes but has no \
+                             `secret_file` (or `secret`)",
+                            r.name
+                        ));
+                    }
+                    let certs = r.on.values().filter(|o| o.tls_cert.is_some()).count();
+                    if certs == 1 {
+                        return invalid(format!(
+                            "resource {:?}: only one node has a tls_cert; the peer link uses \
+                             TLS when both have one",
+                            r.name
+                        ));
+                    }
+                    if let Some((node, _)) =
+                        r.on.iter()
+                            .find(|(_, o)| o.tls_cert.is_some() != o.tls_key.is_some())
+                    {
+                        return invalid(format!(
+                            "resource {:?} on {node:?}: tls_cert and tls_key go together",
                             r.name
                         ));
                     }
@@ -635,6 +814,72 @@ impl Config {
                 &format!("resource {:?} [resource.resync]", r.name),
             )?;
         }
+        self.validate_security()
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let nbd = &self.nbd;
+        if nbd.tls != TlsMode::Off && (nbd.tls_cert.is_none() || nbd.tls_key.is_none()) {
+            return invalid(format!(
+                "[nbd] tls = \"{}\" needs tls_cert and tls_key",
+                if nbd.tls == TlsMode::Allow {
+                    "allow"
+                } else {
+                    "require"
+                }
+            ));
+        }
+        if nbd.tls == TlsMode::Require && nbd.listen.is_none() {
+            return invalid("[nbd] tls = \"require\" but no TCP listener".into());
+        }
+        for r in &self.resources {
+            if r.secret.is_some() && r.secret_file.is_some() {
+                return invalid(format!(
+                    "resource {:?} sets both secret and secret_file; use secret_file",
+                    r.name
+                ));
+            }
+            let needs_tls = r.tls == Some(TlsMode::Require) || !r.allowed_clients.is_empty();
+            if needs_tls && nbd.tls == TlsMode::Off {
+                return invalid(format!(
+                    "resource {:?} needs TLS (tls = \"require\" or allowed_clients) but \
+                     [nbd] tls = \"off\"",
+                    r.name
+                ));
+            }
+            if r.tls == Some(TlsMode::Off) && nbd.tls == TlsMode::Require {
+                return invalid(format!(
+                    "resource {:?}: tls = \"off\" cannot loosen [nbd] tls = \"require\"",
+                    r.name
+                ));
+            }
+            for id in &r.allowed_clients {
+                if crate::tls::parse_fingerprint(id).is_some() {
+                    continue;
+                }
+                if !id.contains('=') {
+                    return invalid(format!(
+                        "resource {:?}: allowed client {id:?} is neither a subject \
+                         (CN=...) nor a sha256 fingerprint",
+                        r.name
+                    ));
+                }
+                if nbd.tls_ca.is_none() {
+                    return invalid(format!(
+                        "resource {:?}: allowed client subject {id:?} needs [nbd] tls_ca \
+                         (without a CA anyone can make a certificate with that subject; \
+                         use its sha256 fingerprint instead)",
+                        r.name
+                    ));
+                }
+            }
+            for a in &r.allowed_addresses {
+                if let Err(e) = Cidr::parse(a) {
+                    return invalid(format!("resource {:?}: {e}", r.name));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -685,7 +930,15 @@ impl Config {
                             peer_node: n.clone(),
                             peer_address: p.address,
                             peer_nbd: self.nbd_listen_of(n),
-                            secret: r.secret.clone().unwrap_or_default(),
+                            secret: Secret(r.secret.clone().unwrap_or_default()),
+                            secret_file: r.secret_file.clone(),
+                            tls_files: match (&mine.tls_cert, &mine.tls_key, &p.tls_cert) {
+                                (Some(c), Some(k), Some(pc)) => {
+                                    Some((c.clone(), k.clone(), pc.clone()))
+                                }
+                                _ => None,
+                            },
+                            tls: None,
                             timing: self.replication.clone(),
                             split_brain: crate::core::split_brain::Policy {
                                 after_sb_0pri: r.after_sb_0pri,
@@ -725,6 +978,7 @@ impl Config {
                 meta,
                 peer,
                 al_extents: r.al_extents.unwrap_or(crate::core::actlog::DEFAULT_EXTENTS),
+                access: self.access(r),
             });
         }
         Ok(NodeView {
@@ -737,6 +991,21 @@ impl Config {
             resources,
             default_resource: self.default_resource().map(str::to_owned),
         })
+    }
+
+    /// Who may open resource `r`'s export (validated: the ranges parse).
+    pub fn access(&self, r: &ResourceConfig) -> Access {
+        Access {
+            // `[nbd] tls = "require"` is the TCP listener's rule (enforced
+            // in the handshake); this is the export's own.
+            tls_required: r.tls == Some(TlsMode::Require) || !r.allowed_clients.is_empty(),
+            allowed_clients: r.allowed_clients.clone(),
+            allowed_addresses: r
+                .allowed_addresses
+                .iter()
+                .filter_map(|a| Cidr::parse(a).ok())
+                .collect(),
+        }
     }
 
     /// The resource served to clients asking for the empty name: the one

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{Config, NodeView};
@@ -136,12 +136,51 @@ fn open_replicas(view: &NodeView, events: &Arc<Events>) -> Result<Vec<Arc<Replic
     Ok(replicas)
 }
 
-/// Serves `config` as node `node` until SIGTERM or SIGINT, then shuts
-/// down gracefully.
-pub fn run(config: &Config, node: &str) -> Result<()> {
+/// Re-reads the access rules (`tls`, `allowed_clients`,
+/// `allowed_addresses`) of every export from `path` and closes the
+/// clients they no longer admit. Everything else in the file takes effect
+/// at the next start.
+fn reload_access(path: &Path, node: &str, exports: &Exports, clients: &crate::server::Clients) {
+    let view = match Config::load(path).and_then(|c| c.for_node(node)) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("reload refused, keeping the current access rules: {e}");
+            return;
+        }
+    };
+    for r in &view.resources {
+        if let Some(export) = exports.find(&r.name).filter(|e| e.name == r.name) {
+            if export.access() != r.access {
+                tracing::info!(export = %r.name, "access rules changed");
+            }
+            export.set_access(r.access.clone());
+        }
+    }
+    let closed = clients.enforce_access();
+    tracing::info!(
+        closed,
+        "reloaded access rules from {}; other settings apply at restart",
+        path.display()
+    );
+}
+
+/// Serves `config` (read from `path`, which SIGHUP re-reads for the
+/// access rules) as node `node` until SIGTERM or SIGINT, then shuts down
+/// gracefully.
+pub fn run(config: &Config, node: &str, path: Option<&Path>) -> Result<()> {
     // Register before starting, so an early signal is not lost.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("installing signal handlers")?;
-    let view = config.for_node(node)?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut view = config.for_node(node)?;
+    view.load_secrets()?;
+    for r in &config.resources {
+        if r.secret.is_some() && r.on.len() == 2 {
+            tracing::warn!(
+                resource = %r.name,
+                "the shared secret is inline in the config file; move it to a secret_file"
+            );
+        }
+    }
     let events = Events::new();
     let replicas = open_replicas(&view, &events)?;
     // Request counters exist only when metrics are served: with them off,
@@ -168,11 +207,13 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
                         .iter()
                         .find(|(n, _)| *n == r.name)
                         .map(|(_, m)| *m),
+                    access: std::sync::RwLock::new(r.access.clone()),
                 })
             })
             .collect(),
         view.default_resource.clone(),
     );
+    let exports_for_reload = exports.clone();
     let admission = RoleAdmission {
         replicas: replicas.clone(),
     };
@@ -219,7 +260,16 @@ pub fn run(config: &Config, node: &str) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         replicas.len()
     );
-    let signal = signals.forever().next();
+    let clients = server.clients();
+    let signal = loop {
+        match signals.forever().next() {
+            Some(SIGHUP) => match path {
+                Some(p) => reload_access(p, node, &exports_for_reload, &clients),
+                None => tracing::info!("SIGHUP ignored: no config file to reload"),
+            },
+            other => break other,
+        }
+    };
     tracing::info!(signal = ?signal, "shutting down: draining in-flight requests");
     // NBD first (in-flight writes still replicate and the final flush is a
     // barrier on both nodes), then the peer links, then the control socket.
@@ -287,7 +337,7 @@ control_socket = "{d}/beta.ctl"
 [[resource]]
 name = "r0"
 description = "replblk demo volume"
-secret = "demo-secret-change-me"
+secret_file = "{d}/r0.secret"
 
 [resource.on.alpha]
 disk = "{d}/alpha.img"
@@ -358,6 +408,22 @@ pub fn demo(port: u16, dir: Option<&Path>) -> Result<()> {
             .with_context(|| format!("creating {}", disk.display()))?;
     }
     let config_path = dir.0.join("replblk.toml");
+    let mut secret = [0u8; 24];
+    getrandom::getrandom(&mut secret)
+        .map_err(|e| anyhow::anyhow!("making the demo secret: {e}"))?;
+    let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let secret_path = dir.0.join("r0.secret");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&secret_path)
+            .and_then(|mut f| f.write_all(secret.as_bytes()))
+            .context("writing the demo secret")?;
+    }
     std::fs::write(&config_path, demo_config(&dir.0, port)).context("writing the demo config")?;
     Config::load(&config_path)?;
     let mut data_size = 0;

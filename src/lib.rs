@@ -34,3 +34,4 @@ pub mod repl;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod tls;

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::config::NbdConfig;
-use crate::nbd::handshake::{self, Admission, Outcome};
+use crate::config::TlsMode;
+use crate::nbd::handshake::{self, Admission, Client, Context, Outcome};
 use crate::nbd::transmission::{self, CloseReason};
 use crate::nbd::Exports;
 use crate::net::Stream;
@@ -34,12 +35,16 @@ pub enum StartError {
     SocketInUse(PathBuf),
     #[error("cannot start thread: {0}")]
     Thread(io::Error),
+    #[error("[nbd] TLS: {0}")]
+    Tls(String),
 }
 
 struct Shared {
     exports: Exports,
     admission: Arc<dyn Admission>,
     cfg: NbdConfig,
+    /// The TLS config STARTTLS uses (`[nbd] tls` not `off`).
+    tls: Option<Arc<rustls::ServerConfig>>,
     stopping: AtomicBool,
     /// Every open connection: a clone of its socket (to shut it at stop
     /// or on `disconnect`) and, once admitted to one, its export.
@@ -51,6 +56,9 @@ struct Shared {
 struct Conn {
     stream: Stream,
     export: Option<String>,
+    /// Who the admitted client is, to check it again when the access
+    /// rules change.
+    client: Option<Client>,
 }
 
 /// A handle on the server's client connections, for role changes: how
@@ -96,6 +104,31 @@ impl Clients {
                 .0;
         }
         ids.len()
+    }
+
+    /// Checks every admitted client against its export's current access
+    /// rules (after a reload) and closes those no longer allowed; returns
+    /// how many were closed.
+    pub fn enforce_access(&self) -> usize {
+        let conns = lock(&self.0.conns);
+        let mut closed = 0;
+        for c in conns.values() {
+            let (Some(name), Some(client)) = (&c.export, &c.client) else {
+                continue;
+            };
+            let Some(export) = self.0.exports.find(name) else {
+                continue;
+            };
+            if let Err(why) = handshake::permit(&export.access(), client) {
+                tracing::warn!(
+                    peer = %c.stream.peer(), export = %name,
+                    "closing client: no longer allowed: {why}"
+                );
+                c.stream.shutdown(Shutdown::Both);
+                closed += 1;
+            }
+        }
+        closed
     }
 }
 
@@ -171,9 +204,19 @@ impl Server {
         if let Some(path) = &cfg.unix_socket {
             listeners.push(Arc::new(Listener::Unix(bind_unix(path)?, path.clone())));
         }
+        let tls = match (cfg.tls, &cfg.tls_cert, &cfg.tls_key) {
+            (TlsMode::Off, _, _) => None,
+            (_, Some(cert), Some(key)) => Some(
+                crate::tls::nbd_server_config(cert, key, cfg.tls_ca.as_deref())
+                    .map_err(StartError::Tls)?
+                    .config,
+            ),
+            _ => return Err(StartError::Tls("tls needs tls_cert and tls_key".into())),
+        };
         let shared = Arc::new(Shared {
             exports,
             admission,
+            tls,
             cfg,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
@@ -284,6 +327,28 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
             }
         };
         let peer = stream.peer();
+        if let Some(ip) = stream.peer_addr().map(|a| a.ip()) {
+            // Before any byte is exchanged: an address no export admits
+            // costs one accept and one close.
+            let client = Client {
+                addr: Some(ip),
+                ..Client::default()
+            };
+            let welcome = shared.exports.iter().any(|e| {
+                !matches!(
+                    handshake::permit(&e.access(), &client),
+                    Err(handshake::Refusal::Denied(_))
+                )
+            });
+            if !welcome {
+                tracing::warn!(
+                    peer,
+                    "refusing connection: address not allowed for any export"
+                );
+                stream.shutdown(Shutdown::Both);
+                continue;
+            }
+        }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut conns = lock(&shared.conns);
@@ -305,6 +370,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: &Listener) {
                         Conn {
                             stream: clone,
                             export: None,
+                            client: None,
                         },
                     );
                 }
@@ -339,10 +405,21 @@ fn serve_connection(shared: &Shared, id: u64, mut stream: Stream, peer: &str) {
     }
     // Admitted clients are counted (their export recorded) as part of the
     // admission, not after the handshake: see `Admission::admit`.
-    let mut attach = |export: &crate::nbd::Export| {
+    let mut attach = |export: &crate::nbd::Export, client: &Client| {
         if let Some(c) = lock(&shared.conns).get_mut(&id) {
             c.export = Some(export.name.clone());
+            c.client = Some(client.clone());
         }
+    };
+    let tcp = matches!(stream, Stream::Tcp(_));
+    let ctx = Context {
+        tls: if tcp { shared.tls.as_ref() } else { None },
+        mode: if tcp { shared.cfg.tls } else { TlsMode::Off },
+        client: Client {
+            addr: stream.peer_addr().map(|a| a.ip()),
+            tls: false,
+            identity: None,
+        },
     };
     let outcome = handshake::serve(
         &mut stream,
@@ -350,6 +427,7 @@ fn serve_connection(shared: &Shared, id: u64, mut stream: Stream, peer: &str) {
         &*shared.admission,
         &mut attach,
         timeout,
+        ctx,
     );
     let export = match outcome {
         Ok(Outcome::Transmission(export)) => export,

@@ -17,8 +17,9 @@ fn connected() -> (TcpStream, TcpStream) {
 }
 
 fn session(stream: &TcpStream) -> Session {
+    let stream = replblk::net::Stream::Tcp(stream.try_clone().expect("clone"));
     Session::new(
-        stream,
+        &stream,
         "peer".into(),
         Duration::from_secs(5),
         Box::new(|_| Ok(())),

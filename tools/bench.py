@@ -254,6 +254,10 @@ class Server:
     def uri(self) -> str:
         return f"nbd://127.0.0.1:{self.daemon.port}/{EXPORT_NAME}"
 
+    def fio_env(self) -> Optional[Dict[str, str]]:
+        """Extra environment for fio (TLS: HOME holding .pki/libnbd)."""
+        return None
+
     def describe(self) -> str:
         return f"pid {self.daemon.pid}, {self.uri()}"
 
@@ -283,13 +287,61 @@ class NbdkitServer(Server):
             return "?"
 
 
+class TlsFiles:
+    """Certificates made with the openssl CLI for a TLS run: a CA and a
+    server certificate for 127.0.0.1 (NBD), self-signed certificates for
+    the two nodes' peer link, and $HOME/.pki/libnbd/ca-cert.pem for fio."""
+
+    def __init__(self, workdir: Path) -> None:
+        d = workdir / "tls"
+        d.mkdir(mode=0o700, exist_ok=True)
+        self.dir = d
+        self.home = d / "home"
+        (self.home / ".pki" / "libnbd").mkdir(parents=True, exist_ok=True)
+
+        def run(*args: str) -> None:
+            r = subprocess.run(["openssl", *args], capture_output=True, text=True,
+                               timeout=TOOL_TIMEOUT_S)
+            if r.returncode != 0:
+                raise BenchError(f"openssl {' '.join(args)}: {r.stderr}")
+
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        run("req", "-x509", *ec, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"),
+            "-days", "2", "-subj", "/CN=bench CA")
+        run("req", *ec, "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+            "-subj", "/CN=localhost")
+        (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                   "extendedKeyUsage=serverAuth\n")
+        run("x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.crt"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "server.crt"),
+            "-days", "2", "-extfile", str(d / "ext.cnf"))
+        for node in ("alpha", "beta"):
+            run("req", "-x509", *ec, "-keyout", str(d / f"{node}.key"),
+                "-out", str(d / f"{node}.crt"), "-days", "2", "-subj", f"/CN={node}")
+        for key in d.glob("*.key"):
+            key.chmod(0o600)
+        shutil.copy(d / "ca.crt", self.home / ".pki" / "libnbd" / "ca-cert.pem")
+
+    def nbd_keys(self) -> str:
+        d = self.dir
+        return ("tls = \"require\"\n"
+                f"tls_cert = {json.dumps(str(d / 'server.crt'))}\n"
+                f"tls_key = {json.dumps(str(d / 'server.key'))}\n")
+
+    def node_keys(self, node: str) -> str:
+        d = self.dir
+        return (f"tls_cert = {json.dumps(str(d / f'{node}.crt'))}\n"
+                f"tls_key = {json.dumps(str(d / f'{node}.key'))}\n")
+
+
 class ReplDServer(Server):
     kind = "repld"
 
     def __init__(self, label: str, workdir: Path, image: Path, binary: Path,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, tls: Optional[TlsFiles] = None) -> None:
         super().__init__(label, workdir, image)
         self.binary = binary
+        self.tls = tls
         self.config_path = workdir / f"{label}.toml"
         self.metrics = metrics
 
@@ -300,6 +352,7 @@ class ReplDServer(Server):
         self.config_path.write_text(
             "[nbd]\n"
             f"listen = {json.dumps(f'127.0.0.1:{port}')}\n"
+            + (self.tls.nbd_keys() if self.tls else "") +
             "\n"
             f"[control]\nsocket = {json.dumps(str(ctl))}\n\n"
             f"{metrics}"
@@ -307,6 +360,13 @@ class ReplDServer(Server):
             f"name = {json.dumps(EXPORT_NAME)}\n"
             f"disk = {json.dumps(str(self.image))}\n")
         return [str(self.binary), "--config", str(self.config_path)]
+
+    def uri(self) -> str:
+        scheme = "nbds" if self.tls else "nbd"
+        return f"{scheme}://127.0.0.1:{self.daemon.port}/{EXPORT_NAME}"
+
+    def fio_env(self) -> Optional[Dict[str, str]]:
+        return {"HOME": str(self.tls.home)} if self.tls else None
 
     def version(self) -> str:
         return str(self.binary)
@@ -320,9 +380,10 @@ class ReplicatedPairServer(Server):
 
     def __init__(self, label: str, workdir: Path, binary: Path,
                  al_extents: Optional[int] = None, kind: Optional[str] = None,
-                 metrics: bool = False) -> None:
+                 metrics: bool = False, tls: Optional[TlsFiles] = None) -> None:
         super().__init__(label, workdir, workdir / f"{label}-alpha.img")
         self.binary = binary
+        self.tls = tls
         self.metrics_ports = (free_port(), free_port()) if metrics else None
         # None: the default activity log; 0: none; N: a hot set of N extents.
         self.al_extents = al_extents
@@ -344,7 +405,9 @@ class ReplicatedPairServer(Server):
 
     def _write_config(self, alpha_port: int) -> None:
         d = self.workdir
+        tls = self.tls
         self.config_path.write_text(
+            ("[nbd]\n" + tls.nbd_keys() + "\n" if tls else "") +
             "[replication]\nping_interval_ms = 1000\nping_timeout_ms = 5000\n\n"
             f"[nodes.alpha]\nnbd_listen = {json.dumps(f'127.0.0.1:{alpha_port}')}\n"
             f"control_socket = {json.dumps(str(self.ctl))}\n"
@@ -359,11 +422,13 @@ class ReplicatedPairServer(Server):
             "[resource.on.alpha]\n"
             f"disk = {json.dumps(str(self.image))}\n"
             f"meta_disk = {json.dumps(str(self.meta[0]))}\n"
-            f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[0]}')}\n\n"
+            f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[0]}')}\n"
+            + (tls.node_keys("alpha") if tls else "") + "\n"
             "[resource.on.beta]\n"
             f"disk = {json.dumps(str(self.beta_image))}\n"
             f"meta_disk = {json.dumps(str(self.meta[1]))}\n"
-            f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[1]}')}\n")
+            f"address = {json.dumps(f'127.0.0.1:{self.repl_ports[1]}')}\n"
+            + (tls.node_keys("beta") if tls else ""))
 
     def _metrics_key(self, i: int) -> str:
         if self.metrics_ports is None:
@@ -424,6 +489,13 @@ class ReplicatedPairServer(Server):
 
     def running(self) -> bool:
         return self.alpha.running() and self.beta.running()
+
+    def uri(self) -> str:
+        scheme = "nbds" if self.tls else "nbd"
+        return f"{scheme}://127.0.0.1:{self.daemon.port}/{EXPORT_NAME}"
+
+    def fio_env(self) -> Optional[Dict[str, str]]:
+        return {"HOME": str(self.tls.home)} if self.tls else None
 
     def describe(self) -> str:
         return f"alpha pid {self.alpha.pid}, beta pid {self.beta.pid}, {self.uri()}"
@@ -800,7 +872,8 @@ def _pct(d: Dict[str, Any], key: str) -> float:
     return float(v) / 1000.0 if v is not None else float("nan")
 
 
-def run_bounded(cmd: List[str], timeout: float) -> subprocess.CompletedProcess:
+def run_bounded(cmd: List[str], timeout: float,
+                env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """Run cmd in its own process group (fio forks a worker per job).
 
     On timeout or interruption the group led by this child's PID gets SIGTERM,
@@ -808,7 +881,8 @@ def run_bounded(cmd: List[str], timeout: float) -> subprocess.CompletedProcess:
     """
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_child_setup)
+                            preexec_fn=_child_setup,
+                            env=None if env is None else {**os.environ, **env})
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:
@@ -938,7 +1012,7 @@ def run_fio(w: Workload, server: Server, runtime: int, ramp: int, workdir: Path,
     sampler = CpuSampler(server.processes())
     sampler.start()
     try:
-        res = run_bounded(cmd, timeout=runtime + ramp + FIO_GRACE_S)
+        res = run_bounded(cmd, timeout=runtime + ramp + FIO_GRACE_S, env=server.fio_env())
     except subprocess.TimeoutExpired:
         raise BenchError(f"fio {w.key} against {server.label} timed out: {' '.join(cmd)}")
     finally:
@@ -1298,12 +1372,25 @@ def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server]
         # Development aid: stand in a second nbdkit for "ours".
         servers.append(NbdkitServer("ours(nbdkit)", workdir, workdir / "ours.img"))
     else:
+        tls = TlsFiles(workdir) if args.tls else None
+        ref = args.compare_repld
+        # Alternating in each round: ours, the reference binary, ours over TLS.
         servers.append(ReplDServer("repld", workdir, workdir / "repld.img", args.repld))
+        if ref:
+            servers.append(ReplDServer("repld-ref", workdir, workdir / "repld-ref.img", ref))
+        if tls:
+            servers.append(ReplDServer("repld-tls", workdir, workdir / "repld-tls.img",
+                                       args.repld, tls=tls))
         if args.metrics:
             servers.append(ReplDServer("repld+metrics", workdir, workdir / "repld-m.img",
                                        args.repld, metrics=True))
         if not args.no_pair:
             servers.append(ReplicatedPairServer("repl-pair", workdir, args.repld))
+            if ref:
+                servers.append(ReplicatedPairServer("repl-pair-ref", workdir, ref))
+            if tls:
+                servers.append(ReplicatedPairServer("repl-pair-tls", workdir, args.repld,
+                                                    tls=tls))
             if args.metrics:
                 servers.append(ReplicatedPairServer("repl-pair+metrics", workdir, args.repld,
                                                     metrics=True))
@@ -1375,6 +1462,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repld", type=Path, default=None,
                    help=f"repld binary (default {DEFAULT_REPLD.relative_to(REPO_ROOT)}, "
                         "which is (re)built with cargo unless --no-build)")
+    p.add_argument("--compare-repld", type=Path, default=None, metavar="PATH",
+                   help="also run this repld binary (e.g. main's) as repld-ref / repl-pair-ref, "
+                        "alternating with ours in every round")
+    p.add_argument("--tls", action="store_true",
+                   help="also run repld-tls / repl-pair-tls: NBD over TLS (fio via nbds://) and "
+                        "the peer link over TLS; certificates made with the openssl CLI")
     p.add_argument("--no-build", action="store_true",
                    help="do not run cargo build for the default repld path")
     p.add_argument("--json", type=Path, metavar="FILE", help="write results as JSON to FILE")
@@ -1420,6 +1513,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if a.repld is None:
         a.repld = DEFAULT_REPLD
     a.repld = a.repld.resolve()
+    if a.compare_repld is not None:
+        a.compare_repld = a.compare_repld.resolve()
     return a
 
 

@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO_ROOT=$(pwd)
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
-REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl qemu-system-x86 binutils)
+REQUIRED_PACKAGES=(fio libnbd-bin nbdkit qemu-utils nbd-server fuse3 e2fsprogs iproute2 strace pacemaker corosync pacemaker-cli-utils resource-agents libxml2-utils crmsh util-linux systemd curl qemu-system-x86 binutils openssl)
 
 PASSED=0
 CURRENT_STEP=""
@@ -170,8 +170,8 @@ else
 fi
 
 # ---------------------------------------------------------------------------
-section "python3 tools/bench.py --short"
-python3 "$REPO_ROOT/tools/bench.py" --short
+section "python3 tools/bench.py --short --tls"
+python3 "$REPO_ROOT/tools/bench.py" --short --tls
 pass
 
 # ---------------------------------------------------------------------------

@@ -68,7 +68,7 @@ fn main() -> ExitCode {
                     Some(p) => Some(replblk::daemon::PidFile::create(p)?),
                     None => None,
                 };
-                replblk::daemon::run(&config, &node)
+                replblk::daemon::run(&config, &node, Some(&path))
             })
     };
     match result {

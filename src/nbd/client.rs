@@ -163,6 +163,7 @@ mod tests {
             read_only: false,
             store: Arc::new(MemStore::new(1 << 20)),
             metrics: None,
+            access: std::sync::RwLock::new(crate::config::Access::default()),
         });
         Exports::new(vec![export], None)
     }
@@ -178,16 +179,26 @@ mod tests {
     }
 
     fn run(export: &str, admission: Arc<dyn Admission>) -> Result<ExportInfo, ClientError> {
-        let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+        let (mut a, b) = UnixStream::pair().expect("socketpair");
         a.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
         let server = std::thread::spawn(move || {
+            let ctx = handshake::Context {
+                tls: None,
+                mode: crate::config::TlsMode::Off,
+                client: handshake::Client {
+                    addr: None,
+                    tls: false,
+                    identity: None,
+                },
+            };
             let _ = handshake::serve(
-                &mut b,
+                &mut crate::net::Stream::Unix(b),
                 &exports(),
                 admission.as_ref(),
-                &mut |_| {},
+                &mut |_, _| {},
                 Duration::from_secs(10),
+                ctx,
             );
         });
         let r = handshake(&mut a, export);

@@ -7,6 +7,7 @@
 //! `NBD_REP_ERR_UNSUP` and the stream stays in step.
 
 use std::io::{self, Cursor, Read, Write};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,9 @@ use replblk_proto::DecodeError;
 use thiserror::Error;
 
 use super::{Export, Exports, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK};
+use crate::config::{Access, TlsMode};
+use crate::net::Stream;
+use crate::tls::{Identity, TlsStream};
 
 /// Option data larger than this ends the connection: no option replblk
 /// understands comes close, and skipping megabytes is a denial of service.
@@ -38,6 +42,93 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("client sent more than {MAX_OPTIONS} options")]
     TooManyOptions,
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    #[error("client sent NBD_OPT_EXPORT_NAME for {0:?} before STARTTLS, and TLS is required")]
+    ExportNameWithoutTls(String),
+    #[error("refused NBD_OPT_EXPORT_NAME for {name:?}: {why}")]
+    ExportNameRefused { name: String, why: String },
+}
+
+/// Who is on the other end of a connection, as far as access control
+/// goes.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    /// The TCP source address; `None` on the unix socket.
+    pub addr: Option<IpAddr>,
+    /// TLS was negotiated.
+    pub tls: bool,
+    /// The client certificate's identity, if it sent one.
+    pub identity: Option<Identity>,
+}
+
+/// Why an export is not served to a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Only over TLS (`NBD_REP_ERR_TLS_REQD`).
+    TlsRequired,
+    /// Not this client (`NBD_REP_ERR_POLICY`), with the reason.
+    Denied(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TlsRequired => f.write_str("this export is served over TLS only"),
+            Refusal::Denied(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Whether `client` may open an export with `access`.
+pub fn permit(access: &Access, client: &Client) -> Result<(), Refusal> {
+    let Some(addr) = client.addr else {
+        // The unix socket is local (its file mode says who may connect),
+        // but it cannot carry TLS: exports that need TLS are not on it.
+        if access.tls_required {
+            return Err(Refusal::Denied(
+                "this export is served over TLS only, which the unix socket does not offer".into(),
+            ));
+        }
+        return Ok(());
+    };
+    if !access.allowed_addresses.is_empty()
+        && !access.allowed_addresses.iter().any(|c| c.contains(addr))
+    {
+        return Err(Refusal::Denied(format!(
+            "address {} is not among the allowed addresses",
+            addr.to_canonical()
+        )));
+    }
+    if access.tls_required && !client.tls {
+        return Err(Refusal::TlsRequired);
+    }
+    if !access.allowed_clients.is_empty() {
+        match &client.identity {
+            None => {
+                return Err(Refusal::Denied(
+                    "a client certificate is required and none was presented".into(),
+                ))
+            }
+            Some(id) if !access.allowed_clients.iter().any(|a| id.matches(a)) => {
+                return Err(Refusal::Denied(format!(
+                    "client certificate {id} is not among the allowed clients"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// What the listener offers this connection.
+pub struct Context<'a> {
+    /// The server TLS config, when STARTTLS is offered here.
+    pub tls: Option<&'a Arc<rustls::ServerConfig>>,
+    /// The listener's mode: `Require` refuses every option but STARTTLS
+    /// and ABORT until TLS is up.
+    pub mode: TlsMode,
+    pub client: Client,
 }
 
 impl From<DecodeError> for HandshakeError {
@@ -82,15 +173,16 @@ impl Admission for AdmitAll {
     }
 }
 
-struct Session<'a, S> {
-    stream: &'a mut S,
+struct Session<'a, 'c> {
+    stream: &'a mut Stream,
+    ctx: Context<'c>,
     deadline: Instant,
     timeout: Duration,
     no_zeroes: bool,
     out: BytesMut,
 }
 
-impl<S: Read + Write> Session<'_, S> {
+impl Session<'_, '_> {
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), HandshakeError> {
         if Instant::now() > self.deadline {
             return Err(HandshakeError::Timeout(self.timeout));
@@ -121,16 +213,19 @@ impl<S: Read + Write> Session<'_, S> {
 
 /// Runs the server side of the handshake on a fresh connection. `attach`
 /// is called (through `admission`) with the export a client is admitted
-/// to, before its reply is sent.
-pub fn serve<S: Read + Write>(
-    stream: &mut S,
+/// to and who the client is, before its reply is sent. After STARTTLS,
+/// `stream` is the TLS stream.
+pub fn serve(
+    stream: &mut Stream,
     exports: &Exports,
     admission: &dyn Admission,
-    attach: &mut dyn FnMut(&Export),
+    attach: &mut dyn FnMut(&Export, &Client),
     timeout: Duration,
+    ctx: Context<'_>,
 ) -> Result<Outcome, HandshakeError> {
     let mut s = Session {
         stream,
+        ctx,
         deadline: Instant::now() + timeout,
         timeout,
         no_zeroes: false,
@@ -177,14 +272,35 @@ pub fn serve<S: Read + Write>(
     Err(HandshakeError::TooManyOptions)
 }
 
-fn handle_option<S: Read + Write>(
-    s: &mut Session<'_, S>,
+/// Whether the export may be served to this session's client.
+fn access(s: &Session<'_, '_>, export: &Export) -> Result<(), Refusal> {
+    permit(&export.access(), &s.ctx.client)
+}
+
+fn handle_option(
+    s: &mut Session<'_, '_>,
     option: u32,
     data: &[u8],
     exports: &Exports,
     admission: &dyn Admission,
-    attach: &mut dyn FnMut(&Export),
+    attach: &mut dyn FnMut(&Export, &Client),
 ) -> Result<Option<Outcome>, HandshakeError> {
+    let in_clear = !s.ctx.client.tls;
+    if in_clear && s.ctx.mode == TlsMode::Require && option != opt::ABORT && option != opt::STARTTLS
+    {
+        if option == opt::EXPORT_NAME {
+            // No error reply exists for this option: hang up, serving
+            // nothing.
+            let name = nbd::decode_export_name(data).unwrap_or_default();
+            return Err(HandshakeError::ExportNameWithoutTls(name));
+        }
+        s.error(
+            option,
+            rep::ERR_TLS_REQD,
+            "TLS is required: send NBD_OPT_STARTTLS first",
+        )?;
+        return Ok(None);
+    }
     match option {
         opt::EXPORT_NAME => {
             let name = nbd::decode_export_name(data)?;
@@ -192,7 +308,14 @@ fn handle_option<S: Read + Write>(
                 // This option has no error reply: the spec says hang up.
                 return Err(HandshakeError::UnknownExport(name));
             };
-            if let Err(why) = admission.admit(export, &mut || attach(export)) {
+            if let Err(why) = access(s, export) {
+                return Err(HandshakeError::ExportNameRefused {
+                    name,
+                    why: why.to_string(),
+                });
+            }
+            let client = s.ctx.client.clone();
+            if let Err(why) = admission.admit(export, &mut || attach(export, &client)) {
                 return Err(HandshakeError::Protocol(format!(
                     "refused export {name:?} to NBD_OPT_EXPORT_NAME client: {why}"
                 )));
@@ -216,6 +339,11 @@ fn handle_option<S: Read + Write>(
                 return Ok(None);
             }
             for export in exports.iter() {
+                // Exports this client may never open (address, identity)
+                // are not listed; TLS-only ones are, before STARTTLS.
+                if matches!(access(s, export), Err(Refusal::Denied(_))) {
+                    continue;
+                }
                 let mut entry = BytesMut::new();
                 ServerEntry {
                     name: export.name.clone(),
@@ -241,8 +369,29 @@ fn handle_option<S: Read + Write>(
                 s.error(option, rep::ERR_UNKNOWN, &msg)?;
                 return Ok(None);
             };
+            match access(s, export) {
+                Ok(()) => {}
+                Err(Refusal::TlsRequired) => {
+                    let msg = format!(
+                        "export {:?} is served over TLS only: send NBD_OPT_STARTTLS first",
+                        export.name
+                    );
+                    s.error(option, rep::ERR_TLS_REQD, &msg)?;
+                    return Ok(None);
+                }
+                Err(Refusal::Denied(why)) => {
+                    tracing::warn!(
+                        client = ?s.ctx.client.addr, export = %export.name,
+                        "refused client: {why}"
+                    );
+                    let msg = format!("export {:?} refused: {why}", export.name);
+                    s.error(option, rep::ERR_POLICY, &msg)?;
+                    return Ok(None);
+                }
+            }
             if option == opt::GO {
-                if let Err(why) = admission.admit(export, &mut || attach(export)) {
+                let client = s.ctx.client.clone();
+                if let Err(why) = admission.admit(export, &mut || attach(export, &client)) {
                     s.error(option, rep::ERR_POLICY, &why)?;
                     return Ok(None);
                 }
@@ -257,15 +406,51 @@ fn handle_option<S: Read + Write>(
                 Ok(None)
             }
         }
-        opt::STARTTLS => {
-            s.error(option, rep::ERR_UNSUP, "TLS is not supported")?;
-            Ok(None)
-        }
+        opt::STARTTLS => start_tls(s, data),
         _ => {
             s.error(option, rep::ERR_UNSUP, "option not supported")?;
             Ok(None)
         }
     }
+}
+
+/// `NBD_OPT_STARTTLS`: acknowledge, then run the TLS handshake on the
+/// socket; from then on the session (and transmission) use TLS.
+fn start_tls(s: &mut Session<'_, '_>, data: &[u8]) -> Result<Option<Outcome>, HandshakeError> {
+    let option = opt::STARTTLS;
+    let Some(config) = s.ctx.tls.cloned() else {
+        let why = if s.ctx.client.addr.is_none() {
+            "TLS is not offered on the unix socket"
+        } else {
+            "TLS is not configured on this server"
+        };
+        s.error(option, rep::ERR_UNSUP, why)?;
+        return Ok(None);
+    };
+    if s.ctx.client.tls {
+        s.error(option, rep::ERR_INVALID, "TLS is already negotiated")?;
+        return Ok(None);
+    }
+    if !data.is_empty() {
+        s.error(option, rep::ERR_INVALID, "NBD_OPT_STARTTLS carries no data")?;
+        return Ok(None);
+    }
+    let Stream::Tcp(tcp) = &*s.stream else {
+        s.error(option, rep::ERR_UNSUP, "TLS is not offered here")?;
+        return Ok(None);
+    };
+    let tcp = tcp.try_clone()?;
+    s.reply(option, rep::ACK, &[])?;
+    let tls = TlsStream::accept(tcp, config, s.deadline).map_err(HandshakeError::Tls)?;
+    s.ctx.client.tls = true;
+    s.ctx.client.identity = tls.peer_certificate().map(|c| Identity::of(c));
+    tracing::info!(
+        client = ?s.ctx.client.addr,
+        identity = %s.ctx.client.identity.as_ref().map(|i| i.to_string()).unwrap_or_else(|| "none".into()),
+        "TLS established"
+    );
+    *s.stream = Stream::Tls(tls);
+    Ok(None)
 }
 
 /// The description clients see: the configured one, or why the export
@@ -277,8 +462,8 @@ fn describe(export: &Export, admission: &dyn Admission) -> String {
     }
 }
 
-fn send_info<S: Read + Write>(
-    s: &mut Session<'_, S>,
+fn send_info(
+    s: &mut Session<'_, '_>,
     option: u32,
     export: &Export,
     request: &InfoRequest,

@@ -11,10 +11,11 @@ pub mod netlink;
 pub mod transmission;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use replblk_proto::nbd::tflags;
 
+use crate::config::Access;
 use crate::store::Store;
 
 /// Largest READ or WRITE payload accepted (the spec's portable maximum).
@@ -31,9 +32,23 @@ pub struct Export {
     pub store: Arc<dyn Store>,
     /// Request counters and latencies, when metrics are on.
     pub metrics: Option<&'static crate::metrics::IoMetrics>,
+    /// Who may open it; replaced when the configuration is reloaded.
+    pub access: RwLock<Access>,
 }
 
 impl Export {
+    /// The current access rules.
+    pub fn access(&self) -> Access {
+        self.access
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_access(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = access;
+    }
+
     pub fn size(&self) -> u64 {
         self.store.size()
     }

@@ -11,8 +11,8 @@
 //! geometry before it is used: the buffer it is merged into is sized
 //! from our own device, never from the peer's numbers.
 
+use crate::net::Stream;
 use std::io::{self, Read};
-use std::net::TcpStream;
 
 use replblk_proto::repl::{kind, BitmapChunk, Frame, FrameHeader, MAX_BITMAP_CHUNK_BITS};
 
@@ -25,7 +25,7 @@ const MAX_CHUNK_BODY: u32 = (MAX_BITMAP_CHUNK_BITS / 8) as u32 + BitmapChunk::FI
 /// bitmap of the same geometry at the same time (a thread writes while
 /// this one reads, so two large bitmaps cannot fill both socket buffers
 /// and stall each other). Returns the peer's bitmap in raw form.
-pub fn exchange(stream: &TcpStream, ours: &[u8], total_bits: u64) -> Result<Vec<u8>, LinkError> {
+pub fn exchange(stream: &Stream, ours: &[u8], total_bits: u64) -> Result<Vec<u8>, LinkError> {
     let mut writer = stream.try_clone()?;
     let mut reader = stream.try_clone()?;
     std::thread::scope(|scope| {
@@ -38,7 +38,7 @@ pub fn exchange(stream: &TcpStream, ours: &[u8], total_bits: u64) -> Result<Vec<
         let received = receive(&mut reader, total_bits);
         if received.is_err() {
             // Unblock the sender if the peer stopped reading.
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            stream.shutdown(std::net::Shutdown::Both);
         }
         let sent = sender
             .join()

@@ -5,7 +5,7 @@
 use crate::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::config::PeerConfig;
 use crate::core::datapath::{Kind, Peer, PrimaryPath, SecondaryPath};
+use crate::net::Stream;
 use crate::store::{Batch, Modify};
 
 #[derive(Debug, Error)]
@@ -34,6 +35,10 @@ pub enum LinkError {
     /// The peer refused us.
     #[error("peer refused us: {message}")]
     PeerRefused { code: RefuseCode, message: String },
+    /// The TLS handshake failed (certificates): a configuration problem,
+    /// or someone else than the peer.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl LinkError {
@@ -41,7 +46,7 @@ impl LinkError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            LinkError::WeRefused { .. } | LinkError::PeerRefused { .. }
+            LinkError::WeRefused { .. } | LinkError::PeerRefused { .. } | LinkError::Tls(_)
         )
     }
 }
@@ -63,7 +68,7 @@ pub fn read_raw(stream: &mut impl Read, body: &mut Vec<u8>) -> Result<u16, LinkE
 /// After authentication both sides send their `State` and read the
 /// peer's, within the handshake deadline.
 pub fn exchange_state(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     mine: repl::StateFrame,
     timeout: Duration,
 ) -> Result<repl::StateFrame, LinkError> {
@@ -91,7 +96,7 @@ pub fn read_frame(stream: &mut impl Read) -> Result<Frame, LinkError> {
 /// make us allocate a data-sized buffer.
 const MAX_HANDSHAKE_BODY: u32 = 4096;
 
-fn read_handshake_frame(stream: &mut TcpStream, deadline: Instant) -> Result<Frame, LinkError> {
+fn read_handshake_frame(stream: &mut Stream, deadline: Instant) -> Result<Frame, LinkError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(LinkError::Protocol(
@@ -136,7 +141,7 @@ fn write_all_vectored(stream: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> 
     Ok(())
 }
 
-fn refuse(stream: &mut TcpStream, code: RefuseCode, message: String) -> LinkError {
+fn refuse(stream: &mut Stream, code: RefuseCode, message: String) -> LinkError {
     // Best effort: tell the peer why, then give up on this connection.
     let _ = write_frame(
         stream,
@@ -149,7 +154,7 @@ fn refuse(stream: &mut TcpStream, code: RefuseCode, message: String) -> LinkErro
 }
 
 fn expect_frame(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     want: &'static str,
     deadline: Instant,
 ) -> Result<Frame, LinkError> {
@@ -174,7 +179,7 @@ pub struct Agreed {
 
 /// Runs the handshake on a fresh connection. The dialer speaks first.
 pub fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     cfg: &PeerConfig,
     resource: &str,
     size: u64,
@@ -288,7 +293,7 @@ pub fn handshake(
     if !dialer {
         write_frame(stream, &Frame::Hello(mine))?;
     }
-    let secret = cfg.secret.as_bytes();
+    let secret = cfg.secret.0.as_bytes();
     let mac = auth_mac(secret, &theirs.challenge, &cfg.local_node, resource)
         .ok_or_else(|| LinkError::Protocol("cannot key HMAC with the shared secret".into()))?;
     write_frame(stream, &Frame::Auth { mac })?;
@@ -452,7 +457,7 @@ pub struct Session {
     outbox: Mutex<Outbox>,
     /// Signalled when the send turn is given up.
     turn: Condvar,
-    writer: Mutex<TcpStream>,
+    writer: Mutex<Stream>,
     /// What this node receives: numbering, acks to send, flush groups
     /// (`core::datapath`). Kept here, not in the receive loop, so it
     /// continues when the roles swap within one session.
@@ -463,7 +468,7 @@ pub struct Session {
     /// (see `expect_state`).
     state_waiters: Mutex<HashMap<u64, Arc<Slot>>>,
     next_token: AtomicU64,
-    reader: Mutex<io::BufReader<TcpStream>>,
+    reader: Mutex<io::BufReader<Stream>>,
     ping_timeout: Duration,
     /// What this node sends: sequence numbers, requests awaiting their
     /// Acks, the transfer log (`core::datapath`).
@@ -472,7 +477,7 @@ pub struct Session {
     /// peer applied but no barrier made durable, and writes lost in
     /// flight.
     lost_marks: Mutex<Vec<(u64, u64)>>,
-    control: TcpStream,
+    control: Stream,
     failed: AtomicBool,
     reason: Mutex<Option<String>>,
     pub peer: String,
@@ -512,7 +517,7 @@ pub type Hook = Box<dyn Fn(Frame) -> Result<(), LinkError> + Send + Sync>;
 
 impl Session {
     pub fn new(
-        stream: &TcpStream,
+        stream: &Stream,
         peer: String,
         ping_timeout: Duration,
         hook: Hook,
@@ -665,7 +670,7 @@ impl Session {
     /// Reads frames until `seq` is answered: Acks and Pongs are handled
     /// here, anything else (a `State` whose handling may write metadata)
     /// is left to the receiver.
-    fn read_own(&self, reader: &mut io::BufReader<TcpStream>, seq: u64, timeout: Duration) {
+    fn read_own(&self, reader: &mut io::BufReader<Stream>, seq: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let fd = reader.get_ref().as_raw_fd();
         let mut batch = Batch::default();
@@ -688,7 +693,10 @@ impl Session {
                     self.fail(&format!("peer did not acknowledge within {timeout:?}"));
                     break;
                 }
-                if !crate::net::wait_readable(fd, left.min(Duration::from_millis(50))) {
+                if !reader
+                    .get_ref()
+                    .wait_readable(left.min(Duration::from_millis(50)))
+                {
                     continue;
                 }
             }
@@ -772,7 +780,7 @@ impl Session {
             return;
         }
         *lock(&self.reason) = Some(why.to_owned());
-        self.control.shutdown(Shutdown::Both).ok();
+        self.control.shutdown(Shutdown::Both);
         self.lose_in_flight();
         if let Some((_, _, slot)) = lock(&self.ping).as_ref() {
             slot.complete(Remote::Lost);
@@ -1240,12 +1248,12 @@ impl Session {
     }
 
     /// The read side, unless a submitter is reading its own Ack.
-    pub fn try_reader(&self) -> Option<MutexGuard<'_, io::BufReader<TcpStream>>> {
+    pub fn try_reader(&self) -> Option<MutexGuard<'_, io::BufReader<Stream>>> {
         self.reader.try_lock().ok()
     }
 
     /// Exclusive access to the read side (the Secondary's apply loop).
-    pub fn reader(&self) -> MutexGuard<'_, io::BufReader<TcpStream>> {
+    pub fn reader(&self) -> MutexGuard<'_, io::BufReader<Stream>> {
         lock(&self.reader)
     }
 }

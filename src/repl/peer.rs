@@ -3,6 +3,8 @@
 //! Primary's receiver, the Secondary's pinger).
 
 use super::*;
+use crate::net::Stream;
+use crate::tls::TlsStream;
 
 impl Replica {
     /// `State` and `SyncDone` frames from the peer (any reading thread).
@@ -155,25 +157,28 @@ impl Replica {
     /// Dials or accepts one connection, authenticates it, exchanges state
     /// and takes the sync decision. `Ok(None)`: the decision (or the
     /// operator) says not to run a session.
-    fn establish(&self, cfg: &PeerConfig) -> Result<Option<(TcpStream, u64)>, LinkError> {
+    fn establish(&self, cfg: &PeerConfig) -> Result<Option<(Stream, u64)>, LinkError> {
         let timeout = Duration::from_millis(cfg.timing.connect_timeout_ms);
-        // The dialer runs the handshake here; the listener takes a
-        // connection its acceptor already authenticated.
-        let (mut stream, accepted) = match &self.listener {
+        // The dialer connects and runs the handshakes here; the listener
+        // takes a connection its acceptor already secured and
+        // authenticated.
+        let (dialed, accepted) = match &self.listener {
             None => (
-                TcpStream::connect_timeout(&cfg.peer_address, timeout).map_err(|e| {
-                    LinkError::Io(io::Error::new(
-                        e.kind(),
-                        format!(
-                            "connecting to {} at {}: {e}",
-                            cfg.peer_node, cfg.peer_address
-                        ),
-                    ))
-                })?,
+                Some(
+                    TcpStream::connect_timeout(&cfg.peer_address, timeout).map_err(|e| {
+                        LinkError::Io(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "connecting to {} at {}: {e}",
+                                cfg.peer_node, cfg.peer_address
+                            ),
+                        ))
+                    })?,
+                ),
                 None,
             ),
             Some(_) => match self.next_incoming() {
-                Some(authenticated) => (authenticated.0, Some(authenticated.1)),
+                Some(authenticated) => (None, Some(authenticated)),
                 None => return Ok(None),
             },
         };
@@ -181,16 +186,24 @@ impl Replica {
             return Err(LinkError::Protocol("shutting down".into()));
         }
         if !self.wants_link() {
-            let _ = stream.shutdown(Shutdown::Both);
+            if let Some(t) = &dialed {
+                let _ = t.shutdown(Shutdown::Both);
+            }
+            if let Some((s, _)) = &accepted {
+                s.shutdown(Shutdown::Both);
+            }
             return Ok(None);
         }
-        let dialer = accepted.is_none();
-        let agreed = match accepted {
-            Some(agreed) => agreed,
-            None => {
-                prepare(&mut stream, timeout)?;
-                link::handshake(&mut stream, cfg, &self.name, self.size(), true)?
+        let dialer = dialed.is_some();
+        let (mut stream, agreed) = match (dialed, accepted) {
+            (_, Some((stream, agreed))) => (stream, agreed),
+            (Some(mut tcp), None) => {
+                prepare(&mut tcp, timeout)?;
+                let mut stream = secure(cfg, tcp, true, timeout)?;
+                let agreed = link::handshake(&mut stream, cfg, &self.name, self.size(), true)?;
+                (stream, agreed)
             }
+            (None, None) => return Ok(None),
         };
         let _t = lock(&self.transition);
         let theirs = link::exchange_state(&mut stream, self.state_frame(0, 0), timeout)?;
@@ -262,7 +275,7 @@ impl Replica {
                     let _ = self.step(Event::PeerLost {
                         reason: reason.clone(),
                     });
-                    let _ = stream.shutdown(Shutdown::Both);
+                    stream.shutdown(Shutdown::Both);
                     return Err(LinkError::Protocol(reason));
                 }
             }
@@ -275,20 +288,21 @@ impl Replica {
             );
         }
         if let Some(reason) = fx.drop_link {
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.shutdown(Shutdown::Both);
             self.set_link_error(reason);
             return Ok(None);
         }
         tracing::info!(
             resource = %self.name, peer = %cfg.peer_node,
             addr = %stream.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+            tls = matches!(stream, Stream::Tls(_)),
             version = agreed.version, "peer connected"
         );
         self.fence(crate::core::fence::FenceEvent::PeerConnected);
         Ok(Some((stream, agreed.features)))
     }
 
-    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: TcpStream, features: u64) {
+    fn run_session(self: &Arc<Self>, cfg: &PeerConfig, stream: Stream, features: u64) {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
         let weak: Weak<Replica> = Arc::downgrade(self);
         let hook: link::Hook = Box::new(move |frame| match weak.upgrade() {
@@ -379,7 +393,7 @@ impl Replica {
         }
         self.set_link_error(reason);
         self.emit_if_changed();
-        let _ = stream.shutdown(Shutdown::Both);
+        stream.shutdown(Shutdown::Both);
     }
 
     /// The Primary's receiver. With more than one request in flight it
@@ -463,7 +477,7 @@ impl Replica {
                     session.fail(&why);
                 }
             }
-            let fd = reader.get_ref().as_raw_fd();
+
             let tick_end = Instant::now() + PRIMARY_TICK;
             while session.is_alive() {
                 if reader.buffer().is_empty() {
@@ -480,7 +494,7 @@ impl Replica {
                     if wait.is_zero() && active {
                         break;
                     }
-                    if !crate::net::wait_readable(fd, wait) {
+                    if !reader.get_ref().wait_readable(wait) {
                         break;
                     }
                 }
@@ -554,8 +568,8 @@ const MAX_PENDING_HANDSHAKES: usize = 8;
 
 /// Connections to the listener that passed the handshake.
 pub(super) struct Incoming {
-    tx: mpsc::SyncSender<(TcpStream, link::Agreed)>,
-    rx: Mutex<mpsc::Receiver<(TcpStream, link::Agreed)>>,
+    tx: mpsc::SyncSender<(Stream, link::Agreed)>,
+    rx: Mutex<mpsc::Receiver<(Stream, link::Agreed)>>,
     /// Handshakes in progress, oldest first (a clone of each socket, to
     /// drop the oldest when a new connection needs its place).
     pending: Mutex<std::collections::VecDeque<(u64, TcpStream)>>,
@@ -574,6 +588,37 @@ impl Incoming {
             next_id: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
+    }
+}
+
+/// TLS over a fresh peer connection when the config has certificates
+/// (each side accepts only the certificate pinned for the other).
+fn secure(
+    cfg: &PeerConfig,
+    stream: TcpStream,
+    dialer: bool,
+    timeout: Duration,
+) -> Result<Stream, LinkError> {
+    let Some(tls) = &cfg.tls else {
+        return Ok(Stream::Tcp(stream));
+    };
+    let addr = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let deadline = Instant::now() + timeout;
+    let made = if dialer {
+        TlsStream::connect(stream, tls.client.clone(), deadline)
+    } else {
+        TlsStream::accept(stream, tls.server.clone(), deadline)
+    };
+    match made {
+        Ok(s) => Ok(Stream::Tls(s)),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => Err(LinkError::Tls(format!(
+            "handshake with {addr} (expecting {}) failed: {e}",
+            cfg.peer_node
+        ))),
+        Err(e) => Err(LinkError::Io(e)),
     }
 }
 
@@ -637,12 +682,14 @@ impl Replica {
                 .spawn(move || {
                     let result = prepare(&mut stream, timeout)
                         .map_err(LinkError::Io)
-                        .and_then(|()| {
+                        .and_then(|()| secure(&cfg, stream, false, timeout))
+                        .and_then(|mut stream| {
                             link::handshake(&mut stream, &cfg, &me.name, me.size(), false)
+                                .map(|agreed| (stream, agreed))
                         });
                     lock(&me.incoming.pending).retain(|(i, _)| *i != id);
                     match result {
-                        Ok(agreed) => {
+                        Ok((stream, agreed)) => {
                             // One waits at most; a newer one is dropped
                             // (the peer dials again).
                             if me.incoming.tx.try_send((stream, agreed)).is_ok() {
@@ -681,7 +728,7 @@ impl Replica {
 
     /// Waits for an authenticated incoming connection; `None` when the
     /// link is no longer wanted or the node is stopping.
-    fn next_incoming(&self) -> Option<(TcpStream, link::Agreed)> {
+    fn next_incoming(&self) -> Option<(Stream, link::Agreed)> {
         let rx = lock(&self.incoming.rx);
         loop {
             if self.stopping.load(Ordering::SeqCst) || !self.wants_link() {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod client;
 pub mod forward;
 pub mod pair;

@@ -74,8 +74,14 @@ pub struct PairBuilder {
     specs: [NodeSpec; 2],
     internal_meta: bool,
     bootstrap: bool,
+    /// Extra keys for the `[[resource]]` table.
     resource_keys: String,
     metrics: bool,
+    /// Keys for `[resource.on.ABOUT]` in the config file of FILE (`None`:
+    /// every file): (file, about, keys).
+    on_keys: Vec<(Option<usize>, usize, String)>,
+    /// Write `secret = ...` into the resource table.
+    inline_secret: bool,
     dial_via: Option<SocketAddr>,
 }
 
@@ -205,6 +211,20 @@ impl PairBuilder {
         self
     }
 
+    /// Keys for `[resource.on.ABOUT]`, in the config file of `file` (or in
+    /// both files with `None`).
+    pub fn on_keys(mut self, file: Option<&str>, about: &str, keys: &str) -> Self {
+        self.on_keys
+            .push((file.map(index), index(about), keys.to_owned()));
+        self
+    }
+
+    /// Leave the inline `secret` out (a `secret_file` replaces it).
+    pub fn no_inline_secret(mut self) -> Self {
+        self.inline_secret = false;
+        self
+    }
+
     fn config_text(&self, node: usize, nodes: &[Node; 2]) -> String {
         let spec = &self.specs[node];
         let secret = spec.secret.as_deref().unwrap_or(&self.secret);
@@ -231,14 +251,17 @@ impl PairBuilder {
             }
         }
         text.push_str(&format!(
-            "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n\
-             secret = {secret:?}\n{}",
-            self.description, self.resource_keys
+            "\n[[resource]]\nname = {resource:?}\ndescription = {:?}\n",
+            self.description
         ));
+        if self.inline_secret {
+            text.push_str(&format!("secret = {secret:?}\n"));
+        }
+        text.push_str(&self.resource_keys);
         for (k, v) in &spec.resource_keys {
             text.push_str(&format!("{k} = {v}\n"));
         }
-        for n in nodes {
+        for (i, n) in nodes.iter().enumerate() {
             let address = match self.dial_via {
                 Some(via) if node == 0 && n.name == BETA => via,
                 _ => n.repl_addr,
@@ -249,6 +272,11 @@ impl PairBuilder {
                 n.disk.display().to_string(),
                 address
             ));
+            for (file, about, keys) in &self.on_keys {
+                if *about == i && file.is_none_or(|f| f == node) {
+                    text.push_str(keys);
+                }
+            }
             if !self.internal_meta {
                 text.push_str(&format!("meta_disk = {:?}\n", n.meta.display().to_string()));
             }
@@ -583,6 +611,8 @@ impl Pair {
             bootstrap: true,
             resource_keys: String::new(),
             metrics: false,
+            on_keys: Vec::new(),
+            inline_secret: true,
             dial_via: None,
         }
     }
