@@ -1211,7 +1211,17 @@ impl Replica {
         // lock (see `admit`), so every one admitted before is counted here
         // and none is admitted meanwhile.
         let _admission = lock(&self.admission);
-        let clients = clients();
+        let count = clients;
+        let mut clients = count();
+        if clients > 0 && !force {
+            // A client that has just disconnected may still be closing
+            // (its last replies drained): a moment's grace, bounded.
+            let until = Instant::now() + Duration::from_secs(2);
+            while clients > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+                clients = count();
+            }
+        }
         let event = Event::Demote { force, clients };
         self.dry_run(event.clone())?;
         self.serving.store(false, Ordering::SeqCst);
