@@ -128,9 +128,10 @@ impl Replica {
         }
     }
 
-    /// The Primary's write path at depth: the calling worker writes
-    /// locally, queues the frame for the peer and returns; the thread that
-    /// reads the peer's Ack completes the request (replies to the client).
+    /// The Primary's write path at depth: the calling worker queues the
+    /// frame for the peer, writes locally and returns; whichever thread
+    /// learns the last of the two halves (usually the one that reads the
+    /// peer's Ack) completes the request (replies to the client).
     /// No thread waits for the network, so none has to be woken per write.
     /// A lone request (`more` false, nothing else in flight) reads its own
     /// Ack (see `Session::after_submit`).
