@@ -203,7 +203,57 @@ class Node:
             return {}
 
 
-class Run:
+def same_files(a: Path, b: Path) -> None:
+    """Raises Failure at the first MiB where the two files differ."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                raise Failure(f"the copies differ in the MiB at {off} after the sync")
+            if not x:
+                return
+            off += len(x)
+
+
+class PairDriver:
+    """What both scripts do with a pair: wait for a state, bring it up
+    with alpha Primary, wait for the sync. `self.nodes` maps names to
+    nodes."""
+
+    nodes: Dict[str, Node]
+
+    def wait(self, what: str, check, timeout: float = WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                st = {n: node.status() for n, node in self.nodes.items()}
+                raise Failure(f"timed out waiting for {what}; status: {json.dumps(st)}")
+            time.sleep(0.05)
+
+    def connected(self) -> bool:
+        return all(n.status().get("connection") == "Connected" for n in self.nodes.values())
+
+    def synced(self) -> None:
+        self.wait("both connected", self.connected)
+        for n in self.nodes.values():
+            n.ctl_run("wait-sync", "r0", "--timeout", str(int(WAIT_S)))
+
+    def bring_up(self) -> None:
+        """Starts both daemons on fresh metadata, skips the initial sync
+        (identical empty disks) and promotes alpha."""
+        for n in self.nodes.values():
+            n.start()
+            n.ctl_run("create-md", "r0", "--force")
+            n.ctl_run("up", "r0")
+        self.wait("the first connect", self.connected)
+        a = self.nodes["alpha"]
+        a.ctl_run("new-current-uuid", "r0", "--clear-bitmap")
+        a.ctl_run("promote", "r0")
+        self.wait("beta UpToDate", lambda: self.nodes["beta"].status().get("disk") == "UpToDate")
+
+
+class Run(PairDriver):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.bins = Path(args.bin).resolve()
@@ -259,14 +309,6 @@ address = "{beta_addr}"
 
     # -- helpers ---------------------------------------------------------
 
-    def wait(self, what: str, check, timeout: float = WAIT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                st = {n: node.status() for n, node in self.nodes.items()}
-                raise Failure(f"timed out waiting for {what}; status: {json.dumps(st)}")
-            time.sleep(0.05)
-
     def primary(self) -> Node:
         for n in self.nodes.values():
             if n.proc and n.status().get("role") == "Primary":
@@ -275,14 +317,6 @@ address = "{beta_addr}"
 
     def other(self, node: Node) -> Node:
         return self.nodes["beta" if node.name == "alpha" else "alpha"]
-
-    def connected(self) -> bool:
-        return all(n.status().get("connection") == "Connected" for n in self.nodes.values())
-
-    def synced(self) -> None:
-        self.wait("both connected", self.connected)
-        for n in self.nodes.values():
-            n.ctl_run("wait-sync", "r0", "--timeout", str(int(WAIT_S)))
 
     def start_writer(self, cycle: int) -> None:
         log = self.work / f"writes-{cycle:05d}.log"
@@ -347,30 +381,13 @@ address = "{beta_addr}"
         self.logs = [merged]
 
     def compare(self) -> None:
-        a, b = self.nodes["alpha"].disk, self.nodes["beta"].disk
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            off = 0
-            while True:
-                x, y = fa.read(1 << 20), fb.read(1 << 20)
-                if x != y:
-                    raise Failure(f"the copies differ in the MiB at {off} after the sync")
-                if not x:
-                    break
-                off += len(x)
+        same_files(self.nodes["alpha"].disk, self.nodes["beta"].disk)
         self.stats["resync_checks"] += 1
 
     # -- the run -----------------------------------------------------------
 
     def bootstrap(self) -> None:
-        for n in self.nodes.values():
-            n.start()
-            n.ctl_run("create-md", "r0", "--force")
-            n.ctl_run("up", "r0")
-        self.wait("the first connect", self.connected)
-        a = self.nodes["alpha"]
-        a.ctl_run("new-current-uuid", "r0", "--clear-bitmap")
-        a.ctl_run("promote", "r0")
-        self.wait("beta UpToDate", lambda: self.nodes["beta"].status().get("disk") == "UpToDate")
+        self.bring_up()
 
     def fault(self, kind: str) -> None:
         p = self.primary()

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longrun import WAIT_S, Failure, Node, free_port  # noqa: E402
+from longrun import WAIT_S, Failure, Node, PairDriver, free_port, same_files  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGION = 512  # blocks of 4 KiB per cycle
@@ -99,7 +99,7 @@ class LazyMount:
                 self.proc.wait(10)
 
 
-class PowerLoss:
+class PowerLoss(PairDriver):
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.bins = Path(args.bin).resolve()
@@ -133,27 +133,11 @@ class PowerLoss:
 
     # -- helpers -----------------------------------------------------------
 
-    def wait(self, what: str, check, timeout: float = WAIT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                st = {n: node.status() for n, node in self.nodes.items()}
-                raise Failure(f"timed out waiting for {what}; status: {json.dumps(st)}")
-            time.sleep(0.05)
-
-    def connected(self) -> bool:
-        return all(n.status().get("connection") == "Connected" for n in self.nodes.values())
-
     def primary(self) -> Optional[Node]:
         for n in self.nodes.values():
             if n.proc and n.status().get("role") == "Primary":
                 return n
         return None
-
-    def synced(self) -> None:
-        self.wait("both connected", self.connected)
-        for n in self.nodes.values():
-            n.ctl_run("wait-sync", "r0", "--timeout", str(int(WAIT_S)))
 
     def metadata_readable(self) -> None:
         for n in self.nodes.values():
@@ -165,17 +149,7 @@ class PowerLoss:
             self.stats["torn_slots"] += len(slots) - ok
 
     def compare(self) -> None:
-        a = self.mounts["alpha"].mnt / "disk.img"
-        b = self.mounts["beta"].mnt / "disk.img"
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            off = 0
-            while True:
-                x, y = fa.read(1 << 20), fb.read(1 << 20)
-                if x != y:
-                    raise Failure(f"the copies differ in the MiB at {off}")
-                if not x:
-                    return
-                off += len(x)
+        same_files(self.mounts["alpha"].mnt / "disk.img", self.mounts["beta"].mnt / "disk.img")
 
     def write(self, cycle: int, primary: Node) -> Tuple[subprocess.Popen, Path]:
         log = self.work / f"writes-{cycle:04d}.log"
@@ -244,15 +218,7 @@ class PowerLoss:
     def bootstrap(self) -> None:
         for m in self.mounts.values():
             m.start()
-        for n in self.nodes.values():
-            n.start()
-            n.ctl_run("create-md", "r0", "--force")
-            n.ctl_run("up", "r0")
-        self.wait("the first connect", self.connected)
-        a = self.nodes["alpha"]
-        a.ctl_run("new-current-uuid", "r0", "--clear-bitmap")
-        a.ctl_run("promote", "r0")
-        self.wait("beta UpToDate", lambda: self.nodes["beta"].status().get("disk") == "UpToDate")
+        self.bring_up()
 
     def cycle(self, i: int) -> str:
         p = self.primary()
