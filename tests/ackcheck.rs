@@ -10,78 +10,21 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use common::pair::{Pair, ALPHA, BETA};
+use common::writer::Writer;
 
 const ACKCHECK: &str = env!("CARGO_BIN_EXE_ackcheck");
 
-/// A running `ackcheck write`, killed by PID if the test fails first.
-struct Writer {
-    child: Option<Child>,
-    stop: PathBuf,
-}
-
-impl Writer {
-    fn start(uris: &[String], log: &Path, stop: PathBuf) -> Writer {
-        let mut cmd = Command::new(ACKCHECK);
-        cmd.arg("write");
-        for u in uris {
-            cmd.arg("--uri").arg(u);
-        }
-        let child = cmd
-            .arg("--log")
-            .arg(log)
-            .args(["--qd", "8", "--flush-every", "64", "--reconnect", "20"])
-            .args(["--duration", "60", "--stop-file"])
-            .arg(&stop)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting ackcheck");
-        Writer {
-            child: Some(child),
-            stop,
-        }
-    }
-
-    /// Asks the writer to end, waits (bounded) and returns its summary.
-    fn finish(mut self) -> Value {
-        std::fs::write(&self.stop, b"").expect("stop file");
-        let mut child = self.child.take().expect("running");
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if child.try_wait().expect("wait").is_some() {
-                break;
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("ackcheck write did not end within 30 s of its stop file");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().expect("output");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "ackcheck summary {stdout:?} ({e}); stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// A writer at depth 8 with a flush every 64 writes, reconnecting for up
+/// to 20 s across the given nodes.
+fn writer(uris: &[String], log: &Path, stop: PathBuf) -> Writer {
+    let args = ["--qd", "8", "--flush-every", "64", "--reconnect", "20"];
+    Writer::start(ACKCHECK, uris, log, stop, &args)
 }
 
 /// `A` lines in the log so far.
@@ -131,7 +74,7 @@ fn every_write_the_killed_primary_acknowledged_is_on_the_new_primary() {
     let uris = [pair.alpha().uri(), pair.beta().uri()];
     // The writer's log is flushed only when a connection ends and at the
     // end; the acks are counted from what it logged by then.
-    let writer = Writer::start(&uris, &log, pair.dir.path().join("stop"));
+    let writer = writer(&uris, &log, pair.dir.path().join("stop"));
     std::thread::sleep(Duration::from_millis(700));
     pair.kill(ALPHA);
     pair.wait_status(BETA, "losing alpha", |s| !s.connected());
@@ -180,7 +123,7 @@ fn every_write_the_killed_primary_acknowledged_is_on_the_new_primary() {
 fn the_checker_reports_an_acknowledged_write_that_went_missing() {
     let mut pair = Pair::start_default();
     let log = pair.dir.path().join("writes.log");
-    let writer = Writer::start(&[pair.alpha().uri()], &log, pair.dir.path().join("stop"));
+    let writer = writer(&[pair.alpha().uri()], &log, pair.dir.path().join("stop"));
     std::thread::sleep(Duration::from_millis(500));
     let summary = writer.finish();
     assert!(summary["acked"].as_u64().unwrap_or(0) > 0, "{summary}");

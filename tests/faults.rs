@@ -14,13 +14,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use common::pair::{Pair, ALPHA, BETA};
 use common::proxy::{Dir, FaultProxy, Faults};
+use common::writer::Writer;
 
 const ACKCHECK: &str = env!("CARGO_BIN_EXE_ackcheck");
 const MIB: u64 = 1 << 20;
@@ -64,66 +65,20 @@ fn wait_disconnected(pair: &Pair, what: &str) {
     pair.wait_status(ALPHA, what, |s| !s.connected());
 }
 
-/// An `ackcheck write` at alpha, killed by PID if the test fails first.
-struct Writer {
-    child: Option<Child>,
-    stop: std::path::PathBuf,
+/// An `ackcheck write` at alpha, at depth 8 without flushes.
+fn writer(pair: &Pair, log: &Path) -> Writer {
+    let args = ["--qd", "8", "--blocks", "4096", "--flush-every", "0"];
+    let stop = pair.dir.path().join("stop");
+    Writer::start(ACKCHECK, &[pair.alpha().uri()], log, stop, &args)
 }
 
-impl Writer {
-    fn start(pair: &Pair, log: &Path) -> Writer {
-        let stop = pair.dir.path().join("stop");
-        let _ = std::fs::remove_file(&stop);
-        let child = Command::new(ACKCHECK)
-            .args(["write", "--uri", &pair.alpha().uri(), "--log"])
-            .arg(log)
-            .args(["--qd", "8", "--blocks", "4096", "--flush-every", "0"])
-            .args(["--duration", "60", "--stop-file"])
-            .arg(&stop)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ackcheck write");
-        Writer {
-            child: Some(child),
-            stop,
-        }
-    }
-
-    fn finish(mut self) -> Value {
-        std::fs::write(&self.stop, b"").expect("stop file");
-        let mut child = self.child.take().expect("running");
-        let until = Instant::now() + Duration::from_secs(40);
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > until {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the writer did not end within 40 s of its stop file");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().expect("output");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-            panic!(
-                "writer summary {text:?} ({e}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        assert_eq!(v["failed"], 0, "the client saw write errors: {v}");
-        assert_eq!(v["lost_connections"], 0, "{v}");
-        assert!(v["acked"].as_u64().unwrap_or(0) > 0, "{v}");
-        v
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Ends the writer: it saw no error and no lost connection, and wrote.
+fn finish(w: Writer) -> Value {
+    let v = w.finish();
+    assert_eq!(v["failed"], 0, "the client saw write errors: {v}");
+    assert_eq!(v["lost_connections"], 0, "{v}");
+    assert!(v["acked"].as_u64().unwrap_or(0) > 0, "{v}");
+    v
 }
 
 fn verify(log: &Path, extra: &[&str]) -> Value {
@@ -229,7 +184,7 @@ fn dropped_under_load(forward: Faults, back: Faults, what: &str) {
     let proxy = FaultProxy::start();
     let pair = pair_via(&proxy);
     let log = pair.dir.path().join("writes.log");
-    let writer = Writer::start(&pair, &log);
+    let writer = writer(&pair, &log);
     std::thread::sleep(Duration::from_millis(500));
     proxy.refuse(true);
     proxy.set(Dir::Forward, forward);
@@ -239,7 +194,7 @@ fn dropped_under_load(forward: Faults, back: Faults, what: &str) {
     let dropped_after = started.elapsed();
     // The Primary goes on without its peer.
     std::thread::sleep(Duration::from_millis(500));
-    let summary = writer.finish();
+    let summary = finish(writer);
     eprintln!("{what}: link dropped after {dropped_after:?}; writer {summary}");
     proxy.cut();
     let v = acked_writes_are_on_beta_or_marked(&pair, &log);
@@ -279,7 +234,7 @@ fn a_reset_in_the_middle_of_a_frame_is_dropped_and_resynced() {
     let proxy = FaultProxy::start();
     let pair = pair_via(&proxy);
     let log = pair.dir.path().join("writes.log");
-    let writer = Writer::start(&pair, &log);
+    let writer = writer(&pair, &log);
     std::thread::sleep(Duration::from_millis(300));
     proxy.refuse(true);
     // 4 KiB writes: 100,003 bytes on lands inside some frame.
@@ -292,7 +247,7 @@ fn a_reset_in_the_middle_of_a_frame_is_dropped_and_resynced() {
     );
     wait_disconnected(&pair, "losing the reset link");
     std::thread::sleep(Duration::from_millis(300));
-    writer.finish();
+    finish(writer);
     acked_writes_are_on_beta_or_marked(&pair, &log);
     heal_and_converge(&pair, &proxy, Some(&log));
 }
@@ -302,7 +257,7 @@ fn a_link_closed_cleanly_in_the_middle_of_a_frame_is_dropped_and_resynced() {
     let proxy = FaultProxy::start();
     let pair = pair_via(&proxy);
     let log = pair.dir.path().join("writes.log");
-    let writer = Writer::start(&pair, &log);
+    let writer = writer(&pair, &log);
     std::thread::sleep(Duration::from_millis(300));
     proxy.refuse(true);
     proxy.set(
@@ -314,7 +269,7 @@ fn a_link_closed_cleanly_in_the_middle_of_a_frame_is_dropped_and_resynced() {
     );
     wait_disconnected(&pair, "losing the truncated link");
     std::thread::sleep(Duration::from_millis(300));
-    writer.finish();
+    finish(writer);
     acked_writes_are_on_beta_or_marked(&pair, &log);
     heal_and_converge(&pair, &proxy, Some(&log));
 }
@@ -332,9 +287,9 @@ fn a_slow_link_stays_up_and_loses_nothing() {
     proxy.set(Dir::Back, slow);
     let connections = proxy.accepted();
     let log = pair.dir.path().join("writes.log");
-    let writer = Writer::start(&pair, &log);
+    let writer = writer(&pair, &log);
     std::thread::sleep(Duration::from_millis(1500));
-    writer.finish();
+    finish(writer);
     assert!(
         pair.status(ALPHA).connected() && proxy.accepted() == connections,
         "the slow link was dropped:\n{}",

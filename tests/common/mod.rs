@@ -10,6 +10,7 @@ pub mod forward;
 pub mod pair;
 pub mod proxy;
 pub mod vm;
+pub mod writer;
 
 use std::fs::File;
 use std::io::Read;

@@ -1,0 +1,77 @@
+//! A running `ackcheck write` for tests: ended through its stop file,
+//! killed by PID if the test fails first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Writer {
+    child: Option<Child>,
+    stop: PathBuf,
+}
+
+impl Writer {
+    /// `ackcheck write --uri U... --log LOG ARGS --duration 60 --stop-file STOP`.
+    pub fn start(
+        ackcheck: &str,
+        uris: &[String],
+        log: &Path,
+        stop: PathBuf,
+        args: &[&str],
+    ) -> Writer {
+        let _ = std::fs::remove_file(&stop);
+        let mut cmd = Command::new(ackcheck);
+        cmd.arg("write");
+        for u in uris {
+            cmd.arg("--uri").arg(u);
+        }
+        let child = cmd
+            .arg("--log")
+            .arg(log)
+            .args(args)
+            .args(["--duration", "60", "--stop-file"])
+            .arg(&stop)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting ackcheck write");
+        Writer {
+            child: Some(child),
+            stop,
+        }
+    }
+
+    /// Asks the writer to end, waits (bounded) and returns its summary.
+    pub fn finish(mut self) -> Value {
+        std::fs::write(&self.stop, b"").expect("stop file");
+        let mut child = self.child.take().expect("running");
+        let until = Instant::now() + Duration::from_secs(40);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("ackcheck write did not end within 40 s of its stop file");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("output");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!(
+                "ackcheck summary {stdout:?} ({e}); stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
