@@ -231,43 +231,34 @@ fn a_half_open_link_that_loses_the_writes_is_dropped() {
 
 #[test]
 fn a_reset_in_the_middle_of_a_frame_is_dropped_and_resynced() {
-    let proxy = FaultProxy::start();
-    let pair = pair_via(&proxy);
-    let log = pair.dir.path().join("writes.log");
-    let writer = writer(&pair, &log);
-    std::thread::sleep(Duration::from_millis(300));
-    proxy.refuse(true);
     // 4 KiB writes: 100,003 bytes on lands inside some frame.
-    proxy.set(
-        Dir::Forward,
+    dropped_mid_frame(Dir::Forward, 100_003, "losing the reset link", |at| {
         Faults {
-            reset_at: Some(proxy.forwarded(Dir::Forward) + 100_003),
+            reset_at: Some(at),
             ..Faults::default()
-        },
-    );
-    wait_disconnected(&pair, "losing the reset link");
-    std::thread::sleep(Duration::from_millis(300));
-    finish(writer);
-    acked_writes_are_on_beta_or_marked(&pair, &log);
-    heal_and_converge(&pair, &proxy, Some(&log));
+        }
+    });
 }
 
 #[test]
 fn a_link_closed_cleanly_in_the_middle_of_a_frame_is_dropped_and_resynced() {
+    dropped_mid_frame(Dir::Back, 7, "losing the truncated link", |at| Faults {
+        close_at: Some(at),
+        ..Faults::default()
+    });
+}
+
+/// Under a writer, the link in `dir` ends `ahead` bytes on (the fault
+/// `at` builds); the marks cover what beta lacks, then it heals.
+fn dropped_mid_frame(dir: Dir, ahead: u64, what: &str, at: impl Fn(u64) -> Faults) {
     let proxy = FaultProxy::start();
     let pair = pair_via(&proxy);
     let log = pair.dir.path().join("writes.log");
     let writer = writer(&pair, &log);
     std::thread::sleep(Duration::from_millis(300));
     proxy.refuse(true);
-    proxy.set(
-        Dir::Back,
-        Faults {
-            close_at: Some(proxy.forwarded(Dir::Back) + 7),
-            ..Faults::default()
-        },
-    );
-    wait_disconnected(&pair, "losing the truncated link");
+    proxy.set(dir, at(proxy.forwarded(dir) + ahead));
+    wait_disconnected(&pair, what);
     std::thread::sleep(Duration::from_millis(300));
     finish(writer);
     acked_writes_are_on_beta_or_marked(&pair, &log);
