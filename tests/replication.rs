@@ -727,6 +727,52 @@ impl FakePeer {
         self.send(&Frame::Auth { mac });
     }
 
+    /// The full handshake as alpha with the right secret, up to beta's
+    /// AuthOk.
+    fn authenticate_as_alpha(&mut self, size: u64) {
+        let mut challenge = [0u8; CHALLENGE_LEN];
+        rand::thread_rng().fill_bytes(&mut challenge);
+        self.send(&hello(
+            (repl::PROTOCOL_MIN, repl::PROTOCOL_MAX),
+            size,
+            challenge,
+        ));
+        let theirs = match self.recv().expect("beta's Hello") {
+            Frame::Hello(h) => h,
+            other => panic!("expected Hello, got {other:?}"),
+        };
+        assert_eq!((theirs.node.as_str(), theirs.peer.as_str()), (BETA, ALPHA));
+        let mac = auth_mac(SECRET.as_bytes(), &theirs.challenge, ALPHA, "r0").expect("mac");
+        self.send(&Frame::Auth { mac });
+        match self.recv().expect("beta's Auth") {
+            Frame::Auth { mac } => assert!(
+                auth_verify(SECRET.as_bytes(), &challenge, BETA, "r0", &mac),
+                "beta's MAC does not verify"
+            ),
+            other => panic!("expected Auth, got {other:?}"),
+        }
+        self.send(&Frame::AuthOk);
+        match self.recv().expect("beta's AuthOk") {
+            Frame::AuthOk => {}
+            other => panic!("expected AuthOk, got {other:?}"),
+        }
+    }
+
+    /// State exchange: a fresh Primary meets beta's fresh metadata, so no
+    /// sync is needed and the session starts.
+    fn start_session_as_fresh_primary(&mut self) {
+        self.send(&Frame::State(StateFrame {
+            role: 1,
+            disk: 1,
+            current: 4,
+            ..StateFrame::default()
+        }));
+        match self.recv().expect("beta's State") {
+            Frame::State(st) => assert_eq!((st.role, st.current), (0, 4), "{st:?}"),
+            other => panic!("expected State, got {other:?}"),
+        }
+    }
+
     /// The next frame that is not a keepalive (Pings are answered).
     fn recv_data(&mut self) -> Frame {
         loop {
@@ -840,46 +886,8 @@ fn a_replicated_write_with_a_bad_crc_is_not_applied_and_closes_the_link() {
     let mut pair = Pair::builder().only(BETA).start_unconnected();
     let size = pair.beta().disk_size;
     let mut fake = FakePeer::connect(pair.beta().repl_addr);
-
-    // The full handshake, as alpha, with the right secret.
-    let mut challenge = [0u8; CHALLENGE_LEN];
-    rand::thread_rng().fill_bytes(&mut challenge);
-    fake.send(&hello(
-        (repl::PROTOCOL_MIN, repl::PROTOCOL_MAX),
-        size,
-        challenge,
-    ));
-    let theirs = match fake.recv().expect("beta's Hello") {
-        Frame::Hello(h) => h,
-        other => panic!("expected Hello, got {other:?}"),
-    };
-    assert_eq!((theirs.node.as_str(), theirs.peer.as_str()), (BETA, ALPHA));
-    let mac = auth_mac(SECRET.as_bytes(), &theirs.challenge, ALPHA, "r0").expect("mac");
-    fake.send(&Frame::Auth { mac });
-    match fake.recv().expect("beta's Auth") {
-        Frame::Auth { mac } => assert!(
-            auth_verify(SECRET.as_bytes(), &challenge, BETA, "r0", &mac),
-            "beta's MAC does not verify"
-        ),
-        other => panic!("expected Auth, got {other:?}"),
-    }
-    fake.send(&Frame::AuthOk);
-    match fake.recv().expect("beta's AuthOk") {
-        Frame::AuthOk => {}
-        other => panic!("expected AuthOk, got {other:?}"),
-    }
-    // State exchange: a fresh Primary meets beta's fresh metadata, so no
-    // sync is needed and the session starts.
-    fake.send(&Frame::State(StateFrame {
-        role: 1,
-        disk: 1,
-        current: 4,
-        ..StateFrame::default()
-    }));
-    match fake.recv().expect("beta's State") {
-        Frame::State(st) => assert_eq!((st.role, st.current), (0, 4), "{st:?}"),
-        other => panic!("expected State, got {other:?}"),
-    }
+    fake.authenticate_as_alpha(size);
+    fake.start_session_as_fresh_primary();
 
     // A good write is applied and acknowledged: the session is real.
     let good = Bytes::from(vec![0x5a; 4096]);
@@ -1005,4 +1013,47 @@ fn writes_a_peer_acknowledged_but_never_made_durable_count_as_out_of_sync_when_i
     assert!(pair
         .log(ALPHA)
         .contains("had not yet made durable are marked out of sync"));
+}
+
+#[test]
+fn a_peer_connection_that_cannot_be_taken_now_is_refused_as_busy() {
+    let mut pair = Pair::builder().only(BETA).start_unconnected();
+    let size = pair.beta().disk_size;
+    let addr = pair.beta().repl_addr;
+    // A session runs...
+    let mut session = FakePeer::connect(addr);
+    session.authenticate_as_alpha(size);
+    session.start_session_as_fresh_primary();
+    assert!(pair.status(BETA).connected());
+    // ...a second authenticated connection waits for the link loop (a
+    // peer that redialed while beta still holds the old session)...
+    let mut waiting = FakePeer::connect(addr);
+    waiting.authenticate_as_alpha(size);
+    // ...and a third is told why it cannot be served, then closed.
+    let mut third = FakePeer::connect(addr);
+    third.authenticate_as_alpha(size);
+    match third.recv().expect("beta's refusal") {
+        Frame::Refuse { code, message } => {
+            assert_eq!(code, RefuseCode::Busy, "{message}");
+            assert!(message.contains("try again"), "{message}");
+        }
+        other => panic!("expected Refuse, got {other:?}"),
+    }
+    assert!(third.until_closed().is_empty());
+    // Busy is transient: logged as information, not as an error.
+    let line = wait_for_log_line(&pair, BETA, "already being served");
+    assert!(line.contains("INFO"), "not an info line: {line}");
+    // The running session was not disturbed: a write is still applied.
+    session.send(&Frame::Write(WriteFrame::new(
+        1,
+        MIB,
+        0,
+        Bytes::from(vec![0x77; 4096]),
+    )));
+    match session.recv_data() {
+        Frame::Ack { seq: 1, status: 0 } => {}
+        other => panic!("expected Ack for seq 1, got {other:?}"),
+    }
+    drop(waiting);
+    beta_survives(&mut pair);
 }

@@ -43,11 +43,16 @@ pub enum LinkError {
 
 impl LinkError {
     /// Refusals are configuration problems: retrying fast cannot help.
+    /// `Busy` is not one: the peer could not take the session now and a
+    /// later attempt may succeed.
     pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            LinkError::WeRefused { .. } | LinkError::PeerRefused { .. } | LinkError::Tls(_)
-        )
+        match self {
+            LinkError::WeRefused { code, .. } | LinkError::PeerRefused { code, .. } => {
+                *code != RefuseCode::Busy
+            }
+            LinkError::Tls(_) => true,
+            LinkError::Io(_) | LinkError::Protocol(_) => false,
+        }
     }
 }
 
@@ -141,7 +146,7 @@ fn write_all_vectored(stream: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> 
     Ok(())
 }
 
-fn refuse(stream: &mut Stream, code: RefuseCode, message: String) -> LinkError {
+pub(super) fn refuse(stream: &mut Stream, code: RefuseCode, message: String) -> LinkError {
     // Best effort: tell the peer why, then give up on this connection.
     let _ = write_frame(
         stream,

@@ -5,6 +5,7 @@
 use super::*;
 use crate::net::Stream;
 use crate::tls::TlsStream;
+use replblk_proto::repl::RefuseCode;
 
 impl Replica {
     /// `State` and `SyncDone` frames from the peer (any reading thread).
@@ -690,10 +691,20 @@ impl Replica {
                     lock(&me.incoming.pending).retain(|(i, _)| *i != id);
                     match result {
                         Ok((stream, agreed)) => {
-                            // One waits at most; a newer one is dropped
-                            // (the peer dials again).
-                            if me.incoming.tx.try_send((stream, agreed)).is_ok() {
-                                me.wake();
+                            // One waits at most; a newer one is refused
+                            // as busy (the peer dials again).
+                            match me.incoming.tx.try_send((stream, agreed)) {
+                                Ok(()) => me.wake(),
+                                Err(mpsc::TrySendError::Full((mut stream, _))) => {
+                                    let e = link::refuse(
+                                        &mut stream,
+                                        RefuseCode::Busy,
+                                        "a session or an earlier connection from this peer is already being served; try again".into(),
+                                    );
+                                    stream.shutdown(Shutdown::Both);
+                                    me.incoming_failed(e.to_string(), false);
+                                }
+                                Err(mpsc::TrySendError::Disconnected(_)) => {}
                             }
                         }
                         Err(e) => {
