@@ -814,6 +814,7 @@ impl Node {
             return;
         }
         self.kept_flags &= !flags::PEER_OUTDATED;
+        self.last_verdict = None;
         self.conn = ConnState::Connected;
         self.repl = ReplState::Established;
         self.peer_gens = Some(peer.uuids.gens);
