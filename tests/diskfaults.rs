@@ -64,6 +64,11 @@ impl Faults {
     fn disarm(&self) {
         self.arm("");
     }
+
+    /// Replaces the rules without waiting (the daemon is not running).
+    fn write_now(&self, rules: &str) {
+        std::fs::write(&self.path, rules).expect("fault spec");
+    }
 }
 
 struct Setup {
@@ -236,7 +241,10 @@ fn a_primary_read_error_is_served_from_the_peer() {
         s.raw
     );
     // Writes of a Diskless Primary land on beta only, and read back.
-    qemu_ok(&uri, &["write -P 0xc3 4M 1M", "flush", "read -P 0xc3 4M 1M"]);
+    qemu_ok(
+        &uri,
+        &["write -P 0xc3 4M 1M", "flush", "read -P 0xc3 4M 1M"],
+    );
     let b = std::fs::read(&pair.beta().disk).expect("beta disk");
     assert!(b[(4 * MIB) as usize..(5 * MIB) as usize]
         .iter()
@@ -258,7 +266,10 @@ fn a_primary_flush_error_detaches_and_the_flush_succeeds_on_the_peer() {
     faults.arm("r0 data flush 0 end EIO\n");
     qemu_ok(&uri, &["write -P 0x33 0 64k", "flush"]);
     wait_diskless(&pair, ALPHA);
-    qemu_ok(&uri, &["write -P 0x34 64k 64k", "flush", "read -P 0x33 0 64k"]);
+    qemu_ok(
+        &uri,
+        &["write -P 0x34 64k 64k", "flush", "read -P 0x33 0 64k"],
+    );
     let b = std::fs::read(&pair.beta().disk).expect("beta disk");
     assert!(b[..65536].iter().all(|&x| x == 0x33));
     assert!(b[65536..131072].iter().all(|&x| x == 0x34));
@@ -270,7 +281,10 @@ fn enospc_on_a_primary_write_is_handled_like_eio() {
     let Setup { pair, faults, _dir } = setup(ALPHA);
     let uri = pair.alpha().uri();
     faults.arm("r0 data write 8388608 end ENOSPC\n");
-    qemu_ok(&uri, &["write -P 0x77 0 1M", "write -P 0x78 8M 1M", "flush"]);
+    qemu_ok(
+        &uri,
+        &["write -P 0x77 0 1M", "write -P 0x78 8M 1M", "flush"],
+    );
     let s = wait_diskless(&pair, ALPHA);
     assert!(
         res(&s)["disk_failure"]
@@ -314,17 +328,66 @@ fn a_secondary_write_error_detaches_it_the_primary_goes_on_and_reattach_resyncs(
 }
 
 #[test]
+fn a_secondary_whose_disk_and_metadata_failed_is_fully_resynced_after_a_restart() {
+    let Setup {
+        mut pair,
+        faults,
+        _dir,
+    } = setup(BETA);
+    let uri = pair.alpha().uri();
+    qemu_ok(&uri, &["write -P 0x61 0 4M", "flush"]);
+    // Beta can record nothing: its metadata fails as well as its data
+    // (flushes included), so its superblock still says UpToDate at the
+    // old generation when it comes back.
+    faults.arm("r0 data write 0 end EIO\nr0 data flush 0 end EIO\nr0 meta write 0 end EIO\nr0 meta flush 0 end EIO\n");
+    qemu_ok(&uri, &["write -P 0x62 0 1M", "flush"]);
+    wait_diskless(&pair, BETA);
+    pair.wait_status(ALPHA, "seeing beta Diskless", |s| {
+        res(s)["peer_disk"] == "Diskless"
+    });
+    qemu_ok(&uri, &["write -P 0x63 2M 1M", "flush"]);
+    let stopped = pair.stop(BETA);
+    assert!(stopped.contains("writing metadata"), "{stopped}");
+    faults.write_now("");
+    pair.start(BETA);
+    pair.wait_connected();
+    for n in [ALPHA, BETA] {
+        pair.ok(n, &["wait-sync", "r0", "--timeout", "60"]);
+    }
+    assert!(
+        pair.log(ALPHA).contains("SyncSource { full: true }"),
+        "alpha, which kept writing, must lead a full sync:\n{}",
+        pair.log(ALPHA)
+    );
+    assert_identical(&pair);
+    qemu_ok(
+        &uri,
+        &[
+            "read -P 0x62 0 1M",
+            "read -P 0x61 1M 1M",
+            "read -P 0x63 2M 1M",
+        ],
+    );
+    pair.assert_no_panic();
+}
+
+#[test]
 fn a_metadata_write_error_is_reported_and_detaches_the_disk() {
     let Setup { pair, faults, _dir } = setup(ALPHA);
     let uri = pair.alpha().uri();
     faults.arm("r0 meta write 0 end EIO\n");
     // A write to an extent not yet in the activity log writes the log.
-    qemu_ok(&uri, &["write -P 0x44 60M 64k", "flush", "read -P 0x44 60M 64k"]);
+    qemu_ok(
+        &uri,
+        &["write -P 0x44 60M 64k", "flush", "read -P 0x44 60M 64k"],
+    );
     let s = wait_diskless(&pair, ALPHA);
     let failure = res(&s)["disk_failure"].as_str().unwrap_or("").to_owned();
     assert!(failure.contains("metadata"), "{}", s.raw);
     assert!(
-        s.last_error.as_deref().is_some_and(|e| e.contains("failed")),
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("failed")),
         "{}",
         s.raw
     );

@@ -1281,7 +1281,12 @@ impl Replica {
             // Every write this Primary acknowledged becomes durable on both
             // nodes before the role changes: a later crash of both must not
             // leave two different copies that each call themselves UpToDate.
-            if let Ok(store) = self.current_store() {
+            if let Ok(store) = self
+                .current_store()
+                .ok()
+                .filter(|_| !self.disk_detached())
+                .ok_or(())
+            {
                 if let Err(e) = store.flush() {
                     tracing::error!(resource = %self.name, "flush on demote failed: {e}");
                 }
