@@ -39,8 +39,7 @@ impl DiskGuard {
 
     fn check(&self) -> io::Result<()> {
         if self.failed.load(Ordering::Relaxed) {
-            return Err(io::Error::new(
-                io::ErrorKind::Other,
+            return Err(io::Error::other(
                 "the local disk is detached after an I/O error",
             ));
         }
@@ -100,10 +99,13 @@ impl Store for DiskGuard {
     }
 }
 
+/// A peer's answer to a read: its status and data.
+type ReadAnswer = (u32, Vec<u8>);
+
 /// Reads this Diskless Primary asked the peer for, by id.
 #[derive(Default)]
 pub(super) struct RemoteReads {
-    pending: Mutex<HashMap<u64, Option<(u32, Vec<u8>)>>>,
+    pending: Mutex<HashMap<u64, Option<ReadAnswer>>>,
     done: Condvar,
     next_id: AtomicU64,
 }
