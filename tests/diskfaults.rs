@@ -217,6 +217,8 @@ fn primary_write_errors_under_load_are_served_by_the_peer_and_resynced_after_rea
     assert_eq!(res(&b)["peer_disk"], "Diskless", "{}", b.raw);
     assert_eq!(res(&b)["disk"], "UpToDate", "{}", b.raw);
     assert!(pair.log(ALPHA).contains("detaching the disk"));
+    let human = pair.ok(ALPHA, &["status", "r0"]);
+    assert!(human.contains("disk failed (detached)"), "{human}");
     // Recovery of a Primary's disk: switch over, then attach it again.
     pair.ok(ALPHA, &["demote", "r0"]);
     pair.ok(BETA, &["promote", "r0"]);
@@ -435,4 +437,66 @@ fn pass_on_returns_the_error_and_keeps_the_disk() {
     assert_eq!(res(&s)["disk"], "UpToDate", "{}", s.raw);
     assert!(res(&s)["disk_failure"].is_null(), "{}", s.raw);
     pair.assert_no_panic();
+}
+
+/// A small tmpfs mounted for one test; unmounted (by path) on drop.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(size: &str) -> SmallFs {
+        let dir = tempfile::tempdir().expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { dir }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+#[test]
+fn a_full_file_system_under_the_primary_detaches_its_disk() {
+    // Declared first: dropped after the pair's daemons are gone.
+    let fs = SmallFs::mount("4m");
+    let pair = Pair::builder()
+        .replication("ack_timeout_ms", "3000")
+        .disk_dir_on(ALPHA, fs.dir.path())
+        .start();
+    let uri = pair.alpha().uri();
+    // 64 MiB sparse backing file on a 4 MiB file system: it fills up.
+    qemu_ok(&uri, &["write -P 0x5e 0 8M", "flush", "read -P 0x5e 0 8M"]);
+    let s = wait_diskless(&pair, ALPHA);
+    assert!(
+        res(&s)["disk_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("No space left")),
+        "{}",
+        s.raw
+    );
+    let b = std::fs::read(&pair.beta().disk).expect("beta disk");
+    assert!(b[..(8 * MIB) as usize].iter().all(|&x| x == 0x5e));
+    pair.assert_no_panic();
+    drop(pair);
 }

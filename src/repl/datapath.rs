@@ -440,6 +440,10 @@ impl Store for Replica {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.disk_detached() {
+            // Advisory, and nothing local to warm up.
+            return Ok(());
+        }
         self.current_store()?.cache(offset, len)
     }
 }
