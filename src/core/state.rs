@@ -789,7 +789,7 @@ impl Node {
                         return;
                     }
                     self.peer = Some((role, disk));
-                    self.peer_disk_lost(role, fresh, out);
+                    self.peer_disk_lost(fresh, out);
                 } else {
                     self.peer = Some((role, disk));
                 }
@@ -842,16 +842,19 @@ impl Node {
             "connected to a peer without a disk: no resync, this node holds the only copy",
         );
         self.peer = Some((peer.role, DiskState::Diskless));
-        self.peer_disk_lost(peer.role, fresh, out);
+        self.peer_disk_lost(fresh, out);
     }
 
     /// The connected peer has no disk (it failed, or came up without
-    /// one): this node's copy is the only one written from now on. As
-    /// for a lost peer, an UpToDate node of a pair with a Primary starts
-    /// a new generation (unless its bitmap UUID already names one the
-    /// peer lacks), and `FULL_SYNC` is set: what the peer's disk holds
-    /// when it comes back is not known, so its resync copies everything.
-    fn peer_disk_lost(&mut self, peer_role: Role, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+    /// one): this node's copy is the only one written from now on. An
+    /// UpToDate node starts a new generation (unless its bitmap UUID
+    /// already names one the peer lacks), whatever the roles: the failed
+    /// disk may lack writes it acknowledged before a flush failed, and
+    /// may come back with metadata that could not record the failure,
+    /// still naming the shared generation; the new one makes this node
+    /// its sync source then. `FULL_SYNC` is set too: what the peer's disk
+    /// holds is not known, so its resync copies everything.
+    fn peer_disk_lost(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
         if self.kept_flags & flags::FULL_SYNC == 0 {
             out.log(
                 Level::Warn,
@@ -859,10 +862,7 @@ impl Node {
             );
         }
         self.kept_flags |= flags::FULL_SYNC;
-        if self.disk == DiskState::UpToDate
-            && self.gens.bitmap == 0
-            && (self.role == Role::Primary || peer_role == Role::Primary)
-        {
+        if self.disk == DiskState::UpToDate && self.gens.bitmap == 0 {
             self.start_generation(fresh, out);
         }
     }
@@ -949,6 +949,11 @@ impl Node {
                 if self.gens.current == current {
                     return Ok(());
                 }
+                if self.disk == DiskState::Diskless {
+                    return Err(refuse(
+                        "sync done refused: this node has no disk (it needs a full resync)",
+                    ));
+                }
                 let peer_fresh = self
                     .peer_gens
                     .is_some_and(|g| g.just_created() || g.current == current);
@@ -998,6 +1003,8 @@ impl Node {
             ConnState::Connected => {
                 let skip = clear_bitmap
                     && self.repl == ReplState::Established
+                    && self.disk != DiskState::Diskless
+                    && self.peer.is_some_and(|p| p.1 != DiskState::Diskless)
                     && self.gens.just_created()
                     && self.peer_gens.is_some_and(|g| g.just_created());
                 if !skip {
@@ -1659,6 +1666,34 @@ mod tests {
         step(&mut c, Event::DiskFailed);
         let (ra, _) = meet(&mut a, &mut c);
         assert!(ra.iter().any(|x| matches!(x, Action::StandAlone { .. })));
+    }
+
+    #[test]
+    fn a_diskless_node_never_becomes_up_to_date_by_skipping_the_initial_sync() {
+        let jc = g(UUID_JUST_CREATED, 0, [0, 0]);
+        let mut a = Node::from_meta(jc, 0, true);
+        let mut b = a.clone();
+        step(&mut b, Event::DiskFailed);
+        meet(&mut a, &mut b);
+        assert_eq!(a.conn(), ConnState::Connected);
+        assert!(refused(&mut a, Event::NewCurrentUuid { clear_bitmap: true }).contains("refused"));
+        assert!(refused(&mut b, Event::SyncDone { current: 0x77 }).contains("no disk"));
+        assert_eq!(b.disk(), DiskState::Diskless);
+    }
+
+    #[test]
+    fn two_secondaries_the_survivor_starts_a_generation_when_the_peer_disk_fails() {
+        let (mut a, mut b) = pair();
+        step(&mut b, Event::DiskFailed);
+        step(
+            &mut a,
+            Event::PeerStateChanged {
+                role: Role::Secondary,
+                disk: DiskState::Diskless,
+            },
+        );
+        assert_eq!(a.gens().bitmap, 0xC1);
+        assert_ne!(a.gens().current, 0xC1);
     }
 
     #[test]

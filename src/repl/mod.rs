@@ -1184,7 +1184,18 @@ impl Replica {
                 });
             }
         }
-        let fx = self.verb_step(Event::Promote { force })?;
+        let fx = match self.verb_step(Event::Promote { force }) {
+            Ok(fx) => fx,
+            Err(e) => {
+                // Refused after the announcement (the disk failed
+                // meanwhile): withdraw it, or the peer would refuse its
+                // own promotes until our next State.
+                if let Some(s) = &session {
+                    self.send_state(s, 0, 0);
+                }
+                return Err(e);
+            }
+        };
         self.effects(&fx);
         if session.is_some() && self.current_session().is_some() && !self.wait_mode(Role::Primary) {
             tracing::warn!(resource = %self.name, "session did not switch to Primary mode in time");
