@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::pair::{Pair, PairBuilder, ALPHA, BETA};
+use common::pair::{EventWatch, Pair, PairBuilder, ALPHA, BETA};
 use common::writer::Writer;
 
 const ACKCHECK: &str = env!("CARGO_BIN_EXE_ackcheck");
@@ -263,11 +263,35 @@ fn a_primary_read_error_is_served_from_the_peer() {
 
 #[test]
 fn a_primary_flush_error_detaches_and_the_flush_succeeds_on_the_peer() {
-    let Setup { pair, faults, _dir } = setup(ALPHA);
+    let Setup { pair, faults, _dir } = setup_with(ALPHA, PairBuilder::metrics);
     let uri = pair.alpha().uri();
+    let mut events = EventWatch::start(&pair, ALPHA);
     faults.arm("r0 data flush 0 end EIO\n");
     qemu_ok(&uri, &["write -P 0x33 0 64k", "flush"]);
     wait_diskless(&pair, ALPHA);
+    // Events and metrics say so too.
+    let e = events.wait_for("the disk Diskless", |v| {
+        v["type"] == "change" && v["disk"] == "Diskless"
+    });
+    assert!(
+        // qemu-io writes through (FUA): the flush rule hits that write.
+        e["disk_failure"]
+            .as_str()
+            .is_some_and(|f| f.contains("flush") || f.contains("FUA write")),
+        "{e}"
+    );
+    let metrics = pair.alpha().metrics_addr.expect("metrics address");
+    let out = Command::new("curl")
+        .args(["-sS", "-f", "--max-time", "10"])
+        .arg(format!("http://{metrics}/metrics"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l == "replblk_disk_state{resource=\"r0\",state=\"Diskless\"} 1.0"),
+        "{text}"
+    );
     qemu_ok(
         &uri,
         &["write -P 0x34 64k 64k", "flush", "read -P 0x33 0 64k"],

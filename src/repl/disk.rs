@@ -73,7 +73,8 @@ impl Store for DiskGuard {
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         self.check()?;
         let r = self.inner.write_at(buf, offset, durable);
-        self.outcome(&format!("write of {} bytes at {offset}", buf.len()), r)
+        let what = if durable { "FUA write" } else { "write" };
+        self.outcome(&format!("{what} of {} bytes at {offset}", buf.len()), r)
     }
     fn flush(&self) -> io::Result<()> {
         self.check()?;
