@@ -111,6 +111,21 @@ pub enum FencingPolicy {
     ResourceOnly,
 }
 
+/// `on_io_error`: what a node does when its local disk (or metadata)
+/// fails a read, write or flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IoErrorPolicy {
+    /// The disk is detached (Diskless) and the node goes on with the
+    /// peer's copy: the failed request is retried on the peer (the
+    /// default; DRBD's `on-io-error detach`).
+    #[default]
+    Detach,
+    /// The error goes to the NBD client (or, on a Secondary, back to the
+    /// Primary, which marks the range out of sync); the disk stays.
+    PassOn,
+}
+
 fn default_fence_timeout_ms() -> u64 {
     60_000
 }
@@ -457,6 +472,9 @@ pub struct ResourceConfig {
     /// (0 disables the log: a crash then means a full resync).
     #[serde(default)]
     pub al_extents: Option<u32>,
+    /// What happens when the local disk or metadata fails.
+    #[serde(default)]
+    pub on_io_error: IoErrorPolicy,
     /// Overrides of `[resync]` for this resource.
     #[serde(default)]
     pub resync: ResyncOptions,
@@ -566,6 +584,8 @@ pub struct LocalResource {
     pub meta: Option<MetaDisk>,
     /// Activity-log hot set in 4 MiB extents (0: no activity log).
     pub al_extents: u32,
+    /// What happens when the local disk or metadata fails.
+    pub on_io_error: IoErrorPolicy,
     pub peer: Option<PeerConfig>,
     pub access: Access,
 }
@@ -978,6 +998,7 @@ impl Config {
                 meta,
                 peer,
                 al_extents: r.al_extents.unwrap_or(crate::core::actlog::DEFAULT_EXTENTS),
+                on_io_error: r.on_io_error,
                 access: self.access(r),
             });
         }
@@ -1046,6 +1067,16 @@ mod tests {
         let err = Config::parse(&format!("{MINIMAL}size = 4097\n")).unwrap_err();
         assert!(err.to_string().contains("multiple of 4 KiB"), "{err}");
         assert!(Config::parse(&format!("{MINIMAL}size = 8192\n")).is_ok());
+    }
+
+    #[test]
+    fn on_io_error_defaults_to_detach_and_takes_pass_on() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.resources[0].on_io_error, IoErrorPolicy::Detach);
+        let c = Config::parse(&format!("{MINIMAL}on_io_error = \"pass-on\"\n")).expect("valid");
+        assert_eq!(c.resources[0].on_io_error, IoErrorPolicy::PassOn);
+        let err = Config::parse(&format!("{MINIMAL}on_io_error = \"ignore\"\n")).unwrap_err();
+        assert!(err.to_string().contains("on_io_error"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod control;
 pub mod core;
 pub mod daemon;
 pub mod events;
+pub mod faults;
 pub mod meta;
 pub mod metrics;
 pub mod nbd;

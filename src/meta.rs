@@ -93,6 +93,7 @@
 //! 2. Builds that know only version 1 refuse version 2 metadata
 //! ("unsupported format version 2").
 
+use crate::faults::Op;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -1013,7 +1014,9 @@ impl MetaStore {
             path: self.md_name.clone(),
             source,
         };
+        fault(&self.resource, Op::Write, next as u64 * BLOCK, BLOCK).map_err(io)?;
         self.file.write_all_at(&block, off).map_err(io)?;
+        fault(&self.resource, Op::Flush, 0, 0).map_err(io)?;
         self.file.sync_data().map_err(io)?;
         self.seq = seq;
         self.active = next;
@@ -1065,20 +1068,27 @@ impl MetaStore {
     /// call `sync` to make it durable.
     pub fn write_bitmap(&self, offset: u64, bytes: &[u8]) -> Result<(), MetaError> {
         let at = self.bitmap_range(offset, bytes.len())?;
-        self.file
-            .write_all_at(bytes, at)
-            .map_err(|e| MetaError::Io {
-                path: self.md_name.clone(),
-                source: e,
-            })
+        fault(
+            &self.resource,
+            Op::Write,
+            at - self.layout.md_start,
+            bytes.len() as u64,
+        )
+        .and_then(|()| self.file.write_all_at(bytes, at))
+        .map_err(|e| MetaError::Io {
+            path: self.md_name.clone(),
+            source: e,
+        })
     }
 
     /// fdatasync of the metadata file or device.
     pub fn sync(&self) -> Result<(), MetaError> {
-        self.file.sync_data().map_err(|e| MetaError::Io {
-            path: self.md_name.clone(),
-            source: e,
-        })
+        fault(&self.resource, Op::Flush, 0, 0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| MetaError::Io {
+                path: self.md_name.clone(),
+                source: e,
+            })
     }
 
     /// A second handle on the metadata device for the bitmap and the
@@ -1092,6 +1102,7 @@ impl MetaStore {
             file,
             name: self.md_name.clone(),
             layout: self.layout,
+            resource: self.resource.clone(),
         })
     }
 
@@ -1122,6 +1133,8 @@ pub struct MdArea {
     file: File,
     name: String,
     layout: Plan,
+    /// For fault injection (`crate::faults`).
+    resource: String,
 }
 
 impl MdArea {
@@ -1150,7 +1163,14 @@ impl MdArea {
             _ => return Err(self.outside("bitmap", offset, bytes.len(), self.layout.bitmap_len)),
         }
         let at = self.layout.md_start + self.layout.bitmap_offset + offset;
-        self.file.write_all_at(bytes, at).map_err(|e| self.io(e))
+        fault(
+            &self.resource,
+            Op::Write,
+            self.layout.bitmap_offset + offset,
+            bytes.len() as u64,
+        )
+        .and_then(|()| self.file.write_all_at(bytes, at))
+        .map_err(|e| self.io(e))
     }
 
     /// Blocks in the activity-log ring.
@@ -1174,21 +1194,43 @@ impl MdArea {
             return Err(self.outside("activity-log", offset, block.len(), self.layout.al_len));
         }
         let at = self.layout.md_start + self.layout.al_offset + offset;
-        self.file.write_all_at(block, at).map_err(|e| self.io(e))
+        fault(
+            &self.resource,
+            Op::Write,
+            self.layout.al_offset + offset,
+            BLOCK,
+        )
+        .and_then(|()| self.file.write_all_at(block, at))
+        .map_err(|e| self.io(e))
     }
 
     /// Zeroes the activity-log ring.
     pub fn zero_al(&self) -> Result<(), MetaError> {
         let zeroes = vec![0u8; self.layout.al_len as usize];
-        self.file
-            .write_all_at(&zeroes, self.layout.md_start + self.layout.al_offset)
-            .map_err(|e| self.io(e))
+        fault(
+            &self.resource,
+            Op::Write,
+            self.layout.al_offset,
+            self.layout.al_len,
+        )
+        .and_then(|()| {
+            self.file
+                .write_all_at(&zeroes, self.layout.md_start + self.layout.al_offset)
+        })
+        .map_err(|e| self.io(e))
     }
 
     /// fdatasync of the metadata file or device.
     pub fn sync(&self) -> Result<(), MetaError> {
-        self.file.sync_data().map_err(|e| self.io(e))
+        fault(&self.resource, Op::Flush, 0, 0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| self.io(e))
     }
+}
+
+/// An injected metadata fault (tests only; see `crate::faults`).
+fn fault(resource: &str, op: Op, offset: u64, len: u64) -> io::Result<()> {
+    crate::faults::check(resource, crate::faults::Target::Meta, op, offset, len)
 }
 
 #[cfg(test)]

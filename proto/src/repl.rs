@@ -51,6 +51,8 @@ pub mod kind {
     pub const VERIFY_REPLY: u16 = 50;
     pub const OUT_OF_SYNC: u16 = 51;
     pub const INVALIDATE: u16 = 52;
+    pub const READ_REQUEST: u16 = 53;
+    pub const READ_REPLY: u16 = 54;
     pub const CSUM_QUERY: u16 = 22;
     pub const CSUM_REPLY: u16 = 23;
 }
@@ -71,7 +73,10 @@ pub mod features {
     /// The sender answers `CsumQuery` with `CsumReply` (checksum-based
     /// resync, `csum_alg::XXH3_128`).
     pub const CSUMS: u64 = 1 << 0;
-    pub const KNOWN: u64 = CSUMS;
+    /// The sender answers `ReadRequest` with `ReadReply` (a Primary whose
+    /// disk failed reads from its peer).
+    pub const READS: u64 = 1 << 1;
+    pub const KNOWN: u64 = CSUMS | READS;
 }
 
 /// Checksum algorithms of `CsumQuery`.
@@ -449,7 +454,26 @@ pub enum Frame {
         alg: u16,
         digests: Vec<u128>,
     },
+    /// Asks the receiver for its bytes `[offset, offset + length)`, read
+    /// after every data frame sent before this one is applied (a Primary
+    /// whose disk failed). Unsequenced; answered by `ReadReply` with the
+    /// same `id`. Only sent when both offered `features::READS`.
+    ReadRequest {
+        id: u64,
+        offset: u64,
+        length: u32,
+    },
+    /// The answer to `ReadRequest` `id`: the data (status 0), or an errno
+    /// value and no data.
+    ReadReply {
+        id: u64,
+        status: u32,
+        data: Vec<u8>,
+    },
 }
+
+/// Largest range one `ReadRequest` may ask for.
+pub const MAX_READ_LEN: u32 = 1 << 20;
 
 /// Bytes of a block digest in `VerifyReply`.
 pub const DIGEST_LEN: usize = 16;
@@ -760,6 +784,8 @@ impl Frame {
             Frame::Invalidate => kind::INVALIDATE,
             Frame::CsumQuery { .. } => kind::CSUM_QUERY,
             Frame::CsumReply { .. } => kind::CSUM_REPLY,
+            Frame::ReadRequest { .. } => kind::READ_REQUEST,
+            Frame::ReadReply { .. } => kind::READ_REPLY,
         }
     }
 
@@ -894,6 +920,16 @@ impl Frame {
                 for d in &digests[..n] {
                     dst.put_u128(*d);
                 }
+            }
+            Frame::ReadRequest { id, offset, length } => {
+                dst.put_u64(*id);
+                dst.put_u64(*offset);
+                dst.put_u32(*length);
+            }
+            Frame::ReadReply { id, status, data } => {
+                dst.put_u64(*id);
+                dst.put_u32(*status);
+                dst.put_slice(data);
             }
         }
         let length = (dst.len() - body_at) as u32;
@@ -1318,6 +1354,51 @@ impl Frame {
                 fixed(body, "CsumReply", 14 + n as usize * csum_alg::XXH3_128_LEN)?;
                 let digests = (0..n).map(|_| src.get_u128()).collect();
                 Frame::CsumReply { id, alg, digests }
+            }
+            kind::READ_REQUEST => {
+                fixed(body, "ReadRequest", 20)?;
+                let id = src.get_u64();
+                let offset = src.get_u64();
+                let length = src.get_u32();
+                if length == 0 || length > MAX_READ_LEN {
+                    return Err(DecodeError::Invalid {
+                        what: "ReadRequest length",
+                        detail: format!("{length} bytes: between 1 and {MAX_READ_LEN}"),
+                    });
+                }
+                if offset.checked_add(u64::from(length)).is_none() {
+                    return Err(DecodeError::Invalid {
+                        what: "ReadRequest range",
+                        detail: format!("offset {offset} + {length} overflows"),
+                    });
+                }
+                Frame::ReadRequest { id, offset, length }
+            }
+            kind::READ_REPLY => {
+                if body.len() < 12 {
+                    return Err(DecodeError::LengthMismatch {
+                        what: "ReadReply",
+                        declared: 12,
+                        actual: body.len() as u64,
+                    });
+                }
+                let id = src.get_u64();
+                let status = src.get_u32();
+                let data = body[12..].to_vec();
+                if data.len() > MAX_READ_LEN as usize {
+                    return Err(DecodeError::TooLong {
+                        what: "ReadReply data",
+                        len: data.len() as u64,
+                        max: u64::from(MAX_READ_LEN),
+                    });
+                }
+                if status != 0 && !data.is_empty() {
+                    return Err(DecodeError::Invalid {
+                        what: "ReadReply",
+                        detail: format!("status {status} with {} bytes of data", data.len()),
+                    });
+                }
+                Frame::ReadReply { id, status, data }
             }
             other => {
                 return Err(DecodeError::Invalid {

@@ -21,8 +21,8 @@ use replblk_proto::repl::{
     auth_mac, auth_verify, csum_alg, data_flags, kind, negotiate_version, state_flags, BitmapChunk,
     BitmapEncoding, Frame, FrameHeader, Hello, RefuseCode, StateFrame, WriteFrame, WriteRef,
     CHALLENGE_LEN, DIGEST_LEN, HEADER_VERSION, MAC_LEN, MAGIC, MAX_BITMAP_CHUNK_BITS, MAX_BODY,
-    MAX_CSUMS, MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_ROLE, MAX_VERIFY_LEN, PROTOCOL_MAX,
-    PROTOCOL_MIN,
+    MAX_CSUMS, MAX_DISK, MAX_MESSAGE, MAX_NAME, MAX_READ_LEN, MAX_ROLE, MAX_VERIFY_LEN,
+    PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use replblk_proto::DecodeError;
 
@@ -398,6 +398,18 @@ fn frame() -> impl Strategy<Value = Frame> {
             offset,
             length: length.min(u64::MAX - offset),
         }),
+        (any::<u64>(), 0u64..u64::MAX / 2, 1u32..=MAX_READ_LEN)
+            .prop_map(|(id, offset, length)| Frame::ReadRequest { id, offset, length }),
+        (any::<u64>(), vec(any::<u8>(), 0..5000)).prop_map(|(id, data)| Frame::ReadReply {
+            id,
+            status: 0,
+            data
+        }),
+        (any::<u64>(), 1u32..200).prop_map(|(id, status)| Frame::ReadReply {
+            id,
+            status,
+            data: Vec::new()
+        }),
         Just(Frame::Invalidate),
     ]
 }
@@ -493,7 +505,9 @@ fn framing() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
     (vec(any::<u8>(), 0..8), vec(any::<u8>(), 0..16))
 }
 
-const KNOWN_KINDS: [u16; 20] = [
+const KNOWN_KINDS: [u16; 22] = [
+    kind::READ_REQUEST,
+    kind::READ_REPLY,
     kind::CSUM_QUERY,
     kind::CSUM_REPLY,
     kind::BITMAP,
@@ -660,7 +674,7 @@ fn protocol_constants_have_their_documented_values() {
 fn frame_kinds_have_their_documented_numbers() {
     assert_eq!(
         KNOWN_KINDS,
-        [22, 23, 48, 49, 50, 51, 52, 5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
+        [53, 54, 22, 23, 48, 49, 50, 51, 52, 5, 21, 1, 2, 3, 4, 16, 17, 18, 19, 20, 32, 33],
         "CSUM_QUERY CSUM_REPLY BITMAP VERIFY_REQUEST VERIFY_REPLY OUT_OF_SYNC INVALIDATE STATE SYNC_DONE HELLO AUTH AUTH_OK REFUSE WRITE TRIM WRITE_ZEROES BARRIER ACK PING PONG"
     );
 }
@@ -2144,4 +2158,40 @@ fn csum_frames_have_the_documented_layout_and_bad_ones_are_refused() {
     let mut bad = body[..14].to_vec();
     bad[10..14].copy_from_slice(&(MAX_CSUMS + 1).to_be_bytes());
     assert!(decode_raw(kind::CSUM_REPLY, &bad).is_err());
+}
+
+#[test]
+fn read_frames_reject_bad_lengths_and_data_with_an_error() {
+    let mut body = Vec::new();
+    body.extend_from_slice(&7u64.to_be_bytes());
+    body.extend_from_slice(&0u64.to_be_bytes());
+    body.extend_from_slice(&0u32.to_be_bytes());
+    assert!(
+        decode_raw(kind::READ_REQUEST, &body).is_err(),
+        "zero length"
+    );
+    body.truncate(16);
+    body.extend_from_slice(&(MAX_READ_LEN + 1).to_be_bytes());
+    assert!(decode_raw(kind::READ_REQUEST, &body).is_err(), "too long");
+    body.truncate(16);
+    body.extend_from_slice(&4096u32.to_be_bytes());
+    assert!(decode_raw(kind::READ_REQUEST, &body).is_ok());
+    body.push(0);
+    assert!(
+        decode_raw(kind::READ_REQUEST, &body).is_err(),
+        "trailing byte"
+    );
+    let mut reply = Vec::new();
+    reply.extend_from_slice(&7u64.to_be_bytes());
+    reply.extend_from_slice(&5u32.to_be_bytes());
+    assert!(
+        decode_raw(kind::READ_REPLY, &reply).is_ok(),
+        "an error, no data"
+    );
+    reply.push(1);
+    assert!(
+        decode_raw(kind::READ_REPLY, &reply).is_err(),
+        "an error with data"
+    );
+    assert!(decode_raw(kind::READ_REPLY, &reply[..11]).is_err(), "short");
 }

@@ -287,6 +287,9 @@ fn print_status(answer: &StatusAnswer) {
                 if let Some(sb) = &r.split_brain {
                     println!("    last split brain: {sb}");
                 }
+                if let Some(f) = &r.disk_failure {
+                    println!("    disk failed (detached): {f}");
+                }
                 if let Some(e) = &r.last_error {
                     println!("    last error: {e}");
                 }

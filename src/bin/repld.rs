@@ -56,6 +56,7 @@ fn main() -> ExitCode {
         };
     }
     replblk::daemon::init_logging();
+    replblk::faults::init_from_env();
     let result = if args.demo {
         replblk::daemon::demo(args.demo_port, args.demo_dir.as_deref())
     } else {

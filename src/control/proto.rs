@@ -419,6 +419,7 @@ mod tests {
             activity_log: None,
             resync: Default::default(),
             resync_rate: Default::default(),
+            disk_failure: None,
         }
     }
 

@@ -11,7 +11,11 @@
 //! page-cache write-back, resync chunks, link cuts, node crashes (which
 //! lose every block not yet durable), clean restarts, promotes (two-phase,
 //! as the shell does them) and demotes (drain first), connects,
-//! disconnects and the bootstrap of a fresh pair.
+//! disconnects, the bootstrap of a fresh pair, and a Secondary's disk
+//! failing (`on_io_error = detach`): it becomes Diskless, answers data
+//! frames with an error and fails its flushes, sometimes without being
+//! able to write its metadata either; a restart gives it its disk back
+//! (with whatever that disk holds).
 //!
 //! The shell's rules are mirrored here: after an unclean restart of a node
 //! that was Primary or tracked changes every block is out of sync, or,
@@ -285,6 +289,11 @@ struct SimNode {
     /// since the pair last connected.
     crashed: bool,
     forced: bool,
+    /// The disk failed and is detached: nothing is written to it.
+    failed: bool,
+    /// Its metadata cannot be written either: what is persisted stays
+    /// as it was when the disk failed.
+    md_failed: bool,
 }
 
 impl SimNode {
@@ -315,6 +324,8 @@ impl SimNode {
             primary_alone: false,
             crashed: false,
             forced: false,
+            failed: false,
+            md_failed: false,
         }
     }
 
@@ -329,6 +340,8 @@ pub struct Stats {
     pub writes: u64,
     pub flushes: u64,
     pub crashes: u64,
+    /// Secondaries whose disk failed (and was detached).
+    pub disk_failures: u64,
     pub evictions: u64,
     pub cuts: u64,
     pub handshakes: u64,
@@ -353,6 +366,7 @@ impl std::ops::AddAssign for Stats {
         self.writes += o.writes;
         self.flushes += o.flushes;
         self.crashes += o.crashes;
+        self.disk_failures += o.disk_failures;
         self.evictions += o.evictions;
         self.cuts += o.cuts;
         self.handshakes += o.handshakes;
@@ -521,6 +535,7 @@ impl Sim {
                 let mut send_state = changed && !demote;
                 for a in actions {
                     match a {
+                        Action::Persist if self.n[i].md_failed => {}
                         Action::Persist => {
                             let n = self.n[i].n();
                             self.n[i].persisted = (n.gens(), n.meta_flags());
@@ -1003,6 +1018,9 @@ impl Sim {
         if let Err(m) = self.deliver(i, Event::Promote { force }) {
             self.check_refusal(i, force, &m);
             self.stats.promotes_refused += 1;
+            // Refused after the announcement (the disk failed meanwhile):
+            // withdrawn, as the shell does.
+            self.send_state(i, None, None);
         }
     }
 
@@ -1104,7 +1122,34 @@ impl Sim {
         s.disk.crash();
         s.must_vol = s.must_dur.clone();
         s.crashed = true;
+        // Replaced or repaired before it comes back.
+        s.failed = false;
+        s.md_failed = false;
         self.cut("peer crashed", None);
+    }
+
+    /// Node `i`'s disk fails while it is Secondary: detached (the state
+    /// machine makes it Diskless), its metadata failing too when
+    /// `md_too` (so what is persisted stays as it was: its superblock
+    /// still names the shared generation, UpToDate).
+    fn disk_fails(&mut self, i: usize, md_too: bool) {
+        let Some(n) = self.up_and(i) else { return };
+        if n.role() == Role::Primary || n.disk() == DiskState::Diskless {
+            return;
+        }
+        self.stats.disk_failures += 1;
+        self.log(|| format!("node {i}: DISK FAILS (metadata too: {md_too})"));
+        let s = &mut self.n[i];
+        s.failed = true;
+        s.md_failed = md_too;
+        // What it wrote alone is gone with its disk (never trusted
+        // again): no split brain to find, only a full sync to receive.
+        // What both nodes acknowledged, the peer's own record covers.
+        s.primary_alone = false;
+        s.must_vol = vec![0; BLOCKS];
+        s.must_dur = vec![0; BLOCKS];
+        self.deliver(i, Event::DiskFailed)
+            .expect("DiskFailed is never refused");
     }
 
     /// A clean stop (the daemon drains its clients first) and start.
@@ -1117,7 +1162,12 @@ impl Sim {
         self.cut("peer shut down", Some(i));
         self.deliver(i, Event::Shutdown).expect("shutdown");
         let s = &mut self.n[i];
-        s.saved_bitmap = s.bitmap.clone();
+        if !s.md_failed {
+            s.saved_bitmap = s.bitmap.clone();
+        }
+        // A failed disk is repaired (as it is) while the node is down.
+        s.failed = false;
+        s.md_failed = false;
         s.disk.flush();
         s.paths.clear();
         s.demoting = false;
@@ -1282,6 +1332,13 @@ impl Sim {
                 if let Err(e) = l.recv[j].receive(seq) {
                     panic!("protocol error in a correct run: {e}");
                 }
+                if self.n[j].failed {
+                    // Not written: acknowledged with the error.
+                    l.recv[j]
+                        .applied(seq, libc::EIO as u32, false)
+                        .expect("received");
+                    return;
+                }
                 for (k, v) in vals.iter().enumerate() {
                     self.n[j].disk.write(off + k, *v, false);
                 }
@@ -1377,8 +1434,13 @@ impl Sim {
         let Some((t, snap)) = l.flush[j].take() else {
             return;
         };
-        self.n[j].disk.persist(&snap);
-        for (seq, status) in l.recv[j].flush_done(t, 0) {
+        let status = if self.n[j].failed {
+            libc::EIO as u32
+        } else {
+            self.n[j].disk.persist(&snap);
+            0
+        };
+        for (seq, status) in l.recv[j].flush_done(t, status) {
             l.q[j].push_back(Msg::Ack { seq, status });
         }
     }
@@ -1445,11 +1507,13 @@ impl Sim {
         let connected = n.conn() == ConnState::Connected;
         assert_eq!(connected, n.peer().is_some());
         assert_eq!(connected, n.repl() != ReplState::Off);
-        assert_eq!(
-            s.persisted,
-            (n.gens(), n.meta_flags()),
-            "node {i}: a metadata change was not persisted"
-        );
+        if !s.md_failed {
+            assert_eq!(
+                s.persisted,
+                (n.gens(), n.meta_flags()),
+                "node {i}: a metadata change was not persisted"
+            );
+        }
     }
 
     fn quiescent(&self) -> bool {
@@ -1501,6 +1565,8 @@ impl Sim {
             );
             if a.repl() == ReplState::Established
                 && b.repl() == ReplState::Established
+                && a.disk() != DiskState::Diskless
+                && b.disk() != DiskState::Diskless
                 && self.quiescent()
             {
                 assert_eq!(
@@ -1610,6 +1676,10 @@ impl Sim {
             854..=857 if faults => self.cut("link loss", None),
             858..=859 if faults => self.crash(i),
             860..=860 if faults => self.restart(i),
+            861..=861 if faults => {
+                let md_too = rng.pct(50);
+                self.disk_fails(i, md_too)
+            }
             _ => self.deliver_frame(i),
         }
         self.note_primary_alone();
@@ -1661,6 +1731,10 @@ impl Sim {
                 if self.n[i].node.is_none() {
                     self.up(i);
                 }
+                // A detached disk comes back with a restart.
+                if self.n[i].n().disk() == DiskState::Diskless {
+                    self.restart(i);
+                }
             }
             if self.link.is_none() && round % 50 == 0 {
                 let verdict = self.n[0].n().last_verdict().map(|v| v.decision);
@@ -1697,7 +1771,16 @@ impl Sim {
                     && b.disk() == DiskState::Inconsistent
                     && a.repl() == ReplState::Established
                 {
-                    self.new_current_uuid(0, true);
+                    if a.gens().just_created() {
+                        self.new_current_uuid(0, true);
+                    } else {
+                        // Both disks failed since they last held data:
+                        // the operator picks one (a forced promote).
+                        self.promote(0, true);
+                        if self.n[0].n().role() == Role::Primary {
+                            self.demote(0);
+                        }
+                    }
                     continue;
                 }
                 if a.repl() == ReplState::Established
@@ -2002,6 +2085,12 @@ mod tests {
     #[test]
     fn pinned_seeds() {
         for seed in [0, 1, 2] {
+            pinned(seed);
+        }
+        // Disk failures: a Diskless node skipping the initial sync (74),
+        // a failed disk's own writes (201), a promote refused after its
+        // announcement (217), both disks failed (2235).
+        for seed in [74, 201, 217, 2235] {
             pinned(seed);
         }
     }

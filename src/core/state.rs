@@ -141,6 +141,13 @@ pub enum Event {
     Invalidate,
     /// Clean shutdown.
     Shutdown,
+    /// The local disk (or its metadata) failed and the shell detached it
+    /// (`on_io_error = detach`): the node is Diskless from now on, and
+    /// `FULL_SYNC` is set, so whatever is on that disk is never trusted
+    /// again without a full resync. A resync in progress ends (the link
+    /// is dropped and comes back without one); otherwise the session
+    /// goes on and the peer is told.
+    DiskFailed,
     /// Admin (`outdate`, run by a peer's fence handler): mark this
     /// node's data Outdated, so it cannot be promoted without `force`.
     /// Refused while Primary or connected (the connected pair knows
@@ -494,7 +501,7 @@ impl Node {
                 peer,
                 local_dials,
                 local_dirty_bits,
-            } => self.peer_connected(&peer, local_dials, local_dirty_bits, &mut out)?,
+            } => self.peer_connected(&peer, local_dials, local_dirty_bits, fresh_uuid, &mut out)?,
             Event::PeerStateChanged { role, disk } => {
                 self.peer_state_changed(role, disk, fresh_uuid, &mut out)
             }
@@ -506,6 +513,7 @@ impl Node {
             }
             Event::Invalidate => self.invalidate(fresh_uuid, &mut out)?,
             Event::Shutdown => self.shutdown(&mut out),
+            Event::DiskFailed => self.disk_failed(&mut out),
             Event::Outdate => self.outdate(&mut out)?,
             Event::PeerFenced => {
                 if self.conn != ConnState::Connected {
@@ -658,6 +666,7 @@ impl Node {
         peer: &PeerInfo,
         local_dials: bool,
         local_dirty_bits: u64,
+        fresh: &mut dyn FnMut() -> u64,
         out: &mut Out,
     ) -> Result<(), Refusal> {
         match self.conn {
@@ -668,6 +677,10 @@ impl Node {
                 ))
             }
             ConnState::Connecting => {}
+        }
+        if self.disk == DiskState::Diskless || peer.disk == DiskState::Diskless {
+            self.connect_diskless(peer, fresh, out);
+            return Ok(());
         }
         let verdict = compare(&self.uuid_view(local_dirty_bits), &peer.uuids, local_dials);
         let discard = std::mem::take(&mut self.discard_my_data);
@@ -761,8 +774,117 @@ impl Node {
             }
             (Role::Primary, Role::Secondary)
             | (Role::Secondary, Role::Primary | Role::Secondary) => {
-                self.peer = Some((role, disk));
+                let had_disk = self.peer.is_some_and(|p| p.1 != DiskState::Diskless);
+                if had_disk && disk == DiskState::Diskless {
+                    if self.repl != ReplState::Established {
+                        out.log(
+                            Level::Warn,
+                            "the peer's disk failed during a resync: reconnecting without one",
+                        );
+                        self.lose_peer(fresh, out);
+                        self.end_session(ConnState::Connecting);
+                        out.then(Action::DropLink {
+                            reason: "the peer's disk failed during a resync".into(),
+                        });
+                        return;
+                    }
+                    self.peer = Some((role, disk));
+                    self.peer_disk_lost(fresh, out);
+                } else {
+                    self.peer = Some((role, disk));
+                }
             }
+        }
+    }
+
+    /// A handshake where one side has no disk: no resync (nothing to copy
+    /// to or from a node without a disk); the pair runs with the one copy.
+    /// Both without a disk, or two Primaries, go StandAlone.
+    fn connect_diskless(&mut self, peer: &PeerInfo, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        self.discard_my_data = false;
+        if self.disk == DiskState::Diskless && peer.disk == DiskState::Diskless {
+            self.go_stand_alone("cannot connect: neither node has a disk".into(), out);
+            return;
+        }
+        if self.role == Role::Primary && peer.role == Role::Primary {
+            self.go_stand_alone(
+                "both nodes are Primary: two Primaries are not allowed (demote one)".into(),
+                out,
+            );
+            return;
+        }
+        self.kept_flags &= !flags::PEER_OUTDATED;
+        self.last_verdict = None;
+        self.conn = ConnState::Connected;
+        self.repl = ReplState::Established;
+        self.peer_gens = Some(peer.uuids.gens);
+        if self.disk == DiskState::Diskless {
+            out.log(
+                Level::Warn,
+                format!(
+                    "connected without a local disk: I/O goes to the peer (its disk {})",
+                    peer.disk
+                ),
+            );
+            self.peer = Some((peer.role, peer.disk));
+            return;
+        }
+        // The peer's last known generation is ours or an ancestor of it:
+        // no other copy can be newer than this one.
+        let theirs = peer.uuids.gens.current;
+        if self.disk == DiskState::Consistent
+            && (self.gens.current == theirs || self.gens.contains(theirs))
+        {
+            self.disk = DiskState::UpToDate;
+        }
+        out.log(
+            Level::Warn,
+            "connected to a peer without a disk: no resync, this node holds the only copy",
+        );
+        self.peer = Some((peer.role, DiskState::Diskless));
+        self.peer_disk_lost(fresh, out);
+    }
+
+    /// The connected peer has no disk (it failed, or came up without
+    /// one): this node's copy is the only one written from now on. An
+    /// UpToDate node starts a new generation (unless its bitmap UUID
+    /// already names one the peer lacks), whatever the roles: the failed
+    /// disk may lack writes it acknowledged before a flush failed, and
+    /// may come back with metadata that could not record the failure,
+    /// still naming the shared generation; the new one makes this node
+    /// its sync source then. `FULL_SYNC` is set too: what the peer's disk
+    /// holds is not known, so its resync copies everything.
+    fn peer_disk_lost(&mut self, fresh: &mut dyn FnMut() -> u64, out: &mut Out) {
+        if self.kept_flags & flags::FULL_SYNC == 0 {
+            out.log(
+                Level::Warn,
+                "the peer has no disk: its copy falls behind from now on and will need a full resync",
+            );
+        }
+        self.kept_flags |= flags::FULL_SYNC;
+        if self.disk == DiskState::UpToDate && self.gens.bitmap == 0 {
+            self.start_generation(fresh, out);
+        }
+    }
+
+    fn disk_failed(&mut self, out: &mut Out) {
+        if self.disk == DiskState::Diskless {
+            return;
+        }
+        out.log(
+            Level::Error,
+            format!(
+                "local disk failed ({} before): detached, the node is Diskless",
+                self.disk
+            ),
+        );
+        self.disk = DiskState::Diskless;
+        self.kept_flags |= flags::FULL_SYNC;
+        if self.conn == ConnState::Connected && self.repl != ReplState::Established {
+            self.end_session(ConnState::Connecting);
+            out.then(Action::DropLink {
+                reason: "the local disk failed during a resync".into(),
+            });
         }
     }
 
@@ -827,6 +949,11 @@ impl Node {
                 if self.gens.current == current {
                     return Ok(());
                 }
+                if self.disk == DiskState::Diskless {
+                    return Err(refuse(
+                        "sync done refused: this node has no disk (it needs a full resync)",
+                    ));
+                }
                 let peer_fresh = self
                     .peer_gens
                     .is_some_and(|g| g.just_created() || g.current == current);
@@ -876,6 +1003,8 @@ impl Node {
             ConnState::Connected => {
                 let skip = clear_bitmap
                     && self.repl == ReplState::Established
+                    && self.disk != DiskState::Diskless
+                    && self.peer.is_some_and(|p| p.1 != DiskState::Diskless)
                     && self.gens.just_created()
                     && self.peer_gens.is_some_and(|g| g.just_created());
                 if !skip {
@@ -1399,6 +1528,192 @@ mod tests {
             .into_iter()
             .filter(|a| !matches!(a, Action::Log { .. }))
             .collect()
+    }
+
+    // ---- disk failure ----------------------------------------------------
+
+    fn lost_peer(n: &mut Node) {
+        step(
+            n,
+            Event::PeerLost {
+                reason: "gone".into(),
+            },
+        );
+    }
+
+    #[test]
+    fn a_primary_whose_disk_fails_stays_primary_diskless_and_never_trusts_that_disk_again() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        let acts = step(&mut a, Event::DiskFailed);
+        assert!(has_log(&acts, Level::Error));
+        assert!(acts.contains(&Action::Persist));
+        assert_eq!(a.role(), Role::Primary);
+        assert_eq!(a.disk(), DiskState::Diskless);
+        assert_eq!(a.conn(), ConnState::Connected, "the session goes on");
+        // Persisted as neither consistent nor up to date, full sync pending.
+        assert_eq!(a.meta_flags() & (flags::CONSISTENT | flags::UP_TO_DATE), 0);
+        assert_ne!(a.meta_flags() & flags::FULL_SYNC, 0);
+        assert!(step(&mut a, Event::DiskFailed).is_empty(), "once");
+        // The peer hears of it: it holds the only copy now, in a new
+        // generation, and the next sync to the failed node is full.
+        let before = b.gens();
+        let acts = step(
+            &mut b,
+            Event::PeerStateChanged {
+                role: Role::Primary,
+                disk: DiskState::Diskless,
+            },
+        );
+        assert!(acts.contains(&Action::Persist));
+        assert_eq!(b.gens().bitmap, before.current);
+        assert_ne!(b.gens().current, before.current);
+        assert_ne!(b.meta_flags() & flags::FULL_SYNC, 0);
+        assert_eq!(b.peer(), Some((Role::Primary, DiskState::Diskless)));
+        assert_eq!(b.disk(), DiskState::UpToDate);
+        // A Diskless node cannot be promoted again, nor invalidated.
+        step(
+            &mut a,
+            Event::Demote {
+                force: false,
+                clients: 0,
+            },
+        );
+        assert!(refused(&mut a, Event::Promote { force: true }).contains("no local disk"));
+    }
+
+    #[test]
+    fn a_failed_disk_comes_back_as_full_sync_target_of_the_node_that_kept_writing() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        // The Secondary's disk fails; the Primary goes on alone.
+        step(&mut b, Event::DiskFailed);
+        step(
+            &mut a,
+            Event::PeerStateChanged {
+                role: Role::Secondary,
+                disk: DiskState::Diskless,
+            },
+        );
+        let a_gens = a.gens();
+        assert_eq!(a_gens.bitmap, 0xC1, "the Primary tracks changes since 0xC1");
+        // The failed node comes back with its disk (its metadata as the
+        // failure left it: Inconsistent, FULL_SYNC) and reconnects.
+        lost_peer(&mut a);
+        let mut back = Node::from_meta(b.gens(), b.meta_flags(), true);
+        assert_eq!(back.disk(), DiskState::Inconsistent);
+        let (ra, rb) = meet(&mut a, &mut back);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: true
+        }));
+        assert!(rb.contains(&Action::StartSync {
+            source: false,
+            full: true
+        }));
+        // Even if the failed node's metadata could not record the failure
+        // (it still says UpToDate at 0xC1), the survivor's FULL_SYNC and
+        // its new generation make it the full sync source.
+        lost_peer(&mut a);
+        let mut stale = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        let (ra, rb) = meet(&mut a, &mut stale);
+        assert!(ra.contains(&Action::StartSync {
+            source: true,
+            full: true
+        }));
+        assert!(rb.contains(&Action::StartSync {
+            source: false,
+            full: true
+        }));
+        assert_eq!(stale.disk(), DiskState::Inconsistent);
+        step(
+            &mut stale,
+            Event::SyncDone {
+                current: a.gens().current,
+            },
+        );
+        step(&mut a, Event::SyncFinished);
+        assert_eq!(stale.disk(), DiskState::UpToDate);
+        assert_eq!(a.meta_flags() & flags::FULL_SYNC, 0, "cleared by the sync");
+        assert_eq!(stale.meta_flags() & flags::FULL_SYNC, 0);
+    }
+
+    #[test]
+    fn a_diskless_node_connects_without_a_resync_and_two_diskless_nodes_do_not() {
+        let (mut a, mut b) = pair();
+        step(&mut a, Event::Promote { force: false });
+        step(&mut a, Event::DiskFailed);
+        lost_peer(&mut a);
+        lost_peer(&mut b);
+        let b_gens = b.gens();
+        let (ra, rb) = meet(&mut a, &mut b);
+        assert!(!ra.iter().any(|x| matches!(x, Action::StartSync { .. })));
+        assert!(!rb.iter().any(|x| matches!(x, Action::StartSync { .. })));
+        assert_eq!(a.conn(), ConnState::Connected);
+        assert_eq!(a.peer(), Some((Role::Secondary, DiskState::UpToDate)));
+        assert_eq!(b.peer(), Some((Role::Primary, DiskState::Diskless)));
+        assert_eq!(b.gens().bitmap, b_gens.current, "new generation on b");
+        assert_ne!(b.meta_flags() & flags::FULL_SYNC, 0);
+        // A restarted survivor (Consistent) is the only copy: UpToDate.
+        lost_peer(&mut a);
+        let mut restarted = Node::from_meta(b.gens(), b.meta_flags(), true);
+        assert_eq!(restarted.disk(), DiskState::Consistent);
+        meet(&mut a, &mut restarted);
+        assert_eq!(restarted.disk(), DiskState::UpToDate);
+        // Neither with a disk: StandAlone.
+        lost_peer(&mut a);
+        let mut c = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        step(&mut c, Event::DiskFailed);
+        let (ra, _) = meet(&mut a, &mut c);
+        assert!(ra.iter().any(|x| matches!(x, Action::StandAlone { .. })));
+    }
+
+    #[test]
+    fn a_diskless_node_never_becomes_up_to_date_by_skipping_the_initial_sync() {
+        let jc = g(UUID_JUST_CREATED, 0, [0, 0]);
+        let mut a = Node::from_meta(jc, 0, true);
+        let mut b = a.clone();
+        step(&mut b, Event::DiskFailed);
+        meet(&mut a, &mut b);
+        assert_eq!(a.conn(), ConnState::Connected);
+        assert!(refused(&mut a, Event::NewCurrentUuid { clear_bitmap: true }).contains("refused"));
+        assert!(refused(&mut b, Event::SyncDone { current: 0x77 }).contains("no disk"));
+        assert_eq!(b.disk(), DiskState::Diskless);
+    }
+
+    #[test]
+    fn two_secondaries_the_survivor_starts_a_generation_when_the_peer_disk_fails() {
+        let (mut a, mut b) = pair();
+        step(&mut b, Event::DiskFailed);
+        step(
+            &mut a,
+            Event::PeerStateChanged {
+                role: Role::Secondary,
+                disk: DiskState::Diskless,
+            },
+        );
+        assert_eq!(a.gens().bitmap, 0xC1);
+        assert_ne!(a.gens().current, 0xC1);
+    }
+
+    #[test]
+    fn a_disk_failure_during_a_resync_ends_it() {
+        let mut a = Node::from_meta(g(0xC2, 0xC1, [0, 0]), UTD, true);
+        let mut b = Node::from_meta(g(0xC1, 0, [0, 0]), UTD, true);
+        meet(&mut a, &mut b);
+        assert_eq!(b.repl(), ReplState::SyncTarget);
+        let acts = step(&mut b, Event::DiskFailed);
+        assert!(acts.iter().any(|x| matches!(x, Action::DropLink { .. })));
+        assert_eq!(b.conn(), ConnState::Connecting);
+        let acts = step(
+            &mut a,
+            Event::PeerStateChanged {
+                role: Role::Secondary,
+                disk: DiskState::Diskless,
+            },
+        );
+        assert!(acts.iter().any(|x| matches!(x, Action::DropLink { .. })));
+        assert_eq!(a.conn(), ConnState::Connecting);
     }
 
     // ---- from_meta ------------------------------------------------------

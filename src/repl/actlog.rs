@@ -383,9 +383,7 @@ impl Replica {
                                 log.forget(&updates[i * MAX_UPDATES..]);
                                 p.active.store(log.active(), Ordering::Relaxed);
                                 drop(io);
-                                tracing::error!(resource = %self.name, "writing the activity log failed: {e}");
-                                lock(&self.inner).last_error =
-                                    Some(format!("writing the activity log failed: {e}"));
+                                self.metadata_failed("writing the activity log", &e);
                                 return Err(io::Error::from_raw_os_error(libc::EIO));
                             }
                             p.transactions.fetch_add(1, Ordering::Relaxed);
@@ -522,7 +520,7 @@ impl Replica {
                 }
                 Ok(false) => return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
                 Err(e) => {
-                    tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
+                    self.metadata_failed("writing the bitmap", &e);
                     return Err(io::Error::from_raw_os_error(libc::EIO));
                 }
             }
@@ -546,8 +544,7 @@ impl Replica {
                     return;
                 }
                 Err(e) => {
-                    tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
-                    lock(&self.inner).last_error = Some(format!("writing the bitmap failed: {e}"));
+                    self.metadata_failed("writing the bitmap", &e);
                     return;
                 }
             }
@@ -566,43 +563,43 @@ impl Replica {
             .spawn(move || {
                 let mut was_source = false;
                 loop {
-                {
-                    let stop = lock(&pp.stop);
-                    if *stop {
-                        return;
+                    {
+                        let stop = lock(&pp.stop);
+                        if *stop {
+                            return;
+                        }
+                        let (stop, _) = pp
+                            .stop_cv
+                            .wait_timeout(stop, BITMAP_FLUSH_INTERVAL)
+                            .unwrap_or_else(|e| e.into_inner());
+                        if *stop {
+                            return;
+                        }
                     }
-                    let (stop, _) = pp
-                        .stop_cv
-                        .wait_timeout(stop, BITMAP_FLUSH_INTERVAL)
-                        .unwrap_or_else(|e| e.into_inner());
-                    if *stop {
-                        return;
+                    let Some(r) = weak.upgrade() else { return };
+                    // Only a resync clears bits; bits set by writes are covered
+                    // by the log (and written when their extent leaves it). So
+                    // pages are written while this node is a sync source, and
+                    // once more when it stops being one.
+                    // A sync target clears bits too, as the sync's data lands
+                    // (`apply::now_in_sync`): its pages are written likewise,
+                    // after a local flush made that data durable.
+                    let repl = lock(&r.inner).node.as_ref().map(|n| n.repl());
+                    let source = repl == Some(ReplState::SyncSource);
+                    let target = repl == Some(ReplState::SyncTarget);
+                    if !source && !target && !was_source {
+                        continue;
                     }
-                }
-                let Some(r) = weak.upgrade() else { return };
-                // Only a resync clears bits; bits set by writes are covered
-                // by the log (and written when their extent leaves it). So
-                // pages are written while this node is a sync source, and
-                // once more when it stops being one.
-                // A sync target clears bits too, as the sync's data lands
-                // (`apply::now_in_sync`): its pages are written likewise,
-                // after a local flush made that data durable.
-                let repl = lock(&r.inner).node.as_ref().map(|n| n.repl());
-                let source = repl == Some(ReplState::SyncSource);
-                let target = repl == Some(ReplState::SyncTarget);
-                if !source && !target && !was_source {
-                    continue;
-                }
-                was_source = source || target;
-                let _io = lock(&pp.io);
-                let written = if target {
-                    r.write_target_bitmap_pages(&pp)
-                } else {
-                    r.write_bitmap_pages(&pp, None, false).map(|_| ())
-                };
-                if let Err(e) = written {
-                    tracing::warn!(resource = %r.name, "writing changed bitmap pages failed: {e}");
-                }
+                    was_source = source || target;
+                    let _io = lock(&pp.io);
+                    let written = if target {
+                        r.write_target_bitmap_pages(&pp)
+                    } else {
+                        r.write_bitmap_pages(&pp, None, false).map(|_| ())
+                    };
+                    if let Err(e) = written {
+                        r.metadata_failed("writing changed bitmap pages", &e);
+                    }
                 }
             });
         match spawned {

@@ -50,9 +50,16 @@ impl Replica {
             return local(&*store);
         }
         let _range = self.intervals.lock(offset, len);
+        if self.disk_detached() {
+            return self.remote_only(send);
+        }
         // In the activity log before either copy is written; released
         // (dropped last) once the range is marked if it has to be.
-        let _al = self.al_begin(offset, len)?;
+        let _al = match self.al_begin(offset, len) {
+            Ok(al) => al,
+            Err(_) if self.disk_detached() => return self.remote_only(send),
+            Err(e) => return Err(e),
+        };
         let start = || {
             self.current_session()
                 .and_then(|s| send(&s).map(|slot| (s, slot)))
@@ -83,6 +90,13 @@ impl Replica {
         if lost {
             // Not acknowledged before the peer is fenced (fencing on).
             self.hold_here()?;
+        }
+        if result.is_err() && self.disk_detached() {
+            // The disk failed and is detached: the peer's copy is the one.
+            return match in_sync {
+                true => Ok(()),
+                false => Err(io::Error::from_raw_os_error(libc::EIO)),
+            };
         }
         result
     }
@@ -159,6 +173,10 @@ impl Replica {
                 return done(Err(e), &mut Batch::default());
             }
         };
+        if self.disk_detached() {
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            return self.submit_remote_only(op, done, more);
+        }
         let (offset, len) = op.range();
         if self.spans_many_extents(offset, len) {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
@@ -184,10 +202,15 @@ impl Replica {
             Err(e) => {
                 self.intervals.release(range);
                 self.inflight.fetch_sub(1, Ordering::SeqCst);
+                if self.disk_detached() {
+                    return self.submit_remote_only(op, done, more);
+                }
                 return done(Err(e), &mut Batch::default());
             }
         };
-        let session = self.current_session();
+        // A peer without a disk gets no writes: they are marked instead.
+        let peer_diskless = self.peer_diskless.load(Ordering::Relaxed);
+        let session = self.current_session().filter(|_| !peer_diskless);
         let Some(session) = session else {
             // Without a peer the range is marked before the local write:
             // a session coming up meanwhile must not finish its resync
@@ -195,7 +218,7 @@ impl Replica {
             self.mark_out_of_sync(offset, len);
             let result = op.apply(&*store);
             drop(al);
-            if self.fencing_on() {
+            if self.fencing_on() && !peer_diskless {
                 // Acknowledged only once the peer is fenced.
                 let r = me.clone();
                 return self.hold(Box::new(move |fail| {
@@ -228,6 +251,15 @@ impl Replica {
                 drop(al);
                 let result = if local_ok {
                     Ok(())
+                } else if me.disk_detached() {
+                    // The local disk failed and is detached: the peer's
+                    // answer is the request's.
+                    match remote {
+                        Remote::Done => Ok(()),
+                        Remote::Failed(_) | Remote::Lost => {
+                            Err(io::Error::from_raw_os_error(libc::EIO))
+                        }
+                    }
                 } else {
                     Err(io::Error::from_raw_os_error(
                         match local_error.load(Ordering::SeqCst) {
@@ -307,7 +339,14 @@ impl Store for Replica {
         if self.peer.is_some() && !self.serving.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.current_store()?.read_at(buf, offset)
+        if self.disk_detached() {
+            return self.read_remote(buf, offset);
+        }
+        match self.current_store()?.read_at(buf, offset) {
+            // Detached by this very error: the peer has the data.
+            Err(_) if self.disk_detached() => self.read_remote(buf, offset),
+            r => r,
+        }
     }
 
     fn submit(&self, op: Modify<'_>, done: Done) {
@@ -335,16 +374,29 @@ impl Store for Replica {
     fn flush(&self) -> io::Result<()> {
         let store = self.current_store()?;
         if !self.serving.load(Ordering::SeqCst) || self.peer.is_none() {
+            if self.disk_detached() {
+                // Nothing is written here any more: nothing to make durable.
+                return Ok(());
+            }
             return store.flush();
         }
-        let remote = self.current_session().and_then(|s| {
-            s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq })
-                .map(|slot| (s, slot))
-        });
+        let barrier = |s: &Session| s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq });
+        if self.disk_detached() {
+            return self.remote_only(barrier);
+        }
+        let peer_diskless = self.peer_diskless.load(Ordering::Relaxed);
+        let remote = self
+            .current_session()
+            .filter(|_| !peer_diskless)
+            .and_then(|s| barrier(&s).map(|slot| (s, slot)));
         let local = store.flush();
+        let mut remote_ok = false;
         let lost = match remote {
             Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
-                Remote::Done => false,
+                Remote::Done => {
+                    remote_ok = true;
+                    false
+                }
                 Remote::Failed(_) => {
                     tracing::warn!(resource = %self.name, "flush: the peer failed the barrier");
                     false
@@ -354,12 +406,17 @@ impl Store for Replica {
                     true
                 }
             },
-            None => true,
+            None => !peer_diskless,
         };
         if lost {
             self.hold_here()?;
         }
-        local
+        match local {
+            // Detached by this very error: durable on the peer is enough.
+            Err(_) if self.disk_detached() && remote_ok => Ok(()),
+            Err(_) if self.disk_detached() => Err(io::Error::from_raw_os_error(libc::EIO)),
+            r => r,
+        }
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -383,6 +440,10 @@ impl Store for Replica {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.disk_detached() {
+            // Advisory, and nothing local to warm up.
+            return Ok(());
+        }
         self.current_store()?.cache(offset, len)
     }
 }

@@ -1169,6 +1169,8 @@ impl Session {
             | Frame::VerifyReply { .. }
             | Frame::OutOfSync { .. }
             | Frame::Invalidate
+            | Frame::ReadRequest { .. }
+            | Frame::ReadReply { .. }
             | Frame::CsumQuery { .. }) => (self.hook)(f),
             Frame::CsumReply { id, digests, .. } => {
                 let sink = lock(&self.csum_sink).clone();

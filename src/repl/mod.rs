@@ -27,6 +27,7 @@
 pub mod actlog;
 mod apply;
 mod datapath;
+mod disk;
 pub mod error;
 mod exchange;
 mod fence;
@@ -163,6 +164,10 @@ pub struct ResourceStatus {
     /// The resync rate settings in force.
     #[serde(default)]
     pub resync_rate: rate::RateSettings,
+    /// The I/O error that detached the local disk (`on_io_error =
+    /// detach`), until the disk is attached again.
+    #[serde(default)]
+    pub disk_failure: Option<String>,
 }
 
 /// A status as one `events` line: the status fields plus `"type"`.
@@ -258,6 +263,17 @@ pub struct Replica {
     freeze: fence::Freeze,
     /// Bytes sent as resync source (for metrics).
     resync_sent: AtomicU64,
+    /// What a local disk error does (`on_io_error`).
+    on_io_error: crate::config::IoErrorPolicy,
+    /// The local disk is detached after an I/O error (read by every
+    /// local I/O, see `disk::DiskGuard`); cleared when it is attached.
+    disk_failed: Arc<AtomicBool>,
+    /// The error that detached it.
+    disk_failure: Mutex<Option<String>>,
+    /// The connected peer has no disk: writes are not sent to it.
+    peer_diskless: AtomicBool,
+    /// Reads a Diskless Primary asked the peer for.
+    remote_reads: disk::RemoteReads,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -433,6 +449,11 @@ impl Replica {
             frozen: AtomicBool::new(false),
             freeze: fence::Freeze::default(),
             resync_sent: AtomicU64::new(0),
+            on_io_error: res.on_io_error,
+            disk_failed: Arc::new(AtomicBool::new(false)),
+            disk_failure: Mutex::new(None),
+            peer_diskless: AtomicBool::new(false),
+            remote_reads: disk::RemoteReads::default(),
         });
         replica.reset_fencer(false);
         if replica.peer.is_none() {
@@ -443,7 +464,10 @@ impl Replica {
                 }
             })?;
             replica.size.store(store.size(), Ordering::SeqCst);
-            *replica.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+            // A single-node resource has nowhere else to go: errors are
+            // passed to the client whatever `on_io_error` says.
+            let store = crate::faults::wrap(&res.name, Arc::new(store));
+            *replica.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
             replica.serving.store(true, Ordering::SeqCst);
             lock(&replica.inner).down_reason = None;
         }
@@ -590,6 +614,7 @@ impl Replica {
                 .map(|p| p.status()),
             resync: self.sync_status(remaining),
             resync_rate: self.resync_rate(),
+            disk_failure: self.disk_failure(),
         }
     }
 
@@ -874,11 +899,17 @@ impl Replica {
             bitmap.count()
         );
         *lock(&self.oos) = bitmap;
+        self.disk_failed.store(false, Ordering::SeqCst);
+        *lock(&self.disk_failure) = None;
+        let store: Arc<dyn Store> = Arc::new(disk::DiskGuard::new(
+            crate::faults::wrap(&self.name, Arc::new(store)),
+            self,
+        ));
         self.reset_fencer(node.peer_outdated());
         self.start_bitmap_flusher(&persistent);
         *self.persistent.write().unwrap_or_else(|p| p.into_inner()) = Some(persistent);
         self.size.store(size, Ordering::SeqCst);
-        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(store));
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Some(store);
         inner.node = Some(node);
         inner.sb_version += 1;
         *lock(&self.meta) = MetaWriter {
@@ -947,7 +978,12 @@ impl Replica {
                 tracing::error!(resource = %self.name, "writing metadata at shutdown failed: {e}");
             }
         }
-        if let Ok(store) = self.current_store() {
+        if let Ok(store) = self
+            .current_store()
+            .ok()
+            .filter(|_| !self.disk_detached())
+            .ok_or(())
+        {
             if let Err(e) = store.flush() {
                 tracing::error!(resource = %self.name, "flushing the disk at shutdown failed: {e}");
             }
@@ -1009,6 +1045,10 @@ impl Replica {
             }
             let role = node.role();
             self.primary.store(role == Role::Primary, Ordering::SeqCst);
+            self.peer_diskless.store(
+                node.peer().is_some_and(|p| p.1 == DiskState::Diskless),
+                Ordering::SeqCst,
+            );
             if persist {
                 let (gens, flags) = (node.gens(), node.meta_flags());
                 if let Some(sb) = inner.sb.as_mut() {
@@ -1032,9 +1072,7 @@ impl Replica {
                         Ok(()) => meta.written = version,
                         Err(e) => {
                             drop(meta);
-                            tracing::error!(resource = %self.name, "writing metadata failed: {e}");
-                            lock(&self.inner).last_error =
-                                Some(format!("writing metadata failed: {e}"));
+                            self.metadata_failed("writing metadata", &e);
                         }
                     }
                 }
@@ -1146,7 +1184,18 @@ impl Replica {
                 });
             }
         }
-        let fx = self.verb_step(Event::Promote { force })?;
+        let fx = match self.verb_step(Event::Promote { force }) {
+            Ok(fx) => fx,
+            Err(e) => {
+                // Refused after the announcement (the disk failed
+                // meanwhile): withdraw it, or the peer would refuse its
+                // own promotes until our next State.
+                if let Some(s) = &session {
+                    self.send_state(s, 0, 0);
+                }
+                return Err(e);
+            }
+        };
         self.effects(&fx);
         if session.is_some() && self.current_session().is_some() && !self.wait_mode(Role::Primary) {
             tracing::warn!(resource = %self.name, "session did not switch to Primary mode in time");
@@ -1243,7 +1292,12 @@ impl Replica {
             // Every write this Primary acknowledged becomes durable on both
             // nodes before the role changes: a later crash of both must not
             // leave two different copies that each call themselves UpToDate.
-            if let Ok(store) = self.current_store() {
+            if let Ok(store) = self
+                .current_store()
+                .ok()
+                .filter(|_| !self.disk_detached())
+                .ok_or(())
+            {
                 if let Err(e) = store.flush() {
                     tracing::error!(resource = %self.name, "flush on demote failed: {e}");
                 }

@@ -74,6 +74,16 @@ impl Replica {
                 self.on_invalidate_request();
                 Ok(())
             }
+            Frame::ReadRequest { id, offset, length } => {
+                if let Some(s) = self.current_session() {
+                    self.on_read_request(&s, id, offset, length);
+                }
+                Ok(())
+            }
+            Frame::ReadReply { id, status, data } => {
+                self.on_read_reply(id, status, data);
+                Ok(())
+            }
             other => Err(LinkError::Protocol(format!(
                 "unexpected frame kind {}",
                 other.kind()

@@ -56,6 +56,8 @@ struct NodeSpec {
     secret: Option<String>,
     resource: Option<String>,
     disk_size: Option<u64>,
+    /// Where the backing file goes (default: the pair's directory).
+    disk_dir: Option<PathBuf>,
     wrapper: Vec<String>,
     ip: Option<IpAddr>,
     nbd_listen: Option<SocketAddr>,
@@ -179,6 +181,13 @@ impl PairBuilder {
     /// `node`'s backing file has this size.
     pub fn disk_size_on(mut self, node: &str, size: u64) -> Self {
         self.specs[index(node)].disk_size = Some(size);
+        self
+    }
+
+    /// `node`'s backing file is created in `dir` (e.g. a small file
+    /// system the test mounted) instead of the pair's directory.
+    pub fn disk_dir_on(mut self, node: &str, dir: &Path) -> Self {
+        self.specs[index(node)].disk_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -326,7 +335,11 @@ impl PairBuilder {
                 name,
                 config: PathBuf::new(),
                 log: dir.path().join(format!("{name}.log")),
-                disk: dir.path().join(format!("{name}.img")),
+                disk: spec
+                    .disk_dir
+                    .as_deref()
+                    .unwrap_or(dir.path())
+                    .join(format!("{name}.img")),
                 meta: dir.path().join(format!("{name}.md")),
                 disk_size: spec.disk_size.unwrap_or(self.disk_size),
                 ctl: dir.path().join(format!("{name}.ctl")),
