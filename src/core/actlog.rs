@@ -438,16 +438,30 @@ pub struct Recovered {
     pub superset: bool,
 }
 
+impl Recovered {
+    /// Marks every block of the recovered extents out of sync (the parts
+    /// of an extent beyond the device's end are ignored).
+    pub fn mark_out_of_sync(&self, bitmap: &mut crate::bitmap::DirtyBitmap) {
+        for e in &self.extents {
+            bitmap.set_range(u64::from(*e) << EXTENT_SHIFT, EXTENT_SIZE);
+        }
+    }
+}
+
 /// Rebuilds the hot set from the ring's blocks (`ring` is the whole
 /// activity-log area, a multiple of `BLOCK` bytes).
 pub fn recover(ring: &[u8]) -> Recovered {
     let mut blocks = Vec::new();
     let mut invalid = 0;
+    // No log this ring could hold has more slots than its blocks can
+    // describe: a larger capacity is corruption (and replaying it would
+    // allocate a table of up to 2^32 slots).
+    let max_capacity = max_extents((ring.len() / BLOCK).try_into().unwrap_or(u32::MAX));
     for chunk in ring.chunks_exact(BLOCK) {
         match decode(chunk) {
-            Ok(d) => blocks.push(d),
-            Err(_) if &chunk[0..4] == MAGIC => invalid += 1,
-            Err(_) => {}
+            Ok(d) if d.capacity <= max_capacity => blocks.push(d),
+            _ if &chunk[0..4] == MAGIC => invalid += 1,
+            _ => {}
         }
     }
     blocks.sort_by_key(|d| d.seq);
@@ -764,6 +778,51 @@ mod tests {
         reseal(&mut b);
         assert!(decode(&b).unwrap_err().contains("header"));
         assert!(decode(&good[..100]).unwrap_err().contains("short"));
+    }
+
+    /// Found by the `actlog_recover` fuzz target: a block with a valid
+    /// checksum claiming a table of 2^32 - 1 slots made recovery allocate
+    /// 16 GiB. A capacity the ring cannot describe is corruption.
+    #[test]
+    fn a_capacity_beyond_the_ring_is_rejected() {
+        let mut d = Disk::new(16);
+        d.activate(&[5]).unwrap();
+        let mut ring = d.ring.clone();
+        put_u32(&mut ring, OFF_CAP, u32::MAX);
+        let crc = crc32c::crc32c(&ring[..OFF_CRC]);
+        put_u32(&mut ring, OFF_CRC, crc);
+        // The block itself is well formed...
+        assert_eq!(decode(&ring[..BLOCK]).unwrap().capacity, u32::MAX);
+        // ...but no ring of RING blocks holds such a log.
+        let r = recover(&ring);
+        assert_eq!((r.valid, r.invalid), (0, 1));
+        assert!(r.extents.is_empty());
+        // The largest capacity the ring describes is still accepted.
+        put_u32(&mut ring, OFF_CAP, max_extents(RING));
+        let crc = crc32c::crc32c(&ring[..OFF_CRC]);
+        put_u32(&mut ring, OFF_CRC, crc);
+        let r = recover(&ring);
+        assert_eq!((r.valid, r.invalid), (1, 0));
+        assert_eq!(r.extents, vec![5]);
+    }
+
+    #[test]
+    fn marking_stays_inside_the_recovered_extents_and_the_device() {
+        let r = Recovered {
+            extents: vec![1, 3, EMPTY - 1],
+            last_seq: 1,
+            valid: 1,
+            invalid: 0,
+            superset: false,
+        };
+        // A device of 3.5 extents: extent 3 is half inside, EMPTY - 1 beyond.
+        let size = 3 * EXTENT_SIZE + EXTENT_SIZE / 2;
+        let mut bm = crate::bitmap::DirtyBitmap::new(size, 4096);
+        r.mark_out_of_sync(&mut bm);
+        let per = EXTENT_SIZE / 4096;
+        assert_eq!(bm.count(), per + per / 2);
+        assert!(!bm.is_set(per - 1) && bm.is_set(per) && bm.is_set(2 * per - 1));
+        assert!(!bm.is_set(2 * per) && bm.is_set(3 * per));
     }
 
     proptest::proptest! {
