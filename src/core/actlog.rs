@@ -869,10 +869,11 @@ mod tests {
         al.forget(&failed);
         assert!(al.contains(7));
         // The next transaction overwrites the first block; 7 stays hot.
-        for (slot, extent) in [(10, 11)] {
-            let t = al.commit(&[Update { slot, extent }]);
-            write(&mut ring, &t);
-        }
+        let t = al.commit(&[Update {
+            slot: 10,
+            extent: 11,
+        }]);
+        write(&mut ring, &t);
         assert!(al.contains(7));
         let r = recover(&ring);
         assert!(r.extents.contains(&7), "hot extent 7 lost: {r:?}");
