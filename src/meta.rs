@@ -572,6 +572,15 @@ fn check_layout(sb: &Superblock) -> Result<(), String> {
     if sb.al_offset.checked_add(sb.al_len).is_none() {
         return Err("activity-log area overflows".to_string());
     }
+    // The ring must hold the largest hot set a config may ask for
+    // (`al_extents` is checked against `AL_BLOCKS`): a smaller area would
+    // make the log's table larger than its ring can describe.
+    if sb.al_len < AL_LEN {
+        return Err(format!(
+            "activity-log area of {} bytes is smaller than the {AL_LEN} bytes of the format",
+            sb.al_len
+        ));
+    }
     Ok(())
 }
 
@@ -1175,7 +1184,7 @@ impl MdArea {
 
     /// Blocks in the activity-log ring.
     pub fn al_blocks(&self) -> u32 {
-        (self.layout.al_len / BLOCK) as u32
+        u32::try_from(self.layout.al_len / BLOCK).unwrap_or(u32::MAX)
     }
 
     /// The whole activity-log area.
@@ -1445,6 +1454,13 @@ mod tests {
                 ..sample()
             },
             "overflows",
+        );
+        check(
+            Superblock {
+                al_len: BLOCK,
+                ..sample()
+            },
+            "activity-log area of 4096 bytes is smaller",
         );
     }
 

@@ -192,6 +192,36 @@ fn corrupt_in_both_slots_names_each_reason() {
     assert_eq!(read(&disk, start + 4096 + 8, 4), 3u32.to_le_bytes());
 }
 
+/// A superblock with a valid checksum whose activity-log area is one
+/// block: opening it used to succeed, and bringing the resource up would
+/// then hit `ActivityLog::new`'s assertion (a hot set larger than the
+/// ring can describe).
+#[test]
+fn an_activity_log_area_smaller_than_the_format_is_corrupt() {
+    let dir = TempDir::new().unwrap();
+    let disk = file(&dir, "disk.img", 16 * MIB);
+    let (store, sb) =
+        MetaStore::create(&disk, &Location::Internal, "alpha", "r0", 4096, false).unwrap();
+    let start = store.layout().md_start;
+    drop(store);
+    let small = Superblock {
+        al_len: 4096,
+        ..sb.clone()
+    };
+    for i in 0..2 {
+        write(&disk, start + i * 4096, &meta::encode(&small));
+    }
+    let err = MetaStore::open(&disk, &Location::Internal, "alpha", "r0").unwrap_err();
+    assert!(matches!(err, MetaError::Corrupt { .. }), "{err}");
+    assert!(
+        err.to_string().contains("activity-log area of 4096 bytes"),
+        "{err}"
+    );
+    // The layout the format writes is accepted.
+    write(&disk, start, &meta::encode(&sb));
+    MetaStore::open(&disk, &Location::Internal, "alpha", "r0").unwrap();
+}
+
 #[test]
 fn no_metadata_is_reported_as_such() {
     let dir = TempDir::new().unwrap();

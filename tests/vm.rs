@@ -7,6 +7,11 @@
 //! - `nbd_client_ext4_on_the_primary`: Debian's nbd-client attaches
 //!   /dev/nbd0 to the Primary; ext4 made, files written, fsck clean, files
 //!   verify after a remount, both backing copies identical.
+//! - `nbd_client_over_tls_with_a_client_certificate`: the same over TLS
+//!   (`tls = "require"`, a client-certificate allow-list on the resource);
+//!   in the same boot, a client in clear, one without a certificate and
+//!   one whose certificate is not on the list are refused and nothing is
+//!   attached.
 //! - `attach_follows_the_primary`: `replctl attach` in the guest, a loop
 //!   writing fsync'ed files through ext4 while the Primary is switched over
 //!   (demote/promote) and then SIGKILLed (the other node promoted): zero I/O
@@ -141,6 +146,141 @@ echo "G detach status=$?"
     assert_eq!(field(&dmesg, "io_errors"), 0, "{dmesg}");
     assert_eq!(vm.finish(BOOT_AND_RUN), 0);
     println!("whole VM run: {:.1} s", boot.elapsed().as_secs_f64());
+    assert_copies_identical(&pair);
+    pair.assert_no_panic();
+}
+
+/// The kernel client over TLS: Debian's nbd-client (built with GnuTLS:
+/// `-certfile`, `-keyfile`, `-cacertfile`, `-tlshostname`) attaches
+/// /dev/nbd0 to the Primary, whose listener requires TLS and whose
+/// resource admits one client certificate. In the same boot, first the
+/// clients that must get nothing: one in clear, one over TLS without a
+/// certificate, one with a certificate of the same CA that is not on the
+/// list; each is refused (nbd-client fails, /dev/nbd1 stays unattached)
+/// and the Primary's log says why. Then the admitted client: ext4 made,
+/// files written and verified after a remount, fsck clean, copies
+/// identical.
+#[test]
+#[ignore = "boots a VM (tools/test.sh runs it)"]
+fn nbd_client_over_tls_with_a_client_certificate() {
+    use common::certs::{self, Ca};
+    let ca = Ca::new("replblk VM test CA");
+    let pki = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = certs::save(pki.path(), "server", &ca.server());
+    let ca_path = pki.path().join("ca.crt");
+    certs::write(&ca_path, &ca.pem(), 0o644);
+    let pair = Pair::builder()
+        .disk_size(DISK)
+        .nbd_keys(&format!(
+            "tls = \"require\"\ntls_cert = {cert:?}\ntls_key = {key:?}\ntls_ca = {ca_path:?}\n"
+        ))
+        .resource_keys("tls = \"require\"\nallowed_clients = [\"CN=client1\"]\n")
+        .start();
+    let client1 = ca.client("client1");
+    let client2 = ca.client("client2");
+    let ca_pem = ca.pem();
+    let files: [(&str, &[u8]); 5] = [
+        ("/etc/tls/ca.crt", ca_pem.as_bytes()),
+        ("/etc/tls/client1.crt", client1.cert.as_bytes()),
+        ("/etc/tls/client1.key", client1.key.as_bytes()),
+        ("/etc/tls/client2.crt", client2.cert.as_bytes()),
+        ("/etc/tls/client2.key", client2.key.as_bytes()),
+    ];
+    let port = pair.alpha().nbd_port;
+    // The server certificate names localhost and 127.0.0.1; the guest
+    // reaches the host's 127.0.0.1 as 10.0.2.2, so it checks the name
+    // `localhost` (-tlshostname) against the certificate.
+    let script = format!(
+        r#"{GUEST_LIB}
+NBD="$R/nbd-client {host} {port}"
+CA="-cacertfile /etc/tls/ca.crt -tlshostname localhost"
+refused() {{
+    what=$1; shift
+    $NBD /dev/nbd1 -N r0 -b 4096 "$@" > /tmp/refused.log 2>&1
+    st=$?
+    sleep 1
+    pid=0; [ -e /sys/block/nbd1/pid ] && pid=1
+    echo "G refused what=$what status=$st sectors=$(cat /sys/block/nbd1/size) pid=$pid"
+    sed 's/^/G   /' /tmp/refused.log
+}}
+refused clear
+refused nocert -enable-tls $CA
+refused client2 -certfile /etc/tls/client2.crt -keyfile /etc/tls/client2.key $CA
+$NBD /dev/nbd0 -N r0 -b 4096 -certfile /etc/tls/client1.crt -keyfile /etc/tls/client1.key $CA \
+    > /tmp/attach.log 2>&1 || {{ cat /tmp/attach.log; echo "G nbd-client failed"; exit 1; }}
+cat /tmp/attach.log
+wait_size
+$R/mke2fs -q -t ext4 -F /dev/nbd0 || {{ echo "G mkfs failed"; exit 1; }}
+mount -t ext4 /dev/nbd0 /mnt || {{ echo "G mount failed"; exit 1; }}
+writer 40
+check_fs
+$R/nbd-client -d /dev/nbd0
+echo "G detach status=$?"
+"#,
+        host = host_addr(port).split(':').next().expect("host"),
+    );
+    let boot = Instant::now();
+    let mut vm = Vm::boot_with_files(&script, &[], &files);
+    vm.wait_line("VM-READY", BOOT_AND_RUN, |l| l.contains("VM-READY"));
+    // nbd-client prints the server's reason ("Server said: ...").
+    for (what, reason) in [
+        ("clear", "TLS is required: send NBD_OPT_STARTTLS first"),
+        (
+            "nocert",
+            "a client certificate is required and none was presented",
+        ),
+        ("client2", "refused: client certificate \"CN=client2\""),
+    ] {
+        let line = vm.wait_line("a refusal", BOOT_AND_RUN, |l| {
+            l.starts_with("G refused ") && l.contains(&format!("what={what} "))
+        });
+        let said = vm.wait_line("the server's reason", BOOT_AND_RUN, |l| {
+            l.starts_with("G   ") && l.contains("Server said")
+        });
+        println!("{line}\n{said}");
+        assert_ne!(field(&line, "status"), 0, "{what} was attached: {line}");
+        assert_eq!(
+            field(&line, "sectors"),
+            0,
+            "{what}: /dev/nbd1 has a size: {line}"
+        );
+        assert_eq!(
+            field(&line, "pid"),
+            0,
+            "{what}: /dev/nbd1 is connected: {line}"
+        );
+        assert!(
+            said.contains(reason),
+            "{what}: expected {reason:?}, got {said}"
+        );
+    }
+    let writer = vm.wait_line("writer", BOOT_AND_RUN, |l| l.starts_with("G writer "));
+    assert_eq!(field(&writer, "files"), 40, "{writer}");
+    assert_eq!(field(&writer, "errors"), 0, "{writer}");
+    let fsck = vm.wait_line("fsck", BOOT_AND_RUN, |l| l.starts_with("G fsck "));
+    assert_eq!(field(&fsck, "status"), 0, "e2fsck found problems: {fsck}");
+    let verify = vm.wait_line("verify", BOOT_AND_RUN, |l| l.starts_with("G verify "));
+    assert_eq!(field(&verify, "files"), 40, "{verify}");
+    assert_eq!(field(&verify, "bad"), 0, "{verify}");
+    let dmesg = vm.wait_line("dmesg", BOOT_AND_RUN, |l| l.starts_with("G dmesg "));
+    assert_eq!(field(&dmesg, "io_errors"), 0, "{dmesg}");
+    let detach = vm.wait_line("detach", BOOT_AND_RUN, |l| l.starts_with("G detach "));
+    assert_eq!(field(&detach, "status"), 0, "{detach}");
+    assert_eq!(vm.finish(BOOT_AND_RUN), 0);
+    println!("whole VM run: {:.1} s", boot.elapsed().as_secs_f64());
+
+    // The Primary says why each refused client got nothing, and that the
+    // admitted one came over TLS as client1.
+    let log = pair.log(ALPHA);
+    for reason in [
+        "a client certificate is required and none was presented",
+        "client certificate \"CN=client2\"",
+        "is not among the allowed clients",
+        "TLS established",
+        "CN=client1",
+    ] {
+        assert!(log.contains(reason), "no {reason:?} in alpha's log:\n{log}");
+    }
     assert_copies_identical(&pair);
     pair.assert_no_panic();
 }

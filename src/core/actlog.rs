@@ -129,6 +129,9 @@ pub struct ActivityLog {
     seq: u64,
     ring_blocks: u32,
     ctx_cursor: u32,
+    /// Sequence number and window cursor before the last `commit`, for
+    /// `forget` to take it back.
+    undo: Option<(u64, u32)>,
 }
 
 /// A transaction ready to be written.
@@ -154,6 +157,7 @@ impl ActivityLog {
             seq: last_seq,
             ring_blocks,
             ctx_cursor: 0,
+            undo: None,
         }
     }
 
@@ -283,6 +287,7 @@ impl ActivityLog {
                 self.index.insert(u.extent, u.slot);
             }
         }
+        self.undo = Some((self.seq, self.ctx_cursor));
         self.seq += 1;
         let index = ((self.seq - 1) % u64::from(self.ring_blocks)) as u32;
         let cap = self.capacity();
@@ -318,12 +323,22 @@ impl ActivityLog {
         }
     }
 
-    /// After a transaction could not be written: what it changed is no
-    /// longer trusted to be hot (the block may or may not be on disk; an
-    /// extent listed on disk but not hot in memory only costs resync
-    /// time). The slots become free; the next transaction's sequence
-    /// number stays ahead of the failed one.
+    /// Right after the `commit` whose block could not be written (with
+    /// its updates and any planned ones not committed yet): what they
+    /// change is no longer trusted to be hot (the block may or may not be
+    /// on disk; an extent listed on disk but not hot in memory only costs
+    /// resync time), so their slots become free. The failed transaction
+    /// is taken back: the next one gets its sequence number, its ring
+    /// block and its context window, so the ring keeps no hole. (Were the
+    /// failed block skipped, the slots only its window described would be
+    /// described by no block once older ones are overwritten, and an
+    /// extent still hot in them would be lost to recovery.) A failed
+    /// block is thus a torn newest block, which the ring allows for.
     pub fn forget(&mut self, updates: &[Update]) {
+        if let Some((seq, cursor)) = self.undo.take() {
+            self.seq = seq;
+            self.ctx_cursor = cursor;
+        }
         for u in updates {
             let old = std::mem::replace(&mut self.slots[u.slot as usize], EMPTY);
             if old != EMPTY {
@@ -438,16 +453,30 @@ pub struct Recovered {
     pub superset: bool,
 }
 
+impl Recovered {
+    /// Marks every block of the recovered extents out of sync (the parts
+    /// of an extent beyond the device's end are ignored).
+    pub fn mark_out_of_sync(&self, bitmap: &mut crate::bitmap::DirtyBitmap) {
+        for e in &self.extents {
+            bitmap.set_range(u64::from(*e) << EXTENT_SHIFT, EXTENT_SIZE);
+        }
+    }
+}
+
 /// Rebuilds the hot set from the ring's blocks (`ring` is the whole
 /// activity-log area, a multiple of `BLOCK` bytes).
 pub fn recover(ring: &[u8]) -> Recovered {
     let mut blocks = Vec::new();
     let mut invalid = 0;
+    // No log this ring could hold has more slots than its blocks can
+    // describe: a larger capacity is corruption (and replaying it would
+    // allocate a table of up to 2^32 slots).
+    let max_capacity = max_extents((ring.len() / BLOCK).try_into().unwrap_or(u32::MAX));
     for chunk in ring.chunks_exact(BLOCK) {
         match decode(chunk) {
-            Ok(d) => blocks.push(d),
-            Err(_) if &chunk[0..4] == MAGIC => invalid += 1,
-            Err(_) => {}
+            Ok(d) if d.capacity <= max_capacity => blocks.push(d),
+            _ if &chunk[0..4] == MAGIC => invalid += 1,
+            _ => {}
         }
     }
     blocks.sort_by_key(|d| d.seq);
@@ -737,8 +766,9 @@ mod tests {
         d.al.forget(&updates);
         assert!(!d.al.contains(3));
         assert_eq!(d.hot_sorted(), vec![1, 2]);
-        // The next transaction continues the sequence.
+        // The next transaction takes the failed one's place.
         d.activate(&[4]).unwrap();
+        assert_eq!(d.al.seq(), 2);
         assert_eq!(recover(&d.ring).extents, vec![1, 2, 4]);
     }
 
@@ -764,6 +794,92 @@ mod tests {
         reseal(&mut b);
         assert!(decode(&b).unwrap_err().contains("header"));
         assert!(decode(&good[..100]).unwrap_err().contains("short"));
+    }
+
+    /// Found by the `actlog_recover` fuzz target: a block with a valid
+    /// checksum claiming a table of 2^32 - 1 slots made recovery allocate
+    /// 16 GiB. A capacity the ring cannot describe is corruption.
+    #[test]
+    fn a_capacity_beyond_the_ring_is_rejected() {
+        let mut d = Disk::new(16);
+        d.activate(&[5]).unwrap();
+        let mut ring = d.ring.clone();
+        put_u32(&mut ring, OFF_CAP, u32::MAX);
+        let crc = crc32c::crc32c(&ring[..OFF_CRC]);
+        put_u32(&mut ring, OFF_CRC, crc);
+        // The block itself is well formed...
+        assert_eq!(decode(&ring[..BLOCK]).unwrap().capacity, u32::MAX);
+        // ...but no ring of RING blocks holds such a log.
+        let r = recover(&ring);
+        assert_eq!((r.valid, r.invalid), (0, 1));
+        assert!(r.extents.is_empty());
+        // The largest capacity the ring describes is still accepted.
+        put_u32(&mut ring, OFF_CAP, max_extents(RING));
+        let crc = crc32c::crc32c(&ring[..OFF_CRC]);
+        put_u32(&mut ring, OFF_CRC, crc);
+        let r = recover(&ring);
+        assert_eq!((r.valid, r.invalid), (1, 0));
+        assert_eq!(r.extents, vec![5]);
+    }
+
+    #[test]
+    fn marking_stays_inside_the_recovered_extents_and_the_device() {
+        let r = Recovered {
+            extents: vec![1, 3, EMPTY - 1],
+            last_seq: 1,
+            valid: 1,
+            invalid: 0,
+            superset: false,
+        };
+        // A device of 3.5 extents: extent 3 is half inside, EMPTY - 1 beyond.
+        let size = 3 * EXTENT_SIZE + EXTENT_SIZE / 2;
+        let mut bm = crate::bitmap::DirtyBitmap::new(size, 4096);
+        r.mark_out_of_sync(&mut bm);
+        let per = EXTENT_SIZE / 4096;
+        assert_eq!(bm.count(), per + per / 2);
+        assert!(!bm.is_set(per - 1) && bm.is_set(per) && bm.is_set(2 * per - 1));
+        assert!(!bm.is_set(2 * per) && bm.is_set(3 * per));
+    }
+
+    /// Found by the `actlog_crash` fuzz target: a transaction whose write
+    /// failed (and never reached the disk) left a hole in the ring. Its
+    /// context window was the only one left describing some slots once
+    /// the transactions that filled them were overwritten, so an extent
+    /// still hot in memory (writes kept going to it) was named by no block
+    /// and a crash lost it from recovery.
+    #[test]
+    fn a_failed_transaction_leaves_no_hole_in_the_ring() {
+        // Two windows of 768 slots cover the table; a ring of 3 blocks.
+        let cap = 2 * CONTEXT_SLOTS as u32;
+        let mut ring = vec![0u8; 3 * BLOCK];
+        let mut al = ActivityLog::new(cap, 3, 0);
+        let write = |ring: &mut Vec<u8>, t: &Transaction| {
+            let at = t.index as usize * BLOCK;
+            ring[at..at + BLOCK].copy_from_slice(&t.block[..]);
+        };
+        // Extent 7 goes into slot 0; window 0..768.
+        let t = al.commit(&[Update { slot: 0, extent: 7 }]);
+        write(&mut ring, &t);
+        // Window 768..1536.
+        let t = al.commit(&[Update { slot: 5, extent: 8 }]);
+        write(&mut ring, &t);
+        // Window 0..768 again, but the write fails: nothing on disk.
+        let failed = [Update { slot: 6, extent: 9 }];
+        let _lost = al.commit(&failed);
+        al.forget(&failed);
+        assert!(al.contains(7));
+        // The next transaction overwrites the first block; 7 stays hot.
+        let t = al.commit(&[Update {
+            slot: 10,
+            extent: 11,
+        }]);
+        write(&mut ring, &t);
+        assert!(al.contains(7));
+        let r = recover(&ring);
+        assert!(r.extents.contains(&7), "hot extent 7 lost: {r:?}");
+        for e in al.hot() {
+            assert!(r.extents.contains(&e), "hot extent {e} lost: {r:?}");
+        }
     }
 
     proptest::proptest! {

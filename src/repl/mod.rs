@@ -850,10 +850,7 @@ impl Replica {
             // Writes may have been in flight in the logged extents only.
             let ring = area.read_al()?;
             let found = crate::core::actlog::recover(&ring);
-            for e in &found.extents {
-                let at = u64::from(*e) << crate::core::actlog::EXTENT_SHIFT;
-                bitmap.set_range(at, crate::core::actlog::EXTENT_SIZE);
-            }
+            found.mark_out_of_sync(&mut bitmap);
             tracing::warn!(
                 resource = %self.name,
                 extents = found.extents.len(), transactions = found.valid,

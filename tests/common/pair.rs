@@ -85,9 +85,17 @@ pub struct PairBuilder {
     /// Write `secret = ...` into the resource table.
     inline_secret: bool,
     dial_via: Option<SocketAddr>,
+    /// Keys for the `[nbd]` table of both config files (e.g. TLS).
+    nbd_keys: String,
 }
 
 impl PairBuilder {
+    /// Extra TOML lines for the `[nbd]` table of both nodes (e.g. TLS).
+    pub fn nbd_keys(mut self, toml: &str) -> Self {
+        self.nbd_keys.push_str(toml);
+        self
+    }
+
     /// alpha (the node that dials) reaches beta's replication address
     /// through `addr` (a fault proxy of the test's) instead of directly.
     pub fn dial_via(mut self, addr: SocketAddr) -> Self {
@@ -238,7 +246,11 @@ impl PairBuilder {
         let spec = &self.specs[node];
         let secret = spec.secret.as_deref().unwrap_or(&self.secret);
         let resource = spec.resource.as_deref().unwrap_or(&self.resource);
-        let mut text = String::from("[replication]\n");
+        let mut text = String::new();
+        if !self.nbd_keys.is_empty() {
+            text.push_str(&format!("[nbd]\n{}\n", self.nbd_keys));
+        }
+        text.push_str("[replication]\n");
         for (k, v) in &self.replication {
             text.push_str(&format!("{k} = {v}\n"));
         }
@@ -627,6 +639,7 @@ impl Pair {
             on_keys: Vec::new(),
             inline_secret: true,
             dial_via: None,
+            nbd_keys: String::new(),
         }
     }
 

@@ -47,6 +47,16 @@ impl Vm {
     /// `(host binary, guest path)` copied in (stripped, with its
     /// libraries).
     pub fn boot(script: &str, binaries: &[(&Path, &str)]) -> Vm {
+        Vm::boot_with_files(script, binaries, &[])
+    }
+
+    /// As `boot`, with each `(guest path, contents)` of `files` written
+    /// into the guest's tree too (e.g. certificates).
+    pub fn boot_with_files(
+        script: &str,
+        binaries: &[(&Path, &str)],
+        files: &[(&str, &[u8])],
+    ) -> Vm {
         build();
         let dir = tempfile::Builder::new()
             .prefix("replblk-vm-")
@@ -55,6 +65,11 @@ impl Vm {
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).expect("root dir");
         std::fs::write(root.join("test.sh"), script).expect("script");
+        for (path, contents) in files {
+            let at = root.join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(at.parent().expect("a file path")).expect("guest dir");
+            std::fs::write(&at, contents).expect("guest file");
+        }
         for (bin, dest) in binaries {
             let stripped = dir.path().join("stripped");
             run_ok(Command::new("strip").arg("-o").arg(&stripped).arg(bin));
