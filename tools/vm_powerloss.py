@@ -319,6 +319,7 @@ class VmPowerLoss:
                       "flushed_checked": 0, "lost": 0, "torn_slots": 0,
                       "promotes_forced": 0, "boots": 0, "boot_s_max": 0.0,
                       "unflushed_lost": 0, "secondary_blocks_lost": 0, "resync_cuts": 0,
+                      "startup_cuts": 0,
                       "cut_after_s": [], "metadata": []}
         self.image = work / "vdisk.img"
         # The file system holds both nodes' files (pair) or one (secondary).
@@ -552,6 +553,16 @@ class VmPowerLoss:
         self.metadata_after_cut()
         for n in self.gnodes.values():
             n.start()
+        # One cycle in four, the power goes again while the daemons come
+        # up (metadata writes at attach and at the handshake).
+        if self.rng.random() < 1 / 4:
+            time.sleep(self.rng.uniform(0.0, 1.5))
+            self.cut()
+            self.stats["startup_cuts"] += 1
+            self.boot()
+            self.metadata_after_cut()
+            for n in self.gnodes.values():
+                n.start()
         self.wait("the pair reconnecting", self.connected)
         p = self.promote_after_cut(self.primary)
         self.primary = p.name
