@@ -27,8 +27,8 @@
 //!   on them (`persist_bitmap`).
 //! - While the node is a sync source, changed bitmap pages are also
 //!   written about once a second, so an interrupted resync resumes from a
-//!   recent bitmap. Clearing bits late
-//!   on disk only costs resync time.
+//!   recent bitmap. Clearing bits late on disk only costs resync time,
+//!   except past the end of a sync (`persist_bitmap_at_sync_end`).
 
 use super::*;
 use crate::core::actlog::{ActivityLog, Candidate, EXTENT_SHIFT, MAX_UPDATES};
@@ -551,6 +551,27 @@ impl Replica {
                     return;
                 }
             }
+        }
+    }
+
+    /// At the end of a sync, before its state step records the end: the
+    /// bits the sync cleared are cleared on disk too (a target's pages
+    /// after a local flush). Otherwise they would outlive the recorded end
+    /// until the next periodic write, and a crash meanwhile would bring
+    /// them back as marks at the same generation, which decide the next
+    /// sync's direction (`Rule::LocalDirtyBits`): a former target would
+    /// become the source, and with marks on both nodes (a transfer log's)
+    /// the dialing node would yield its real marks to stale ones.
+    pub(super) fn persist_bitmap_at_sync_end(&self, target: bool) {
+        if !target {
+            self.persist_bitmap();
+            return;
+        }
+        let Some(p) = self.persistent() else { return };
+        let _io = lock(&p.io);
+        if let Err(e) = self.write_target_bitmap_pages(&p) {
+            tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
+            lock(&self.inner).last_error = Some(format!("writing the bitmap failed: {e}"));
         }
     }
 

@@ -770,6 +770,8 @@ impl Replica {
         // sees the sync's final figures.
         self.progress.finished.fetch_add(1, Ordering::Relaxed);
         self.progress.stop();
+        // The bits the sync cleared, on disk before the end is recorded.
+        self.persist_bitmap_at_sync_end(false);
         match self.step(Event::SyncFinished) {
             Ok(fx) => {
                 self.effects(&fx);
