@@ -84,14 +84,6 @@ start() {
     [ -S /run/$1.ctl ]
 }
 ctl() { n=$1; shift; replctl --socket /run/$n.ctl "$@"; }
-# sums FILE BS FIRST COUNT: the md5 of each of COUNT blocks of BS bytes.
-sums() {
-    i=0
-    while [ $i -lt $4 ]; do
-        echo "SUM $(dd if=$1 bs=$2 skip=$(($3 + i)) count=1 2>/dev/null | md5sum | cut -c1-32)"
-        i=$((i+1))
-    done
-}
 echo "VMPL-READY"
 while IFS= read -r line; do
     case $line in
@@ -115,6 +107,28 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
+class FileServer:
+    """Serves the work directory over HTTP on the host's 127.0.0.1, so
+    the guest can fetch the writers' logs (busybox wget from 10.0.2.2)."""
+
+    def __init__(self, root: Path) -> None:
+        import functools
+        import http.server
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+        handler = functools.partial(Quiet, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class Guest:
     """One VM: qemu under TCG with the virtual disk and the forwards;
     commands typed into its console."""
@@ -131,7 +145,7 @@ class Guest:
         (root / "test.sh").write_text(GUEST_SCRIPT)
         for name, text in configs.items():
             (root / "etc" / "replblk" / f"{name}.toml").write_text(text)
-        for b in ("repld", "replctl"):
+        for b in ("repld", "replctl", "ackcheck"):
             stripped = self.dir / b
             subprocess.run(["strip", "-o", str(stripped), str(bins / b)], check=True)
             subprocess.run(["bash", str(REPO_ROOT / "tools" / "vm" / "add-binary.sh"),
@@ -315,10 +329,13 @@ class VmPowerLoss:
         self.logs: List[Tuple[Path, bool]] = []
         self.counted = 0
         self.writers: List[subprocess.Popen] = []
+        self.files = FileServer(work)
+        self.snapshot = ""
         self.stats = {"cuts": 0, "acked": 0, "flushes": 0, "acked_checked": 0,
                       "flushed_checked": 0, "lost": 0, "torn_slots": 0,
                       "promotes_forced": 0, "boots": 0, "boot_s_max": 0.0,
-                      "unflushed_lost": 0, "secondary_blocks_lost": 0, "resync_cuts": 0,
+                      "unflushed_lost": 0, "node_flushed_checked": 0,
+                      "secondary_flushed_checked": 0, "secondary_acked_lost": 0, "resync_cuts": 0,
                       "startup_cuts": 0,
                       "cut_after_s": [], "metadata": []}
         self.image = work / "vdisk.img"
@@ -434,7 +451,8 @@ class VmPowerLoss:
             [str(self.bins / "ackcheck"), "write", "--uri", uri, "--log", str(log),
              "--run", str(region + 1), "--first-block", str(region * REGION),
              "--blocks", str(REGION), "--qd", "8", "--flush-every", "16", "--duration", "600",
-             "--stop-file", str(stop), "--seed", str(self.rng.getrandbits(48) | 1)],
+             "--stop-file", str(stop), "--seed", str(self.rng.getrandbits(48) | 1),
+             "--log-each-line"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         w.stop_file = stop  # type: ignore[attr-defined]
         self.writers.append(w)
@@ -526,13 +544,17 @@ class VmPowerLoss:
         return st.get("replication") in ("SyncSource", "SyncTarget") or \
             st.get("out_of_sync_bytes", 0) > 0
 
-    def cut_at_random(self, busy) -> None:
+    def cut_at_random(self, busy, snapshot: Optional[Path] = None) -> None:
         """Cuts the power 1-6 s into the load; notes whether a resync was
-        still running."""
+        still running. `snapshot`: a writer's log, copied (whole lines)
+        just before the cut into `self.snapshot`."""
         after = self.rng.uniform(1.0, 6.0)
         time.sleep(after)
         if self.resyncing(busy):
             self.stats["resync_cuts"] += 1
+        if snapshot is not None:
+            text = snapshot.read_text()
+            self.snapshot = text[:text.rfind("\n") + 1]
         self.cut()
         self.stats["cut_after_s"].append(round(after, 1))
 
@@ -543,6 +565,22 @@ class VmPowerLoss:
                            capture_output=True, text=True, timeout=600)
         self.stats["unflushed_lost"] += json.loads(r.stdout).get("lost", 0)
 
+    def verify_in_guest(self, log: Path, path: str, flushed: bool) -> Dict:
+        """`ackcheck verify --file` of a guest file (as the cut left it,
+        no daemon running) against a log fetched from the host."""
+        self.guest.run(f"wget -q -O /tmp/check.log http://10.0.2.2:{self.files.port}/{log.name}")
+        status, out = self.guest.run(
+            f"ackcheck verify --log /tmp/check.log --file {path}{' --flushed' if flushed else ''}",
+            timeout=300, check=False)
+        try:
+            res = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise Failure(f"ackcheck verify in the guest: {out}")
+        if status not in (0, 1):
+            raise Failure(f"ackcheck verify in the guest exited {status}: {out}")
+        res["status"] = status
+        return res
+
     def cycle_pair(self, i: int, last: bool) -> None:
         p = self.gnodes[self.primary]
         w, log = self.write(i, p.uri())
@@ -551,6 +589,15 @@ class VmPowerLoss:
         self.logs.append((log, True))
         self.boot()
         self.metadata_after_cut()
+        # Each node on its own kept every write an acknowledged flush
+        # covered (the Primary acknowledges a flush only once the peer's
+        # barrier is done), whichever is promoted.
+        for n in self.gnodes.values():
+            res = self.verify_in_guest(log, n.disk, flushed=True)
+            if res["status"] != 0:
+                self.stats["lost"] += res.get("lost", 0)
+                raise Failure(f"{n.name}'s disk lost flushed writes in the cut: {res}")
+            self.stats["node_flushed_checked"] += res.get("required", 0)
         for n in self.gnodes.values():
             n.start()
         # One cycle in four, the power goes again while the daemons come
@@ -574,31 +621,6 @@ class VmPowerLoss:
         self.synced()
         self.compare()
 
-    def blocks_differing(self, guest_path: str, host_path: Path, region: int) -> int:
-        """How many 4 KiB blocks of a region differ between a guest file
-        and a host file: 64 KiB chunks first, then the blocks of the
-        chunks that differ."""
-        def guest(bs: int, first: int, count: int) -> List[str]:
-            out = self.guest.run(f"sums {guest_path} {bs} {first} {count}", timeout=300)[1]
-            return [line.split()[1] for line in out.splitlines() if line.startswith("SUM ")]
-
-        def host(bs: int, first: int, count: int) -> List[str]:
-            import hashlib
-            with open(host_path, "rb") as f:
-                f.seek(first * bs)
-                return [hashlib.md5(f.read(bs)).hexdigest() for _ in range(count)]
-
-        per = 16
-        first = region * REGION // per
-        differ = 0
-        for k, (a, b) in enumerate(zip(guest(per * 4096, first, REGION // per),
-                                       host(per * 4096, first, REGION // per))):
-            if a != b:
-                at = (first + k) * per
-                differ += sum(1 for x, y in zip(guest(4096, at, per), host(4096, at, per))
-                              if x != y)
-        return differ
-
     def cycle_secondary(self, i: int, last: bool) -> None:
         assert self.host is not None
         primary = self.host
@@ -607,17 +629,31 @@ class VmPowerLoss:
         # mark. Region 2i+1 is written while the Secondary is down and
         # while it resyncs.
         w, log = self.write(2 * i, primary.uri())
-        self.cut_at_random(primary)
+        self.cut_at_random(primary, snapshot=log)
         self.end_writer(w, may_lose_connection=False)
         self.logs.append((log, False))
+        # The replies received before the cut, and every write sent (a
+        # write sent after the copy may still have reached the Secondary).
+        cut_log = log.with_suffix(".cut")
+        rest = log.read_text()[len(self.snapshot):]
+        cut_log.write_text(self.snapshot + "".join(
+            line + "\n" for line in rest.splitlines() if line.startswith("I ")))
         w2, log2 = self.write(2 * i + 1, primary.uri())
         try:
             self.wait("alpha seeing its peer gone",
                       lambda: primary.status().get("connection") != "Connected")
             self.boot()
             self.metadata_after_cut()
-            self.stats["secondary_blocks_lost"] += self.blocks_differing(
-                "/data/beta.img", primary.disk, 2 * i)
+            # The Secondary kept every write a flush acknowledged before
+            # the cut covered (its barrier acks come after its fdatasync);
+            # the acknowledged writes it lost must come back by the resync.
+            res = self.verify_in_guest(cut_log, "/data/beta.img", flushed=True)
+            if res["status"] != 0:
+                self.stats["lost"] += res.get("lost", 0)
+                raise Failure(f"the Secondary lost flushed writes in the cut: {res}")
+            self.stats["secondary_flushed_checked"] += res.get("required", 0)
+            res = self.verify_in_guest(cut_log, "/data/beta.img", flushed=False)
+            self.stats["secondary_acked_lost"] += res.get("lost", 0)
             self.gnodes["beta"].start()
             self.wait("the Secondary reconnecting", self.connected)
             # One cycle in three, the power goes again during the resync.
@@ -639,6 +675,7 @@ class VmPowerLoss:
         self.compare()
 
     def close(self) -> None:
+        self.files.close()
         for w in self.writers:
             if w.poll() is None:
                 w.kill()

@@ -27,9 +27,11 @@ if [[ -d $WORKDIR/root ]]; then
     cat "$WORKDIR/extra.cpio" >> "$INITRD"
 fi
 ACCEL=tcg
+# no_timer_check: on a loaded host the emulated timer can look broken to
+# the kernel's boot-time check ("IO-APIC + timer doesn't work"), a panic.
 exec qemu-system-x86_64 -accel "$ACCEL" -cpu max -machine q35 -smp 1 -m "${REPLBLK_VM_MEM:-512}" \
     -nographic -no-reboot -nodefaults -serial stdio \
     -kernel "$VM/vmlinux" -initrd "$INITRD" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 rdinit=/init" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=4 no_timer_check rdinit=/init" \
     -netdev "user,id=n0${REPLBLK_VM_NETDEV:+,$REPLBLK_VM_NETDEV}" -device virtio-net-pci,netdev=n0,romfile= \
     "$@"
