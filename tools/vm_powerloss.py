@@ -700,9 +700,9 @@ def run_variant(args: argparse.Namespace, variant: str, cycles: int) -> Dict:
         for i in range(cycles):
             run.cycle(i, last=i == cycles - 1)
             done += 1
+            counts = {k: v for k, v in run.stats.items() if isinstance(v, int)}
             print(f"{variant} cycle {i + 1}/{cycles}: power cut after "
-                  f"{run.stats['cut_after_s'][-1]}s ok ({run.stats['acked']} writes acknowledged "
-                  f"so far)", flush=True)
+                  f"{run.stats['cut_after_s'][-1]}s ok; so far {json.dumps(counts)}", flush=True)
     except (Failure, subprocess.TimeoutExpired, subprocess.CalledProcessError, OSError,
             KeyError, ValueError) as e:
         failed = f"cycle {done + 1}: {e}"

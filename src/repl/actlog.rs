@@ -562,17 +562,26 @@ impl Replica {
     /// sync's direction (`Rule::LocalDirtyBits`): a former target would
     /// become the source, and with marks on both nodes (a transfer log's)
     /// the dialing node would yield its real marks to stale ones.
-    pub(super) fn persist_bitmap_at_sync_end(&self, target: bool) {
-        if !target {
-            self.persist_bitmap();
-            return;
-        }
-        let Some(p) = self.persistent() else { return };
+    ///
+    /// One attempt, no waiting for a failed link to settle: false when the
+    /// link failed meanwhile (a source then does not record the end; the
+    /// next handshake sees the sync unfinished). A write error is logged
+    /// and reported in `status`; the end is recorded all the same.
+    pub(super) fn persist_bitmap_at_sync_end(&self, target: bool) -> bool {
+        let Some(p) = self.persistent() else {
+            return true;
+        };
         let _io = lock(&p.io);
-        if let Err(e) = self.write_target_bitmap_pages(&p) {
+        let written = if target {
+            self.write_target_bitmap_pages(&p).map(|()| true)
+        } else {
+            self.write_bitmap_pages(&p, None, false)
+        };
+        written.unwrap_or_else(|e| {
             tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
             lock(&self.inner).last_error = Some(format!("writing the bitmap failed: {e}"));
-        }
+            true
+        })
     }
 
     /// Starts the periodic write of changed bitmap pages.

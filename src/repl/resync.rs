@@ -766,12 +766,14 @@ impl Replica {
         if !self.confirm_state(session, 0) {
             return false;
         }
+        // The bits the sync cleared, on disk before the end is recorded.
+        if !self.persist_bitmap_at_sync_end(false) {
+            return false;
+        }
         // Ended before the state says so: whoever sees the pair in sync
         // sees the sync's final figures.
         self.progress.finished.fetch_add(1, Ordering::Relaxed);
         self.progress.stop();
-        // The bits the sync cleared, on disk before the end is recorded.
-        self.persist_bitmap_at_sync_end(false);
         match self.step(Event::SyncFinished) {
             Ok(fx) => {
                 self.effects(&fx);
