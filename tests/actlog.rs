@@ -364,3 +364,37 @@ fn a_corrupt_newest_activity_log_block_is_ignored() {
     pair.assert_no_panic();
     assert_identical(&mut pair);
 }
+
+/// The end of a sync is recorded only once the bits it cleared are
+/// cleared on disk too. A sync target killed the moment its sync is done
+/// (before the periodic bitmap write) comes back with nothing marked: not
+/// the sync's stale marks, which at the same generation would make it
+/// the next sync's source (`local-dirty-bits`), and which, against a
+/// peer's real marks, would win whenever the peer is the one that dials.
+#[test]
+fn a_sync_target_killed_as_its_sync_ends_comes_back_with_nothing_marked() {
+    let mut pair = Pair::builder().disk_size(64 * MIB).start();
+    for round in 0..3u64 {
+        pair.kill(BETA);
+        let cmd = format!("write -P 0x{:x} {}M 8M", 0x31 + round, round * 8);
+        qemu_io_ok(&pair.primary_uri(), &cmd);
+        pair.start(BETA);
+        pair.ok(BETA, &["wait-sync", "r0", "--timeout", "60"]);
+        // At once, well within the periodic write's second.
+        pair.kill(BETA);
+        // Beta comes back alone: what it marks is what its disk says.
+        pair.stop(ALPHA);
+        pair.start(BETA);
+        let oos = oos_bytes(&pair, BETA);
+        assert_eq!(
+            oos, 0,
+            "round {round}: beta came back with {oos} bytes marked after its sync had ended"
+        );
+        pair.start(ALPHA);
+        pair.wait_connected();
+        wait_synced(&pair);
+        pair.ok(ALPHA, &["promote", "r0"]);
+    }
+    pair.assert_no_panic();
+    assert_identical(&mut pair);
+}

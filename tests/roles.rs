@@ -185,6 +185,82 @@ fn a_corrupt_superblock_slot_falls_back_to_the_other_and_two_corrupt_slots_refus
     assert!(dump["metadata"]["active"].is_null(), "{dump}");
 }
 
+/// `replctl dump-md --disk D [--meta-disk M]`: the metadata read from the
+/// files themselves, no daemon (after a crash, before repld writes to it).
+fn dump_md_offline(disk: &Path, meta: Option<&Path>) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_replctl"));
+    // No daemon listens there: the offline dump must not need one.
+    cmd.args([
+        "--socket",
+        "/nonexistent/repld.sock",
+        "dump-md",
+        "r0",
+        "--json",
+    ]);
+    cmd.arg("--disk").arg(disk);
+    if let Some(m) = meta {
+        cmd.arg("--meta-disk").arg(m);
+    }
+    run_tool(&mut cmd)
+}
+
+#[test]
+fn dump_md_reads_the_files_without_a_daemon_and_shows_torn_slots() {
+    let mut pair = Pair::start_default();
+    pair.stop(BETA);
+    let (disk, meta) = (pair.beta().disk.clone(), pair.beta().meta.clone());
+    let (ok, out, err) = dump_md_offline(&disk, Some(&meta));
+    assert!(ok, "{out}{err}");
+    let dump: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(dump["ok"], true, "{dump}");
+    assert_eq!(dump["resource"], "r0", "{dump}");
+    let md = &dump["metadata"];
+    let active = md["active"].as_u64().expect("an active slot");
+    for slot in md["slots"].as_array().expect("slots") {
+        assert_eq!(slot["Ok"]["node"], BETA, "{dump}");
+    }
+    // The clean shutdown is what the newest slot says.
+    let flags = md["slots"][active as usize]["Ok"]["flags"]
+        .as_u64()
+        .expect("flags");
+    assert_ne!(
+        flags & u64::from(replblk::core::flags::CLEAN_SHUTDOWN),
+        0,
+        "{dump}"
+    );
+
+    // The newest slot torn: shown with its reason, the other one active.
+    scribble(&meta, active * 4096);
+    let (ok, out, err) = dump_md_offline(&disk, Some(&meta));
+    assert!(ok, "{out}{err}");
+    let dump: Value = serde_json::from_str(out.trim()).expect("JSON");
+    let md = &dump["metadata"];
+    assert!(md["slots"][active as usize]["Err"].is_string(), "{dump}");
+    assert_eq!(md["active"], 1 - active, "{dump}");
+    // Both torn: still a dump (no active slot), nothing written.
+    scribble(&meta, (1 - active) * 4096);
+    let before = std::fs::read(&meta).expect("md");
+    let (ok, out, err) = dump_md_offline(&disk, Some(&meta));
+    assert!(ok, "{out}{err}");
+    let dump: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert!(dump["metadata"]["active"].is_null(), "{dump}");
+    assert_eq!(std::fs::read(&meta).expect("md"), before);
+    // Without --meta-disk the disk is read for internal metadata: there
+    // is none at the end of beta's data file, and the dump says why.
+    let (ok, out, err) = dump_md_offline(&disk, None);
+    assert!(ok, "{out}{err}");
+    let dump: Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert!(dump["metadata"]["active"].is_null(), "{dump}");
+    assert_eq!(
+        dump["metadata"]["slots"][0]["Err"], "bad magic (no superblock)",
+        "{dump}"
+    );
+    // A file that is not there: a clear error.
+    let (ok, out, err) = dump_md_offline(&disk.with_extension("missing"), None);
+    assert!(!ok, "{out}");
+    assert!(err.contains("No such file"), "{err}");
+}
+
 // ---------------------------------------------------------------------------
 // Role rules
 // ---------------------------------------------------------------------------

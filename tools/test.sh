@@ -189,6 +189,13 @@ python3 "$REPO_ROOT/tools/powerloss.py" --cycles 6
 pass
 
 # ---------------------------------------------------------------------------
+# Real power cuts: the nodes (or the Secondary) in the small VM, its disk a
+# virtual one, qemu SIGKILLed under load. Bounded: 2 cycles of each variant.
+section "python3 tools/vm_powerloss.py --cycles 2 (power cuts of the VM, ackcheck)"
+timeout 900 python3 "$REPO_ROOT/tools/vm_powerloss.py" --cycles 2
+pass
+
+# ---------------------------------------------------------------------------
 section "python3 tools/resync_bench.py (smoke: small sizes)"
 timeout 900 python3 "$REPO_ROOT/tools/resync_bench.py" --only full,scatter \
     --full-sizes 256M --scatter-size 256M --scatter-mib 8

@@ -14,10 +14,11 @@ use std::sync::Arc;
 use replblk::attach;
 use replblk::control::client;
 use replblk::control::proto::{
-    DumpMdAnswer, MessageAnswer, OutOfSyncAnswer, Request, ResourceStatus, StatusAnswer,
-    StatusEvent,
+    Answer, DumpMdAnswer, MessageAnswer, OutOfSyncAnswer, Request, ResourceStatus, Response,
+    StatusAnswer, StatusEvent,
 };
 use replblk::core::Decision;
+use replblk::meta::{Location, MetaStore};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
@@ -56,6 +57,14 @@ enum Verb {
         resource: String,
         #[arg(long)]
         json: bool,
+        /// Read the metadata of this backing disk directly, without a
+        /// daemon (e.g. after a crash, before repld starts and writes to
+        /// it); internal metadata unless --meta-disk is given.
+        #[arg(long)]
+        disk: Option<PathBuf>,
+        /// With --disk: the external metadata file or device.
+        #[arg(long, requires = "disk")]
+        meta_disk: Option<PathBuf>,
     },
     /// Attach the disk (reading its metadata) and start connecting.
     Up { resource: String },
@@ -372,6 +381,28 @@ fn print_md(answer: &DumpMdAnswer) {
     }
 }
 
+/// `dump-md --disk`: both slots read from the files themselves, printed
+/// as the daemon's answer would be.
+fn dump_md_offline(
+    resource: String,
+    disk: &Path,
+    meta_disk: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
+    let location = meta_disk.map_or(Location::Internal, Location::External);
+    let answer = DumpMdAnswer {
+        resource,
+        metadata: MetaStore::inspect(disk, &location)?,
+    };
+    if json {
+        let line = Response::Ok(Answer::DumpMd(Box::new(answer)));
+        println!("{}", serde_json::to_string(&line)?);
+    } else {
+        print_md(&answer);
+    }
+    Ok(())
+}
+
 /// A verb answered with one line of text.
 fn simple(socket: &Path, req: Request, timeout: Option<Duration>) -> Result<()> {
     let answer: MessageAnswer = request(socket, &req, timeout)?;
@@ -482,7 +513,13 @@ fn run(args: Args) -> Result<()> {
         Verb::CreateMd { resource, force } => {
             simple(socket, Request::CreateMd { resource, force }, wait)
         }
-        Verb::DumpMd { resource, json } => {
+        Verb::DumpMd {
+            resource,
+            json,
+            disk: Some(disk),
+            meta_disk,
+        } => dump_md_offline(resource, &disk, meta_disk, json),
+        Verb::DumpMd { resource, json, .. } => {
             let req = Request::DumpMd { resource };
             if json {
                 println!("{}", client::request_line(socket, &req, wait)?);

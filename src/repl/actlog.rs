@@ -27,8 +27,8 @@
 //!   on them (`persist_bitmap`).
 //! - While the node is a sync source, changed bitmap pages are also
 //!   written about once a second, so an interrupted resync resumes from a
-//!   recent bitmap. Clearing bits late
-//!   on disk only costs resync time.
+//!   recent bitmap. Clearing bits late on disk only costs resync time,
+//!   except past the end of a sync (`persist_bitmap_at_sync_end`).
 
 use super::*;
 use crate::core::actlog::{ActivityLog, Candidate, EXTENT_SHIFT, MAX_UPDATES};
@@ -549,6 +549,36 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// At the end of a sync, before its state step records the end: the
+    /// bits the sync cleared are cleared on disk too (a target's pages
+    /// after a local flush). Otherwise they would outlive the recorded end
+    /// until the next periodic write, and a crash meanwhile would bring
+    /// them back as marks at the same generation, which decide the next
+    /// sync's direction (`Rule::LocalDirtyBits`): a former target would
+    /// become the source, and with marks on both nodes (a transfer log's)
+    /// the dialing node would yield its real marks to stale ones.
+    ///
+    /// One attempt, no waiting for a failed link to settle: false when the
+    /// link failed meanwhile (a source then does not record the end; the
+    /// next handshake sees the sync unfinished). A write error is logged
+    /// and reported in `status`; the end is recorded all the same.
+    pub(super) fn persist_bitmap_at_sync_end(&self, target: bool) -> bool {
+        let Some(p) = self.persistent() else {
+            return true;
+        };
+        let _io = lock(&p.io);
+        let written = if target {
+            self.write_target_bitmap_pages(&p).map(|()| true)
+        } else {
+            self.write_bitmap_pages(&p, None, false)
+        };
+        written.unwrap_or_else(|e| {
+            tracing::error!(resource = %self.name, "writing the bitmap failed: {e}");
+            lock(&self.inner).last_error = Some(format!("writing the bitmap failed: {e}"));
+            true
+        })
     }
 
     /// Starts the periodic write of changed bitmap pages.

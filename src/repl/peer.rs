@@ -43,6 +43,16 @@ impl Replica {
                 ..
             } => self.answer_csum_query(id, offset, length, block),
             Frame::SyncDone { current } => {
+                // The sync's cleared bits on disk before the end is
+                // recorded (see `persist_bitmap_at_sync_end`).
+                let target = lock(&self.inner)
+                    .node
+                    .as_ref()
+                    .is_some_and(|n| n.repl() == ReplState::SyncTarget);
+                if target {
+                    lock(&self.oos).clear_range(0, u64::MAX);
+                    self.persist_bitmap_at_sync_end(true);
+                }
                 let fx = self
                     .step(Event::SyncDone { current })
                     .map_err(LinkError::Protocol)?;

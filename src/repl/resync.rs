@@ -766,6 +766,10 @@ impl Replica {
         if !self.confirm_state(session, 0) {
             return false;
         }
+        // The bits the sync cleared, on disk before the end is recorded.
+        if !self.persist_bitmap_at_sync_end(false) {
+            return false;
+        }
         // Ended before the state says so: whoever sees the pair in sync
         // sees the sync's final figures.
         self.progress.finished.fetch_add(1, Ordering::Relaxed);

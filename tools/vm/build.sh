@@ -2,8 +2,8 @@
 # Builds the small VM the kernel-client tests boot: Debian's stock kernel
 # (its ELF vmlinux, booted through the PVH entry, which is much faster than
 # the bzImage under TCG) and an initramfs with busybox, nbd-client,
-# mke2fs/e2fsck, the kernel modules for virtio-net, nbd and ext4, and a
-# minimal /init (no systemd).
+# mke2fs/e2fsck, the kernel modules for virtio-net, virtio-blk (a virtual
+# disk is /dev/vda), nbd and ext4, and a minimal /init (no systemd).
 #
 #   bash tools/vm/build.sh        # prints the directory holding the VM
 #
@@ -102,7 +102,7 @@ cp /etc/mke2fs.conf "$R/etc/mke2fs.conf"
 # Each module's "depends=" (its .modinfo section) gives the order; no
 # depmod needed on the host.
 python3 - "$WORK/pkg/lib/modules/$KVER" "$R/lib/modules" \
-    virtio_pci virtio_net nbd crc32c_generic ext4 > "$R/etc/modules" <<'PY'
+    virtio_pci virtio_net virtio_blk nbd crc32c_generic ext4 > "$R/etc/modules" <<'PY'
 import lzma, os, re, sys
 tree, dest, wanted = sys.argv[1], sys.argv[2], sys.argv[3:]
 paths = {}

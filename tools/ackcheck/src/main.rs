@@ -97,6 +97,11 @@ struct WriteArgs {
     /// Stop at a path's appearance (a test's signal to end the run).
     #[arg(long)]
     stop_file: Option<PathBuf>,
+    /// Hand each log line to the file as it is logged (not buffered), so
+    /// a copy of the log taken at any moment holds every reply received
+    /// before it (e.g. just before a power cut of the server).
+    #[arg(long)]
+    log_each_line: bool,
 }
 
 #[derive(clap::Args)]
@@ -163,11 +168,16 @@ struct Shared {
     dead: bool,
 }
 
-struct Logger(Mutex<BufWriter<File>>);
+/// The log file; with `each_line`, every line is written out at once.
+struct Logger(Mutex<BufWriter<File>>, bool);
 
 impl Logger {
     fn line(&self, s: std::fmt::Arguments<'_>) {
-        let _ = writeln!(lock(&self.0), "{s}");
+        let mut w = lock(&self.0);
+        let _ = writeln!(w, "{s}");
+        if self.1 {
+            let _ = w.flush();
+        }
     }
     fn flush(&self) {
         let _ = lock(&self.0).flush();
@@ -224,7 +234,7 @@ fn write(a: WriteArgs) -> Result<i32> {
         .append(true)
         .open(&a.log)
         .with_context(|| format!("opening {}", a.log.display()))?;
-    let logger = Arc::new(Logger(Mutex::new(BufWriter::new(file))));
+    let logger = Arc::new(Logger(Mutex::new(BufWriter::new(file)), a.log_each_line));
     logger.line(format_args!(
         "R {run} {} {} {blocks}",
         a.block_size, a.first_block
