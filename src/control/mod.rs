@@ -105,10 +105,29 @@ impl ControlServer {
             }
             std::fs::remove_file(path)?;
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| anyhow::anyhow!("cannot create control socket {}: {e}", path.display()))?;
-        // Root-only: the socket changes roles and data placement.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        // Bound and listening under a temporary name, root-only, then
+        // renamed into place: whoever sees the path can connect at once
+        // (a plain bind shows the path before listen(2), when a connect
+        // is refused).
+        let mut staged = path.as_os_str().to_owned();
+        staged.push(format!(".{}.new", std::process::id()));
+        let staged = PathBuf::from(staged);
+        let _ = std::fs::remove_file(&staged);
+        let created = UnixListener::bind(&staged)
+            .map_err(|e| anyhow::anyhow!("cannot create control socket {}: {e}", path.display()))
+            .and_then(|listener| {
+                // Root-only: the socket changes roles and data placement.
+                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+                std::fs::rename(&staged, path)?;
+                Ok(listener)
+            });
+        let listener = match created {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+        };
         let listener = Arc::new(listener);
         let ctx = Arc::new(Context {
             node,
