@@ -210,18 +210,29 @@ impl Replies {
     }
 
     /// Completes a submitted modification: queues its reply for the end
-    /// of `batch`.
+    /// of `batch`, or of the burst this thread is running on this
+    /// connection (see `Burst`).
     fn complete(self: &Arc<Self>, cookie: u64, result: io::Result<()>, batch: &mut Batch) {
         let error = match result {
             Ok(()) => 0,
             Err(e) => io_errno(e),
         };
         let header = SimpleReply { error, cookie }.to_bytes();
-        if self.queue(&header) {
+        if BURST.with(|b| b.get()) == Arc::as_ptr(self) {
+            // The burst's end sends it, with the others it completes.
+            lock(&self.out).queue.extend_from_slice(&header);
+        } else if self.queue(&header) {
             batch.defer(self.clone());
         }
         self.finish_one();
     }
+}
+
+thread_local! {
+    /// The connection whose burst of writes this thread is running:
+    /// replies completed on this thread meanwhile are sent when the
+    /// burst ends, in one send.
+    static BURST: std::cell::Cell<*const Replies> = const { std::cell::Cell::new(std::ptr::null()) };
 }
 
 impl Deferred for Replies {
@@ -492,22 +503,47 @@ impl Connection<'_> {
 
     fn worker(&self) {
         let mut buf = Vec::new();
+        let store = &*self.export.store;
         loop {
             let mut reader = lock(&self.reader);
             let Some(mut req) = self.read_request(&mut reader, &mut buf) else {
                 return;
             };
-            // While more requests are already buffered, writes are
-            // submitted with the read side held: a submit does not wait,
-            // so one worker runs a burst of writes to completion with no
-            // hand-off to another worker per request.
-            let mut burst = Burst(&*self.export.store, false);
-            while !reader.buffer().is_empty() && req.length <= BURST_MAX {
+            // Small plain writes are submitted with the read side held: a
+            // submit does not wait, so one worker runs them to completion
+            // with no hand-off to another worker per request, also when
+            // the read buffer runs dry between the client's sends (the
+            // burst then ends: held-back frames and replies go out, and
+            // the same worker blocks for the next request). Anything else
+            // hands the read side on and is carried out below.
+            let mut burst = Burst {
+                store,
+                replies: &self.replies,
+                running: false,
+            };
+            loop {
+                if req.length > BURST_MAX {
+                    break;
+                }
                 let Some(op) = self.modification(&req, &buf) else {
                     break;
                 };
+                let buffered = !reader.buffer().is_empty();
+                // A lone request on a store whose `submit` may wait for
+                // the network (reading its own acknowledgement) is left
+                // to `serve_one`, so another worker reads meanwhile.
+                if !buffered
+                    && store.submit_may_wait()
+                    && self.replies.in_flight.load(Ordering::SeqCst) <= 1
+                {
+                    break;
+                }
+                burst.start();
                 self.submit(op, req.cookie, true);
-                burst.1 = true;
+                if !buffered {
+                    // About to block for the next request.
+                    burst.end();
+                }
                 match self.read_request(&mut reader, &mut buf) {
                     Some(next) => req = next,
                     None => return,
@@ -540,14 +576,36 @@ fn is_slow(req: &Request) -> bool {
     req.command == Command::Flush || req.fua()
 }
 
-/// Kicks the store when a burst of `submit_more` ends, however it ends.
-struct Burst<'a>(&'a dyn crate::store::Store, bool);
+/// A burst of `submit_more` on one worker: while it runs, replies that
+/// complete on this thread are queued; when it ends, however it ends,
+/// the store sends what it held back and the replies go out together.
+struct Burst<'a> {
+    store: &'a dyn crate::store::Store,
+    replies: &'a Arc<Replies>,
+    running: bool,
+}
+
+impl Burst<'_> {
+    fn start(&mut self) {
+        if !self.running {
+            self.running = true;
+            BURST.with(|b| b.set(Arc::as_ptr(self.replies)));
+        }
+    }
+
+    fn end(&mut self) {
+        if self.running {
+            self.running = false;
+            BURST.with(|b| b.set(std::ptr::null()));
+            self.store.kick();
+            self.replies.drain();
+        }
+    }
+}
 
 impl Drop for Burst<'_> {
     fn drop(&mut self) {
-        if self.1 {
-            self.0.kick();
-        }
+        self.end();
     }
 }
 
