@@ -97,6 +97,9 @@ struct Replies {
     slow: AtomicUsize,
     idle_lock: Mutex<()>,
     idle: Condvar,
+    /// A thread waits in `wait_idle` (only then is `idle` signalled: a
+    /// condvar's notify is a system call even with nobody waiting).
+    idle_waiting: AtomicBool,
 }
 
 impl Replies {
@@ -117,7 +120,9 @@ impl Replies {
 
     /// A request was answered (or will never be).
     fn finish_one(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.idle_waiting.load(Ordering::SeqCst)
+        {
             let _g = lock(&self.idle_lock);
             self.idle.notify_all();
         }
@@ -127,6 +132,10 @@ impl Replies {
     fn wait_idle(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut g = lock(&self.idle_lock);
+        // Set before `in_flight` is read: a request finishing after that
+        // read sees the flag and signals (under the lock, so not before
+        // this thread waits).
+        self.idle_waiting.store(true, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -654,6 +663,7 @@ pub fn serve(
             slow: AtomicUsize::new(0),
             idle_lock: Mutex::new(()),
             idle: Condvar::new(),
+            idle_waiting: AtomicBool::new(false),
         }),
         requests: AtomicU64::new(0),
     };
