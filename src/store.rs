@@ -116,6 +116,13 @@ pub trait Store: Send + Sync {
     }
     /// Sends what `submit_more` held back; called once after a burst.
     fn kick(&self) {}
+    /// Whether `submit` (not `submit_more`) may wait for the network
+    /// before it returns: a replicated store's lone request reads its
+    /// own acknowledgement. The caller then lets another thread read the
+    /// next request meanwhile. The default completes inline.
+    fn submit_may_wait(&self) -> bool {
+        false
+    }
     /// `self` as a trait object (for the default `submit`).
     fn as_dyn(&self) -> &dyn Store;
     /// Usable bytes.

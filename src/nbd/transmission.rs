@@ -1,12 +1,15 @@
 //! The transmission phase: requests in, simple replies out, many in flight.
 //!
 //! A connection is served by a small pool of worker threads in a
-//! leader/follower pattern: one worker at a time holds the read side, reads
-//! one request (and its payload), lets go, executes it against the store and
-//! writes the reply under the write-side lock. So a lone request is read,
-//! executed and answered by one thread with no hand-off (lowest latency at
-//! queue depth 1), while at depth N up to `workers` requests execute at once
-//! and their replies go out in completion order.
+//! leader/follower pattern: one worker at a time holds the read side and
+//! reads requests. Small plain writes it submits itself and reads on (see
+//! `Connection::worker`); for anything else it lets go of the read side,
+//! executes the request against the store and writes the reply under the
+//! write-side lock. So a lone request is read, executed and answered by one
+//! thread with no hand-off (lowest latency at queue depth 1), a stream of
+//! small writes runs on one thread, and slow requests (reads, flushes, FUA,
+//! large writes) execute up to `workers` at once, their replies going out
+//! in completion order.
 //!
 //! Bad requests get an error reply and the connection carries on; only a
 //! broken stream (bad magic, an oversized write payload, a short read) ends
@@ -94,6 +97,9 @@ struct Replies {
     slow: AtomicUsize,
     idle_lock: Mutex<()>,
     idle: Condvar,
+    /// A thread waits in `wait_idle` (only then is `idle` signalled: a
+    /// condvar's notify is a system call even with nobody waiting).
+    idle_waiting: AtomicBool,
 }
 
 impl Replies {
@@ -114,7 +120,9 @@ impl Replies {
 
     /// A request was answered (or will never be).
     fn finish_one(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.idle_waiting.load(Ordering::SeqCst)
+        {
             let _g = lock(&self.idle_lock);
             self.idle.notify_all();
         }
@@ -124,6 +132,10 @@ impl Replies {
     fn wait_idle(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut g = lock(&self.idle_lock);
+        // Set before `in_flight` is read: a request finishing after that
+        // read sees the flag and signals (under the lock, so not before
+        // this thread waits).
+        self.idle_waiting.store(true, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -210,18 +222,29 @@ impl Replies {
     }
 
     /// Completes a submitted modification: queues its reply for the end
-    /// of `batch`.
+    /// of `batch`, or of the burst this thread is running on this
+    /// connection (see `Burst`).
     fn complete(self: &Arc<Self>, cookie: u64, result: io::Result<()>, batch: &mut Batch) {
         let error = match result {
             Ok(()) => 0,
             Err(e) => io_errno(e),
         };
         let header = SimpleReply { error, cookie }.to_bytes();
-        if self.queue(&header) {
+        if BURST.with(|b| b.get()) == Arc::as_ptr(self) {
+            // The burst's end sends it, with the others it completes.
+            lock(&self.out).queue.extend_from_slice(&header);
+        } else if self.queue(&header) {
             batch.defer(self.clone());
         }
         self.finish_one();
     }
+}
+
+thread_local! {
+    /// The connection whose burst of writes this thread is running:
+    /// replies completed on this thread meanwhile are sent when the
+    /// burst ends, in one send.
+    static BURST: std::cell::Cell<*const Replies> = const { std::cell::Cell::new(std::ptr::null()) };
 }
 
 impl Deferred for Replies {
@@ -492,22 +515,47 @@ impl Connection<'_> {
 
     fn worker(&self) {
         let mut buf = Vec::new();
+        let store = &*self.export.store;
         loop {
             let mut reader = lock(&self.reader);
             let Some(mut req) = self.read_request(&mut reader, &mut buf) else {
                 return;
             };
-            // While more requests are already buffered, writes are
-            // submitted with the read side held: a submit does not wait,
-            // so one worker runs a burst of writes to completion with no
-            // hand-off to another worker per request.
-            let mut burst = Burst(&*self.export.store, false);
-            while !reader.buffer().is_empty() && req.length <= BURST_MAX {
+            // Small plain writes are submitted with the read side held: a
+            // submit does not wait, so one worker runs them to completion
+            // with no hand-off to another worker per request, also when
+            // the read buffer runs dry between the client's sends (the
+            // burst then ends: held-back frames and replies go out, and
+            // the same worker blocks for the next request). Anything else
+            // hands the read side on and is carried out below.
+            let mut burst = Burst {
+                store,
+                replies: &self.replies,
+                running: false,
+            };
+            loop {
+                if req.length > BURST_MAX {
+                    break;
+                }
                 let Some(op) = self.modification(&req, &buf) else {
                     break;
                 };
+                let buffered = !reader.buffer().is_empty();
+                // A lone request on a store whose `submit` may wait for
+                // the network (reading its own acknowledgement) is left
+                // to `serve_one`, so another worker reads meanwhile.
+                if !buffered
+                    && store.submit_may_wait()
+                    && self.replies.in_flight.load(Ordering::SeqCst) <= 1
+                {
+                    break;
+                }
+                burst.start();
                 self.submit(op, req.cookie, true);
-                burst.1 = true;
+                if !buffered {
+                    // About to block for the next request.
+                    burst.end();
+                }
                 match self.read_request(&mut reader, &mut buf) {
                     Some(next) => req = next,
                     None => return,
@@ -540,14 +588,36 @@ fn is_slow(req: &Request) -> bool {
     req.command == Command::Flush || req.fua()
 }
 
-/// Kicks the store when a burst of `submit_more` ends, however it ends.
-struct Burst<'a>(&'a dyn crate::store::Store, bool);
+/// A burst of `submit_more` on one worker: while it runs, replies that
+/// complete on this thread are queued; when it ends, however it ends,
+/// the store sends what it held back and the replies go out together.
+struct Burst<'a> {
+    store: &'a dyn crate::store::Store,
+    replies: &'a Arc<Replies>,
+    running: bool,
+}
+
+impl Burst<'_> {
+    fn start(&mut self) {
+        if !self.running {
+            self.running = true;
+            BURST.with(|b| b.set(Arc::as_ptr(self.replies)));
+        }
+    }
+
+    fn end(&mut self) {
+        if self.running {
+            self.running = false;
+            BURST.with(|b| b.set(std::ptr::null()));
+            self.store.kick();
+            self.replies.drain();
+        }
+    }
+}
 
 impl Drop for Burst<'_> {
     fn drop(&mut self) {
-        if self.1 {
-            self.0.kick();
-        }
+        self.end();
     }
 }
 
@@ -593,6 +663,7 @@ pub fn serve(
             slow: AtomicUsize::new(0),
             idle_lock: Mutex::new(()),
             idle: Condvar::new(),
+            idle_waiting: AtomicBool::new(false),
         }),
         requests: AtomicU64::new(0),
     };
@@ -641,14 +712,19 @@ pub struct Limits {
 /// it announced.
 const PAYLOAD_STEP: usize = 1 << 20;
 
-/// Reads a `len`-byte payload into `buf`, growing it as the bytes arrive.
+/// Reads a `len`-byte payload into `buf[..len]`, growing `buf` as the
+/// bytes arrive. What `buf` already holds is overwritten, not cleared
+/// first: zero-filling a 1 MiB buffer per write costs as much as a
+/// tenth of serving it.
 fn read_payload(reader: &mut impl Read, buf: &mut Vec<u8>, len: usize) -> std::io::Result<()> {
-    buf.clear();
-    while buf.len() < len {
-        let start = buf.len();
+    let mut start = 0;
+    while start < len {
         let end = (start + PAYLOAD_STEP).min(len);
-        buf.resize(end, 0);
+        if buf.len() < end {
+            buf.resize(end, 0);
+        }
         reader.read_exact(&mut buf[start..end])?;
+        start = end;
     }
     Ok(())
 }

@@ -361,6 +361,10 @@ impl Store for Replica {
         Replica::kick(self);
     }
 
+    fn submit_may_wait(&self) -> bool {
+        self.peer.is_some()
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         let flags = if durable { data_flags::FUA } else { 0 };
         self.replicate(
