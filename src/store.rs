@@ -18,6 +18,10 @@ use thiserror::Error;
 /// Largest zero-fill buffer used when the file system cannot zero a range.
 const ZERO_CHUNK: usize = 1 << 20;
 
+/// Alignment of the buffer, offset and length of a
+/// [`Store::write_direct`] (the largest logical block size in use).
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// Work that completions leave for the end of a batch: typically sending
 /// the replies that several completions queued on one connection, once.
 pub trait Deferred: Send + Sync {
@@ -146,6 +150,20 @@ pub trait Store: Send + Sync {
     fn reads_as_zeroes(&self, _offset: u64, _len: u64) -> bool {
         false
     }
+    /// Whether [`write_direct`](Self::write_direct) bypasses the page
+    /// cache (so large writes are worth aligning for it).
+    fn writes_direct(&self) -> bool {
+        false
+    }
+    /// Writes `buf` at `offset` like `write_at(.., false)` (same
+    /// durability: a later `flush` makes it durable), bypassing the page
+    /// cache where the store can. `buf`'s address, `offset` and the
+    /// length are multiples of [`DIRECT_ALIGN`]; anything else, or a
+    /// store that cannot, goes through `write_at`. Reads afterwards see
+    /// the data either way (the kernel keeps the cache coherent).
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset, false)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -170,6 +188,11 @@ pub struct FileStore {
     file: File,
     size: u64,
     is_block_device: bool,
+    /// The same file opened with `O_DIRECT` for `write_direct`, on first
+    /// use; `None` where the file system refuses it.
+    direct: std::sync::OnceLock<Option<File>>,
+    /// Set once a direct write was refused: everything goes buffered.
+    direct_refused: std::sync::atomic::AtomicBool,
 }
 
 impl FileStore {
@@ -212,7 +235,30 @@ impl FileStore {
             file,
             size,
             is_block_device,
+            direct: std::sync::OnceLock::new(),
+            direct_refused: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The `O_DIRECT` descriptor: the same open file reopened through
+    /// `/proc/self/fd` (so a renamed or unlinked path does not matter).
+    fn direct_file(&self) -> Option<&File> {
+        self.direct
+            .get_or_init(|| {
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                match OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+                    .open(&path)
+                {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::debug!("no O_DIRECT descriptor for the backing store: {e}");
+                        None
+                    }
+                }
+            })
+            .as_ref()
     }
 
     /// Whether `[offset, offset + len)` is one hole: `SEEK_DATA` from
@@ -320,6 +366,43 @@ impl Store for FileStore {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn writes_direct(&self) -> bool {
+        !self
+            .direct_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && self.direct_file().is_some()
+    }
+
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let aligned = (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64);
+        let file = match self.direct_file() {
+            Some(f)
+                if aligned
+                    && !self
+                        .direct_refused
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                f
+            }
+            _ => return self.file.write_all_at(buf, offset),
+        };
+        match file.write_all_at(buf, offset) {
+            Ok(()) => Ok(()),
+            // A device with a larger logical block, or a file system that
+            // opens O_DIRECT but refuses the write: buffered from now on.
+            // (A partly done direct write is simply written again.)
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct_refused
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!("direct write refused ({e}): writing through the page cache");
+                self.file.write_all_at(buf, offset)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -497,6 +580,47 @@ mod tests {
         s.read_at(&mut buf, 70_000).expect("read");
         assert_eq!(&buf, b"world");
         s.flush().expect("flush");
+    }
+
+    /// `len` bytes of `byte` at a `DIRECT_ALIGN`ed address.
+    fn aligned(len: usize, byte: u8) -> (Vec<u8>, usize) {
+        let v = vec![byte; len + DIRECT_ALIGN];
+        let at = v.as_ptr().align_offset(DIRECT_ALIGN);
+        (v, at)
+    }
+
+    #[test]
+    fn direct_writes_replace_cached_data_and_read_back() {
+        let (_f, s) = temp_file(1 << 20);
+        // Cached (and dirty) pages of the range first.
+        s.write_at(&[1u8; 65536], 0, false).expect("write");
+        let mut buf = vec![0u8; 65536];
+        s.read_at(&mut buf, 0).expect("read");
+        assert!(buf.iter().all(|&b| b == 1));
+        let (v, at) = aligned(65536, 2);
+        s.write_direct(&v[at..at + 65536], 0).expect("direct write");
+        s.read_at(&mut buf, 0).expect("read");
+        assert!(
+            buf.iter().all(|&b| b == 2),
+            "a read after a direct write sees it"
+        );
+        // Unaligned address, offset or length: written all the same.
+        s.write_direct(&v[at + 1..at + 4097], 8192)
+            .expect("unaligned buf");
+        s.write_direct(&v[at..at + 100], 4096 * 3 + 7)
+            .expect("unaligned offset");
+        let mut small = vec![0u8; 4096];
+        s.read_at(&mut small, 8192).expect("read");
+        assert!(small.iter().all(|&b| b == 2));
+        s.read_at(&mut small[..100], 4096 * 3 + 7).expect("read");
+        assert!(small[..100].iter().all(|&b| b == 2));
+        s.flush().expect("flush");
+        let mut tail = vec![9u8; 4096];
+        s.read_at(&mut tail, 65536).expect("read");
+        assert!(
+            tail.iter().all(|&b| b == 0),
+            "nothing written past the ranges"
+        );
     }
 
     #[test]

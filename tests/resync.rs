@@ -329,6 +329,85 @@ fn a_full_initial_sync_copies_data_and_zeroes_and_reports_progress() {
     assert_disks_identical(&pair);
 }
 
+/// A full sync of data streams 1 MiB writes, which the target writes
+/// past its page cache from a thread of its own; application writes
+/// (large and aligned ones, which take that path too, overlapping each
+/// other and the sync's; small and unaligned ones, which do not) must
+/// still land in wire order.
+#[test]
+fn application_writes_during_a_full_sync_of_data_leave_identical_copies() {
+    let mut pair = Pair::builder()
+        .disk_size(64 * MIB)
+        .fresh()
+        .resync("c_max_rate_mib", "8")
+        .resync("c_min_rate_mib", "4")
+        .start_unconnected();
+    let mut rng = StdRng::seed_from_u64(6);
+    let mut data = vec![0u8; 64 * MIB as usize];
+    rng.fill_bytes(&mut data);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&pair.alpha().disk)
+            .expect("alpha disk");
+        f.write_all_at(&data, 0).expect("fill");
+    }
+    for node in [ALPHA, BETA] {
+        pair.ok(node, &["create-md", "r0"]);
+        pair.ok(node, &["up", "r0"]);
+    }
+    pair.wait_connected();
+    pair.ok(ALPHA, &["promote", "r0", "--force"]);
+    pair.wait_status(ALPHA, "syncing", |s| {
+        s.raw["resources"][0]["resync"]["active"] == Value::Bool(true)
+    });
+    let mut client = Client::connect(&pair.primary_addr(), "r0");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut writes = 0;
+    while Instant::now() < deadline && writes < 400 {
+        let (len, align) = match writes % 3 {
+            0 => (MIB * rng.gen_range(1..3u64), BLOCK),
+            1 => (BLOCK * rng.gen_range(16..64u64), BLOCK),
+            _ => (BLOCK * rng.gen_range(16..32u64), 512),
+        };
+        let off = rng.gen_range(0..(64 * MIB - len) / align) * align;
+        let mut buf = vec![0u8; len as usize];
+        rng.fill_bytes(&mut buf);
+        assert_eq!(client.write(off, &buf), 0);
+        writes += 1;
+    }
+    assert_eq!(client.flush(), 0);
+    client.disconnect();
+    assert!(
+        resync(&pair, ALPHA)["active"] == Value::Bool(true),
+        "the sync ended before the writes did; make it slower"
+    );
+    pair.ok(ALPHA, &["resync-rate", "r0", "--max", "0"]);
+    wait_sync(&pair, 60);
+    // The target did write past its page cache: its backing file is
+    // open with O_DIRECT too (where the file system allows it).
+    let pid = pair.beta().pid().expect("beta runs");
+    let direct = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| {
+            let flags = t.lines().find_map(|l| l.strip_prefix("flags:"))?;
+            u32::from_str_radix(flags.trim(), 8).ok()
+        })
+        .any(|f| f & libc::O_DIRECT as u32 != 0);
+    let tmpfs = std::process::Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&pair.beta().disk)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("tmpfs"))
+        .unwrap_or(false);
+    assert!(direct || tmpfs, "beta has no O_DIRECT descriptor");
+    stop_both(&mut pair);
+    assert_disks_identical(&pair);
+}
+
 #[test]
 fn the_rate_can_be_lowered_and_raised_at_run_time() {
     let mut pair = Pair::builder().disk_size(128 * MIB).start();

@@ -13,7 +13,10 @@ external metadata, backing files under --tmpdir):
   scatter   Bitmap resync after a disconnect: alpha disconnected, fio writes
             --scatter-mib MiB of distinct random 4 KiB blocks through it, then
             `connect` and the time until in sync.  Bytes moved (from
-            `status --json`) against bytes dirtied.
+            `status --json`) against bytes dirtied.  Baseline in the same
+            run: the same number of distinct random 4 KiB blocks written
+            with pwrite into a sparse file of the device's size, then one
+            fdatasync (what the target's disk must do at least).
   yield     fio 4k QD32 random writes for --runtime seconds on an in-sync pair
             (reference), then the same during a full sync (default rate
             settings); the IOPS ratio, and the sync's own rate meanwhile.
@@ -214,13 +217,70 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def timed(cmd: List[str]) -> float:
+    t = time.monotonic()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=3600)
+    return time.monotonic() - t
+
+
 def reference_copy(src: Path, dst: Path) -> float:
     """Seconds for `dd` to copy src to dst durably (the disk's own pace
     for the same bytes, measured in the same run)."""
-    t = time.monotonic()
-    subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fdatasync"],
-                   check=True, capture_output=True, timeout=3600)
-    return time.monotonic() - t
+    return timed(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fdatasync"])
+
+
+def machine_baseline(src: Path, dst: Path, size: int) -> Dict[str, float]:
+    """MiB/s of the machine on the sync's own file, in the same run: dd
+    reads (page cache as left, and O_DIRECT), dd copies durable through
+    the page cache and past it, cp + sync.  `dst` is removed after each."""
+    mib = size / MiB
+    out: Dict[str, float] = {}
+
+    def rm() -> None:
+        try:
+            dst.unlink()
+        except FileNotFoundError:
+            pass
+
+    out["dd_read_cached"] = mib / timed(["dd", f"if={src}", "of=/dev/null", "bs=1M"])
+    out["dd_read_direct"] = mib / timed(["dd", f"if={src}", "of=/dev/null", "bs=1M",
+                                         "iflag=direct"])
+    out["dd_copy_fdatasync"] = mib / reference_copy(src, dst)
+    rm()
+    out["dd_copy_direct"] = mib / timed(["dd", f"if={src}", f"of={dst}", "bs=1M",
+                                         "oflag=direct", "conv=fdatasync"])
+    rm()
+    out["cp_sync"] = mib / timed(["sh", "-c", f'cp "{src}" "{dst}" && sync -d "{dst}"'])
+    rm()
+    return out
+
+
+def scatter_baseline(path: Path, size: int, blocks: int, seed: int) -> float:
+    """Seconds to pwrite `blocks` distinct random 4 KiB blocks into a
+    sparse file of `size` bytes, in offset order, then fdatasync it."""
+    sparse(path, size)
+    offsets = sorted(random.Random(seed).sample(range(size // 4096), blocks))
+    data = random.Random(seed).randbytes(4096)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        t = time.monotonic()
+        for b in offsets:
+            os.pwrite(fd, data, b * 4096)
+        os.fdatasync(fd)
+        return time.monotonic() - t
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + sys CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_cpu(pair: "Pair") -> Dict[str, float]:
+    return {n: cpu_seconds(p.pid) for n, p in pair.procs.items()}
 
 
 def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool,
@@ -237,25 +297,28 @@ def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool,
         else:
             fill_data(pair.disks["alpha"], size, args.seed)
         fill_s = time.monotonic() - t
-        ref_s = None
+        base: Dict[str, float] = {}
         if reference and not holes:
-            ref_s = reference_copy(pair.disks["alpha"], pair.disks["beta"])
-            pair.disks["beta"].unlink()
+            base = machine_baseline(pair.disks["alpha"], pair.disks["beta"], size)
         sparse(pair.disks["beta"], size)
         pair.start()
         pair.bring_up()
+        cpu0 = daemon_cpu(pair)
         t0 = time.monotonic()
         pair.ctl("alpha", "promote", EXPORT, "--force")
         pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
                  timeout=args.sync_timeout + 30)
         wall = time.monotonic() - t0
+        cpu1 = daemon_cpu(pair)
         st = pair.status().get("resync", {})
+        cpu_ms = {n: (cpu1[n] - cpu0[n]) * 1000 / (size / MiB) for n in cpu0}
         return {"size": size, "binary": str(binary), "seconds": wall,
                 "mib_per_s": size / MiB / wall,
                 "daemon_ms": st.get("elapsed_ms"), "copy_ms": st.get("copy_ms"),
                 "moved_bytes": st.get("moved_bytes"),
                 "zeroed_bytes": st.get("zeroed_bytes"), "fill_seconds": fill_s,
-                "dd_seconds": ref_s, "dd_mib_per_s": size / MiB / ref_s if ref_s else None}
+                "cpu_ms_per_mib": cpu_ms, "baseline_mib_per_s": base,
+                "dd_mib_per_s": base.get("dd_copy_fdatasync")}
     finally:
         pair.stop()
         pair.remove_files()
@@ -278,14 +341,21 @@ def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
                          "--buffer_compress_percentage=0", "--refill_buffers"],
             workdir / "scatter.json", 600)
         dirtied = pair.status()["out_of_sync_bytes"]
+        cpu0 = daemon_cpu(pair)
         t0 = time.monotonic()
         pair.ctl("alpha", "connect", EXPORT)
         pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
                  timeout=args.sync_timeout + 30)
         wall = time.monotonic() - t0
+        cpu1 = daemon_cpu(pair)
         st = pair.status().get("resync")
+        base_s = scatter_baseline(workdir / "scatter-baseline.img", size, blocks, args.seed)
         out = {"device": size, "binary": str(binary), "dirtied_bytes": dirtied,
                "seconds_connect_to_synced": wall, "mib_per_s_wall": dirtied / MiB / wall,
+               "cpu_ms_per_mib": {n: (cpu1[n] - cpu0[n]) * 1000 / max(dirtied / MiB, 1e-9)
+                                  for n in cpu0},
+               "baseline_seconds": base_s,
+               "baseline_mib_per_s": blocks * 4096 / MiB / base_s,
                "moved_bytes": None, "moved_ratio": None}
         if st:
             daemon_s = max(st["elapsed_ms"], 1) / 1000.0
@@ -401,12 +471,20 @@ def main() -> int:
                         extra = (f"; dd copy of the same file with fdatasync: "
                                  f"{r['dd_mib_per_s']:.0f} MiB/s, ratio "
                                  f"{r['mib_per_s'] / r['dd_mib_per_s']:.2f}")
+                    cpu = r["cpu_ms_per_mib"]
+                    extra += (f"; CPU per MiB: source {cpu.get('alpha', 0):.3f} ms, "
+                              f"target {cpu.get('beta', 0):.3f} ms")
                     if r.get("copy_ms"):
                         extra += (f"; copy phase {r['copy_ms'] / 1000:.1f} s = "
                                   f"{size / MiB / (r['copy_ms'] / 1000):.0f} MiB/s, the rest is "
                                   f"the final flush on the target")
                     print(f"full sync {human(size)} [{label}]: {r['seconds']:.1f} s = "
                           f"{r['mib_per_s']:.0f} MiB/s{extra}", flush=True)
+                    if r["baseline_mib_per_s"]:
+                        b = r["baseline_mib_per_s"]
+                        print("  baseline, same file, same run (MiB/s; sync / it): " + ", ".join(
+                            f"{k} {v:.0f} ({r['mib_per_s'] / v:.2f}x)" for k, v in b.items()),
+                            flush=True)
         if "holes" in only:
             # The engine alone: a sparse source reads as zeroes, so every
             # chunk goes as a write-zeroes request and no data hits a disk.
@@ -429,9 +507,14 @@ def main() -> int:
                 if r.get("copy_ms"):
                     moved += (f", copy phase {r['copy_ms'] / 1000:.2f} s = "
                               f"{r['dirtied_bytes'] / MiB / (r['copy_ms'] / 1000):.0f} MiB/s")
+                cpu = r["cpu_ms_per_mib"]
                 print(f"scattered 4K resync [{label}]: {human(r['dirtied_bytes'])} dirtied on "
                       f"{human(r['device'])}{moved}, {r['seconds_connect_to_synced']:.2f} s "
-                      f"from connect = {r['mib_per_s_wall']:.0f} MiB/s", flush=True)
+                      f"from connect = {r['mib_per_s_wall']:.0f} MiB/s; CPU per MiB: source "
+                      f"{cpu.get('alpha', 0):.3f} ms, target {cpu.get('beta', 0):.3f} ms; "
+                      f"baseline (same blocks: pwrite each + one fdatasync, same run) "
+                      f"{r['baseline_mib_per_s']:.0f} MiB/s, ratio "
+                      f"{r['mib_per_s_wall'] / r['baseline_mib_per_s']:.2f}", flush=True)
         if "yield" in only:
             r = bench_yield(args, workdir)
             res["yield"] = r

@@ -1,7 +1,64 @@
 //! The Secondary's side of a session: frames applied in wire order,
 //! plain writes acknowledged in batches, durable ones after a flush.
+//!
+//! A sync target hands large plain writes (a resync streams them at 1 MiB)
+//! to a writer thread that writes them past the page cache
+//! (`Store::write_direct`) while this thread reads the next frames: the
+//! copy into the page cache was most of the target's CPU time, and the
+//! final flush then has little left to write. Such a write is acknowledged
+//! once written, like any plain write; a barrier still waits for a flush.
+//! Only writes that overlap nothing in the writer's hands go there, and
+//! every other frame first waits until the writer is idle, so the result
+//! is that of applying the frames one after another in wire order.
 
 use super::*;
+
+/// Plain writes at least this large go to the writer thread on a sync
+/// target.
+const OFFLOAD_MIN: usize = 64 * 1024;
+/// Writes queued for the writer thread at most (beyond the one it writes).
+const OFFLOAD_DEPTH: usize = 4;
+
+/// A write for the writer thread: the frame's body and where its payload
+/// sits in it.
+struct Job {
+    seq: u64,
+    offset: u64,
+    body: Vec<u8>,
+    payload: std::ops::Range<usize>,
+}
+
+/// The ranges the writer thread holds (queued or being written).
+#[derive(Default)]
+struct Offload {
+    ranges: Mutex<Vec<(u64, u64)>>,
+    idle: Condvar,
+}
+
+impl Offload {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        lock(&self.ranges)
+            .iter()
+            .any(|&(o, l)| o < offset + len && offset < o + l)
+    }
+
+    fn wait_idle(&self) {
+        let mut r = lock(&self.ranges);
+        while !r.is_empty() {
+            r = self.idle.wait(r).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn done(&self, offset: u64, len: u64) {
+        let mut r = lock(&self.ranges);
+        if let Some(i) = r.iter().position(|&x| x == (offset, len)) {
+            r.swap_remove(i);
+        }
+        if r.is_empty() {
+            self.idle.notify_all();
+        }
+    }
+}
 
 impl Replica {
     pub(super) fn receive_as_secondary<'s>(
@@ -27,6 +84,19 @@ impl Replica {
                 while flush_group(&flusher_session, &*flusher_store, &name) {}
             }
         });
+        // The writer thread for large writes (see the module comment), if
+        // the store can write past the page cache.
+        let offload = Arc::new(Offload::default());
+        let (jobs, spares) = if store.writes_direct() {
+            let (job_tx, job_rx) = mpsc::sync_channel::<Job>(OFFLOAD_DEPTH);
+            let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+            let (session, store, offload) = (session.clone(), store.clone(), offload.clone());
+            scope
+                .spawn(move || self.write_offloaded(&session, &*store, &offload, job_rx, spare_tx));
+            (Some(job_tx), Some(spare_rx))
+        } else {
+            (None, None)
+        };
         let mut reader = session.reader();
         let mut body = Vec::new();
         // Frames a submitter read while this node was still Primary come
@@ -57,6 +127,17 @@ impl Replica {
                     session.reason().unwrap_or_else(|| "shutting down".into()),
                 ));
             }
+            if kind == repl_kind::WRITE && body.len() >= OFFLOAD_MIN {
+                if let (Some(jobs), Some(spares)) = (&jobs, &spares) {
+                    match self.offload_write(session, &offload, &mut body, jobs, spares) {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            // Everything else is applied after what the writer holds.
+            offload.wait_idle();
             let (seq, status, durable) = match self.apply(session, &*store, kind, &body) {
                 Ok(Applied::Nothing) => continue,
                 Ok(Applied::Done { seq, durable }) => (seq, 0, durable),
@@ -87,6 +168,8 @@ impl Replica {
                 let _ = doorbell.try_send(());
             }
         };
+        offload.wait_idle();
+        drop(jobs);
         send_acks(session);
         drop(doorbell);
         // Nothing durable stays unacknowledged when the mode ends (the
@@ -95,6 +178,99 @@ impl Replica {
             while flush_group(session, &*store, &self.name) {}
         }
         result
+    }
+
+    /// Hands a plain write frame to the writer thread when this node is a
+    /// sync target and the write is large, aligned, not FUA, well formed
+    /// and clear of what the writer holds: true if it did (then `body` is
+    /// a spare buffer), false if the frame is to be applied here.
+    fn offload_write(
+        &self,
+        session: &Session,
+        offload: &Offload,
+        body: &mut Vec<u8>,
+        jobs: &mpsc::SyncSender<Job>,
+        spares: &mpsc::Receiver<Vec<u8>>,
+    ) -> Result<bool, LinkError> {
+        let Ok(w) = WriteRef::decode_body(body) else {
+            return Ok(false);
+        };
+        let align = crate::store::DIRECT_ALIGN as u64;
+        let len = w.payload.len() as u64;
+        if w.flags != 0
+            || !w.offset.is_multiple_of(align)
+            || !len.is_multiple_of(align)
+            || !w.crc_ok()
+            || w.offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.size())
+            || !self.sync_target()
+        {
+            // Refused or applied here, with the errors `apply` reports.
+            return Ok(false);
+        }
+        if offload.overlaps(w.offset, len) {
+            offload.wait_idle();
+        }
+        Self::receive(session, w.seq)?;
+        let (seq, offset) = (w.seq, w.offset);
+        let start = w.payload.as_ptr() as usize - body.as_ptr() as usize;
+        let payload = start..start + w.payload.len();
+        lock(&offload.ranges).push((offset, len));
+        let spare = spares.try_recv().unwrap_or_default();
+        let job = Job {
+            seq,
+            offset,
+            body: std::mem::replace(body, spare),
+            payload,
+        };
+        if jobs.send(job).is_err() {
+            // The writer is gone (it only ends when this loop does).
+            offload.done(offset, len);
+            return Err(LinkError::Protocol("the resync writer stopped".into()));
+        }
+        Ok(true)
+    }
+
+    /// The writer thread: copies each write into an aligned buffer, writes
+    /// it past the page cache, and acknowledges it.
+    fn write_offloaded(
+        &self,
+        session: &Session,
+        store: &dyn Store,
+        offload: &Offload,
+        jobs: mpsc::Receiver<Job>,
+        spares: mpsc::Sender<Vec<u8>>,
+    ) {
+        let align = crate::store::DIRECT_ALIGN;
+        let mut raw: Vec<u8> = Vec::new();
+        while let Ok(job) = jobs.recv() {
+            let data = &job.body[job.payload.clone()];
+            let n = data.len();
+            if raw.len() < n + align {
+                raw = vec![0u8; n + align];
+            }
+            let at = raw.as_ptr().align_offset(align);
+            let buf = &mut raw[at..at + n];
+            buf.copy_from_slice(data);
+            let status = match store.write_direct(buf, job.offset) {
+                Ok(()) => {
+                    self.now_in_sync(job.offset, n as u64);
+                    0
+                }
+                Err(e) => {
+                    tracing::error!(resource = %self.name, seq = job.seq, "applying a replicated write failed: {e}");
+                    crate::nbd::transmission::io_errno(e)
+                }
+            };
+            let applied = lock(&session.receiving).applied(job.seq, status, false);
+            offload.done(job.offset, n as u64);
+            if let Err(e) = applied {
+                session.fail(&e.to_string());
+            }
+            send_acks(session);
+            let _ = spares.send(job.body);
+        }
     }
 
     /// This node is receiving a resync.

@@ -93,11 +93,14 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(now: Instant) -> Controller {
+    /// A controller for a sync starting at `now`, with the application's
+    /// request counter at `app`: requests counted before the sync (say,
+    /// the writes that made it necessary) do not make it yield.
+    pub fn new(now: Instant, app: u64) -> Controller {
         Controller {
             tokens: 0.0,
             last: now,
-            app_seen: 0,
+            app_seen: app,
             app_active_at: None,
         }
     }
@@ -163,7 +166,7 @@ mod tests {
 
     fn simulate(s: &RateSettings, app_writes: bool, secs: f64) -> f64 {
         let t0 = Instant::now();
-        let mut c = Controller::new(t0);
+        let mut c = Controller::new(t0, 0);
         let mut now = t0;
         let mut sent = 0u64;
         let mut app = 0;
@@ -207,7 +210,7 @@ mod tests {
     #[test]
     fn the_fill_target_bounds_what_is_in_flight() {
         let s = RateSettings::default();
-        let mut c = Controller::new(Instant::now());
+        let mut c = Controller::new(Instant::now(), 0);
         let now = Instant::now();
         assert_eq!(
             c.allow(&s, 1 << 20, s.fill_target - 4096, 0, now),
@@ -219,6 +222,18 @@ mod tests {
         ));
         // Yielding: one chunk in flight at most.
         assert!(matches!(c.allow(&s, 1 << 20, 4096, 1, now), Allow::Wait(_)));
+    }
+
+    #[test]
+    fn requests_before_the_sync_do_not_make_it_yield() {
+        let s = RateSettings::default();
+        let t0 = Instant::now();
+        // 16384 application writes while disconnected made this sync.
+        let mut c = Controller::new(t0, 16384);
+        assert_eq!(c.allow(&s, 1 << 20, 0, 16384, t0), Allow::Send(1 << 20));
+        assert!(!c.app_active(&s, 16384, t0));
+        // A write during the sync does.
+        assert!(c.app_active(&s, 16385, t0));
     }
 
     #[test]

@@ -837,7 +837,7 @@ impl Replica {
         let mut buf = vec![0u8; CHUNK as usize];
         let mut parts = Vec::with_capacity(16);
         let mut runs: Vec<(u64, u64)> = Vec::with_capacity(MAX_RUNS);
-        let mut ctl = Controller::new(Instant::now());
+        let mut ctl = Controller::new(Instant::now(), self.app_writes.load(Ordering::Relaxed));
         let mut cursor = crate::bitmap::Cursor::new();
         let mut since_barrier = 0u64;
         let mut last_barrier = Instant::now();
