@@ -298,6 +298,13 @@ impl Store for FaultStore {
     fn reads_as_zeroes(&self, offset: u64, len: u64) -> bool {
         self.inner.reads_as_zeroes(offset, len)
     }
+    fn writes_direct(&self) -> bool {
+        self.inner.writes_direct()
+    }
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(Op::Write, offset, buf.len() as u64)?;
+        self.inner.write_direct(buf, offset)
+    }
 }
 
 #[cfg(test)]

@@ -98,6 +98,14 @@ impl Store for DiskGuard {
     fn reads_as_zeroes(&self, offset: u64, len: u64) -> bool {
         !self.failed.load(Ordering::Relaxed) && self.inner.reads_as_zeroes(offset, len)
     }
+    fn writes_direct(&self) -> bool {
+        self.inner.writes_direct()
+    }
+    fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check()?;
+        let r = self.inner.write_direct(buf, offset);
+        self.outcome(&format!("write of {} bytes at {offset}", buf.len()), r)
+    }
 }
 
 /// A peer's answer to a read: its status and data.
