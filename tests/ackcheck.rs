@@ -10,13 +10,12 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use common::pair::{Pair, ALPHA, BETA};
-use common::writer::Writer;
+use common::writer::{self, Writer};
 
 const ACKCHECK: &str = env!("CARGO_BIN_EXE_ackcheck");
 
@@ -50,21 +49,7 @@ fn wait_acks(log: &Path, at_least: usize) {
 
 /// `ackcheck verify`: its summary and whether it passed.
 fn verify(log: &Path, source: &[&str]) -> (Value, bool) {
-    let out = Command::new(ACKCHECK)
-        .arg("verify")
-        .arg("--log")
-        .arg(log)
-        .args(source)
-        .output()
-        .expect("ackcheck verify");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "verify printed {stdout:?} ({e}); stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (v, out.status.success())
+    writer::verify(ACKCHECK, log, source)
 }
 
 #[test]

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use common::pair::{Pair, ALPHA, BETA};
 use common::proxy::{Dir, FaultProxy, Faults};
-use common::writer::Writer;
+use common::writer::{self, Writer};
 
 const ACKCHECK: &str = env!("CARGO_BIN_EXE_ackcheck");
 const MIB: u64 = 1 << 20;
@@ -82,22 +82,7 @@ fn finish(w: Writer) -> Value {
 }
 
 fn verify(log: &Path, extra: &[&str]) -> Value {
-    let out = Command::new(ACKCHECK)
-        .arg("verify")
-        .arg("--log")
-        .arg(log)
-        .args(extra)
-        .output()
-        .expect("ackcheck verify");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "verify printed {text:?} ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    assert!(out.status.success(), "acknowledged writes missing: {v}");
-    v
+    writer::verify_ok(ACKCHECK, log, extra)
 }
 
 /// Every write alpha acknowledged is on beta's disk unless alpha marked

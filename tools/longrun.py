@@ -139,7 +139,35 @@ class Proxy:
         self.sock.close()
 
 
+def end_writer(w: subprocess.Popen, stop: Path, may_lose_connection: bool,
+               stats: Dict, timeout: float = WAIT_S) -> Dict:
+    """Stops an `ackcheck write` through its stop file and returns its
+    summary; fails on I/O errors, or on a lost connection unless allowed.
+    Adds its acknowledged writes and flushes to `stats`."""
+    stop.write_text("")
+    try:
+        out, err = w.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        w.communicate()
+        raise Failure("the writer did not stop")
+    try:
+        summary = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise Failure(f"writer exit {w.returncode}: {out}{err}")
+    if summary.get("failed", 0):
+        raise Failure(f"the writer saw I/O errors: {summary}")
+    if summary.get("lost_connections", 0) and not may_lose_connection:
+        raise Failure(f"the writer lost its connection: {summary}")
+    stats["acked"] += summary.get("acked", 0)
+    stats["flushes"] += summary.get("flushes", 0)
+    return summary
+
+
 class Node:
+    # Run in the child before exec (e.g. to die with the parent).
+    preexec_fn = None
+
     def __init__(self, name: str, work: Path, bins: Path) -> None:
         self.name = name
         self.work = work
@@ -162,7 +190,7 @@ class Node:
             self.proc = subprocess.Popen(
                 [str(self.bins / "repld"), "--config", str(self.config),
                  "--node", self.name],
-                stdout=log, stderr=log,
+                stdout=log, stderr=log, preexec_fn=type(self).preexec_fn,
                 env=dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info")))
         deadline = time.monotonic() + WAIT_S
         while not self.ctl.exists():

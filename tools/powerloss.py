@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longrun import WAIT_S, Failure, Node, PairDriver, free_port, same_files  # noqa: E402
+from longrun import (WAIT_S, Failure, Node, PairDriver, end_writer, free_port,  # noqa: E402
+                     same_files)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGION = 512  # blocks of 4 KiB per cycle
@@ -165,24 +166,7 @@ class PowerLoss(PairDriver):
         return w, log
 
     def end_writer(self, w: subprocess.Popen, may_lose_connection: bool) -> Dict:
-        (self.work / "stop").write_text("")
-        try:
-            out, err = w.communicate(timeout=WAIT_S)
-        except subprocess.TimeoutExpired:
-            w.kill()
-            w.communicate()
-            raise Failure("the writer did not stop")
-        try:
-            summary = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise Failure(f"writer exit {w.returncode}: {out}{err}")
-        if summary.get("failed", 0):
-            raise Failure(f"the writer saw I/O errors: {summary}")
-        if summary.get("lost_connections", 0) and not may_lose_connection:
-            raise Failure(f"the writer lost its connection: {summary}")
-        self.stats["acked"] += summary.get("acked", 0)
-        self.stats["flushes"] += summary.get("flushes", 0)
-        return summary
+        return end_writer(w, self.work / "stop", may_lose_connection, self.stats)
 
     def verify(self, primary: Node) -> None:
         for log, flushed in self.logs:

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longrun import WAIT_S, Failure, Node, free_port  # noqa: E402
+from longrun import WAIT_S, Failure, Node, end_writer, free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGION = 512  # blocks of 4 KiB per cycle
@@ -246,21 +246,7 @@ class Guest:
 class HostNode(Node):
     """The Primary on the host (secondary variant); dies with this script."""
 
-    def start(self) -> None:
-        if self.ctl.exists():
-            self.ctl.unlink()
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(self.bins / "repld"), "--config", str(self.config), "--node", self.name],
-                stdout=log, stderr=log, preexec_fn=die_with_parent,
-                env=dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info")))
-        deadline = time.monotonic() + WAIT_S
-        while not self.ctl.exists():
-            if self.proc.poll() is not None:
-                raise Failure(f"{self.name} exited at start: {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise Failure(f"{self.name}: no control socket within {WAIT_S}s")
-            time.sleep(0.02)
+    preexec_fn = staticmethod(die_with_parent)
 
 
 class GuestNode:
@@ -459,25 +445,10 @@ class VmPowerLoss:
         return w, log
 
     def end_writer(self, w: subprocess.Popen, may_lose_connection: bool) -> Dict:
-        w.stop_file.write_text("")  # type: ignore[attr-defined]
-        try:
-            out, err = w.communicate(timeout=WAIT_S)
-        except subprocess.TimeoutExpired:
-            w.kill()
-            w.communicate()
-            raise Failure("the writer did not stop")
-        try:
-            summary = json.loads(out.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise Failure(f"writer exit {w.returncode}: {out}{err}")
-        if summary.get("failed", 0):
-            raise Failure(f"the writer saw I/O errors: {summary}")
-        if summary.get("lost_connections", 0) and not may_lose_connection:
-            raise Failure(f"the writer lost its connection: {summary}")
+        summary = end_writer(w, w.stop_file,  # type: ignore[attr-defined]
+                             may_lose_connection, self.stats)
         if summary.get("acked", 0) == 0:
             raise Failure(f"no write was acknowledged before the cut: {summary}")
-        self.stats["acked"] += summary.get("acked", 0)
-        self.stats["flushes"] += summary.get("flushes", 0)
         return summary
 
     def verify(self, uri: str) -> None:

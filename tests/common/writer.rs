@@ -75,3 +75,30 @@ impl Drop for Writer {
         }
     }
 }
+
+/// `ackcheck verify --log LOG ARGS`: its JSON summary and whether it
+/// passed.
+pub fn verify(ackcheck: &str, log: &Path, args: &[&str]) -> (Value, bool) {
+    let out = Command::new(ackcheck)
+        .arg("verify")
+        .arg("--log")
+        .arg(log)
+        .args(args)
+        .output()
+        .expect("ackcheck verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "verify printed {stdout:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out.status.success())
+}
+
+/// [`verify`], asserting that every acknowledged write was found.
+pub fn verify_ok(ackcheck: &str, log: &Path, args: &[&str]) -> Value {
+    let (v, ok) = verify(ackcheck, log, args);
+    assert!(ok, "acknowledged writes missing: {v}");
+    v
+}
