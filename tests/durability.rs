@@ -249,7 +249,12 @@ fn the_transfer_log_marks_unflushed_writes_of_a_lost_secondary_and_a_forced_barr
     // next ping: what it made durable is no longer kept, so losing the
     // Secondary afterwards marks far less than was written.
     let many = unflushed_writes(&pair, &pair.dir.path().join("many.log"), 80_000, 1 << 16);
-    std::thread::sleep(Duration::from_millis(600));
+    // The forced barrier has been acknowledged once fewer are kept.
+    pair.wait_status(common::pair::ALPHA, "the forced barrier", |s| {
+        s.raw["resources"][0]["unstable_writes"]
+            .as_u64()
+            .is_some_and(|n| n <= 65_536)
+    });
     pair.kill(common::pair::BETA);
     let s = pair.wait_status(common::pair::ALPHA, "losing beta", |s| !s.connected());
     eprintln!(

@@ -411,6 +411,7 @@ mod tests {
             generations: None,
             last_error: None,
             ping_rtt_us: Some(42),
+            unstable_writes: Some(0),
             split_brain_policy: None,
             split_brain: None,
             verify: None,

@@ -138,6 +138,10 @@ pub struct ResourceStatus {
     pub last_error: Option<String>,
     /// Round trip of the last keepalive Ping, while connected.
     pub ping_rtt_us: Option<u64>,
+    /// Writes the peer acknowledged but has not yet made durable (kept in
+    /// the transfer log until a barrier covers them), while connected.
+    #[serde(default)]
+    pub unstable_writes: Option<u64>,
     /// The automatic split-brain policies configured for the resource.
     #[serde(default)]
     pub split_brain_policy: Option<crate::core::split_brain::Policy>,
@@ -603,6 +607,7 @@ impl Replica {
             generations: node.map(|n| n.gens().into()),
             last_error: inner.last_error.clone(),
             ping_rtt_us: self.current_session().and_then(|s| s.rtt_us()),
+            unstable_writes: self.current_session().map(|s| s.unstable_count() as u64),
             split_brain_policy: self.peer.as_ref().map(|p| p.split_brain),
             split_brain: node.and_then(|n| n.last_split_brain()).cloned(),
             verify: self.verify_status(),
