@@ -44,12 +44,14 @@ fn qemu_io_ok(uri: &str, cmd: &str) {
 
 /// Runs fio random 4 KiB writes at depth 32 over the first `span` bytes
 /// in the background, for at most `secs` seconds; the caller kills the
-/// daemon under it.
+/// daemon under it. The job runs as a thread (`--thread`), so killing
+/// fio's PID ends all of it: a forked job would outlive its parent.
 fn fio_in_background(dir: &Path, uri: &str, span: u64, secs: u32) -> std::process::Child {
     Command::new("fio")
         .current_dir(dir)
         .args([
             "--name=al",
+            "--thread",
             "--ioengine=nbd",
             "--rw=randwrite",
             "--bs=4k",

@@ -150,7 +150,7 @@ def main() -> int:
         pair.ctl_ok("alpha", "promote", "r0")
         span = int(a.span_gib * GiB)
         fio = subprocess.Popen(
-            ["fio", "--name=w", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{pair.nbd['alpha']}/r0",
+            ["fio", "--name=w", "--thread", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{pair.nbd['alpha']}/r0",
              "--rw=randwrite", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=60",
              f"--size={span}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(a.kill_after)
