@@ -93,6 +93,7 @@
 //! 2. Builds that know only version 1 refuse version 2 metadata
 //! ("unsupported format version 2").
 
+use crate::core::le::{get_u32, get_u64, put_u32, put_u64};
 use crate::faults::Op;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -372,26 +373,6 @@ fn plan_for(
             })
         }
     }
-}
-
-fn put_u32(buf: &mut [u8], off: usize, v: u32) {
-    buf[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(buf: &mut [u8], off: usize, v: u64) {
-    buf[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get_u32(buf: &[u8], off: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&buf[off..off + 4]);
-    u32::from_le_bytes(b)
-}
-
-fn get_u64(buf: &[u8], off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[off..off + 8]);
-    u64::from_le_bytes(b)
 }
 
 /// The longest prefix of `s` of at most `MAX_NAME` bytes that ends on a

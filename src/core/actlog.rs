@@ -47,6 +47,7 @@
 //! | 3616   | 476  | reserved, zero                                       |
 //! | 4092   | 4    | crc32c of bytes 0..4092                              |
 
+use super::le::{get_u32, get_u64, put_u32, put_u64};
 use std::collections::{BTreeSet, HashMap};
 
 /// Bytes per extent: 4 MiB, as DRBD's activity log.
@@ -347,26 +348,6 @@ impl ActivityLog {
             self.free.insert(u.slot);
         }
     }
-}
-
-fn put_u32(buf: &mut [u8], off: usize, v: u32) {
-    buf[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(buf: &mut [u8], off: usize, v: u64) {
-    buf[off..off + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn get_u32(buf: &[u8], off: usize) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(&buf[off..off + 4]);
-    u32::from_le_bytes(b)
-}
-
-fn get_u64(buf: &[u8], off: usize) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&buf[off..off + 8]);
-    u64::from_le_bytes(b)
 }
 
 /// One decoded transaction block.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 pub mod actlog;
 pub mod datapath;
 pub mod fence;
+pub(crate) mod le;
 pub mod split_brain;
 pub mod state;
 pub mod uuid;
