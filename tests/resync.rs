@@ -292,24 +292,21 @@ fn runs_that_read_as_zeroes_go_as_write_zeroes() {
         .all(|&x| x == 0xab));
 }
 
-#[test]
-fn a_full_initial_sync_copies_data_and_zeroes_and_reports_progress() {
-    // Fresh metadata on both, alpha forced Primary: a full sync.
-    let mut pair = Pair::builder()
-        .disk_size(64 * MIB)
-        .fresh()
-        .start_unconnected();
-    let mut rng = StdRng::seed_from_u64(5);
-    let mut data = vec![0u8; 24 * MIB as usize];
+/// Writes `len` bytes of random data (from `seed`) at `at` into alpha's
+/// backing file, creates metadata on both fresh nodes, connects them and
+/// forces alpha Primary: a full sync starts. Returns the random stream,
+/// to go on with.
+fn fill_alpha_and_force_full_sync(pair: &mut Pair, seed: u64, at: u64, len: u64) -> StdRng {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; len as usize];
     rng.fill_bytes(&mut data);
-    // Alpha's disk: 24 MiB of data, then zeroes (a sparse file).
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&pair.alpha().disk)
             .expect("alpha disk");
-        f.write_all_at(&data, 8 * MIB).expect("fill");
+        f.write_all_at(&data, at).expect("fill");
     }
     for node in [ALPHA, BETA] {
         pair.ok(node, &["create-md", "r0"]);
@@ -317,6 +314,18 @@ fn a_full_initial_sync_copies_data_and_zeroes_and_reports_progress() {
     }
     pair.wait_connected();
     pair.ok(ALPHA, &["promote", "r0", "--force"]);
+    rng
+}
+
+#[test]
+fn a_full_initial_sync_copies_data_and_zeroes_and_reports_progress() {
+    // Fresh metadata on both, alpha forced Primary: a full sync.
+    let mut pair = Pair::builder()
+        .disk_size(64 * MIB)
+        .fresh()
+        .start_unconnected();
+    // Alpha's disk: 24 MiB of data, then zeroes (a sparse file).
+    fill_alpha_and_force_full_sync(&mut pair, 5, 8 * MIB, 24 * MIB);
     wait_sync(&pair, 60);
     let r = resync(&pair, ALPHA);
     let size = pair.status(ALPHA).raw["resources"][0]["size"]
@@ -342,23 +351,7 @@ fn application_writes_during_a_full_sync_of_data_leave_identical_copies() {
         .resync("c_max_rate_mib", "8")
         .resync("c_min_rate_mib", "4")
         .start_unconnected();
-    let mut rng = StdRng::seed_from_u64(6);
-    let mut data = vec![0u8; 64 * MIB as usize];
-    rng.fill_bytes(&mut data);
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&pair.alpha().disk)
-            .expect("alpha disk");
-        f.write_all_at(&data, 0).expect("fill");
-    }
-    for node in [ALPHA, BETA] {
-        pair.ok(node, &["create-md", "r0"]);
-        pair.ok(node, &["up", "r0"]);
-    }
-    pair.wait_connected();
-    pair.ok(ALPHA, &["promote", "r0", "--force"]);
+    let mut rng = fill_alpha_and_force_full_sync(&mut pair, 6, 0, 64 * MIB);
     pair.wait_status(ALPHA, "syncing", |s| {
         s.raw["resources"][0]["resync"]["active"] == Value::Bool(true)
     });
