@@ -1213,13 +1213,23 @@ impl Session {
     /// After `timeout` the peer counts as lost, with `what` as the reason.
     pub fn wait_for(&self, slot: &Slot, timeout: Duration, what: &str) -> Remote {
         let seq = slot.seq.load(Ordering::Relaxed);
-        if slot.outcome().is_none() {
-            if seq != 0 {
-                self.after_submit(seq, timeout);
-            } else {
-                self.activate();
-            }
+        if slot.outcome().is_some() {
+            return self.await_slot(slot, timeout, what);
         }
+        if seq != 0 {
+            self.after_submit(seq, timeout);
+            return self.await_slot(slot, timeout, what);
+        }
+        // An answer to a `State` is not counted in flight: without this
+        // the Primary's receiver would read what is there, find nothing in
+        // flight, park, and read the answer only at its next tick.
+        self.awaiting_answer();
+        let outcome = self.await_slot(slot, timeout, what);
+        self.answered();
+        outcome
+    }
+
+    fn await_slot(&self, slot: &Slot, timeout: Duration, what: &str) -> Remote {
         let deadline = Instant::now() + timeout;
         let mut st = lock(&slot.outcome);
         loop {
