@@ -301,6 +301,9 @@ impl Store for FaultStore {
     fn writes_direct(&self) -> bool {
         self.inner.writes_direct()
     }
+    fn start_writeback(&self) {
+        self.inner.start_writeback();
+    }
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(Op::Write, offset, buf.len() as u64)?;
         self.inner.write_direct(buf, offset)

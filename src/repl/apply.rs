@@ -18,6 +18,9 @@ use super::*;
 const OFFLOAD_MIN: usize = 64 * 1024;
 /// Writes queued for the writer thread at most (beyond the one it writes).
 const OFFLOAD_DEPTH: usize = 4;
+/// A sync target starts the write-back of its buffered writes each time
+/// this many bytes of them were applied.
+const WRITEBACK_EVERY: usize = 4 << 20;
 
 /// A write for the writer thread: the frame's body and where its payload
 /// sits in it.
@@ -84,6 +87,19 @@ impl Replica {
                 while flush_group(&flusher_session, &*flusher_store, &name) {}
             }
         });
+        // A sync target's small writes (a bitmap resync of scattered
+        // blocks) go through the page cache; left there, they are all
+        // written back by the final barrier's flush, after the copy. This
+        // thread starts their write-back as they arrive, so the disk
+        // works during the copy and the final flush has little left.
+        let (writeback, kicked) = mpsc::sync_channel::<()>(1);
+        let writeback_store = store.clone();
+        scope.spawn(move || {
+            while kicked.recv().is_ok() {
+                writeback_store.start_writeback();
+            }
+        });
+        let mut buffered = 0usize;
         // The writer thread for large writes (see the module comment), if
         // the store can write past the page cache.
         let offload = Arc::new(Offload::default());
@@ -147,6 +163,15 @@ impl Replica {
             if let Err(e) = lock(&session.receiving).applied(seq, status, durable) {
                 break Err(LinkError::Protocol(e.to_string()));
             }
+            if kind == repl_kind::WRITE {
+                buffered += body.len();
+                if buffered >= WRITEBACK_EVERY {
+                    buffered = 0;
+                    if self.sync_target() {
+                        let _ = writeback.try_send(());
+                    }
+                }
+            }
             if !durable {
                 continue;
             }
@@ -172,6 +197,7 @@ impl Replica {
         drop(jobs);
         send_acks(session);
         drop(doorbell);
+        drop(writeback);
         // Nothing durable stays unacknowledged when the mode ends (the
         // flusher finishes its group; this flushes any left waiting).
         if session.is_alive() {

@@ -101,6 +101,11 @@ impl Store for DiskGuard {
     fn writes_direct(&self) -> bool {
         self.inner.writes_direct()
     }
+    fn start_writeback(&self) {
+        if !self.failed.load(Ordering::Relaxed) {
+            self.inner.start_writeback();
+        }
+    }
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check()?;
         let r = self.inner.write_direct(buf, offset);
