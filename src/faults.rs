@@ -301,8 +301,8 @@ impl Store for FaultStore {
     fn writes_direct(&self) -> bool {
         self.inner.writes_direct()
     }
-    fn start_writeback(&self) {
-        self.inner.start_writeback();
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len);
     }
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check(Op::Write, offset, buf.len() as u64)?;

@@ -164,11 +164,12 @@ pub trait Store: Send + Sync {
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset, false)
     }
-    /// Starts writing back what buffered writes left in the page cache,
-    /// without waiting for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`):
-    /// a later `flush` then has less to do. Durability is unchanged, only
-    /// `flush` gives it. A hint: failure is not an error.
-    fn start_writeback(&self) {}
+    /// Starts writing back what buffered writes left in the page cache
+    /// in `[offset, offset + len)`, without waiting for it
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `flush` then
+    /// has less to do. Durability is unchanged, only `flush` gives it. A
+    /// hint: failure is not an error.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
 #[derive(Debug, Error)]
@@ -373,11 +374,14 @@ impl Store for FileStore {
         self.file.sync_data()
     }
 
-    fn start_writeback(&self) {
-        // SAFETY: sync_file_range on our own open descriptor; offset 0 and
-        // length 0 mean the whole file, and no pointers are passed.
+    fn start_writeback(&self, offset: u64, len: u64) {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: sync_file_range on our own open descriptor; no pointers
+        // are passed.
         unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+            libc::sync_file_range(self.file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
 

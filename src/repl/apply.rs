@@ -91,15 +91,19 @@ impl Replica {
         // blocks) go through the page cache; left there, they are all
         // written back by the final barrier's flush, after the copy. This
         // thread starts their write-back as they arrive, so the disk
-        // works during the copy and the final flush has little left.
-        let (writeback, kicked) = mpsc::sync_channel::<()>(1);
+        // works during the copy and the final flush has little left. It is
+        // given the span the writes covered since the last time (a resync
+        // goes in offset order), so the kernel looks for dirty pages there
+        // only, not in the whole device.
+        let (writeback, kicked) = mpsc::sync_channel::<(u64, u64)>(1);
         let writeback_store = store.clone();
         scope.spawn(move || {
-            while kicked.recv().is_ok() {
-                writeback_store.start_writeback();
+            while let Ok((start, end)) = kicked.recv() {
+                writeback_store.start_writeback(start, end - start);
             }
         });
         let mut buffered = 0usize;
+        let mut span: Option<(u64, u64)> = None;
         // The writer thread for large writes (see the module comment), if
         // the store can write past the page cache.
         let offload = Arc::new(Offload::default());
@@ -164,11 +168,19 @@ impl Replica {
                 break Err(LinkError::Protocol(e.to_string()));
             }
             if kind == repl_kind::WRITE {
+                if let Ok(w) = WriteRef::decode_body(&body) {
+                    let end = w.offset + w.payload.len() as u64;
+                    span =
+                        Some(span.map_or((w.offset, end), |(s, e)| (s.min(w.offset), e.max(end))));
+                }
                 buffered += body.len();
                 if buffered >= WRITEBACK_EVERY {
                     buffered = 0;
-                    if self.sync_target() {
-                        let _ = writeback.try_send(());
+                    // Kept for next time if the thread is still busy.
+                    if let Some(s) = span {
+                        if self.sync_target() && writeback.try_send(s).is_ok() {
+                            span = None;
+                        }
                     }
                 }
             }

@@ -101,9 +101,9 @@ impl Store for DiskGuard {
     fn writes_direct(&self) -> bool {
         self.inner.writes_direct()
     }
-    fn start_writeback(&self) {
+    fn start_writeback(&self, offset: u64, len: u64) {
         if !self.failed.load(Ordering::Relaxed) {
-            self.inner.start_writeback();
+            self.inner.start_writeback(offset, len);
         }
     }
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
