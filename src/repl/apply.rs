@@ -169,7 +169,7 @@ impl Replica {
             }
             if kind == repl_kind::WRITE {
                 if let Ok(w) = WriteRef::decode_body(&body) {
-                    let end = w.offset + w.payload.len() as u64;
+                    let end = w.offset.saturating_add(w.payload.len() as u64);
                     span =
                         Some(span.map_or((w.offset, end), |(s, e)| (s.min(w.offset), e.max(end))));
                 }
