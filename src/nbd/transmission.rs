@@ -91,9 +91,11 @@ struct Replies {
     reason: Mutex<Option<CloseReason>>,
     /// Requests read and not yet answered.
     in_flight: AtomicUsize,
-    /// Of those, flushes and FUA requests: they wait for the disk, so
-    /// polling for the next request meanwhile only takes the CPU that
-    /// completing them needs.
+    /// Of those, flushes, FUA requests and writes larger than
+    /// `BURST_MAX`: they wait for the disk or copy for a long time, and
+    /// the next request behind a large write is itself most likely large
+    /// (its payload takes longer to arrive than the poll lasts), so
+    /// polling meanwhile only takes the CPU that completing them needs.
     slow: AtomicUsize,
     idle_lock: Mutex<()>,
     idle: Condvar,
@@ -585,7 +587,9 @@ fn metric_op(op: &Modify<'_>) -> (Op, u64) {
 
 /// Flushes and FUA requests wait for the disk.
 fn is_slow(req: &Request) -> bool {
-    req.command == Command::Flush || req.fua()
+    req.command == Command::Flush
+        || req.fua()
+        || (req.command == Command::Write && req.length > BURST_MAX)
 }
 
 /// A burst of `submit_more` on one worker: while it runs, replies that
