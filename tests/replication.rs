@@ -1017,7 +1017,14 @@ fn writes_a_peer_acknowledged_but_never_made_durable_count_as_out_of_sync_when_i
 
 #[test]
 fn a_peer_connection_that_cannot_be_taken_now_is_refused_as_busy() {
-    let mut pair = Pair::builder().only(BETA).start_unconnected();
+    // The fake peers answer no pings: with the test pairs' 1.5 s ping
+    // timeout, a loaded machine could end the running session (and then
+    // the waiting one) before the third connection is refused.
+    let mut pair = Pair::builder()
+        .only(BETA)
+        .replication("ping_timeout_ms", "30000")
+        .replication("connect_timeout_ms", "30000")
+        .start_unconnected();
     let size = pair.beta().disk_size;
     let addr = pair.beta().repl_addr;
     // A session runs...
