@@ -585,7 +585,8 @@ fn metric_op(op: &Modify<'_>) -> (Op, u64) {
     }
 }
 
-/// Flushes and FUA requests wait for the disk.
+/// Flushes and FUA requests wait for the disk; a write larger than a
+/// burst copies for long (see `Replies::slow`).
 fn is_slow(req: &Request) -> bool {
     req.command == Command::Flush
         || req.fua()
