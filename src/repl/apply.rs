@@ -158,22 +158,22 @@ impl Replica {
             }
             // Everything else is applied after what the writer holds.
             offload.wait_idle();
-            let (seq, status, durable) = match self.apply(session, &*store, kind, &body) {
+            let (seq, status, durable, written) = match self.apply(session, &*store, kind, &body) {
                 Ok(Applied::Nothing) => continue,
-                Ok(Applied::Done { seq, durable }) => (seq, 0, durable),
-                Ok(Applied::Failed { seq, status }) => (seq, status, false),
+                Ok(Applied::Done {
+                    seq,
+                    durable,
+                    written,
+                }) => (seq, 0, durable, written),
+                Ok(Applied::Failed { seq, status }) => (seq, status, false, None),
                 Err(e) => break Err(e),
             };
             if let Err(e) = lock(&session.receiving).applied(seq, status, durable) {
                 break Err(LinkError::Protocol(e.to_string()));
             }
-            if kind == repl_kind::WRITE {
-                if let Ok(w) = WriteRef::decode_body(&body) {
-                    let end = w.offset.saturating_add(w.payload.len() as u64);
-                    span =
-                        Some(span.map_or((w.offset, end), |(s, e)| (s.min(w.offset), e.max(end))));
-                }
-                buffered += body.len();
+            if let Some((start, end)) = written {
+                span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
+                buffered += (end - start) as usize;
                 if buffered >= WRITEBACK_EVERY {
                     buffered = 0;
                     // Kept for next time if the thread is still busy.
@@ -366,7 +366,7 @@ impl Replica {
         body: &[u8],
     ) -> Result<Applied, LinkError> {
         let protocol = |e: replblk_proto::DecodeError| LinkError::Protocol(e.to_string());
-        let (seq, durable, result) = if kind == repl_kind::WRITE {
+        let (seq, durable, written, result) = if kind == repl_kind::WRITE {
             // The hot path: decoded in place, no copy of the payload.
             let w = WriteRef::decode_body(body).map_err(protocol)?;
             Self::receive(session, w.seq)?;
@@ -385,7 +385,9 @@ impl Replica {
             if r.is_ok() {
                 self.now_in_sync(w.offset, w.payload.len() as u64);
             }
-            (w.seq, w.flags & data_flags::FUA != 0, r)
+            // In range: `check_range` above.
+            let written = (w.offset, w.offset + w.payload.len() as u64);
+            (w.seq, w.flags & data_flags::FUA != 0, Some(written), r)
         } else {
             match Frame::decode_body(kind, body).map_err(protocol)? {
                 Frame::Trim {
@@ -397,7 +399,7 @@ impl Replica {
                     Self::receive(session, seq)?;
                     self.check_range(offset, length)?;
                     let r = store.trim(offset, length);
-                    (seq, flags & data_flags::FUA != 0, r)
+                    (seq, flags & data_flags::FUA != 0, None, r)
                 }
                 Frame::WriteZeroes {
                     seq,
@@ -411,11 +413,11 @@ impl Replica {
                     if r.is_ok() {
                         self.now_in_sync(offset, length);
                     }
-                    (seq, flags & data_flags::FUA != 0, r)
+                    (seq, flags & data_flags::FUA != 0, None, r)
                 }
                 Frame::Barrier { seq } => {
                     Self::receive(session, seq)?;
-                    (seq, true, Ok(()))
+                    (seq, true, None, Ok(()))
                 }
                 // Acks reach a Secondary that is a sync source.
                 Frame::Ack { seq, status } => {
@@ -429,7 +431,11 @@ impl Replica {
             }
         };
         match result {
-            Ok(()) => Ok(Applied::Done { seq, durable }),
+            Ok(()) => Ok(Applied::Done {
+                seq,
+                durable,
+                written,
+            }),
             Err(e) => {
                 tracing::error!(resource = %self.name, seq, "applying a replicated write failed: {e}");
                 Ok(Applied::Failed {
@@ -446,7 +452,13 @@ enum Applied {
     /// Not a data frame (ping, pong).
     Nothing,
     /// Applied; `durable` requests are acknowledged after a flush.
-    Done { seq: u64, durable: bool },
+    /// `written`: the range `[start, end)` a plain write put in the page
+    /// cache.
+    Done {
+        seq: u64,
+        durable: bool,
+        written: Option<(u64, u64)>,
+    },
     /// The local storage failed; acknowledged with this errno.
     Failed { seq: u64, status: u32 },
 }
