@@ -235,14 +235,16 @@ impl Replica {
         };
         let align = crate::store::DIRECT_ALIGN as u64;
         let len = w.payload.len() as u64;
-        if w.flags != 0
+        // The crc last: the one costly check, and `apply` makes it again
+        // for a write refused here.
+        if !self.sync_target()
+            || w.flags != 0
             || !w.offset.is_multiple_of(align)
             || !len.is_multiple_of(align)
-            || !w.crc_ok()
             || w.offset
                 .checked_add(len)
                 .is_none_or(|end| end > self.size())
-            || !self.sync_target()
+            || !w.crc_ok()
         {
             // Refused or applied here, with the errors `apply` reports.
             return Ok(false);
