@@ -423,7 +423,7 @@ pub fn encode(sb: &Superblock) -> [u8; SUPERBLOCK_SIZE] {
     put_u64(&mut buf, OFF_AL_LEN, sb.al_len);
     put_name(&mut buf, OFF_NODE, &sb.node);
     put_name(&mut buf, OFF_RESOURCE, &sb.resource);
-    let crc = crc32c::crc32c(&buf[..OFF_CRC]);
+    let crc = replblk_proto::crc32c(&buf[..OFF_CRC]);
     put_u32(&mut buf, OFF_CRC, crc);
     buf
 }
@@ -449,7 +449,7 @@ pub fn decode(buf: &[u8]) -> Result<Superblock, String> {
         ));
     }
     let stored = get_u32(buf, OFF_CRC);
-    let computed = crc32c::crc32c(&buf[..OFF_CRC]);
+    let computed = replblk_proto::crc32c(&buf[..OFF_CRC]);
     if stored != computed {
         return Err(format!(
             "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -1254,7 +1254,7 @@ mod tests {
 
     /// Recomputes the checksum after a test tampered with the fields.
     fn reseal(buf: &mut [u8; SUPERBLOCK_SIZE]) {
-        let crc = crc32c::crc32c(&buf[..OFF_CRC]);
+        let crc = replblk_proto::crc32c(&buf[..OFF_CRC]);
         put_u32(buf, OFF_CRC, crc);
     }
 

@@ -265,7 +265,7 @@ pub struct WriteFrame {
 impl WriteFrame {
     /// Builds a write frame, computing the payload's crc32c.
     pub fn new(seq: u64, offset: u64, flags: u32, payload: Bytes) -> Self {
-        let crc = crc32c::crc32c(&payload);
+        let crc = crate::crc32c(&payload);
         WriteFrame {
             seq,
             offset,
@@ -277,7 +277,7 @@ impl WriteFrame {
 
     /// True when the payload matches the crc32c carried in the frame.
     pub fn crc_ok(&self) -> bool {
-        crc32c::crc32c(&self.payload) == self.crc
+        crate::crc32c(&self.payload) == self.crc
     }
 
     pub const FIXED: usize = 24;
@@ -333,7 +333,7 @@ impl<'a> WriteRef<'a> {
 
     /// True when the payload matches the crc32c carried in the frame.
     pub fn crc_ok(&self) -> bool {
-        crc32c::crc32c(self.payload) == self.crc
+        crate::crc32c(self.payload) == self.crc
     }
 
     /// Appends the frame header and the fixed part of a Write whose

@@ -315,7 +315,7 @@ impl ActivityLog {
                 self.slots[slot as usize],
             );
         }
-        let crc = crc32c::crc32c(&block[..OFF_CRC]);
+        let crc = replblk_proto::crc32c(&block[..OFF_CRC]);
         put_u32(&mut block[..], OFF_CRC, crc);
         Transaction {
             seq: self.seq,
@@ -371,7 +371,7 @@ pub fn decode(block: &[u8]) -> Result<Decoded, String> {
         return Err("no transaction (bad magic)".into());
     }
     let stored = get_u32(block, OFF_CRC);
-    let computed = crc32c::crc32c(&block[..OFF_CRC]);
+    let computed = replblk_proto::crc32c(&block[..OFF_CRC]);
     if stored != computed {
         return Err(format!(
             "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
@@ -759,7 +759,7 @@ mod tests {
         d.activate(&[5]).unwrap();
         let good: Vec<u8> = d.ring[..BLOCK].to_vec();
         let reseal = |b: &mut Vec<u8>| {
-            let crc = crc32c::crc32c(&b[..OFF_CRC]);
+            let crc = replblk_proto::crc32c(&b[..OFF_CRC]);
             put_u32(b, OFF_CRC, crc);
         };
         let mut b = good.clone();
@@ -786,7 +786,7 @@ mod tests {
         d.activate(&[5]).unwrap();
         let mut ring = d.ring.clone();
         put_u32(&mut ring, OFF_CAP, u32::MAX);
-        let crc = crc32c::crc32c(&ring[..OFF_CRC]);
+        let crc = replblk_proto::crc32c(&ring[..OFF_CRC]);
         put_u32(&mut ring, OFF_CRC, crc);
         // The block itself is well formed...
         assert_eq!(decode(&ring[..BLOCK]).unwrap().capacity, u32::MAX);
@@ -796,7 +796,7 @@ mod tests {
         assert!(r.extents.is_empty());
         // The largest capacity the ring describes is still accepted.
         put_u32(&mut ring, OFF_CAP, max_extents(RING));
-        let crc = crc32c::crc32c(&ring[..OFF_CRC]);
+        let crc = replblk_proto::crc32c(&ring[..OFF_CRC]);
         put_u32(&mut ring, OFF_CRC, crc);
         let r = recover(&ring);
         assert_eq!((r.valid, r.invalid), (1, 0));

@@ -1015,7 +1015,7 @@ impl Session {
             len: payload.len() as u64,
             durable: flags & repl::data_flags::FUA != 0,
         };
-        let crc = crc32c::crc32c(payload);
+        let crc = replblk_proto::crc32c(payload);
         self.send_sequenced(
             track,
             waiter,

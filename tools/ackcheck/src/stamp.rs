@@ -35,7 +35,7 @@ pub fn encode(stamp: Stamp, buf: &mut [u8]) {
         let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
-    let crc = crc32c::crc32c(&buf[..end]);
+    let crc = replblk_proto::crc32c(&buf[..end]);
     buf[end..].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -59,7 +59,7 @@ pub fn decode(buf: &[u8]) -> Found {
     }
     let end = buf.len() - 4;
     let crc = u32::from_le_bytes(buf[end..].try_into().unwrap_or_default());
-    if crc32c::crc32c(&buf[..end]) != crc {
+    if replblk_proto::crc32c(&buf[..end]) != crc {
         return Found::Garbage;
     }
     let word = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().unwrap_or_default());
