@@ -180,6 +180,15 @@ fn default_reconnect_max_ms() -> u64 {
 fn default_ack_timeout_ms() -> u64 {
     30_000
 }
+fn default_transfer_log_max() -> usize {
+    1 << 20
+}
+fn default_transfer_log_max_age_ms() -> u64 {
+    30_000
+}
+
+/// The most writes `transfer_log_max` may keep (24 bytes each).
+pub const TRANSFER_LOG_LIMIT: usize = 1 << 24;
 
 /// `[replication]`: peer link timing, shared by every resource.
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +210,14 @@ pub struct ReplicationConfig {
     /// connection (the peer is alive but not writing).
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
+    /// Writes the peer acknowledged but no barrier made durable yet, kept
+    /// by the Primary (24 bytes each) before it sends a barrier of its own.
+    #[serde(default = "default_transfer_log_max")]
+    pub transfer_log_max: usize,
+    /// The Primary also sends a barrier once its transfer log has held
+    /// writes this long.
+    #[serde(default = "default_transfer_log_max_age_ms")]
+    pub transfer_log_max_age_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -211,6 +228,8 @@ impl Default for ReplicationConfig {
             ping_timeout_ms: default_ping_timeout_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
             ack_timeout_ms: default_ack_timeout_ms(),
+            transfer_log_max: default_transfer_log_max(),
+            transfer_log_max_age_ms: default_transfer_log_max_age_ms(),
         }
     }
 }
@@ -689,6 +708,16 @@ impl Config {
         }
         if self.nbd.handshake_timeout_ms == 0 {
             return invalid("[nbd] handshake_timeout_ms must be at least 1".into());
+        }
+        let r = &self.replication;
+        if r.transfer_log_max == 0 || r.transfer_log_max > TRANSFER_LOG_LIMIT {
+            return invalid(format!(
+                "[replication] transfer_log_max = {} must be between 1 and {TRANSFER_LOG_LIMIT}",
+                r.transfer_log_max
+            ));
+        }
+        if r.transfer_log_max_age_ms == 0 {
+            return invalid("[replication] transfer_log_max_age_ms must be at least 1".into());
         }
         let mut names = HashSet::new();
         let mut defaults = 0;

@@ -227,6 +227,7 @@ fn the_transfer_log_marks_unflushed_writes_of_a_lost_secondary_and_a_forced_barr
     let mut pair = Pair::builder()
         .disk_size(256 << 20)
         .replication("ping_interval_ms", "200")
+        .replication("transfer_log_max", "8192")
         .start();
     // Writes the Secondary acknowledged but never made durable (no flush):
     // when it is lost, every one is marked out of sync (its page cache may
@@ -245,15 +246,16 @@ fn the_transfer_log_marks_unflushed_writes_of_a_lost_secondary_and_a_forced_barr
     for node in [common::pair::ALPHA, common::pair::BETA] {
         pair.ok(node, &["wait-sync", "r0", "--timeout", "60"]);
     }
-    // Past 65536 kept writes the Primary sends a barrier of its own at the
-    // next ping: what it made durable is no longer kept, so losing the
-    // Secondary afterwards marks far less than was written.
-    let many = unflushed_writes(&pair, &pair.dir.path().join("many.log"), 80_000, 1 << 16);
+    // Past `transfer_log_max` kept writes the Primary sends a barrier of
+    // its own at the next ping: what it made durable is no longer kept,
+    // so losing the Secondary afterwards marks far less than was written.
+    let many = unflushed_writes(&pair, &pair.dir.path().join("many.log"), 40_000, 1 << 16);
+    assert!(many > 3 * 8192, "only {many} distinct blocks written");
     // The forced barrier has been acknowledged once fewer are kept.
     pair.wait_status(common::pair::ALPHA, "the forced barrier", |s| {
         s.raw["resources"][0]["unstable_writes"]
             .as_u64()
-            .is_some_and(|n| n <= 65_536)
+            .is_some_and(|n| n <= 8192)
     });
     pair.kill(common::pair::BETA);
     let s = pair.wait_status(common::pair::ALPHA, "losing beta", |s| !s.connected());
@@ -262,9 +264,31 @@ fn the_transfer_log_marks_unflushed_writes_of_a_lost_secondary_and_a_forced_barr
         s.out_of_sync_blocks
     );
     assert!(
-        s.out_of_sync_blocks <= 80_000 - 65_536,
+        s.out_of_sync_blocks <= 8192,
         "{} blocks marked: the forced barrier did not bound the transfer log",
         s.out_of_sync_blocks
     );
+    pair.assert_no_panic();
+}
+
+#[test]
+fn the_transfer_log_is_emptied_by_a_barrier_once_its_writes_are_old_enough() {
+    let pair = Pair::builder()
+        .disk_size(64 << 20)
+        .replication("ping_interval_ms", "200")
+        .replication("transfer_log_max_age_ms", "1000")
+        .start();
+    let kept = |s: &common::pair::Status| s.raw["resources"][0]["unstable_writes"].as_u64();
+    let written = unflushed_writes(&pair, &pair.dir.path().join("old.log"), 500, 1 << 12);
+    // Far below `transfer_log_max`: only their age brings the barrier.
+    let s = pair.status(common::pair::ALPHA);
+    assert!(
+        kept(&s).is_some_and(|n| n > 0),
+        "{written} writes made, none kept: {}",
+        s.raw
+    );
+    pair.wait_status(common::pair::ALPHA, "the barrier for old writes", |s| {
+        kept(s) == Some(0)
+    });
     pair.assert_no_panic();
 }

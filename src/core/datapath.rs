@@ -21,7 +21,7 @@
 //! unit test below and runs in the two-node simulator
 //! (`core::sim`).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 use thiserror::Error;
 
@@ -132,8 +132,9 @@ pub struct PrimaryPath<T> {
     pending: usize,
     awaiting_ack: usize,
     /// The transfer log: data frames acknowledged without FUA that no
-    /// acknowledged barrier covers yet, `seq -> (offset, len)`.
-    unstable: BTreeMap<u64, (u64, u64)>,
+    /// acknowledged barrier covers yet, `(seq, offset, len)` in order of
+    /// `seq` (24 bytes each, no allocation per entry).
+    unstable: VecDeque<(u64, u64, u64)>,
     /// The highest barrier the peer acknowledged with status 0: every
     /// data frame sent before it is durable on the peer.
     stable_below: u64,
@@ -154,7 +155,7 @@ impl<T> PrimaryPath<T> {
             entries: VecDeque::new(),
             pending: 0,
             awaiting_ack: 0,
-            unstable: BTreeMap::new(),
+            unstable: VecDeque::new(),
             stable_below: 0,
             lost: false,
         }
@@ -251,15 +252,20 @@ impl<T> PrimaryPath<T> {
                 },
                 0,
             ) if seq > stable_below => {
-                self.unstable.insert(seq, (offset, len));
+                // Acks come in order but for the few a concurrent apply
+                // reorders: those are inserted in their place.
+                match self.unstable.back() {
+                    Some(&(last, _, _)) if last > seq => {
+                        let at = self.unstable.partition_point(|&(s, _, _)| s < seq);
+                        self.unstable.insert(at, (seq, offset, len));
+                    }
+                    _ => self.unstable.push_back((seq, offset, len)),
+                }
             }
             (Kind::Barrier, 0) => {
                 self.stable_below = self.stable_below.max(seq);
-                while let Some(first) = self.unstable.first_entry() {
-                    if *first.key() >= seq {
-                        break;
-                    }
-                    first.remove();
+                while self.unstable.front().is_some_and(|&(s, _, _)| s < seq) {
+                    self.unstable.pop_front();
                 }
             }
             _ => {}
@@ -326,7 +332,10 @@ impl<T> PrimaryPath<T> {
         for seq in done {
             completions.extend(self.complete(seq));
         }
-        let unstable = std::mem::take(&mut self.unstable).into_values().collect();
+        let unstable = std::mem::take(&mut self.unstable)
+            .into_iter()
+            .map(|(_, offset, len)| (offset, len))
+            .collect();
         Lost {
             completions,
             unstable,
@@ -602,6 +611,25 @@ mod tests {
         // The barrier covers w1, not w4 (sent after it).
         assert_eq!(p.unstable_len(), 1);
         assert_eq!(p.lost().unstable, vec![(8192, 4096)]);
+    }
+
+    #[test]
+    fn acks_out_of_order_keep_the_transfer_log_in_sequence_order() {
+        let mut p = PrimaryPath::new();
+        let w: Vec<u64> = (0..4).map(|i| p.submit(i, i * 4096, 4096, false)).collect();
+        let b = p.barrier(9);
+        let w5 = p.submit(5, 5 * 4096, 4096, false);
+        for &s in w.iter().chain([&b, &w5]) {
+            p.local_done(s, true);
+        }
+        for s in [w[0], w[2], w5, w[3], w[1]] {
+            p.ack(s, 0).unwrap();
+        }
+        assert_eq!(p.unstable_len(), 5);
+        // The barrier covers the four writes before it, whatever order
+        // their Acks came in, and not the one after it.
+        p.ack(b, 0).unwrap();
+        assert_eq!(p.lost().unstable, vec![(5 * 4096, 4096)]);
     }
 
     #[test]

@@ -75,9 +75,6 @@ use link::{LinkError, Remote, Session, Track, Waiter};
 /// How long a promote waits for the peer to confirm it is not promoting
 /// too, and for the session to switch to the Primary's mode.
 const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Acknowledged writes kept until a barrier makes them durable on the
-/// peer (about 24 bytes each) before the keepalive thread sends one.
-const UNSTABLE_CAP: usize = 65536;
 
 /// The Primary's receiver wakes at least this often to notice role
 /// changes, shutdown and ping deadlines.

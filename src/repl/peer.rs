@@ -432,9 +432,12 @@ impl Replica {
     fn receive_as_primary(&self, cfg: &PeerConfig, session: &Session) -> ModeEnd {
         let ping_timeout = Duration::from_millis(cfg.timing.ping_timeout_ms);
         let interval = Duration::from_millis(cfg.timing.ping_interval_ms);
+        let max_age = Duration::from_millis(cfg.timing.transfer_log_max_age_ms);
         let mut next_ping = Instant::now() + interval;
         let mut nonce = 0u64;
         let mut ping: Option<(Instant, Arc<link::Slot>)> = None;
+        // Since when the transfer log has held writes (see below).
+        let mut unstable_since: Option<Instant> = None;
         let mut body = Vec::new();
         let mut batch = Batch::default();
         while session.is_alive() {
@@ -461,10 +464,24 @@ impl Replica {
                 // Writes acknowledged but not yet durable on the peer are
                 // kept (they count as out of sync if the link drops).
                 // Client flushes clear them; without any, a barrier bounds
-                // the list. Not every interval: a barrier is an fdatasync
-                // on the peer, which would force write-back that the local
-                // side does not do.
-                if session.unstable_count() > UNSTABLE_CAP {
+                // the list in size and age. Not every interval: a barrier
+                // is an fdatasync on the peer, which writes back every
+                // page dirty there, that the local side leaves in its page
+                // cache for the kernel to write back in its own time (a
+                // barrier a second cost a third of the pair's 4 KiB random
+                // write rate). By the default age (30 s, the kernel's for
+                // writing back a dirty page) most are written back anyway;
+                // the default size (2^20 writes, 24 MiB) is about ten
+                // seconds of 4 KiB random writes at full speed.
+                let unstable = session.unstable_count();
+                if unstable == 0 {
+                    unstable_since = None;
+                } else if unstable_since.is_none() {
+                    unstable_since = Some(now);
+                }
+                let aged = unstable_since.is_some_and(|t| now.duration_since(t) >= max_age);
+                if unstable > cfg.timing.transfer_log_max || aged {
+                    unstable_since = None;
                     let _ = session.submit_frame(
                         Track::Barrier,
                         Waiter::Nobody,
