@@ -34,6 +34,8 @@ const MAX_REQUEST: u64 = 64 * 1024;
 /// Control connections served at once (each has a thread; `events` and
 /// `wait-sync` hold theirs for a long time).
 const MAX_CONNECTIONS: usize = 64;
+/// `wait-sync` looks again at least this often.
+const WAIT_TICK: Duration = Duration::from_millis(20);
 
 /// Why a request failed; the Display is the `error` text of the answer.
 #[derive(Debug, Error)]
@@ -382,6 +384,10 @@ fn wait_sync(
 ) -> Result<Answer, ControlError> {
     let r = find(ctx, resource)?;
     let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(timeout_ms));
+    // Woken by every state change (what `events` streams), so the answer
+    // goes as soon as the sync ends, not at the next tick; the tick stays
+    // for the deadline, a client that hung up, and shutdown.
+    let changes = ctx.events.subscribe();
     loop {
         match r.sync_state() {
             Ok(true) => {
@@ -410,6 +416,10 @@ fn wait_sync(
         if ctx.stopping.load(Ordering::SeqCst) || hung_up(conn) {
             return Err(ControlError::Interrupted);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        match changes.recv_timeout(WAIT_TICK) {
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+            // Dropped for falling behind: the tick alone, then.
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(WAIT_TICK),
+        }
     }
 }
