@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use crate::pipe::Pipe;
+
 /// Largest zero-fill buffer used when the file system cannot zero a range.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -170,6 +172,20 @@ pub trait Store: Send + Sync {
     /// has less to do. Durability is unchanged, only `flush` gives it. A
     /// hint: failure is not an error.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// Whether [`write_piped`](Self::write_piped) moves a payload from
+    /// the pipe into the page cache without it passing through the
+    /// process (else it reads it out first).
+    fn takes_pipe(&self) -> bool {
+        false
+    }
+    /// Writes the `len` bytes `pipe` holds at `offset`, like
+    /// `write_at(.., false)`. On an error the pipe may still hold some of
+    /// them; the caller clears it.
+    fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
+        let mut buf = vec![0u8; len];
+        pipe.read_out(&mut buf)?;
+        self.write_at(&buf, offset, false)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -372,6 +388,14 @@ impl Store for FileStore {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn takes_pipe(&self) -> bool {
+        true
+    }
+
+    fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
+        pipe.splice_into(self.file.as_raw_fd(), offset, len)
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {

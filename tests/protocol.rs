@@ -660,3 +660,108 @@ fn a_client_that_stops_reading_replies_is_dropped_without_blocking_others() {
     );
     finish(d);
 }
+
+/// Large writes are moved from the socket into the file through a pipe
+/// (`splice`) when they fit it, and read otherwise; either way, and
+/// however their payloads arrive, they read back whole, and a rejected
+/// one's payload is consumed.
+#[test]
+fn large_writes_read_back_whole_however_their_payload_arrives() {
+    let d = Daemon::start();
+    let mut c = Client::connect(&d.addr(), "r0");
+    c.stream.set_nodelay(true).expect("nodelay");
+    let mib = 1usize << 20;
+    let mut expected = vec![0u8; 16 * mib];
+    let put = |expected: &mut Vec<u8>, offset: usize, data: &[u8]| {
+        expected[offset..offset + data.len()].copy_from_slice(data);
+    };
+    // Just past a burst's size, at an offset that is not a multiple of it.
+    let a = pattern(1, 64 * 1024 + 4096);
+    assert_eq!(c.write(4096, &a), 0);
+    put(&mut expected, 4096, &a);
+    // One MiB plain and with FUA, and two, more than a pipe holds.
+    let b = pattern(2, mib);
+    assert_eq!(c.write(mib as u64, &b), 0);
+    put(&mut expected, mib, &b);
+    let f = pattern(3, mib);
+    assert_eq!(
+        c.call(
+            Command::Write,
+            cmd_flags::FUA,
+            2 * mib as u64,
+            mib as u32,
+            &f
+        ),
+        0
+    );
+    put(&mut expected, 2 * mib, &f);
+    let two = pattern(4, 2 * mib);
+    assert_eq!(c.write(3 * mib as u64, &two), 0);
+    put(&mut expected, 3 * mib, &two);
+    // Out of range, and with a flag writes do not take: errors, and the
+    // payloads are consumed so the next request parses.
+    let end = 64u64 << 20;
+    assert_eq!(
+        c.call(
+            Command::Write,
+            0,
+            end - 4096,
+            128 * 1024,
+            &pattern(5, 128 * 1024)
+        ),
+        errno::ENOSPC
+    );
+    assert_eq!(
+        c.call(
+            Command::Write,
+            cmd_flags::NO_HOLE,
+            0,
+            128 * 1024,
+            &pattern(5, 128 * 1024)
+        ),
+        errno::EINVAL
+    );
+    // A payload that arrives in pieces, with pauses between them.
+    let slow = pattern(6, mib);
+    let cookie = c.send(Command::Write, 0, 5 * mib as u64, mib as u32, &slow[..1000]);
+    for piece in slow[1000..].chunks(300 * 1024) {
+        std::thread::sleep(Duration::from_millis(30));
+        c.stream.write_all(piece).expect("payload piece");
+    }
+    let reply = c.recv();
+    assert_eq!((reply.cookie, reply.error), (cookie, 0));
+    put(&mut expected, 5 * mib, &slow);
+    // A payload sent in a thousand small segments (more pieces than a
+    // pipe has slots, unless the kernel merges them).
+    let small = pattern(7, mib);
+    let cookie = c.send(Command::Write, 0, 6 * mib as u64, mib as u32, &[]);
+    for piece in small.chunks(1000) {
+        c.stream.write_all(piece).expect("payload piece");
+    }
+    let reply = c.recv();
+    assert_eq!((reply.cookie, reply.error), (cookie, 0));
+    put(&mut expected, 6 * mib, &small);
+    // Eight in flight at once, answered by cookie.
+    let mut cookies = std::collections::HashMap::new();
+    for i in 0..8usize {
+        let data = pattern(10 + i as u8, 256 * 1024);
+        let offset = 8 * mib + i * 256 * 1024;
+        let cookie = c.send(Command::Write, 0, offset as u64, data.len() as u32, &data);
+        cookies.insert(cookie, ());
+        put(&mut expected, offset, &data);
+    }
+    for _ in 0..8 {
+        let reply = c.recv();
+        assert_eq!(reply.error, 0);
+        assert!(cookies.remove(&reply.cookie).is_some(), "unknown cookie");
+    }
+    for at in (0..16 * mib).step_by(mib) {
+        assert_eq!(
+            c.read(at as u64, mib as u32).expect("read"),
+            expected[at..at + mib],
+            "MiB at {at} differs"
+        );
+    }
+    c.disconnect();
+    finish(d);
+}
