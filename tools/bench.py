@@ -6,8 +6,9 @@ loopback), `qemu-storage-daemon` mirroring synchronously to an nbdkit target
 (the userspace anchor for synchronous mirroring), and plain nbdkit (the
 baseline).  Every server gets its own backing file(s); all backing files are
 created the same way (same size, same content) before any server starts.  Each
-workload is run through fio's nbd engine against every server in turn
-(A B C D A B C D ...) for the requested number of rounds, and the median over
+workload is run through fio's nbd engine against every server in turn, the
+order rotated by one each round so no server always runs first or last
+(A B C D, B C D A, C D A B ...), for the requested number of rounds, and the median over
 rounds is reported together with same-run ratios against the baseline
 (nbdkit), the server processes' CPU time per I/O, and a loopback round trip.
 
@@ -1546,7 +1547,11 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
                 rtt = loopback_rtt_us()
                 rtts.append(rtt)
                 print(f"round {rnd} {w.key}: loopback TCP round trip {rtt:.1f} us", flush=True)
-                for s in servers:  # A B C D ...
+                # A B C D, then B C D A, ...: a run's position in the round
+                # (right after file creation or after another workload, or
+                # after a slow server) is not always the same server's.
+                shift = (rnd - 1) % len(servers)
+                for s in servers[shift:] + servers[:shift]:
                     n += 1
                     # Write back dirty pages left by the previous run so that no
                     # run pays for another one's writeback (matters for fsync).
