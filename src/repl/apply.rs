@@ -16,6 +16,11 @@ use super::*;
 /// Plain writes at least this large go to the writer thread on a sync
 /// target.
 const OFFLOAD_MIN: usize = 64 * 1024;
+/// Bytes written since the last flush up to which a durable request with
+/// nothing behind it is flushed by the apply loop itself (see
+/// `receive_as_secondary`).
+const INLINE_FLUSH_MAX: usize = 1 << 20;
+
 /// Writes queued for the writer thread at most (beyond the one it writes).
 const OFFLOAD_DEPTH: usize = 4;
 /// A sync target starts the write-back of its buffered writes each time
@@ -74,10 +79,13 @@ impl Replica {
             .map_err(|e| LinkError::Protocol(e.to_string()))?;
         // Durable requests (FUA writes, barriers) wait for a flush that
         // started after they were applied (`SecondaryPath` groups them).
-        // One that arrives with nothing buffered behind it is flushed
-        // here: no hand-off, and nothing waits to be applied meanwhile.
-        // Otherwise the flusher thread flushes, once per group, while this
-        // loop keeps applying later writes.
+        // One that arrives with nothing buffered behind it, and little
+        // written since the last flush, is flushed here: no hand-off, and
+        // nothing waits to be applied meanwhile. Otherwise the flusher
+        // thread flushes, once per group, while this loop keeps applying
+        // later writes: a flush with much to write back (the Primary's
+        // barrier after `transfer_log_max_age_ms` of writes) takes long
+        // enough to stall the writes arriving behind it.
         let (doorbell, rung) = mpsc::sync_channel::<()>(1);
         let flusher_session = session.clone();
         let flusher_store = store.clone();
@@ -103,6 +111,7 @@ impl Replica {
             }
         });
         let mut buffered = 0usize;
+        let mut unflushed = 0usize;
         let mut span: Option<(u64, u64)> = None;
         // The writer thread for large writes (see the module comment), if
         // the store can write past the page cache.
@@ -174,6 +183,7 @@ impl Replica {
             if let Some((start, end)) = written {
                 span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
                 buffered += (end - start) as usize;
+                unflushed = unflushed.saturating_add((end - start) as usize);
                 if buffered >= WRITEBACK_EVERY {
                     buffered = 0;
                     // Kept for next time if the thread is still busy.
@@ -190,7 +200,10 @@ impl Replica {
             // A sync target leaves every flush to the flusher: the source
             // streams data behind its periodic barriers, and a flush of
             // what a resync wrote takes long enough to stall that stream.
-            if reader.buffer().is_empty() && !self.sync_target() {
+            let inline =
+                reader.buffer().is_empty() && !self.sync_target() && unflushed <= INLINE_FLUSH_MAX;
+            unflushed = 0;
+            if inline {
                 // Acks of earlier writes need not wait for the flush.
                 send_acks(session);
                 if !flush_group(session, &*store, &self.name) {
