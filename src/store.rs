@@ -182,10 +182,21 @@ pub trait Store: Send + Sync {
     /// `write_at(.., false)`. On an error the pipe may still hold some of
     /// them; the caller clears it.
     fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
-        let mut buf = vec![0u8; len];
-        pipe.read_out(&mut buf)?;
-        self.write_at(&buf, offset, false)
+        write_read_out(self.as_dyn(), pipe, offset, len)
     }
+}
+
+/// `write_piped` for a store that takes its payloads from memory: reads
+/// the pipe's `len` bytes out and writes them with `write_at`.
+pub fn write_read_out(
+    store: &dyn Store,
+    pipe: &mut Pipe,
+    offset: u64,
+    len: usize,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; len];
+    pipe.read_out(&mut buf)?;
+    store.write_at(&buf, offset, false)
 }
 
 #[derive(Debug, Error)]

@@ -361,18 +361,23 @@ impl Connection<'_> {
         let Stream::Tcp(tcp) = reader.get_ref() else {
             return None;
         };
-        let valid = req.length > BURST_MAX
-            && req.unexpected_flags() == 0
-            && !self.export.read_only
-            && req
-                .offset
-                .checked_add(u64::from(req.length))
-                .is_some_and(|end| end <= self.export.store.size());
-        if !valid || !self.export.store.takes_pipe() {
+        if req.length <= BURST_MAX || !self.may_modify(req) || !self.export.store.takes_pipe() {
             return None;
         }
         let capacity = piped.pipe()?.capacity();
         (req.length as usize <= capacity).then(|| tcp.as_raw_fd())
+    }
+
+    /// Whether a modification `req` asks for is carried out (no flags it
+    /// does not take, a writable export, in range), rather than answered
+    /// with an error by `execute`.
+    fn may_modify(&self, req: &Request) -> bool {
+        req.unexpected_flags() == 0
+            && !self.export.read_only
+            && req
+                .offset
+                .checked_add(u64::from(req.length))
+                .is_some_and(|end| end <= self.export.store.size())
     }
 
     /// Writes a payload that `read_request` left in the pipe.
@@ -399,11 +404,7 @@ impl Connection<'_> {
     /// asks for: these are submitted and answered on completion, which
     /// for a replicated resource comes with the peer's acknowledgement.
     fn modification<'b>(&self, req: &Request, buf: &'b [u8]) -> Option<Modify<'b>> {
-        if req.unexpected_flags() != 0 || req.fua() || self.export.read_only {
-            return None;
-        }
-        let end = req.offset.checked_add(u64::from(req.length))?;
-        if end > self.export.store.size() {
+        if req.fua() || !self.may_modify(req) {
             return None;
         }
         let (offset, len) = (req.offset, u64::from(req.length));

@@ -382,9 +382,7 @@ impl Store for Replica {
 
     fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
         if self.peer.is_some() {
-            let mut buf = vec![0u8; len];
-            pipe.read_out(&mut buf)?;
-            return self.write_at(&buf, offset, false);
+            return crate::store::write_read_out(self, pipe, offset, len);
         }
         self.replicate(
             offset,
