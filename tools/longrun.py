@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ports import free_port  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0
 FAULTS = ["primary-kill", "secondary-kill", "link-cut", "switchover"]
@@ -53,14 +55,6 @@ FAULTS = ["primary-kill", "secondary-kill", "link-cut", "switchover"]
 
 class Failure(Exception):
     pass
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Proxy:

@@ -42,12 +42,42 @@ fn index(node: &str) -> usize {
         .unwrap_or_else(|| panic!("no node named {node:?} (nodes are alpha and beta)"))
 }
 
-/// A port that was free a moment ago (bound to port 0, then released).
+/// A TCP port for a daemon to listen on. Ports come from below the
+/// kernel's ephemeral range (`ip_local_port_range`), so that between this
+/// call and the daemon's bind neither another test's bind to port 0 nor
+/// the source port of an outgoing connection (a peer dialling) can take
+/// it: a port released by a bind to port 0 could be handed out again at
+/// once. Each call in this process gets a port of its own; the process id
+/// spreads concurrent test binaries apart, and a port that something holds
+/// is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("binding an ephemeral port")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let range: Vec<u32> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .map(|t| {
+            t.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let (ephemeral_low, ephemeral_high) = match range[..] {
+        [l, h] => (l, h),
+        _ => (32768, 60999),
+    };
+    let (low, high) = if ephemeral_low > 12000 {
+        (10000, ephemeral_low)
+    } else {
+        (ephemeral_high.clamp(1024, 60000) + 1, 65536)
+    };
+    let span = high - low;
+    let base = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (low + (base + n) % span) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {low}..{high}");
 }
 
 /// What one node's side of the pair looks like before it starts.
