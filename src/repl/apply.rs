@@ -5,7 +5,9 @@
 //! to a writer thread that writes them past the page cache
 //! (`Store::write_direct`) while this thread reads the next frames: the
 //! copy into the page cache was most of the target's CPU time, and the
-//! final flush then has little left to write. Such a write is acknowledged
+//! final flush then has little left to write. The apply loop reads each
+//! frame's payload to a 4 KiB aligned address, so the writer writes it
+//! from there, with no copy in between. Such a write is acknowledged
 //! once written, like any plain write; a barrier still waits for a flush.
 //! Only writes that overlap nothing in the writer's hands go there, and
 //! every other frame first waits until the writer is idle, so the result
@@ -127,7 +129,10 @@ impl Replica {
             (None, None)
         };
         let mut reader = session.reader();
+        // A frame's body is `body[start..]`: a Write's payload is read to
+        // where the writer thread can write it without copying it first.
         let mut body = Vec::new();
+        let mut start;
         // Frames a submitter read while this node was still Primary come
         // first.
         let stashed = session.take_stash();
@@ -144,10 +149,19 @@ impl Replica {
             let kind = match stashed.next() {
                 Some((kind, stashed_body)) => {
                     body = stashed_body;
+                    start = 0;
                     kind
                 }
-                None => match link::read_raw(&mut *reader, &mut body) {
-                    Ok(k) => k,
+                None => match link::read_raw_placed(
+                    &mut *reader,
+                    &mut body,
+                    WriteFrame::FIXED,
+                    crate::store::DIRECT_ALIGN,
+                ) {
+                    Ok((k, s)) => {
+                        start = s;
+                        k
+                    }
                     Err(e) => break Err(e),
                 },
             };
@@ -156,9 +170,9 @@ impl Replica {
                     session.reason().unwrap_or_else(|| "shutting down".into()),
                 ));
             }
-            if kind == repl_kind::WRITE && body.len() >= OFFLOAD_MIN {
+            if kind == repl_kind::WRITE && body.len() - start >= OFFLOAD_MIN {
                 if let (Some(jobs), Some(spares)) = (&jobs, &spares) {
-                    match self.offload_write(session, &offload, &mut body, jobs, spares) {
+                    match self.offload_write(session, &offload, &mut body, start, jobs, spares) {
                         Ok(true) => continue,
                         Ok(false) => {}
                         Err(e) => break Err(e),
@@ -167,16 +181,17 @@ impl Replica {
             }
             // Everything else is applied after what the writer holds.
             offload.wait_idle();
-            let (seq, status, durable, written) = match self.apply(session, &*store, kind, &body) {
-                Ok(Applied::Nothing) => continue,
-                Ok(Applied::Done {
-                    seq,
-                    durable,
-                    written,
-                }) => (seq, 0, durable, written),
-                Ok(Applied::Failed { seq, status }) => (seq, status, false, None),
-                Err(e) => break Err(e),
-            };
+            let (seq, status, durable, written) =
+                match self.apply(session, &*store, kind, &body[start..]) {
+                    Ok(Applied::Nothing) => continue,
+                    Ok(Applied::Done {
+                        seq,
+                        durable,
+                        written,
+                    }) => (seq, 0, durable, written),
+                    Ok(Applied::Failed { seq, status }) => (seq, status, false, None),
+                    Err(e) => break Err(e),
+                };
             if let Err(e) = lock(&session.receiving).applied(seq, status, durable) {
                 break Err(LinkError::Protocol(e.to_string()));
             }
@@ -240,10 +255,11 @@ impl Replica {
         session: &Session,
         offload: &Offload,
         body: &mut Vec<u8>,
+        start: usize,
         jobs: &mpsc::SyncSender<Job>,
         spares: &mpsc::Receiver<Vec<u8>>,
     ) -> Result<bool, LinkError> {
-        let Ok(w) = WriteRef::decode_body(body) else {
+        let Ok(w) = WriteRef::decode_body(&body[start..]) else {
             return Ok(false);
         };
         let align = crate::store::DIRECT_ALIGN as u64;
@@ -267,8 +283,8 @@ impl Replica {
         }
         Self::receive(session, w.seq)?;
         let (seq, offset) = (w.seq, w.offset);
-        let start = w.payload.as_ptr() as usize - body.as_ptr() as usize;
-        let payload = start..start + w.payload.len();
+        let at = w.payload.as_ptr() as usize - body.as_ptr() as usize;
+        let payload = at..at + w.payload.len();
         lock(&offload.ranges).push((offset, len));
         let spare = spares.try_recv().unwrap_or_default();
         let job = Job {
@@ -285,8 +301,9 @@ impl Replica {
         Ok(true)
     }
 
-    /// The writer thread: copies each write into an aligned buffer, writes
-    /// it past the page cache, and acknowledges it.
+    /// The writer thread: writes each payload past the page cache (from
+    /// where the apply loop read it, aligned for that; a stashed frame's is
+    /// copied to an aligned buffer first) and acknowledges it.
     fn write_offloaded(
         &self,
         session: &Session,
@@ -300,12 +317,18 @@ impl Replica {
         while let Ok(job) = jobs.recv() {
             let data = &job.body[job.payload.clone()];
             let n = data.len();
-            if raw.len() < n + align {
-                raw = vec![0u8; n + align];
-            }
-            let at = raw.as_ptr().align_offset(align);
-            let buf = &mut raw[at..at + n];
-            buf.copy_from_slice(data);
+            // The apply loop reads payloads to aligned places; a stashed
+            // frame's may lie anywhere.
+            let buf = if (data.as_ptr() as usize).is_multiple_of(align) {
+                data
+            } else {
+                if raw.len() < n + align {
+                    raw = vec![0u8; n + align];
+                }
+                let at = raw.as_ptr().align_offset(align);
+                raw[at..at + n].copy_from_slice(data);
+                &raw[at..at + n]
+            };
             let status = match store.write_direct(buf, job.offset) {
                 Ok(()) => {
                     self.now_in_sync(job.offset, n as u64);

@@ -59,15 +59,39 @@ impl LinkError {
 /// Reads one frame header and its body into `body` (reused across calls,
 /// so the hot path allocates nothing). Returns the frame kind.
 pub fn read_raw(stream: &mut impl Read, body: &mut Vec<u8>) -> Result<u16, LinkError> {
+    read_raw_placed(stream, body, 0, 1).map(|(kind, _)| kind)
+}
+
+/// Like `read_raw`, but the body goes to `buf[start..]`, with `start`
+/// chosen so that the body's byte `at` lies on a multiple of `align` in
+/// memory (a Write's payload placed for a write past the page cache).
+/// Returns the frame kind and `start`; `buf` is reused across calls.
+pub fn read_raw_placed(
+    stream: &mut impl Read,
+    buf: &mut Vec<u8>,
+    at: usize,
+    align: usize,
+) -> Result<(u16, usize), LinkError> {
     let mut raw = [0u8; FrameHeader::LEN];
     stream.read_exact(&mut raw)?;
     let header = FrameHeader::decode(&mut io::Cursor::new(&raw[..]))
         .map_err(|e| LinkError::Protocol(e.to_string()))?
         .ok_or_else(|| LinkError::Protocol("short frame header".into()))?;
     debug_assert!(header.length <= MAX_BODY);
-    body.resize(header.length as usize, 0);
-    stream.read_exact(body)?;
-    Ok(header.kind)
+    let len = header.length as usize;
+    // Room for any placement first, so that placing moves nothing.
+    if buf.capacity() < len + align {
+        buf.reserve(len + align - buf.len());
+    }
+    let start = (align - (buf.as_ptr() as usize + at) % align) % align;
+    // Only bytes beyond the current length are zeroed.
+    if buf.len() < start + len {
+        buf.resize(start + len, 0);
+    } else {
+        buf.truncate(start + len);
+    }
+    stream.read_exact(&mut buf[start..])?;
+    Ok((header.kind, start))
 }
 
 /// After authentication both sides send their `State` and read the
@@ -1272,5 +1296,54 @@ impl Session {
     /// Exclusive access to the read side (the Secondary's apply loop).
     pub fn reader(&self) -> MutexGuard<'_, io::BufReader<Stream>> {
         lock(&self.reader)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use replblk_proto::repl::{WriteFrame, WriteRef};
+
+    /// Frames of several sizes read one after another into one reused
+    /// buffer: each Write's payload starts on a 4 KiB boundary and reads
+    /// back whole, and the other frames decode as sent.
+    #[test]
+    fn placed_frames_put_each_payload_on_the_boundary_and_read_back_whole() {
+        let sizes = [4096usize, 1 << 20, 12288, 64 << 10, 4096, 2 << 20];
+        let mut wire = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let payload: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
+            let frame = Frame::Write(WriteFrame::new(i as u64, 0, 0, Bytes::from(payload)));
+            let mut out = BytesMut::new();
+            frame.encode(&mut out);
+            wire.extend_from_slice(&out);
+            write_frame(
+                &mut wire,
+                &Frame::Barrier {
+                    seq: 100 + i as u64,
+                },
+            )
+            .unwrap();
+        }
+        let mut stream = io::Cursor::new(wire);
+        let mut buf = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let (kind, start) =
+                read_raw_placed(&mut stream, &mut buf, WriteFrame::FIXED, 4096).unwrap();
+            assert_eq!(kind, repl::kind::WRITE);
+            let w = WriteRef::decode_body(&buf[start..]).unwrap();
+            assert_eq!((w.seq, w.payload.len()), (i as u64, n));
+            assert_eq!(w.payload.as_ptr() as usize % 4096, 0, "frame {i}");
+            assert!(w.crc_ok(), "frame {i}");
+            let (kind, start) =
+                read_raw_placed(&mut stream, &mut buf, WriteFrame::FIXED, 4096).unwrap();
+            assert_eq!(
+                Frame::decode_body(kind, &buf[start..]).unwrap(),
+                Frame::Barrier {
+                    seq: 100 + i as u64
+                }
+            );
+        }
     }
 }

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use replblk_proto::repl::{
-    data_flags, kind as repl_kind, state_flags, Frame, StateFrame, WriteRef,
+    data_flags, kind as repl_kind, state_flags, Frame, StateFrame, WriteFrame, WriteRef,
 };
 use serde::Serialize;
 use serde_json::Value;
