@@ -5,7 +5,8 @@
 //! reads requests. Small plain writes it submits itself and reads on (see
 //! `Connection::worker`); for anything else it lets go of the read side,
 //! executes the request against the store and writes the reply under the
-//! write-side lock. So a lone request is read, executed and answered by one
+//! write-side lock (a lone flush to a local store it serves holding the
+//! read side). So a lone request is read, executed and answered by one
 //! thread with no hand-off (lowest latency at queue depth 1), a stream of
 //! small writes runs on one thread, and slow requests (reads, flushes, FUA,
 //! large writes) execute up to `workers` at once, their replies going out
@@ -624,6 +625,23 @@ impl Connection<'_> {
                 }
             }
             drop(burst);
+            // A lone flush (nothing else in flight or buffered: a client
+            // that waits for each reply, as `fsync` after every write does)
+            // on a store that waits for nothing but its disk is served
+            // with the read side held: handing it on would wake another
+            // worker on the way to the disk only for it to block in
+            // `recv`, and the next request would find that worker asleep
+            // rather than this one polling. A request sent meanwhile waits
+            // for the flush. A replicated store's flush also waits for the
+            // peer, for as long as the ack timeout: it hands on.
+            if req.command == Command::Flush
+                && reader.buffer().is_empty()
+                && !store.submit_may_wait()
+                && self.replies.in_flight.load(Ordering::SeqCst) <= 1
+            {
+                self.serve_one(&req, &mut buf, &mut piped);
+                continue;
+            }
             drop(reader);
             self.serve_one(&req, &mut buf, &mut piped);
             // Do not keep a 32 MiB buffer around after one large request,
