@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ports import free_port  # noqa: E402
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1 << 30

@@ -8,8 +8,8 @@ baseline).  Every server gets its own backing file(s); all backing files are
 created the same way (same size, same content) before any server starts.  Each
 workload is run through fio's nbd engine against every server in turn, the
 order rotated by one each round so no server always runs first or last
-(A B C D, B C D A, C D A B ...), for the requested number of rounds, and the median over
-rounds is reported together with same-run ratios against the baseline
+(A B C D, B C D A, C D A B ...), for the requested number of rounds, and the
+median over rounds is reported together with same-run ratios against the baseline
 (nbdkit), the server processes' CPU time per I/O, and a loopback round trip.
 
 See docs/benchmark.md for how to run it and how to read the output.
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ports import free_port  # noqa: E402
+from ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPLD = REPO_ROOT / "target" / "release" / "repld"

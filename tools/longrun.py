@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ports import free_port  # noqa: E402
+from ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 60.0

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ports import free_port  # noqa: E402
+from ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
