@@ -16,7 +16,10 @@ external metadata, backing files under --tmpdir):
             `status --json`) against bytes dirtied.  Baseline in the same
             run: the same number of distinct random 4 KiB blocks written
             with pwrite into a sparse file of the device's size, then one
-            fdatasync (what the target's disk must do at least).
+            fdatasync (what the target's disk must do at least).  With
+            --scatter-written, both devices and the baseline's file are
+            first written through with zeroes (every block allocated, as on
+            a block device) instead of sparse.
   yield     fio 4k QD32 random writes for --runtime seconds on an in-sync pair
             (reference), then the same during a full sync (default rate
             settings); the IOPS ratio, and the sync's own rate meanwhile.
@@ -89,6 +92,22 @@ def fill_data(path: Path, size: int, seed: int) -> None:
 def sparse(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
+
+
+def written(path: Path, size: int) -> None:
+    """A file of `size` zero bytes, every block written and durable (no
+    holes, no unwritten extents: a block device's case), and dropped from
+    the page cache, as data written long ago would be."""
+    zeroes = bytes(16 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        done = 0
+        while done < size:
+            done += os.pwrite(fd, zeroes[:min(len(zeroes), size - done)], done)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 class Pair:
@@ -250,10 +269,11 @@ def machine_baseline(src: Path, dst: Path, size: int) -> Dict[str, float]:
     return out
 
 
-def scatter_baseline(path: Path, size: int, blocks: int, seed: int) -> float:
+def scatter_baseline(path: Path, size: int, blocks: int, seed: int, prepare) -> float:
     """Seconds to pwrite `blocks` distinct random 4 KiB blocks into a
-    sparse file of `size` bytes, in offset order, then fdatasync it."""
-    sparse(path, size)
+    file of `size` bytes made by `prepare` (sparse or written), in offset
+    order, then fdatasync it."""
+    prepare(path, size)
     offsets = sorted(random.Random(seed).sample(range(size // 4096), blocks))
     data = random.Random(seed).randbytes(4096)
     fd = os.open(path, os.O_WRONLY)
@@ -321,10 +341,11 @@ def bench_full(args, workdir: Path, size: int, binary: Path, reference: bool,
 
 def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
     size = args.scatter_size
+    prepare = written if args.scatter_written else sparse
     pair = Pair(workdir, binary, size, {})
     try:
-        sparse(pair.disks["alpha"], size)
-        sparse(pair.disks["beta"], size)
+        prepare(pair.disks["alpha"], size)
+        prepare(pair.disks["beta"], size)
         pair.start()
         pair.bring_up()
         pair.ctl("alpha", "new-current-uuid", EXPORT, "--clear-bitmap")
@@ -344,8 +365,10 @@ def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
         wall = time.monotonic() - t0
         cpu1 = daemon_cpu(pair)
         st = pair.status().get("resync")
-        base_s = scatter_baseline(workdir / "scatter-baseline.img", size, blocks, args.seed)
+        base_s = scatter_baseline(workdir / "scatter-baseline.img", size, blocks, args.seed,
+                                  prepare)
         out = {"device": size, "binary": str(binary), "dirtied_bytes": dirtied,
+               "devices": "written" if args.scatter_written else "sparse",
                "seconds_connect_to_synced": wall, "mib_per_s_wall": dirtied / MiB / wall,
                "cpu_ms_per_mib": {n: (cpu1[n] - cpu0[n]) * 1000 / max(dirtied / MiB, 1e-9)
                                   for n in cpu0},
@@ -422,6 +445,9 @@ def main() -> int:
     p.add_argument("--full-sizes", default="2G,8G,32G")
     p.add_argument("--scatter-size", type=parse_size, default=parse_size("4G"))
     p.add_argument("--scatter-mib", type=int, default=64)
+    p.add_argument("--scatter-written", action="store_true",
+                   help="scatter: devices written through first (every block allocated, as "
+                        "on a block device) instead of sparse files")
     p.add_argument("--yield-size", type=parse_size, default=parse_size("4G"))
     p.add_argument("--runtime", type=int, default=20, help="fio seconds per yield run")
     p.add_argument("--rounds", type=int, default=2)
@@ -504,7 +530,7 @@ def main() -> int:
                               f"{r['dirtied_bytes'] / MiB / (r['copy_ms'] / 1000):.0f} MiB/s")
                 cpu = r["cpu_ms_per_mib"]
                 print(f"scattered 4K resync [{label}]: {human(r['dirtied_bytes'])} dirtied on "
-                      f"{human(r['device'])}{moved}, {r['seconds_connect_to_synced']:.2f} s "
+                      f"{human(r['device'])} ({r['devices']}){moved}, {r['seconds_connect_to_synced']:.2f} s "
                       f"from connect = {r['mib_per_s_wall']:.0f} MiB/s; CPU per MiB: source "
                       f"{cpu.get('alpha', 0):.3f} ms, target {cpu.get('beta', 0):.3f} ms; "
                       f"baseline (same blocks: pwrite each + one fdatasync, same run) "
