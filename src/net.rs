@@ -228,3 +228,128 @@ pub fn spin_until_readable(fd: RawFd, limit: Duration) {
         std::hint::spin_loop();
     }
 }
+
+/// How a [`SpinWindow`] weighs the newest wait: an eighth.
+const HIT_SHIFT: u32 = 3;
+/// Full scale of its hit rate.
+const HIT_ONE: u32 = 1 << 16;
+
+/// Whether to poll for the next bytes before sleeping, decided by how
+/// often recent waits ended within the poll's length. A wait that ends
+/// within it is a hit, whether a poll caught it or the thread slept
+/// through it; the rate of hits is a moving average over about the last
+/// eight waits, and the next wait polls only while at least half were
+/// hits. A poll that misses costs its whole length in CPU time and then
+/// the wake-up it was meant to save, so on a machine where the answers
+/// come late (a busy or noisy host, a slow client) polling stops by
+/// itself; it resumes once they come quickly again. Kept by the one
+/// thread that reads a socket at a time (relaxed atomics only so that it
+/// can sit in a shared structure).
+#[derive(Debug)]
+pub struct SpinWindow {
+    /// Hits per `HIT_ONE`, averaged.
+    hits: std::sync::atomic::AtomicU32,
+    max: Duration,
+}
+
+impl SpinWindow {
+    /// Polls last up to `max`; it starts out polling.
+    pub fn new(max: Duration) -> SpinWindow {
+        SpinWindow {
+            hits: std::sync::atomic::AtomicU32::new(HIT_ONE),
+            max,
+        }
+    }
+
+    /// Polls `fd` for up to the window's length if recent waits say it is
+    /// worth it; returns when the wait began, for [`waited`](Self::waited).
+    pub fn poll(&self, fd: RawFd) -> Instant {
+        let start = Instant::now();
+        if self.polling() {
+            spin_until_readable(fd, self.max);
+        }
+        start
+    }
+
+    /// The wait that began at `since` (from `poll`) is over: the bytes
+    /// are here.
+    pub fn waited(&self, since: Instant) {
+        let hit = since.elapsed() <= self.max;
+        let rate = self.hits.load(std::sync::atomic::Ordering::Relaxed);
+        self.hits
+            .store(average(rate, hit), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the next wait polls.
+    pub fn polling(&self) -> bool {
+        self.max > Duration::ZERO
+            && self.hits.load(std::sync::atomic::Ordering::Relaxed) >= HIT_ONE / 2
+    }
+}
+
+/// The hit rate after one more wait.
+fn average(rate: u32, hit: bool) -> u32 {
+    let target = if hit { HIT_ONE } else { 0 };
+    rate - (rate >> HIT_SHIFT) + (target >> HIT_SHIFT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn after(mut rate: u32, waits: &[bool]) -> u32 {
+        for &hit in waits {
+            rate = average(rate, hit);
+        }
+        rate
+    }
+
+    #[test]
+    fn the_rate_stays_within_its_scale() {
+        assert_eq!(after(HIT_ONE, &[true; 100]), HIT_ONE);
+        assert_eq!(after(0, &[false; 100]), 0);
+        assert!(after(0, &[true; 100]) <= HIT_ONE);
+    }
+
+    #[test]
+    fn a_run_of_late_answers_stops_polling_and_quick_ones_resume_it() {
+        let late = after(HIT_ONE, &[false; 6]);
+        assert!(
+            late < HIT_ONE / 2,
+            "six misses in a row stop polling: {late}"
+        );
+        assert!(after(HIT_ONE, &[false; 5]) >= HIT_ONE / 2, "five do not");
+        let back = after(late, &[true; 6]);
+        assert!(back >= HIT_ONE / 2, "six quick answers resume it: {back}");
+    }
+
+    #[test]
+    fn an_odd_late_answer_among_quick_ones_keeps_polling() {
+        let mixed: Vec<bool> = (0..64).map(|i| i % 3 != 0).collect();
+        assert!(after(HIT_ONE, &mixed) >= HIT_ONE / 2);
+        let mostly_late: Vec<bool> = (0..64).map(|i| i % 3 == 0).collect();
+        assert!(after(HIT_ONE, &mostly_late) < HIT_ONE / 2);
+    }
+
+    #[test]
+    fn a_closed_window_does_not_poll_and_an_open_one_sees_waiting_bytes() {
+        let (a, mut b) = UnixStream::pair().expect("socket pair");
+        let closed = SpinWindow::new(Duration::ZERO);
+        assert!(!closed.polling());
+        let t = Instant::now();
+        closed.poll(a.as_raw_fd());
+        assert!(
+            t.elapsed() < Duration::from_millis(5),
+            "a closed window returns at once"
+        );
+        b.write_all(b"x").expect("write");
+        let open = SpinWindow::new(Duration::from_secs(10));
+        let since = open.poll(a.as_raw_fd());
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "bytes already there end the poll"
+        );
+        open.waited(since);
+        assert!(open.polling());
+    }
+}

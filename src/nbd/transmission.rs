@@ -37,8 +37,9 @@ use crate::pipe::{Filled, Pipe};
 /// payload through the buffer (payloads past it are read in place).
 const READ_BUFFER: usize = 32 * 1024;
 
-/// How long the reading worker polls for the next request before it
-/// sleeps in `recv` (see `net::spin_until_readable`).
+/// The longest the reading worker polls for the next request before it
+/// sleeps in `recv` (see `net::SpinWindow`: the window adapts to how long
+/// the client takes to send it).
 const SPIN: Duration = Duration::from_micros(40);
 
 /// A worker keeps its request buffer across requests up to this size.
@@ -262,6 +263,8 @@ struct Connection<'a> {
     reader: Mutex<BufReader<Stream>>,
     replies: Arc<Replies>,
     requests: AtomicU64,
+    /// The reading worker's poll for the next request.
+    spin: crate::net::SpinWindow,
 }
 
 impl Connection<'_> {
@@ -285,14 +288,16 @@ impl Connection<'_> {
         // served: that is the depth-1 case the poll is for (its reply goes
         // out while we poll for the next request), and no other worker
         // needs the CPU.
-        if reader.buffer().is_empty()
+        let polled = (reader.buffer().is_empty()
             && self.replies.in_flight.load(Ordering::SeqCst) <= 1
-            && self.replies.slow.load(Ordering::SeqCst) == 0
-        {
-            crate::net::spin_until_readable(reader.get_ref().as_raw_fd(), SPIN);
-        }
+            && self.replies.slow.load(Ordering::SeqCst) == 0)
+            .then(|| self.spin.poll(reader.get_ref().as_raw_fd()));
         let mut raw = [0u8; Request::LEN];
-        if let Err(e) = reader.read_exact(&mut raw) {
+        let read = reader.read_exact(&mut raw);
+        if let Some(since) = polled {
+            self.spin.waited(since);
+        }
+        if let Err(e) = read {
             let reason = match e.kind() {
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => CloseReason::Eof,
                 _ => CloseReason::Error(format!("reading request: {e}")),
@@ -735,6 +740,7 @@ pub fn serve(
     let control = stream.try_clone()?;
     let conn = Connection {
         export,
+        spin: crate::net::SpinWindow::new(SPIN),
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         replies: Arc::new(Replies {
             writer: Mutex::new(writer),

@@ -467,8 +467,9 @@ pub struct Queue {
     pub local_pending: bool,
 }
 
-/// How long a lone request's submitter polls for its Ack before it
-/// sleeps (see `net::spin_until_readable`).
+/// The longest a lone request's submitter polls for its Ack before it
+/// sleeps (see `net::SpinWindow`: the window adapts to how long the Acks
+/// take).
 const SPIN: Duration = Duration::from_micros(40);
 
 /// Payloads at least this large are written straight from the caller's
@@ -534,6 +535,8 @@ pub struct Session {
     features: AtomicU64,
     /// Where the peer's `CsumReply` frames go (the resync in progress).
     csum_sink: Mutex<Option<Arc<dyn CsumSink>>>,
+    /// A submitter's poll for its Ack (see `read_own`).
+    spin: crate::net::SpinWindow,
 }
 
 /// Takes the peer's answers to `CsumQuery`.
@@ -552,6 +555,7 @@ impl Session {
         hook: Hook,
     ) -> io::Result<Session> {
         Ok(Session {
+            spin: crate::net::SpinWindow::new(SPIN),
             receiving: Mutex::new(SecondaryPath::new()),
             hook,
             state_waiters: Mutex::new(HashMap::new()),
@@ -705,6 +709,7 @@ impl Session {
         let mut batch = Batch::default();
         let mut body = Vec::new();
         let mut spun = false;
+        let mut polled = None;
         while self.is_alive() && lock(&self.sending).is_pending(seq) {
             // Another request went out meanwhile: the receiver is awake
             // and takes over (ours included) once we let go.
@@ -714,7 +719,7 @@ impl Session {
             if reader.buffer().is_empty() {
                 batch.run();
                 if !spun {
-                    crate::net::spin_until_readable(fd, SPIN);
+                    polled = Some(self.spin.poll(fd));
                     spun = true;
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -737,6 +742,9 @@ impl Session {
                     break;
                 }
             };
+            if let Some(since) = polled.take() {
+                self.spin.waited(since);
+            }
             if kind != repl::kind::ACK {
                 // Not ours to handle: the receiver takes it (and whatever
                 // follows) from here.
