@@ -285,9 +285,10 @@ struct SimNode {
     demote_barrier: Option<bool>,
     /// Was Primary while not connected since the pair last shared data.
     primary_alone: bool,
-    /// Crashed, or promoted with force over data that was not UpToDate,
-    /// since the pair last connected.
+    /// Crashed since the pair last connected with both disks attached.
     crashed: bool,
+    /// Promoted with force over data that was not UpToDate since the
+    /// pair last connected.
     forced: bool,
     /// The disk failed and is detached: nothing is written to it.
     failed: bool,
@@ -1256,6 +1257,7 @@ impl Sim {
         };
         let crashed = [self.n[0].crashed, self.n[1].crashed];
         let forced = [self.n[0].forced, self.n[1].forced];
+        let both_disks = self.n.iter().all(|s| s.n().disk() != DiskState::Diskless);
         if raw[0].decision == Decision::SplitBrain && self.n[0].n().repl() != ReplState::Established
         {
             self.stats.split_brains_resolved += 1;
@@ -1298,7 +1300,13 @@ impl Sim {
             }
             self.n[i].paths.insert(id, PrimaryPath::new());
             self.n[i].primary_alone = false;
-            self.n[i].crashed = false;
+            // A crash is settled by a session in which both disks take
+            // part: with either side Diskless nothing is reconciled, the
+            // writes lost in the crash stay lost, and what the peer
+            // acknowledged before it is still not owed.
+            if both_disks {
+                self.n[i].crashed = false;
+            }
             self.n[i].forced = false;
             self.n[i].peer_promoting = false;
         }
@@ -2093,5 +2101,14 @@ mod tests {
         for seed in [74, 201, 217, 2235] {
             pinned(seed);
         }
+        // A Primary crashes mid-sync with a write only its sync target
+        // (Inconsistent) acknowledged, comes back Diskless for two
+        // sessions, then with its disk as the sync source: the write is
+        // lost with the crash, not owed by the sync (34947). A Primary
+        // crashes with an unflushed write whose only other copy is on a
+        // disk that failed, then meets that node Diskless before its disk
+        // returns as the sync target (54333).
+        pinned(34947);
+        pinned(54333);
     }
 }
