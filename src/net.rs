@@ -209,7 +209,7 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
 /// arrives within tens of microseconds, and waking a thread that went to
 /// sleep costs about as much again on a virtual CPU; a short poll first
 /// saves that wake-up at low queue depths.
-pub fn spin_until_readable(fd: RawFd, limit: Duration) {
+fn spin_until_readable(fd: RawFd, limit: Duration) {
     let start = Instant::now();
     let mut byte = 0u8;
     while start.elapsed() < limit {
@@ -228,6 +228,12 @@ pub fn spin_until_readable(fd: RawFd, limit: Duration) {
         std::hint::spin_loop();
     }
 }
+
+/// How long a poll before sleeping lasts at most: the NBD read side
+/// waiting for a client's next request and a Primary's submitter waiting
+/// for its Ack both use it (an answer on loopback or a LAN usually comes
+/// within it).
+pub const POLL_MAX: Duration = Duration::from_micros(40);
 
 /// How a [`SpinWindow`] weighs the newest wait: an eighth.
 const HIT_SHIFT: u32 = 3;
@@ -281,7 +287,7 @@ impl SpinWindow {
     }
 
     /// Whether the next wait polls.
-    pub fn polling(&self) -> bool {
+    fn polling(&self) -> bool {
         self.max > Duration::ZERO
             && self.hits.load(std::sync::atomic::Ordering::Relaxed) >= HIT_ONE / 2
     }

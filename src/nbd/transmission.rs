@@ -37,11 +37,6 @@ use crate::pipe::{Filled, Pipe};
 /// payload through the buffer (payloads past it are read in place).
 const READ_BUFFER: usize = 32 * 1024;
 
-/// The longest the reading worker polls for the next request before it
-/// sleeps in `recv` (see `net::SpinWindow`: the window adapts to how long
-/// the client takes to send it).
-const SPIN: Duration = Duration::from_micros(40);
-
 /// A worker keeps its request buffer across requests up to this size.
 const KEEP_BUFFER: usize = 4 << 20;
 
@@ -263,7 +258,8 @@ struct Connection<'a> {
     reader: Mutex<BufReader<Stream>>,
     replies: Arc<Replies>,
     requests: AtomicU64,
-    /// The reading worker's poll for the next request.
+    /// The reading worker's poll for the next request before it sleeps
+    /// in `recv` (it adapts to how long the client takes to send it).
     spin: crate::net::SpinWindow,
 }
 
@@ -740,7 +736,7 @@ pub fn serve(
     let control = stream.try_clone()?;
     let conn = Connection {
         export,
-        spin: crate::net::SpinWindow::new(SPIN),
+        spin: crate::net::SpinWindow::new(crate::net::POLL_MAX),
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         replies: Arc::new(Replies {
             writer: Mutex::new(writer),

@@ -467,11 +467,6 @@ pub struct Queue {
     pub local_pending: bool,
 }
 
-/// The longest a lone request's submitter polls for its Ack before it
-/// sleeps (see `net::SpinWindow`: the window adapts to how long the Acks
-/// take).
-const SPIN: Duration = Duration::from_micros(40);
-
 /// Payloads at least this large are written straight from the caller's
 /// buffer (after what is queued ahead of them) instead of copied, unless
 /// another thread is sending at that moment.
@@ -535,7 +530,8 @@ pub struct Session {
     features: AtomicU64,
     /// Where the peer's `CsumReply` frames go (the resync in progress).
     csum_sink: Mutex<Option<Arc<dyn CsumSink>>>,
-    /// A submitter's poll for its Ack (see `read_own`).
+    /// A lone request's submitter polls for its Ack before it sleeps
+    /// (see `read_own`; it adapts to how long the Acks take).
     spin: crate::net::SpinWindow,
 }
 
@@ -555,7 +551,7 @@ impl Session {
         hook: Hook,
     ) -> io::Result<Session> {
         Ok(Session {
-            spin: crate::net::SpinWindow::new(SPIN),
+            spin: crate::net::SpinWindow::new(crate::net::POLL_MAX),
             receiving: Mutex::new(SecondaryPath::new()),
             hook,
             state_waiters: Mutex::new(HashMap::new()),
