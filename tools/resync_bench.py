@@ -72,21 +72,26 @@ def human(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
 
 
-def fill_data(path: Path, size: int, seed: int) -> None:
-    """Writes `size` bytes of a repeated 64 MiB random pattern (no zero
-    runs); fsync'ed so the page cache starts from written-back data."""
-    pattern = random.Random(seed).randbytes(64 * MiB)
+def write_through(path: Path, size: int, chunk: bytes, drop_cache: bool = False) -> None:
+    """Writes `size` bytes of `chunk` repeated and fsyncs them; with
+    `drop_cache`, drops the file from the page cache afterwards."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         done = 0
-        view = memoryview(pattern)
+        view = memoryview(chunk)
         while done < size:
-            n = min(len(pattern), size - done)
-            w = os.write(fd, view[:n])
-            done += w
+            done += os.write(fd, view[:min(len(chunk), size - done)])
         os.fsync(fd)
+        if drop_cache:
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def fill_data(path: Path, size: int, seed: int) -> None:
+    """Writes `size` bytes of a repeated 64 MiB random pattern (no zero
+    runs); fsync'ed so the page cache starts from written-back data."""
+    write_through(path, size, random.Random(seed).randbytes(64 * MiB))
 
 
 def sparse(path: Path, size: int) -> None:
@@ -98,16 +103,7 @@ def written(path: Path, size: int) -> None:
     """A file of `size` zero bytes, every block written and durable (no
     holes, no unwritten extents: a block device's case), and dropped from
     the page cache, as data written long ago would be."""
-    zeroes = bytes(16 * MiB)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        done = 0
-        while done < size:
-            done += os.pwrite(fd, zeroes[:min(len(zeroes), size - done)], done)
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    write_through(path, size, bytes(16 * MiB), drop_cache=True)
 
 
 class Pair:
