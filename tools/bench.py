@@ -917,10 +917,26 @@ def cpu_ticks(pid: Optional[int]) -> Optional[int]:
         return None
 
 
+def steal_ticks() -> Optional[int]:
+    """Ticks the hypervisor ran something else while this machine's CPUs
+    wanted to run (the steal column of /proc/stat's cpu line, summed over
+    CPUs).  None if it cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        return int(fields[8]) if fields[0] == b"cpu" else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# The sampler's key for steal_ticks(); not a process.
+STEAL = "_steal"
+
+
 class CpuSampler:
-    """Samples the CPU ticks of some processes every CPU_SAMPLE_INTERVAL_S
-    (wall-clock stamped, to line up with fio's report), from start() until
-    stop(), in a background thread."""
+    """Samples the CPU ticks of some processes, and the machine's steal
+    time, every CPU_SAMPLE_INTERVAL_S (wall-clock stamped, to line up with
+    fio's report), from start() until stop(), in a background thread."""
 
     def __init__(self, pids: List[Tuple[str, Optional[int]]]) -> None:
         self.pids = pids
@@ -929,7 +945,9 @@ class CpuSampler:
         self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
 
     def _sample(self) -> None:
-        self.samples.append((time.time(), {role: cpu_ticks(pid) for role, pid in self.pids}))
+        ticks = {role: cpu_ticks(pid) for role, pid in self.pids}
+        ticks[STEAL] = steal_ticks()
+        self.samples.append((time.time(), ticks))
 
     def _loop(self) -> None:
         # Bounded by stop(); the count bound is a safety net (about 3 hours).
@@ -989,10 +1007,17 @@ def cpu_figures(sampler: CpuSampler, data: Dict[str, Any], job: Dict[str, Any],
     first, last = sampler.samples[0][0], sampler.samples[-1][0]
     if runtime > 0 and first - 0.5 <= end - runtime and end <= last + 0.5:
         secs = {r: sampler.window(r, end - runtime, end) for r in roles}
+        steal = sampler.window(STEAL, end - runtime, end)
         out["cpu_window"] = "measured"
     else:
         secs = dict(out["cpu_s_whole_run"])
+        steal = sampler.whole(STEAL)
+        runtime = last - first
         out["cpu_window"] = "whole-run"
+    if steal is not None and runtime > 0:
+        # Of the machine's CPU time in the window, the share the hypervisor
+        # gave to others: what makes a round slow that no server controls.
+        out["steal_pct"] = 100.0 * steal / (runtime * (os.cpu_count() or 1))
     if any(v is None for v in secs.values()) or ios <= 0:
         return out
     parts = {r: secs[r] * 1e6 / ios for r in roles}
@@ -1132,7 +1157,7 @@ def loopback_rtt_us(round_trips: int = RTT_ROUND_TRIPS, size: int = RTT_MESSAGE_
 # --------------------------------------------------------------------------
 
 METRICS = ("iops", "mib_s", "p50_us", "p99_us", "mean_us", "flush_p50_us", "flush_p99_us",
-           "cpu_us_per_io", "ping_rtt_us", "ping_rtt_us_secondary")
+           "cpu_us_per_io", "ping_rtt_us", "ping_rtt_us_secondary", "steal_pct")
 
 
 def medians(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -1203,11 +1228,13 @@ def print_table(res: Dict[str, Any]) -> None:
     lw = max(len("workload"), *(len(w.key) for w in workloads))
     sw = max(len("server"), *(len(s.label) for s in servers))
     hdr = (f"{'workload':<{lw}}  {'server':<{sw}}  {'IOPS':>10}  {'MiB/s':>9}  "
-           f"{'p50 (us)':>10}  {'p99 (us)':>10}  {'CPU/IO (us)':>11}  CPU split (us/IO)")
+           f"{'p50 (us)':>10}  {'p99 (us)':>10}  {'CPU/IO (us)':>11}  {'steal %':>7}  "
+           f"CPU split (us/IO)")
     print()
     print(f"fill={res['fill']}: median over {res['rounds']} round(s); latency = fio completion "
           f"latency (clat); CPU/IO = user+system CPU time of the server process(es) per "
-          f"read/write fio completed.")
+          f"read/write fio completed; steal = share of the machine's CPU time the "
+          f"hypervisor gave to others during the run.")
     print(hdr)
     print("-" * len(hdr))
     for w in workloads:
@@ -1217,7 +1244,8 @@ def print_table(res: Dict[str, Any]) -> None:
             split = " + ".join(f"{role} {v:.1f}" for role, v in parts.items()) if len(parts) > 1 else ""
             print(f"{w.key:<{lw}}  {s.label:<{sw}}  {m['iops']:>10.0f}  {m['mib_s']:>9.1f}  "
                   f"{fmt_num(m.get('p50_us'), 10)}  {fmt_num(m.get('p99_us'), 10)}  "
-                  f"{fmt_num(m.get('cpu_us_per_io'), 11)}  {split}".rstrip())
+                  f"{fmt_num(m.get('cpu_us_per_io'), 11)}  {fmt_num(m.get('steal_pct'), 7)}  "
+                  f"{split}".rstrip())
             if "flush_p50_us" in m:
                 print(f"{'':<{lw}}  {'':<{sw}}  {'(flush latency)':>21}  "
                       f"{fmt_num(m['flush_p50_us'], 10)}  {fmt_num(m['flush_p99_us'], 10)}")
@@ -1227,7 +1255,20 @@ def print_table(res: Dict[str, Any]) -> None:
                   f"IOPS {fmt_ratio(r['iops'])} (higher is better), "
                   f"p50 latency {fmt_ratio(r['p50'])}, CPU/IO {fmt_ratio(r['cpu_per_io'])} "
                   f"(lower is better)")
+            print(f"{'':<{lw}}    IOPS by round: {round_ratios(res['runs'][w.key], s, ref)}")
         print()
+
+
+def round_ratios(runs: Dict[str, List[Dict[str, Any]]], s: Server, ref: Server) -> str:
+    """Each round's IOPS ratio of s to ref (the two ran minutes apart at most,
+    so a round's ratio is the fair comparison on a machine whose speed moves),
+    with the share of CPU time stolen by the hypervisor during each run."""
+    out = []
+    for a, b in zip(runs[s.label], runs[ref.label]):
+        steal = (f" (steal {a['steal_pct']:.0f}%/{b['steal_pct']:.0f}%)"
+                 if "steal_pct" in a and "steal_pct" in b else "")
+        out.append(f"{fmt_ratio(ratio(a.get('iops'), b.get('iops')))}{steal}")
+    return ", ".join(out)
 
 
 def qd1_report(res: Dict[str, Any]) -> Dict[str, Any]:
@@ -1557,7 +1598,8 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
                     print(f"[{n}/{total}] round {rnd} {w.key:<24} {s.label:<14} "
                           f"{r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s "
                           f"p50 {r['p50_us']:>8.1f} us p99 {r['p99_us']:>9.1f} us "
-                          f"CPU/IO {fmt_num(r.get('cpu_us_per_io'), 6)} us", flush=True)
+                          f"CPU/IO {fmt_num(r.get('cpu_us_per_io'), 6)} us "
+                          f"steal {fmt_num(r.get('steal_pct'), 4)}%", flush=True)
 
         for s in servers:
             s.stop(check=True)
