@@ -377,7 +377,8 @@ class ReplicatedPairServer(Server):
 
     def __init__(self, label: str, workdir: Path, binary: Path,
                  al_extents: Optional[int] = None, kind: Optional[str] = None,
-                 metrics: bool = False, tls: Optional[TlsFiles] = None) -> None:
+                 metrics: bool = False, tls: Optional[TlsFiles] = None,
+                 beta_dir: Optional[Path] = None) -> None:
         super().__init__(label, workdir, workdir / f"{label}-alpha.img")
         self.binary = binary
         self.tls = tls
@@ -386,7 +387,9 @@ class ReplicatedPairServer(Server):
         self.al_extents = al_extents
         if kind:
             self.kind = kind
-        self.beta_image = workdir / f"{label}-beta.img"
+        # beta's disk may live elsewhere (--secondary-dir): a second disk.
+        beta_dir = beta_dir or workdir
+        self.beta_image = beta_dir / f"{label}-beta.img"
         self.config_path = workdir / f"{label}.toml"
         self.alpha = self.daemon
         self.beta = Daemon(f"{label}-beta", workdir)
@@ -395,7 +398,7 @@ class ReplicatedPairServer(Server):
         self.ctl = workdir / f"{label}-alpha.ctl"
         self.beta_ctl = workdir / f"{label}-beta.ctl"
         # External metadata keeps the data files the same size as nbdkit's.
-        self.meta = (workdir / f"{label}-alpha.md", workdir / f"{label}-beta.md")
+        self.meta = (workdir / f"{label}-alpha.md", beta_dir / f"{label}-beta.md")
 
     def images(self) -> List[Path]:
         return [self.image, self.beta_image]
@@ -1282,6 +1285,7 @@ def qd1_report(res: Dict[str, Any]) -> Dict[str, Any]:
     rtt = statistics.median(rtts) if rtts else None
     single, pair = find_kind(servers, "repld"), find_kind(servers, "repld-pair")
     qsd, base = find_kind(servers, "qsd-mirror"), res["baseline"]
+    two_disks = find_kind(servers, "repld-pair-2disk")
     out: Dict[str, Any] = {"tcp_rtt_us": rtt, "tcp_rtt_samples_us": rtts,
                            "tcp_round_trips": RTT_ROUND_TRIPS,
                            "tcp_message_bytes": RTT_MESSAGE_BYTES, "workloads": {}}
@@ -1293,7 +1297,9 @@ def qd1_report(res: Dict[str, Any]) -> Dict[str, Any]:
         if w.iodepth != 1:
             continue
         e: Dict[str, Any] = {}
-        for key, a, b in (("pair_minus_single", pair, single), ("qsd_minus_nbdkit", qsd, base)):
+        for key, a, b in (("pair_minus_single", pair, single),
+                          ("pair_2disk_minus_single", two_disks, single),
+                          ("qsd_minus_nbdkit", qsd, base)):
             if a is None or b is None or a is b:
                 continue
             ma, mb = med[w.key][a.label], med[w.key][b.label]
@@ -1303,7 +1309,10 @@ def qd1_report(res: Dict[str, Any]) -> Dict[str, Any]:
             if "flush_p50_us" in ma and "flush_p50_us" in mb:
                 d["flush_p50_us"] = [ma["flush_p50_us"], mb["flush_p50_us"]]
                 d["added_flush_p50_us"] = ma["flush_p50_us"] - mb["flush_p50_us"]
-            if key == "pair_minus_single":
+                if key != "qsd_minus_nbdkit" and rtt is not None:
+                    d["flush_bound_us"] = rtt + 20.0
+                    d["flush_target_met"] = d["added_flush_p50_us"] <= rtt + 20.0
+            if key != "qsd_minus_nbdkit":
                 d["ping_rtt_us"] = ma.get("ping_rtt_us")
                 if rtt is not None:
                     d["bound_us"] = rtt + 10.0
@@ -1339,8 +1348,13 @@ def print_qd1(rep: Dict[str, Any], res: Dict[str, Any]) -> None:
                 line += f"; ping_rtt_us during these runs {d['ping_rtt_us']:.0f}"
             print(line)
             if "added_flush_p50_us" in d:
-                print(f"  {'':<{lw}}  flush (fio sync) p50 {a} - {b} = {d['added_flush_p50_us']:.1f} us "
-                      f"({d['flush_p50_us'][0]:.1f} - {d['flush_p50_us'][1]:.1f})")
+                line = (f"  {'':<{lw}}  flush (fio sync) p50 {a} - {b} = "
+                        f"{d['added_flush_p50_us']:.1f} us "
+                        f"({d['flush_p50_us'][0]:.1f} - {d['flush_p50_us'][1]:.1f})")
+                if "flush_bound_us" in d:
+                    line += (f"; target <= 1 round trip + 20 us = {d['flush_bound_us']:.1f} us: "
+                             f"{'met' if d['flush_target_met'] else 'NOT met'}")
+                print(line)
     if any("bound_us" in d for e in rep["workloads"].values() for d in e.values()):
         print("  (QD1 p50 differences; the target for repl-pair is: pair p50 <= single p50 + "
               "1 round trip + 10 us, with the TCP ping-pong round trip above)")
@@ -1403,7 +1417,8 @@ def build_repld(timeout: float) -> None:
         raise BenchError(f"cargo build --release --bin repld failed (status {res.returncode})")
 
 
-def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server], Server]:
+def build_servers(args: argparse.Namespace, workdir: Path,
+                  beta_dir: Optional[Path] = None) -> Tuple[List[Server], Server]:
     """Return (servers in run order, baseline).  Add new server kinds here."""
     servers: List[Server] = []
     if args.self_test_with_nbdkit:
@@ -1424,6 +1439,12 @@ def build_servers(args: argparse.Namespace, workdir: Path) -> Tuple[List[Server]
                                        args.repld, metrics=True))
         if not args.no_pair:
             servers.append(ReplicatedPairServer("repl-pair", workdir, args.repld))
+            if beta_dir:
+                # The same pair with the Secondary's disk elsewhere: on one
+                # machine, what a pair of machines (a disk each) would see.
+                servers.append(ReplicatedPairServer("pair-2disk", workdir, args.repld,
+                                                    kind="repld-pair-2disk",
+                                                    beta_dir=beta_dir))
             if ref:
                 servers.append(ReplicatedPairServer("repl-pair-ref", workdir, ref))
             if tls:
@@ -1519,6 +1540,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--al-small", type=int, default=16,
                    help="hot set in 4 MiB extents of the small-log pair (default 16 = 64 MiB; "
                         "0: no such pair)")
+    p.add_argument("--secondary-dir", type=Path, default=None, metavar="DIR",
+                   help="also run pair-2disk: the pair with the Secondary's disk and metadata "
+                        "in a temporary directory under DIR (another disk, or a tmpfs standing "
+                        "in for one), so that the two nodes' flushes do not queue on one disk")
     p.add_argument("--no-qsd", action="store_true",
                    help="skip qsd-mirror (qemu-storage-daemon mirroring synchronously to nbdkit)")
     p.add_argument("--metrics", action="store_true",
@@ -1562,9 +1587,13 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
     work directory removed (also on failure or interruption)."""
     args.tmpdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="replblk-bench.", dir=args.tmpdir))
+    beta_dir: Optional[Path] = None
     servers: List[Server] = []
     try:
-        servers, baseline = build_servers(args, workdir)
+        if args.secondary_dir:
+            beta_dir = Path(tempfile.mkdtemp(prefix="replblk-bench-beta.",
+                                             dir=args.secondary_dir))
+        servers, baseline = build_servers(args, workdir, beta_dir)
         images = [p for s in servers for p in s.images()]
         print(f"work dir {workdir}; creating {len(images)} x {args.size // MiB} MiB "
               f"backing files (fill={fill})", flush=True)
@@ -1620,6 +1649,8 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
             except Exception as e:  # keep cleaning up
                 print(f"warning: stopping {s.label}: {e}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
+        if beta_dir:
+            shutil.rmtree(beta_dir, ignore_errors=True)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
