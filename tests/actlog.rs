@@ -3,7 +3,8 @@
 //! extents of its activity log out of sync, not the device; the same when
 //! both nodes are killed; extents evicted from the log keep their marks
 //! in the bitmap on disk; with the log disabled a crash means a full
-//! resync; a clean restart needs no resync at all.
+//! resync; a clean restart needs no resync at all; a demoted Primary
+//! killed later comes back with its own marks, not its log's extents.
 //!
 //! Every wait is bounded; daemons and fio are stopped by PID.
 
@@ -270,6 +271,38 @@ fn without_the_log_a_crashed_primary_marks_every_block() {
     assert_eq!(
         a["decision"]["decision"]["sync-source"]["full"], true,
         "{a}"
+    );
+    assert_identical(&mut pair);
+}
+
+/// A Primary that wrote while its peer was away, then was demoted and
+/// killed: the bits its writes set were written at the demote, so it
+/// comes back with exactly those blocks out of sync, not the extents of
+/// its activity log (a Secondary has no writes of its own in flight).
+#[test]
+fn a_demoted_primary_killed_later_comes_back_with_its_own_marks_only() {
+    let mut pair = Pair::builder().disk_size(64 * MIB).start();
+    pair.ok(ALPHA, &["disconnect", "r0"]);
+    pair.wait_status(BETA, "losing alpha", |s| !s.connected());
+    // 64 KiB in each of three extents.
+    for at in ["0", "20M", "44M"] {
+        qemu_io_ok(&pair.primary_uri(), &format!("write -P 0x4d {at} 64k"));
+    }
+    let marked = 3 * 64 * KIB;
+    assert_eq!(oos_bytes(&pair, ALPHA), marked);
+    pair.ok(ALPHA, &["demote", "r0"]);
+    pair.kill(ALPHA);
+    // It connects again by itself and leads the sync.
+    pair.start(ALPHA);
+    pair.wait_connected();
+    wait_synced(&pair);
+    let a = st(&pair, ALPHA);
+    // What the sync covered (a zero or unwritten run would go as
+    // write-zeroes and not count as moved).
+    assert_eq!(
+        a["resync"]["total_bytes"].as_u64(),
+        Some(marked),
+        "the marks written at the demote, no activity-log extents: {a}"
     );
     assert_identical(&mut pair);
 }

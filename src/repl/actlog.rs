@@ -528,24 +528,31 @@ impl Replica {
     }
 
     /// Writes the bitmap's changed pages and syncs, when bits were set
-    /// outside the write path (a full sync marking every block).
-    pub(super) fn persist_bitmap(&self) {
-        let Some(p) = self.persistent() else { return };
+    /// outside the write path (a full sync marking every block), or
+    /// before a demote (bits a Primary's writes set, whose only other
+    /// record is the activity log). False if the pages could not be
+    /// written because the link did not settle; a metadata write that
+    /// failed is handled as the disk's failure and counts as done (no
+    /// disk, no bitmap to keep).
+    pub(super) fn persist_bitmap(&self) -> bool {
+        let Some(p) = self.persistent() else {
+            return true;
+        };
         let _io = lock(&p.io);
         let deadline = Instant::now() + self.ack_timeout() + Duration::from_secs(5);
         loop {
             match self.write_bitmap_pages(&p, None, false) {
-                Ok(true) => return,
+                Ok(true) => return true,
                 Ok(false) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
                 Ok(false) => {
                     tracing::warn!(resource = %self.name, "the bitmap could not be written: the link did not settle");
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     self.metadata_failed("writing the bitmap", &e);
-                    return;
+                    return true;
                 }
             }
         }

@@ -63,6 +63,10 @@ pub enum VerbError {
     /// node stays Primary.
     #[error("demote refused: {requests} request(s) still in flight after {waited:?}; the node stays Primary")]
     InFlight { requests: usize, waited: Duration },
+    /// The bitmap could not be written before the role changed (the link
+    /// did not settle); the node stays Primary.
+    #[error("demote refused: the bitmap could not be written (the replication link did not settle); the node stays Primary")]
+    BitmapUnwritten,
     #[error("resource is StandAlone{}", last_error.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
     StandAlone { last_error: Option<String> },
     /// An NBD client asked for a resource that is down here.

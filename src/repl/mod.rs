@@ -849,7 +849,17 @@ impl Replica {
         // Memory now matches the disk: only what changes below is written.
         bitmap.take_dirty_pages();
         let area = md.area()?;
-        if !clean && logged {
+        // A Primary's crash (or a second crash before the sync that the
+        // first one started ended): writes may have been in flight in the
+        // logged extents. A Secondary has no writes of its own in flight,
+        // and its demote wrote the bits its writes as Primary had set.
+        let crashed_primary = sb.flags & (md_flags::PRIMARY | md_flags::CRASHED_PRIMARY) != 0;
+        if !clean && logged && !crashed_primary {
+            tracing::info!(
+                resource = %self.name,
+                "metadata was not shut down cleanly, as Secondary: the bitmap on disk holds every mark"
+            );
+        } else if !clean && logged {
             // Writes may have been in flight in the logged extents only.
             let ring = area.read_al()?;
             let found = crate::core::actlog::recover(&ring);
@@ -1309,7 +1319,15 @@ impl Replica {
                     }
                 }
             }
-            self.verb_step(event)
+            // The bits this Primary's writes set (what the peer missed)
+            // go to the bitmap on disk before the role changes: a crash
+            // from here on is a Secondary's, and its restart trusts that
+            // bitmap, not the activity log (see `attach`).
+            if self.persist_bitmap() {
+                self.verb_step(event)
+            } else {
+                Err(VerbError::BitmapUnwritten)
+            }
         };
         let fx = match stepped {
             Ok(fx) => fx,
