@@ -19,8 +19,9 @@
 //!
 //! The shell's rules are mirrored here: after an unclean restart of a node
 //! that was Primary or tracked changes every block is out of sync, or,
-//! with the activity log (most seeds), the bitmap on disk plus the blocks
-//! of the log's hot set (one block per extent, four of them: a write
+//! with the activity log (most seeds), the bitmap on disk plus, if it
+//! crashed as Primary, the blocks of the log's hot set (a demote writes
+//! the bitmap first; one block per extent, four of them: a write
 //! first makes its blocks hot; a block leaves the hot set only with
 //! nothing in flight and nothing the peer acknowledged but a barrier has
 //! not made durable, after the local disk is flushed and its bit is
@@ -485,8 +486,12 @@ impl Sim {
             DirtyBitmap::new(BLOCKS as u64, 1)
         };
         if !clean && f & flags::ACTIVITY_LOG != 0 {
-            for &b in s.hot.keys() {
-                s.bitmap.set_range(b as u64, 1);
+            // Only a Primary's crash (or a second one before its sync
+            // ended) can leave writes in flight in the logged blocks.
+            if f & (flags::PRIMARY | flags::CRASHED_PRIMARY) != 0 {
+                for &b in s.hot.keys() {
+                    s.bitmap.set_range(b as u64, 1);
+                }
             }
         } else if !clean && (gens.bitmap != 0 || f & flags::PRIMARY != 0) {
             s.bitmap.set_all();
@@ -956,6 +961,12 @@ impl Sim {
         self.n[i].demoting = false;
         self.n[i].demote_barrier = None;
         self.n[i].disk.flush();
+        // The bitmap goes to disk before the role changes: a crash from
+        // then on is a Secondary's, whose restart trusts it.
+        let s = &mut self.n[i];
+        if s.al && !s.md_failed {
+            s.saved_bitmap = s.bitmap.clone();
+        }
         self.deliver(
             i,
             Event::Demote {
@@ -2110,5 +2121,9 @@ mod tests {
         // returns as the sync target (54333).
         pinned(34947);
         pinned(54333);
+        // A Primary's writes while cut off set bits; it is demoted, then
+        // crashes as Secondary: its restart trusts the bitmap on disk, so
+        // the demote must have written those bits (863 fails without).
+        pinned(863);
     }
 }
