@@ -69,23 +69,39 @@ if ! command -v dpkg-query >/dev/null 2>&1; then
     echo "error: dpkg-query not found; this script supports Debian/Ubuntu only" >&2
     exit 1
 fi
-MISSING=()
-for pkg in "${REQUIRED_PACKAGES[@]}"; do
-    package_installed "$pkg" || MISSING+=("$pkg")
-done
+missing_packages() {
+    MISSING=()
+    for pkg in "${REQUIRED_PACKAGES[@]}"; do
+        package_installed "$pkg" || MISSING+=("$pkg")
+    done
+}
+missing_packages
 if [[ ${#MISSING[@]} -gt 0 ]]; then
     echo "installing missing packages: ${MISSING[*]}"
     as_root apt-get update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${MISSING[@]}"
-    for pkg in "${MISSING[@]}"; do
-        if ! package_installed "$pkg"; then
-            echo "error: package $pkg is still not installed" >&2
-            exit 1
-        fi
-    done
+    # An install can remove a required package it conflicts with: a
+    # qemu-utils newer than the archive's qemu-system-x86 goes when that
+    # is installed. A second pass puts back the archive's version.
+    missing_packages
+    if [[ ${#MISSING[@]} -gt 0 ]]; then
+        echo "installing packages the first install removed: ${MISSING[*]}"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${MISSING[@]}"
+        missing_packages
+    fi
+    if [[ ${#MISSING[@]} -gt 0 ]]; then
+        echo "error: packages still not installed: ${MISSING[*]}" >&2
+        exit 1
+    fi
 else
     echo "all required packages are installed"
 fi
+for tool in fio nbdkit nbdinfo nbdcopy qemu-io qemu-img qemu-storage-daemon qemu-system-x86_64; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "error: $tool not found after installing the packages" >&2
+        exit 1
+    fi
+done
 # Kernel modules used by some integration tests; harmless if unavailable
 # (e.g. inside containers).
 if command -v modprobe >/dev/null 2>&1; then
