@@ -137,6 +137,50 @@ fn verify_finds_a_block_changed_behind_the_daemons_back_and_reconnect_repairs_it
     pair.assert_no_panic();
 }
 
+#[test]
+fn the_marks_of_a_verify_survive_both_nodes_killed_after_it() {
+    let mut pair = Pair::start_default();
+    qemu_io_ok(&pair.primary_uri(), "write -P 0x37 0 8M");
+    wait_synced(&pair);
+    // Far from what the Primary wrote: no activity log covers the block.
+    let at = 40 * MIB;
+    pwrite(&pair.beta().disk, at, &[0x01; 1]);
+    let v = verify(&pair, BETA);
+    assert_eq!(v["out_of_sync_blocks"], 1, "{v}");
+    // The verifying node wrote its bitmap before reporting the end; the
+    // peer writes its own as the marks arrive.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pair
+        .log(ALPHA)
+        .contains("the marks of an online verify are on disk")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "alpha did not write the verify's marks:\n{}",
+            pair.log(ALPHA)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pair.kill(ALPHA);
+    pair.kill(BETA);
+    // Each node comes back with the mark, looked at before they connect.
+    pair.start(ALPHA);
+    pair.ok(ALPHA, &["disconnect", "r0"]);
+    pair.start(BETA);
+    for node in [ALPHA, BETA] {
+        let runs = pair.out_of_sync_runs(node);
+        assert!(
+            runs.iter().any(|&(o, l)| o <= at && at + 4 * KIB <= o + l),
+            "{node} forgot the verify's mark at {at}: {runs:?}"
+        );
+    }
+    pair.ok(ALPHA, &["connect", "r0"]);
+    pair.wait_connected();
+    wait_synced(&pair);
+    assert!(disks_identical(&pair), "copies differ after the resync");
+    pair.assert_no_panic();
+}
+
 /// Runs batches of qemu-io writes all over the first `span` bytes until
 /// `stop` (bounded at 2 minutes), counting finished batches in `done`.
 fn writer(

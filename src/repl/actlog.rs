@@ -34,7 +34,7 @@ use super::*;
 use crate::core::actlog::{ActivityLog, Candidate, EXTENT_SHIFT, MAX_UPDATES};
 use crate::meta::MdArea;
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 
 /// The extent is in the hot set (on disk too).
 const HOT: u32 = 1 << 31;
@@ -88,6 +88,10 @@ pub(super) struct Persistent {
     pending: Mutex<BTreeSet<u32>>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
+    /// Bits were set outside the write path and the activity log (online
+    /// verify's differences): the bitmap writer writes the changed pages
+    /// now rather than leaving them to the next occasion.
+    write_asked: AtomicBool,
     flusher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -128,6 +132,7 @@ impl Persistent {
             pending: Mutex::new(BTreeSet::new()),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
+            write_asked: AtomicBool::new(false),
             flusher: Mutex::new(None),
         }
     }
@@ -253,6 +258,14 @@ impl Persistent {
         self.pages_written
             .fetch_add(snap.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Wakes the bitmap writer to write the changed pages (see
+    /// `write_asked`).
+    fn ask_write(&self) {
+        self.write_asked.store(true, Ordering::SeqCst);
+        let _stop = lock(&self.stop);
+        self.stop_cv.notify_all();
     }
 
     fn stop_flusher(&self) {
@@ -588,17 +601,31 @@ impl Replica {
         })
     }
 
-    /// Starts the periodic write of changed bitmap pages.
-    pub(super) fn start_bitmap_flusher(&self, p: &Arc<Persistent>) {
-        if !p.enabled() {
-            return;
+    /// Has the bitmap writer write the changed pages soon, without waiting
+    /// here: for marks set outside the write path that no activity log
+    /// covers (online verify's differences, found here or by the peer).
+    /// Until they are on disk a crash would forget them, and the blocks
+    /// would stay different until the next verify. Safe on the peer's
+    /// receive thread: the write may wait for a barrier's ack, which that
+    /// thread delivers.
+    pub(super) fn write_bitmap_soon(&self) {
+        if let Some(p) = self.persistent() {
+            p.ask_write();
         }
+    }
+
+    /// Starts the bitmap writer: the periodic write of changed pages while
+    /// this node syncs (with an activity log), and the writes asked for by
+    /// `write_bitmap_soon`.
+    pub(super) fn start_bitmap_flusher(&self, p: &Arc<Persistent>) {
         let weak = self.me.clone();
         let pp = p.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("bitmap-{}", self.name))
             .spawn(move || {
                 let mut was_source = false;
+                // An asked-for write not done yet (the link did not settle).
+                let mut asked = false;
                 loop {
                     {
                         let stop = lock(&pp.stop);
@@ -607,12 +634,15 @@ impl Replica {
                         }
                         let (stop, _) = pp
                             .stop_cv
-                            .wait_timeout(stop, BITMAP_FLUSH_INTERVAL)
+                            .wait_timeout_while(stop, BITMAP_FLUSH_INTERVAL, |stop| {
+                                !*stop && !pp.write_asked.load(Ordering::SeqCst)
+                            })
                             .unwrap_or_else(|e| e.into_inner());
                         if *stop {
                             return;
                         }
                     }
+                    asked |= pp.write_asked.swap(false, Ordering::SeqCst);
                     let Some(r) = weak.upgrade() else { return };
                     // Only a resync clears bits; bits set by writes are covered
                     // by the log (and written when their extent leaves it). So
@@ -622,20 +652,25 @@ impl Replica {
                     // (`apply::now_in_sync`): its pages are written likewise,
                     // after a local flush made that data durable.
                     let repl = lock(&r.inner).node.as_ref().map(|n| n.repl());
-                    let source = repl == Some(ReplState::SyncSource);
-                    let target = repl == Some(ReplState::SyncTarget);
-                    if !source && !target && !was_source {
+                    let source = pp.enabled() && repl == Some(ReplState::SyncSource);
+                    let target = pp.enabled() && repl == Some(ReplState::SyncTarget);
+                    if !source && !target && !was_source && !asked {
                         continue;
                     }
                     was_source = source || target;
                     let _io = lock(&pp.io);
                     let written = if target {
-                        r.write_target_bitmap_pages(&pp)
+                        r.write_target_bitmap_pages(&pp).map(|()| true)
                     } else {
-                        r.write_bitmap_pages(&pp, None, false).map(|_| ())
+                        r.write_bitmap_pages(&pp, None, false)
                     };
-                    if let Err(e) = written {
-                        r.metadata_failed("writing changed bitmap pages", &e);
+                    match written {
+                        Ok(true) if asked => {
+                            asked = false;
+                            tracing::info!(resource = %r.name, "bitmap written: the marks of an online verify are on disk");
+                        }
+                        Ok(_) => {}
+                        Err(e) => r.metadata_failed("writing changed bitmap pages", &e),
                     }
                 }
             });

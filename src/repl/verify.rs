@@ -271,6 +271,15 @@ impl Replica {
                 s.elapsed_ms = elapsed;
             });
         };
+        // The differences on disk before the verify reports its end: a
+        // crash after it must not forget them (no activity log covers
+        // marks set outside writes). The peer writes its own (`on_out_of_sync`).
+        let found = self
+            .verify_status()
+            .is_some_and(|s| s.out_of_sync_blocks > 0);
+        if found && !self.persist_bitmap() {
+            self.write_bitmap_soon();
+        }
         let elapsed = started.elapsed().as_millis() as u64;
         self.verify_progress(|s| {
             s.state = end.0;
@@ -539,6 +548,7 @@ impl Replica {
         let end = offset.saturating_add(length).min(self.size());
         if end > offset {
             self.mark_out_of_sync(offset, end - offset);
+            self.write_bitmap_soon();
             tracing::warn!(resource = %self.name, offset, length, "the peer's online verify: out of sync");
         }
     }
