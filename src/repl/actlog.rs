@@ -490,21 +490,22 @@ impl Replica {
 
     /// A sync target's changed bitmap pages: a snapshot, then the local
     /// data flushed (every write whose bits the snapshot cleared was
-    /// applied before it), then the pages.
-    fn write_target_bitmap_pages(&self, p: &Persistent) -> Result<(), meta::MetaError> {
+    /// applied before it), then the pages. False if the local flush
+    /// failed (the pages are left for the next write).
+    fn write_target_bitmap_pages(&self, p: &Persistent) -> Result<bool, meta::MetaError> {
         let snap = Persistent::snapshot_of(&mut lock(&self.oos), None);
         if snap.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let flushed = self.current_store().and_then(|s| s.flush());
         if let Err(e) = flushed {
             p.retouch(&self.oos, &snap);
             tracing::warn!(resource = %self.name, "flushing before a bitmap write failed: {e}");
-            return Ok(());
+            return Ok(false);
         }
         p.write_snapshot(&self.oos, &snap)?;
         p.area.sync()?;
-        Ok(())
+        Ok(true)
     }
 
     /// What must hold before `victims` leave the hot set (see the module
@@ -590,7 +591,8 @@ impl Replica {
         };
         let _io = lock(&p.io);
         let written = if target {
-            self.write_target_bitmap_pages(&p).map(|()| true)
+            // The end is recorded even if the flush failed (logged).
+            self.write_target_bitmap_pages(&p).map(|_| true)
         } else {
             self.write_bitmap_pages(&p, None, false)
         };
@@ -624,7 +626,8 @@ impl Replica {
             .name(format!("bitmap-{}", self.name))
             .spawn(move || {
                 let mut was_source = false;
-                // An asked-for write not done yet (the link did not settle).
+                // An asked-for write not done yet (the link did not settle,
+                // or a sync target's local flush failed).
                 let mut asked = false;
                 loop {
                     {
@@ -660,7 +663,7 @@ impl Replica {
                     was_source = source || target;
                     let _io = lock(&pp.io);
                     let written = if target {
-                        r.write_target_bitmap_pages(&pp).map(|()| true)
+                        r.write_target_bitmap_pages(&pp)
                     } else {
                         r.write_bitmap_pages(&pp, None, false)
                     };
@@ -669,8 +672,13 @@ impl Replica {
                             asked = false;
                             tracing::info!(resource = %r.name, "bitmap written: the marks of an online verify are on disk");
                         }
+                        // Not written: asked-for pages are tried again.
                         Ok(_) => {}
-                        Err(e) => r.metadata_failed("writing changed bitmap pages", &e),
+                        Err(e) => {
+                            // Handled as the disk's failure: no bitmap to keep.
+                            asked = false;
+                            r.metadata_failed("writing changed bitmap pages", &e);
+                        }
                     }
                 }
             });
