@@ -284,6 +284,9 @@ struct SimNode {
     demoting: bool,
     /// The demote's barrier: `Some(false)` in flight, `Some(true)` done.
     demote_barrier: Option<bool>,
+    /// The bitmap the demote's `persist_bitmap` took before its own
+    /// barrier, written once the peer acknowledged that barrier.
+    demote_snap: Option<DirtyBitmap>,
     /// Was Primary while not connected since the pair last shared data.
     primary_alone: bool,
     /// Crashed since the pair last connected with both disks attached.
@@ -323,6 +326,7 @@ impl SimNode {
             peer_promoting: false,
             demoting: false,
             demote_barrier: None,
+            demote_snap: None,
             primary_alone: false,
             crashed: false,
             forced: false,
@@ -687,6 +691,11 @@ impl Sim {
             }
             Tok::DemoteBarrier => {
                 self.n[i].demote_barrier = Some(true);
+                if !peer_has {
+                    // The shell writes the bitmap only after the failed
+                    // session's losses are marked: a new snapshot.
+                    self.n[i].demote_snap = None;
+                }
             }
             Tok::ResyncBarrier => {
                 if !peer_has {
@@ -947,13 +956,22 @@ impl Sim {
             (Some(false), _) => return,
             (None, Some(id)) => {
                 self.n[i].disk.flush();
-                let path = self.n[i].paths.entry(id).or_default();
-                let seq = path.barrier(Tok::DemoteBarrier);
-                assert!(path.local_done(seq, true).is_none());
-                self.n[i].demote_barrier = Some(false);
-                if let Some(l) = self.link.as_mut() {
-                    l.q[i].push_back(Msg::Barrier { seq });
-                }
+                self.demote_barrier(i, id);
+                return;
+            }
+            (Some(true), Some(id))
+                if self.n[i].demote_snap.is_none()
+                    && self.n[i]
+                        .paths
+                        .get(&id)
+                        .is_some_and(|p| p.unstable_len() > 0) =>
+            {
+                // `persist_bitmap`: a snapshot, then a barrier, so that no
+                // bit is cleared on disk before the write that cleared it
+                // is durable on the peer (resync writes the peer
+                // acknowledged after the demote's own barrier among them).
+                self.n[i].demote_snap = Some(self.n[i].bitmap.clone());
+                self.demote_barrier(i, id);
                 return;
             }
             (None, None) | (Some(true), _) => {}
@@ -964,8 +982,9 @@ impl Sim {
         // The bitmap goes to disk before the role changes: a crash from
         // then on is a Secondary's, whose restart trusts it.
         let s = &mut self.n[i];
+        let snap = s.demote_snap.take();
         if s.al && !s.md_failed {
-            s.saved_bitmap = s.bitmap.clone();
+            s.saved_bitmap = snap.unwrap_or_else(|| s.bitmap.clone());
         }
         self.deliver(
             i,
@@ -975,6 +994,17 @@ impl Sim {
             },
         )
         .expect("a Primary without clients demotes");
+    }
+
+    /// Sends a barrier for node `i`'s demote in session `id`.
+    fn demote_barrier(&mut self, i: usize, id: u64) {
+        let path = self.n[i].paths.entry(id).or_default();
+        let seq = path.barrier(Tok::DemoteBarrier);
+        assert!(path.local_done(seq, true).is_none());
+        self.n[i].demote_barrier = Some(false);
+        if let Some(l) = self.link.as_mut() {
+            l.q[i].push_back(Msg::Barrier { seq });
+        }
     }
 
     fn promote(&mut self, i: usize, force: bool) {
@@ -1131,6 +1161,7 @@ impl Sim {
         s.peer_promoting = false;
         s.demoting = false;
         s.demote_barrier = None;
+        s.demote_snap = None;
         s.disk.crash();
         s.must_vol = s.must_dur.clone();
         s.crashed = true;
@@ -1184,6 +1215,7 @@ impl Sim {
         s.paths.clear();
         s.demoting = false;
         s.demote_barrier = None;
+        s.demote_snap = None;
         self.up(i);
     }
 
@@ -2125,5 +2157,12 @@ mod tests {
         // crashes as Secondary: its restart trusts the bitmap on disk, so
         // the demote must have written those bits (863 fails without).
         pinned(863);
+        // A sync source demotes mid-sync: the resync writes the target
+        // acknowledged after the demote's barrier are not durable there
+        // yet, so the bitmap the demote writes must still mark them; the
+        // target crashes, then the source, whose restart trusts that
+        // bitmap (1154838 lost a write when the demote wrote the bitmap
+        // as it stood after the first barrier).
+        pinned(1154838);
     }
 }
