@@ -1315,6 +1315,17 @@ impl Sim {
             let (a, b) = (self.n[0].bitmap.clone(), self.n[1].bitmap.clone());
             self.n[0].bitmap.merge(&b);
             self.n[1].bitmap.merge(&a);
+            // Each writes the union to disk before the sync starts
+            // (`persist_bitmap` after `exchange`; a full sync exchanges
+            // nothing).
+            for s in self.n.iter_mut() {
+                let n = s.n();
+                let syncs = matches!(n.repl(), ReplState::SyncSource | ReplState::SyncTarget);
+                let full = n.last_verdict().is_some_and(|v| v.decision.is_full());
+                if syncs && !full && !s.md_failed {
+                    s.saved_bitmap = s.bitmap.clone();
+                }
+            }
         }
         for i in 0..2 {
             let n = self.n[i].n();
