@@ -920,25 +920,32 @@ def cpu_ticks(pid: Optional[int]) -> Optional[int]:
         return None
 
 
-def steal_ticks() -> Optional[int]:
-    """Ticks the hypervisor ran something else while this machine's CPUs
-    wanted to run (the steal column of /proc/stat's cpu line, summed over
-    CPUs).  None if it cannot be read."""
+def machine_ticks() -> Dict[str, Optional[int]]:
+    """From /proc/stat's cpu line (summed over CPUs): the ticks the
+    hypervisor ran something else while this machine's CPUs wanted to run
+    (steal), the ticks the CPUs were busy (user, nice, system, irq,
+    softirq: fio, the servers, the kernel, anything else running) and
+    idle (idle, iowait).  None for what cannot be read."""
     try:
         with open("/proc/stat", "rb") as f:
             fields = f.readline().split()
-        return int(fields[8]) if fields[0] == b"cpu" else None
+        if fields[0] != b"cpu":
+            raise ValueError("no cpu line")
+        t = [int(x) for x in fields[1:9]]
+        return {STEAL: t[7], BUSY: t[0] + t[1] + t[2] + t[5] + t[6], IDLE: t[3] + t[4]}
     except (OSError, ValueError, IndexError):
-        return None
+        return {STEAL: None, BUSY: None, IDLE: None}
 
 
-# The sampler's key for steal_ticks(); not a process.
+# The sampler's keys for machine_ticks(); not processes.
 STEAL = "_steal"
+BUSY = "_busy"
+IDLE = "_idle"
 
 
 class CpuSampler:
-    """Samples the CPU ticks of some processes, and the machine's steal
-    time, every CPU_SAMPLE_INTERVAL_S (wall-clock stamped, to line up with
+    """Samples the CPU ticks of some processes, and the machine's steal,
+    busy and idle time, every CPU_SAMPLE_INTERVAL_S (wall-clock stamped, to line up with
     fio's report), from start() until stop(), in a background thread."""
 
     def __init__(self, pids: List[Tuple[str, Optional[int]]]) -> None:
@@ -949,7 +956,7 @@ class CpuSampler:
 
     def _sample(self) -> None:
         ticks = {role: cpu_ticks(pid) for role, pid in self.pids}
-        ticks[STEAL] = steal_ticks()
+        ticks.update(machine_ticks())
         self.samples.append((time.time(), ticks))
 
     def _loop(self) -> None:
@@ -1010,17 +1017,29 @@ def cpu_figures(sampler: CpuSampler, data: Dict[str, Any], job: Dict[str, Any],
     first, last = sampler.samples[0][0], sampler.samples[-1][0]
     if runtime > 0 and first - 0.5 <= end - runtime and end <= last + 0.5:
         secs = {r: sampler.window(r, end - runtime, end) for r in roles}
-        steal = sampler.window(STEAL, end - runtime, end)
+        steal, busy, idle = (sampler.window(k, end - runtime, end) for k in (STEAL, BUSY, IDLE))
         out["cpu_window"] = "measured"
     else:
         secs = dict(out["cpu_s_whole_run"])
-        steal = sampler.whole(STEAL)
+        steal, busy, idle = (sampler.whole(k) for k in (STEAL, BUSY, IDLE))
         runtime = last - first
         out["cpu_window"] = "whole-run"
-    if steal is not None and runtime > 0:
-        # Of the machine's CPU time in the window, the share the hypervisor
-        # gave to others: what makes a round slow that no server controls.
-        out["steal_pct"] = 100.0 * steal / (runtime * (os.cpu_count() or 1))
+    if runtime > 0:
+        cpu_time = runtime * (os.cpu_count() or 1)
+        if steal is not None:
+            # Of the machine's CPU time in the window, the share the
+            # hypervisor gave to others: what makes a round slow that no
+            # server controls.
+            out["steal_pct"] = 100.0 * steal / cpu_time
+        if idle is not None:
+            # Idle CPUs with a client waiting: the run was bound by latency
+            # (a pipeline's hand-offs, the kernel's stalls), not by CPU.
+            out["idle_pct"] = 100.0 * idle / cpu_time
+    if busy is not None and ios > 0:
+        # Everything the machine spent per I/O (fio and the kernel's socket
+        # and page cache work included): on a machine whose CPUs are all
+        # busy, this is what bounds IOPS.
+        out["host_cpu_us_per_io"] = busy * 1e6 / ios
     if any(v is None for v in secs.values()) or ios <= 0:
         return out
     parts = {r: secs[r] * 1e6 / ios for r in roles}
@@ -1160,7 +1179,8 @@ def loopback_rtt_us(round_trips: int = RTT_ROUND_TRIPS, size: int = RTT_MESSAGE_
 # --------------------------------------------------------------------------
 
 METRICS = ("iops", "mib_s", "p50_us", "p99_us", "mean_us", "flush_p50_us", "flush_p99_us",
-           "cpu_us_per_io", "ping_rtt_us", "ping_rtt_us_secondary", "steal_pct")
+           "cpu_us_per_io", "host_cpu_us_per_io", "ping_rtt_us", "ping_rtt_us_secondary",
+           "steal_pct", "idle_pct")
 
 
 def medians(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -1196,7 +1216,8 @@ def ratios(m: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Optional[float]]:
     return {"iops": ratio(m.get("iops"), b.get("iops")),
             "p50": ratio(m.get("p50_us"), b.get("p50_us")),
             "p99": ratio(m.get("p99_us"), b.get("p99_us")),
-            "cpu_per_io": ratio(m.get("cpu_us_per_io"), b.get("cpu_us_per_io"))}
+            "cpu_per_io": ratio(m.get("cpu_us_per_io"), b.get("cpu_us_per_io")),
+            "host_cpu_per_io": ratio(m.get("host_cpu_us_per_io"), b.get("host_cpu_us_per_io"))}
 
 
 def find_kind(servers: List[Server], kind: str) -> Optional[Server]:
@@ -1231,13 +1252,15 @@ def print_table(res: Dict[str, Any]) -> None:
     lw = max(len("workload"), *(len(w.key) for w in workloads))
     sw = max(len("server"), *(len(s.label) for s in servers))
     hdr = (f"{'workload':<{lw}}  {'server':<{sw}}  {'IOPS':>10}  {'MiB/s':>9}  "
-           f"{'p50 (us)':>10}  {'p99 (us)':>10}  {'CPU/IO (us)':>11}  {'steal %':>7}  "
-           f"CPU split (us/IO)")
+           f"{'p50 (us)':>10}  {'p99 (us)':>10}  {'CPU/IO (us)':>11}  {'host CPU/IO':>11}  "
+           f"{'steal %':>7}  {'idle %':>6}  CPU split (us/IO)")
     print()
     print(f"fill={res['fill']}: median over {res['rounds']} round(s); latency = fio completion "
           f"latency (clat); CPU/IO = user+system CPU time of the server process(es) per "
-          f"read/write fio completed; steal = share of the machine's CPU time the "
-          f"hypervisor gave to others during the run.")
+          f"read/write fio completed; host CPU/IO = the whole machine's busy CPU time "
+          f"(fio and the kernel included) per read/write; steal = share of the machine's "
+          f"CPU time the hypervisor gave to others during the run; idle = share its CPUs "
+          f"were idle.")
     print(hdr)
     print("-" * len(hdr))
     for w in workloads:
@@ -1247,8 +1270,9 @@ def print_table(res: Dict[str, Any]) -> None:
             split = " + ".join(f"{role} {v:.1f}" for role, v in parts.items()) if len(parts) > 1 else ""
             print(f"{w.key:<{lw}}  {s.label:<{sw}}  {m['iops']:>10.0f}  {m['mib_s']:>9.1f}  "
                   f"{fmt_num(m.get('p50_us'), 10)}  {fmt_num(m.get('p99_us'), 10)}  "
-                  f"{fmt_num(m.get('cpu_us_per_io'), 11)}  {fmt_num(m.get('steal_pct'), 7)}  "
-                  f"{split}".rstrip())
+                  f"{fmt_num(m.get('cpu_us_per_io'), 11)}  "
+                  f"{fmt_num(m.get('host_cpu_us_per_io'), 11)}  {fmt_num(m.get('steal_pct'), 7)}  "
+                  f"{fmt_num(m.get('idle_pct'), 6)}  {split}".rstrip())
             if "flush_p50_us" in m:
                 print(f"{'':<{lw}}  {'':<{sw}}  {'(flush latency)':>21}  "
                       f"{fmt_num(m['flush_p50_us'], 10)}  {fmt_num(m['flush_p99_us'], 10)}")
@@ -1256,8 +1280,8 @@ def print_table(res: Dict[str, Any]) -> None:
             r = ratios(med[w.key][s.label], med[w.key][ref.label])
             print(f"{'':<{lw}}  ratio {s.label}/{ref.label}: "
                   f"IOPS {fmt_ratio(r['iops'])} (higher is better), "
-                  f"p50 latency {fmt_ratio(r['p50'])}, CPU/IO {fmt_ratio(r['cpu_per_io'])} "
-                  f"(lower is better)")
+                  f"p50 latency {fmt_ratio(r['p50'])}, CPU/IO {fmt_ratio(r['cpu_per_io'])}, "
+                  f"host CPU/IO {fmt_ratio(r['host_cpu_per_io'])} (lower is better)")
             print(f"{'':<{lw}}    IOPS by round: {round_ratios(res['runs'][w.key], s, ref)}")
         print()
 
@@ -1628,7 +1652,9 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
                           f"{r['iops']:>9.0f} IOPS {r['mib_s']:>8.1f} MiB/s "
                           f"p50 {r['p50_us']:>8.1f} us p99 {r['p99_us']:>9.1f} us "
                           f"CPU/IO {fmt_num(r.get('cpu_us_per_io'), 6)} us "
-                          f"steal {fmt_num(r.get('steal_pct'), 4)}%", flush=True)
+                          f"host {fmt_num(r.get('host_cpu_us_per_io'), 6)} us "
+                          f"steal {fmt_num(r.get('steal_pct'), 4)}% "
+                          f"idle {fmt_num(r.get('idle_pct'), 4)}%", flush=True)
 
         for s in servers:
             s.stop(check=True)
