@@ -945,8 +945,9 @@ IDLE = "_idle"
 
 class CpuSampler:
     """Samples the CPU ticks of some processes, and the machine's steal,
-    busy and idle time, every CPU_SAMPLE_INTERVAL_S (wall-clock stamped, to line up with
-    fio's report), from start() until stop(), in a background thread."""
+    busy and idle time, every CPU_SAMPLE_INTERVAL_S (wall-clock stamped, to
+    line up with fio's report), from start() until stop(), in a background
+    thread."""
 
     def __init__(self, pids: List[Tuple[str, Optional[int]]]) -> None:
         self.pids = pids
