@@ -152,22 +152,6 @@ fn assert_all_zero(path: &Path, what: &str) {
     }
 }
 
-/// Waits (bounded) until `node`'s log contains `needle`; returns that line.
-fn wait_for_log_line(pair: &Pair, node: &str, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let log = pair.log(node);
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{node} never logged {needle:?} within {WAIT:?}; log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn count_lines(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
@@ -221,7 +205,7 @@ fn fio_across_two_network_namespaces_joined_by_veth_verifies_and_leaves_both_dis
         .ip_on(BETA, netns.ips[1])
         .start();
     // The peers really talk across the veth pair.
-    let connected = wait_for_log_line(&pair, ALPHA, "peer connected");
+    let connected = pair.wait_log_line(ALPHA, "peer connected");
     assert!(
         connected.contains(&netns.ips[1].to_string()),
         "alpha's peer is not beta's namespace address: {connected}"
@@ -469,7 +453,7 @@ fn a_restarted_secondary_reconnects_and_the_out_of_sync_set_is_resynced() {
     // A graceful restart of the Secondary: nothing is lost.
     pair.restart(BETA);
     pair.wait_connected();
-    wait_for_log_line(&pair, ALPHA, "peer disconnected");
+    pair.wait_log_line(ALPHA, "peer disconnected");
     assert_in_sync(&pair);
 
     // Killed, then a write while it is away: exactly that range is out of
@@ -545,7 +529,7 @@ fn assert_never_connected(pair: &Pair, duration: Duration) {
 /// and stop cleanly. Returns both logs.
 fn assert_refused_both_ways(mut pair: Pair, needle: &str, error_word: &str) -> [String; 2] {
     for node in [ALPHA, BETA] {
-        let line = wait_for_log_line(&pair, node, needle);
+        let line = pair.wait_log_line(node, needle);
         assert!(line.contains("ERROR"), "{node}: not an error line: {line}");
     }
     write_through_disconnected_primary(&pair);
@@ -841,7 +825,7 @@ fn a_peer_offering_only_an_unknown_protocol_version_is_refused_with_version_mism
     }
     let rest = fake.until_closed();
     assert!(rest.is_empty(), "frames after the refusal: {rest:?}");
-    let line = wait_for_log_line(&pair, BETA, "no common protocol version");
+    let line = pair.wait_log_line(BETA, "no common protocol version");
     assert!(line.contains("ERROR"), "not an error line: {line}");
     let s = pair.status(BETA);
     assert!(!s.connected(), "{s:?}");
@@ -864,7 +848,7 @@ fn garbage_on_the_replication_port_is_dropped_and_a_real_peer_still_connects() {
     let _ = fake.stream.write_all(&garbage);
     let frames = fake.until_closed();
     assert!(frames.is_empty(), "beta answered garbage with {frames:?}");
-    wait_for_log_line(&pair, BETA, "protocol error");
+    pair.wait_log_line(BETA, "protocol error");
     assert!(pair.is_running(BETA), "beta exited:\n{}", pair.log(BETA));
     assert!(!pair.status(BETA).connected());
 
@@ -909,7 +893,7 @@ fn a_replicated_write_with_a_bad_crc_is_not_applied_and_closes_the_link() {
             .any(|f| matches!(f, Frame::Ack { seq: 2, .. })),
         "beta acknowledged the corrupt write: {frames:?}"
     );
-    let line = wait_for_log_line(&pair, BETA, "crc32c mismatch");
+    let line = pair.wait_log_line(BETA, "crc32c mismatch");
     assert!(line.contains("peer disconnected"), "{line}");
     let s = pair.wait_status(BETA, "dropping the link", |s| !s.connected());
     assert!(
@@ -1048,7 +1032,7 @@ fn a_peer_connection_that_cannot_be_taken_now_is_refused_as_busy() {
     }
     assert!(third.until_closed().is_empty());
     // Busy is transient: logged as information, not as an error.
-    let line = wait_for_log_line(&pair, BETA, "already being served");
+    let line = pair.wait_log_line(BETA, "already being served");
     assert!(line.contains("INFO"), "not an info line: {line}");
     // The running session was not disturbed: a write is still applied.
     session.send(&Frame::Write(WriteFrame::new(

@@ -52,19 +52,6 @@ fn disks_identical(pair: &Pair) -> bool {
         == std::fs::read(&pair.beta().disk).expect("beta")
 }
 
-/// Waits (bounded) until `node`'s log has `text`.
-fn wait_log(pair: &Pair, node: &str, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pair.log(node).contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "{node} never logged {text:?}:\n{}",
-            pair.log(node)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs `verify` on `node` and waits (bounded) until it ends; returns
 /// its status object.
 fn verify(pair: &Pair, node: &str) -> Value {
@@ -169,7 +156,7 @@ fn verify_marks_survive_a_crash(verifier: &str, al_extents: Option<&str>) {
     // The verifying node wrote its bitmap before reporting the end; the
     // peer's bitmap writer writes it as the marks arrive.
     let peer = if verifier == ALPHA { BETA } else { ALPHA };
-    wait_log(&pair, peer, "the marks of an online verify are on disk");
+    pair.wait_log_line(peer, "the marks of an online verify are on disk");
     pair.kill(ALPHA);
     pair.kill(BETA);
     // Each node comes back with the mark, looked at before they connect.
@@ -323,7 +310,7 @@ fn invalidate_makes_the_secondary_a_full_sync_target() {
     pwrite(&pair.beta().disk, 31 * MIB, &[0x98; 4096]);
     let out = pair.ok(ALPHA, &["invalidate-remote", "r0"]);
     assert!(out.contains("asked the peer"), "{out}");
-    wait_log(&pair, BETA, "the peer asks this node to invalidate");
+    pair.wait_log_line(BETA, "the peer asks this node to invalidate");
     pair.wait_status(BETA, "reconnected", |s| s.connected());
     wait_synced(&pair);
     assert!(

@@ -708,6 +708,23 @@ impl Pair {
         self.node(node).log_text()
     }
 
+    /// Waits (bounded by `WAIT`) until `node`'s log has a line containing
+    /// `needle`; returns that line.
+    pub fn wait_log_line(&self, node: &str, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = self.log(node);
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node} never logged {needle:?} within {WAIT:?}; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn is_running(&mut self, node: &str) -> bool {
         self.node_mut(node).is_running()
     }
