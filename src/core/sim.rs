@@ -1315,23 +1315,19 @@ impl Sim {
             let (a, b) = (self.n[0].bitmap.clone(), self.n[1].bitmap.clone());
             self.n[0].bitmap.merge(&b);
             self.n[1].bitmap.merge(&a);
-            // Each writes the union to disk before the sync starts
-            // (`persist_bitmap` after `exchange`; a full sync exchanges
-            // nothing).
-            for s in self.n.iter_mut() {
-                let n = s.n();
-                let syncs = matches!(n.repl(), ReplState::SyncSource | ReplState::SyncTarget);
-                let full = n.last_verdict().is_some_and(|v| v.decision.is_full());
-                if syncs && !full && !s.md_failed {
-                    s.saved_bitmap = s.bitmap.clone();
-                }
-            }
         }
         for i in 0..2 {
             let n = self.n[i].n();
-            let (repl, verdict) = (n.repl(), n.last_verdict());
+            let repl = n.repl();
+            let full = n.last_verdict().is_some_and(|v| v.decision.is_full());
+            let syncs = matches!(repl, ReplState::SyncSource | ReplState::SyncTarget);
+            if syncs && !full && !self.n[i].md_failed {
+                // The union goes to disk before the sync starts
+                // (`persist_bitmap` after `exchange`; a full sync
+                // exchanges nothing).
+                self.n[i].saved_bitmap = self.n[i].bitmap.clone();
+            }
             if repl == ReplState::SyncSource {
-                let full = verdict.is_some_and(|v| v.decision.is_full());
                 if full {
                     self.n[i].bitmap.set_all();
                     if self.n[i].al {
