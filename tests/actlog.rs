@@ -68,6 +68,18 @@ fn fio_in_background(dir: &Path, uri: &str, span: u64, secs: u32) -> std::proces
         .expect("fio")
 }
 
+/// Waits (bounded) until alpha's activity log holds extents, so fio's
+/// writes are flowing however slowly it started, then lets them run on.
+fn wait_under_load(pair: &Pair) {
+    pair.wait_status(ALPHA, "writes in the activity log", |s| {
+        s.raw["resources"][0]["activity_log"]["active"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
 /// Ends fio (by PID) if it still runs.
 struct Bg(std::process::Child);
 
@@ -108,9 +120,9 @@ fn a_primary_killed_under_random_writes_resyncs_only_its_activity_log() {
         pair.dir.path(),
         &pair.primary_uri(),
         span,
-        20,
+        120,
     ));
-    std::thread::sleep(Duration::from_millis(2500));
+    wait_under_load(&pair);
     let before = st(&pair, ALPHA);
     let al = &before["activity_log"];
     assert_eq!(al["capacity"], 16, "{before}");
@@ -164,9 +176,9 @@ fn both_nodes_killed_under_random_writes_resync_only_the_activity_log() {
         pair.dir.path(),
         &pair.primary_uri(),
         32 * MIB,
-        20,
+        120,
     ));
-    std::thread::sleep(Duration::from_millis(2500));
+    wait_under_load(&pair);
     // Alpha first: it never learns that beta went.
     pair.kill(ALPHA);
     pair.kill(BETA);
