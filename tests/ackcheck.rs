@@ -59,7 +59,8 @@ fn every_write_the_killed_primary_acknowledged_is_on_the_new_primary() {
     let uris = [pair.alpha().uri(), pair.beta().uri()];
     // The writer's log is flushed only when a connection ends and at the
     // end; the acks are counted from what it logged by then.
-    let writer = writer(&uris, &log, pair.dir.path().join("stop"));
+    let mut writer = writer(&uris, &log, pair.dir.path().join("stop"));
+    writer.wait_acked();
     std::thread::sleep(Duration::from_millis(700));
     pair.kill(ALPHA);
     pair.wait_status(BETA, "losing alpha", |s| !s.connected());
@@ -108,7 +109,8 @@ fn every_write_the_killed_primary_acknowledged_is_on_the_new_primary() {
 fn the_checker_reports_an_acknowledged_write_that_went_missing() {
     let mut pair = Pair::start_default();
     let log = pair.dir.path().join("writes.log");
-    let writer = writer(&[pair.alpha().uri()], &log, pair.dir.path().join("stop"));
+    let mut writer = writer(&[pair.alpha().uri()], &log, pair.dir.path().join("stop"));
+    writer.wait_acked();
     std::thread::sleep(Duration::from_millis(500));
     let summary = writer.finish();
     assert!(summary["acked"].as_u64().unwrap_or(0) > 0, "{summary}");

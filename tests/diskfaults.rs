@@ -176,7 +176,8 @@ fn reattach_and_resync(pair: &Pair, faults: &Faults, node: &str) {
 fn primary_write_errors_under_load_are_served_by_the_peer_and_resynced_after_reattach() {
     let Setup { pair, faults, _dir } = setup(ALPHA);
     let log = pair.dir.path().join("writes.log");
-    let w = writer(&pair, &log);
+    let mut w = writer(&pair, &log);
+    w.wait_acked();
     std::thread::sleep(Duration::from_millis(700));
     faults.arm("r0 data write 0 end EIO\n");
     let s = wait_diskless(&pair, ALPHA);
@@ -312,7 +313,8 @@ fn enospc_on_a_primary_write_is_handled_like_eio() {
 fn a_secondary_write_error_detaches_it_the_primary_goes_on_and_reattach_resyncs() {
     let Setup { pair, faults, _dir } = setup(BETA);
     let log = pair.dir.path().join("writes.log");
-    let w = writer(&pair, &log);
+    let mut w = writer(&pair, &log);
+    w.wait_acked();
     std::thread::sleep(Duration::from_millis(700));
     faults.arm("r0 data write 0 end EIO\n");
     wait_diskless(&pair, BETA);

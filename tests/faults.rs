@@ -169,7 +169,8 @@ fn dropped_under_load(forward: Faults, back: Faults, what: &str) {
     let proxy = FaultProxy::start();
     let pair = pair_via(&proxy);
     let log = pair.dir.path().join("writes.log");
-    let writer = writer(&pair, &log);
+    let mut writer = writer(&pair, &log);
+    writer.wait_acked();
     std::thread::sleep(Duration::from_millis(500));
     proxy.refuse(true);
     proxy.set(Dir::Forward, forward);
@@ -239,7 +240,8 @@ fn dropped_mid_frame(dir: Dir, ahead: u64, what: &str, at: impl Fn(u64) -> Fault
     let proxy = FaultProxy::start();
     let pair = pair_via(&proxy);
     let log = pair.dir.path().join("writes.log");
-    let writer = writer(&pair, &log);
+    let mut writer = writer(&pair, &log);
+    writer.wait_acked();
     std::thread::sleep(Duration::from_millis(300));
     proxy.refuse(true);
     proxy.set(dir, at(proxy.forwarded(dir) + ahead));
@@ -263,7 +265,8 @@ fn a_slow_link_stays_up_and_loses_nothing() {
     proxy.set(Dir::Back, slow);
     let connections = proxy.accepted();
     let log = pair.dir.path().join("writes.log");
-    let writer = writer(&pair, &log);
+    let mut writer = writer(&pair, &log);
+    writer.wait_acked();
     std::thread::sleep(Duration::from_millis(1500));
     finish(writer);
     assert!(

@@ -10,10 +10,12 @@ use serde_json::Value;
 pub struct Writer {
     child: Option<Child>,
     stop: PathBuf,
+    ready: PathBuf,
 }
 
 impl Writer {
-    /// `ackcheck write --uri U... --log LOG ARGS --duration 60 --stop-file STOP`.
+    /// `ackcheck write --uri U... --log LOG ARGS --duration 60 --stop-file
+    /// STOP --ready-file STOP.ready`.
     pub fn start(
         ackcheck: &str,
         uris: &[String],
@@ -22,6 +24,8 @@ impl Writer {
         args: &[&str],
     ) -> Writer {
         let _ = std::fs::remove_file(&stop);
+        let ready = stop.with_extension("ready");
+        let _ = std::fs::remove_file(&ready);
         let mut cmd = Command::new(ackcheck);
         cmd.arg("write");
         for u in uris {
@@ -33,6 +37,8 @@ impl Writer {
             .args(args)
             .args(["--duration", "60", "--stop-file"])
             .arg(&stop)
+            .arg("--ready-file")
+            .arg(&ready)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -40,6 +46,25 @@ impl Writer {
         Writer {
             child: Some(child),
             stop,
+            ready,
+        }
+    }
+
+    /// Waits (bounded) until the server has acknowledged a first write:
+    /// on a loaded machine the writer may take seconds to get going, and
+    /// a fault injected before then would test nothing.
+    pub fn wait_acked(&mut self) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while !self.ready.exists() {
+            let child = self.child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("wait") {
+                panic!("ackcheck write ended ({status}) before its first acknowledged write");
+            }
+            assert!(
+                Instant::now() < until,
+                "no write acknowledged within 30 s of starting ackcheck write"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -97,6 +97,10 @@ struct WriteArgs {
     /// Stop at a path's appearance (a test's signal to end the run).
     #[arg(long)]
     stop_file: Option<PathBuf>,
+    /// Create this path once the first write is acknowledged (a test's
+    /// sign that writes are flowing, however slowly the run started).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Hand each log line to the file as it is logged (not buffered), so
     /// a copy of the log taken at any moment holds every reply received
     /// before it (e.g. just before a power cut of the server).
@@ -258,6 +262,7 @@ fn write(a: WriteArgs) -> Result<i32> {
             || deadline.is_some_and(|d| Instant::now() >= d)
             || a.stop_file.as_ref().is_some_and(|p| p.exists())
     };
+    let mut ready = a.ready_file.clone();
     'connections: loop {
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -281,6 +286,12 @@ fn write(a: WriteArgs) -> Result<i32> {
             if s.dead {
                 dead = true;
                 break;
+            }
+            if s.acked > 0 {
+                if let Some(path) = ready.take() {
+                    std::fs::write(&path, b"")
+                        .with_context(|| format!("creating {}", path.display()))?;
+                }
             }
             cookie += 1;
             let (kind, offset, len) = if a.flush_every > 0 && since_flush >= a.flush_every {
