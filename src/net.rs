@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::tls::TlsStream;
@@ -239,57 +240,92 @@ pub const POLL_MAX: Duration = Duration::from_micros(40);
 const HIT_SHIFT: u32 = 3;
 /// Full scale of its hit rate.
 const HIT_ONE: u32 = 1 << 16;
+/// While a [`SpinWindow`] is closed, one wait in this many polls anyway.
+const PROBE_EVERY: u32 = 16;
 
 /// Whether to poll for the next bytes before sleeping, decided by how
 /// often recent waits ended within the poll's length. A wait that ends
 /// within it is a hit, whether a poll caught it or the thread slept
 /// through it; the rate of hits is a moving average over about the last
-/// eight waits, and the next wait polls only while at least half were
-/// hits. A poll that misses costs its whole length in CPU time and then
-/// the wake-up it was meant to save, so on a machine where the answers
-/// come late (a busy or noisy host, a slow client) polling stops by
-/// itself; it resumes once they come quickly again. Kept by the one
-/// thread that reads a socket at a time (relaxed atomics only so that it
-/// can sit in a shared structure).
+/// eight waits that say something, and the next wait polls only while at
+/// least half were hits. A poll that misses costs its whole length in CPU
+/// time and then the wake-up it was meant to save, so on a machine where
+/// the answers come late (a busy or noisy host, a slow client) polling
+/// stops by itself.
+///
+/// A wait that slept is timed until the thread runs again, which includes
+/// waking its CPU: on a virtual machine whose halted CPUs take longer to
+/// wake than the poll lasts, every such wait looks late though the bytes
+/// came in time. So a wait that slept and ended late says nothing and is
+/// not counted; while the window is closed, one wait in
+/// [`PROBE_EVERY`] polls to find out, and quick answers reopen it. Kept
+/// by the one thread that reads a socket at a time (relaxed atomics only
+/// so that it can sit in a shared structure).
 #[derive(Debug)]
 pub struct SpinWindow {
     /// Hits per `HIT_ONE`, averaged.
-    hits: std::sync::atomic::AtomicU32,
+    hits: AtomicU32,
+    /// Waits that did not poll since the last probe.
+    unpolled: AtomicU32,
     max: Duration,
+}
+
+/// One wait, from [`SpinWindow::poll`] to [`SpinWindow::waited`].
+#[derive(Debug, Clone, Copy)]
+pub struct Wait {
+    start: Instant,
+    polled: bool,
 }
 
 impl SpinWindow {
     /// Polls last up to `max`; it starts out polling.
     pub fn new(max: Duration) -> SpinWindow {
         SpinWindow {
-            hits: std::sync::atomic::AtomicU32::new(HIT_ONE),
+            hits: AtomicU32::new(HIT_ONE),
+            unpolled: AtomicU32::new(0),
             max,
         }
     }
 
     /// Polls `fd` for up to the window's length if recent waits say it is
-    /// worth it; returns when the wait began, for [`waited`](Self::waited).
-    pub fn poll(&self, fd: RawFd) -> Instant {
+    /// worth it (or to probe); returns the wait, for
+    /// [`waited`](Self::waited).
+    pub fn poll(&self, fd: RawFd) -> Wait {
         let start = Instant::now();
-        if self.polling() {
+        let polled = self.polls_next();
+        if polled {
             spin_until_readable(fd, self.max);
         }
-        start
+        Wait { start, polled }
     }
 
-    /// The wait that began at `since` (from `poll`) is over: the bytes
-    /// are here.
-    pub fn waited(&self, since: Instant) {
-        let hit = since.elapsed() <= self.max;
-        let rate = self.hits.load(std::sync::atomic::Ordering::Relaxed);
-        self.hits
-            .store(average(rate, hit), std::sync::atomic::Ordering::Relaxed);
+    /// The wait is over: the bytes are here.
+    pub fn waited(&self, wait: Wait) {
+        let hit = wait.start.elapsed() <= self.max;
+        if hit || wait.polled {
+            let rate = self.hits.load(Relaxed);
+            self.hits.store(average(rate, hit), Relaxed);
+        }
     }
 
-    /// Whether the next wait polls.
-    fn polling(&self) -> bool {
-        self.max > Duration::ZERO
-            && self.hits.load(std::sync::atomic::Ordering::Relaxed) >= HIT_ONE / 2
+    /// Whether the next wait polls: while the window is open, or as the
+    /// closed window's probe.
+    fn polls_next(&self) -> bool {
+        if self.max == Duration::ZERO {
+            return false;
+        }
+        if self.open() {
+            return true;
+        }
+        let n = self.unpolled.load(Relaxed) + 1;
+        let probe = n >= PROBE_EVERY;
+        self.unpolled.store(if probe { 0 } else { n }, Relaxed);
+        probe
+    }
+
+    /// Whether recent waits were mostly hits.
+    fn open(&self) -> bool {
+        self.max > Duration::ZERO && self.hits.load(Relaxed) >= HIT_ONE / 2
     }
 }
 
@@ -341,7 +377,7 @@ mod tests {
     fn a_closed_window_does_not_poll_and_an_open_one_sees_waiting_bytes() {
         let (a, mut b) = UnixStream::pair().expect("socket pair");
         let closed = SpinWindow::new(Duration::ZERO);
-        assert!(!closed.polling());
+        assert!(!closed.open());
         let t = Instant::now();
         closed.poll(a.as_raw_fd());
         assert!(
@@ -352,10 +388,54 @@ mod tests {
         let open = SpinWindow::new(Duration::from_secs(10));
         let since = open.poll(a.as_raw_fd());
         assert!(
-            since.elapsed() < Duration::from_secs(5),
+            since.start.elapsed() < Duration::from_secs(5),
             "bytes already there end the poll"
         );
         open.waited(since);
-        assert!(open.polling());
+        assert!(open.open());
+    }
+
+    #[test]
+    fn late_waits_that_slept_say_nothing_and_probes_reopen_the_window() {
+        let window = SpinWindow::new(Duration::from_millis(1));
+        let late = |polled| Wait {
+            start: Instant::now() - Duration::from_millis(50),
+            polled,
+        };
+        let quick = |polled| Wait {
+            start: Instant::now(),
+            polled,
+        };
+        for _ in 0..6 {
+            window.waited(late(true));
+        }
+        assert!(!window.open(), "six polls that missed close it");
+        let rate = window.hits.load(Relaxed);
+        for _ in 0..100 {
+            window.waited(late(false));
+        }
+        assert_eq!(
+            window.hits.load(Relaxed),
+            rate,
+            "a wait that slept and ended late (its CPU's wake-up included) is not a miss"
+        );
+        let probes = (0..4 * PROBE_EVERY).filter(|_| window.polls_next()).count();
+        assert_eq!(probes, 4, "closed, one wait in {PROBE_EVERY} probes");
+        let mut probes = 0;
+        for _ in 0..10 * PROBE_EVERY {
+            if window.open() {
+                break;
+            }
+            if window.polls_next() {
+                window.waited(quick(true));
+                probes += 1;
+            } else {
+                window.waited(late(false));
+            }
+        }
+        assert!(window.open(), "probes that hit reopen it");
+        assert!(probes <= 6, "{probes} probes to reopen");
+        window.waited(quick(false));
+        assert!(window.open(), "a quick wait that slept is a hit");
     }
 }
