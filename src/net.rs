@@ -194,15 +194,33 @@ impl AsRawFd for Stream {
 /// Waits up to `timeout` for `fd` to become readable (or to report an
 /// error or hang-up, which a read then returns). True if it did.
 pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
+    wait_any_readable(&[fd], timeout).is_some()
+}
+
+/// Waits up to `timeout` for one of `fds` (at most two) to become
+/// readable (or to report an error or hang-up); the first such, in the
+/// order given.
+pub fn wait_any_readable(fds: &[RawFd], timeout: Duration) -> Option<usize> {
+    let unused = libc::pollfd {
+        fd: -1,
+        events: 0,
         revents: 0,
     };
+    let mut pfds = [unused; 2];
+    let n = fds.len().min(pfds.len());
+    for (pfd, &fd) in pfds.iter_mut().zip(&fds[..n]) {
+        pfd.fd = fd;
+        pfd.events = libc::POLLIN;
+    }
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one pollfd on the stack, valid for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    n != 0
+    // SAFETY: `n` pollfds on the stack, valid for the duration of the call.
+    let ready = unsafe { libc::poll(pfds.as_mut_ptr(), n as libc::nfds_t, ms) };
+    if ready == 0 {
+        return None;
+    }
+    // An interrupted poll (-1) counts as readable: the caller's read
+    // then tells what happened, as before.
+    Some(pfds[..n].iter().position(|p| p.revents != 0).unwrap_or(0))
 }
 
 /// Polls (without blocking) until the socket `fd` has bytes to read or
@@ -210,21 +228,23 @@ pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
 /// arrives within tens of microseconds, and waking a thread that went to
 /// sleep costs about as much again on a virtual CPU; a short poll first
 /// saves that wake-up at low queue depths.
-fn spin_until_readable(fd: RawFd, limit: Duration) {
+fn spin_until_readable(fds: &[RawFd], limit: Duration) {
     let start = Instant::now();
     let mut byte = 0u8;
     while start.elapsed() < limit {
-        // SAFETY: a one-byte peek into a local; nothing is consumed.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                &mut byte as *mut u8 as *mut libc::c_void,
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n != -1 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-            return;
+        for &fd in fds {
+            // SAFETY: a one-byte peek into a local; nothing is consumed.
+            let n = unsafe {
+                libc::recv(
+                    fd,
+                    &mut byte as *mut u8 as *mut libc::c_void,
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n != -1 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                return;
+            }
         }
         std::hint::spin_loop();
     }
@@ -285,14 +305,14 @@ impl SpinWindow {
         }
     }
 
-    /// Polls `fd` for up to the window's length if recent waits say it is
-    /// worth it (or to probe); returns the wait, for
-    /// [`waited`](Self::waited).
-    pub fn poll(&self, fd: RawFd) -> Wait {
+    /// Polls `fds` (until one of them is readable) for up to the window's
+    /// length if recent waits say it is worth it (or to probe); returns
+    /// the wait, for [`waited`](Self::waited).
+    pub fn poll(&self, fds: &[RawFd]) -> Wait {
         let start = Instant::now();
         let polled = self.polls_next();
         if polled {
-            spin_until_readable(fd, self.max);
+            spin_until_readable(fds, self.max);
         }
         Wait { start, polled }
     }
@@ -378,20 +398,53 @@ mod tests {
         let closed = SpinWindow::new(Duration::ZERO);
         assert!(!closed.open());
         let t = Instant::now();
-        closed.poll(a.as_raw_fd());
+        closed.poll(&[a.as_raw_fd()]);
         assert!(
             t.elapsed() < Duration::from_millis(5),
             "a closed window returns at once"
         );
         b.write_all(b"x").expect("write");
         let open = SpinWindow::new(Duration::from_secs(10));
-        let since = open.poll(a.as_raw_fd());
+        let since = open.poll(&[a.as_raw_fd()]);
         assert!(
             since.start.elapsed() < Duration::from_secs(5),
             "bytes already there end the poll"
         );
         open.waited(since);
         assert!(open.open());
+    }
+
+    #[test]
+    fn a_wait_on_two_sockets_ends_with_the_first_readable_one() {
+        let (link, mut peer) = UnixStream::pair().expect("socket pair");
+        let (client, mut user) = UnixStream::pair().expect("socket pair");
+        let fds = [link.as_raw_fd(), client.as_raw_fd()];
+        let quick = Duration::from_millis(20);
+        assert_eq!(wait_any_readable(&fds, quick), None);
+        user.write_all(b"r").expect("write");
+        assert_eq!(wait_any_readable(&fds, quick), Some(1));
+        assert_eq!(
+            wait_any_readable(&fds[..1], quick),
+            None,
+            "only the first is watched"
+        );
+        // Both readable: the first wins.
+        peer.write_all(b"a").expect("write");
+        assert_eq!(wait_any_readable(&fds, quick), Some(0));
+        // A poll on both ends as soon as either has bytes.
+        let (idle, _idle_peer) = UnixStream::pair().expect("socket pair");
+        let window = SpinWindow::new(Duration::from_secs(10));
+        let wait = window.poll(&[idle.as_raw_fd(), client.as_raw_fd()]);
+        assert!(wait.start.elapsed() < Duration::from_secs(5));
+        drop(user);
+        let hung_up = [idle.as_raw_fd(), client.as_raw_fd()];
+        let mut byte = [0u8; 1];
+        (&client).read_exact(&mut byte).expect("read");
+        assert_eq!(
+            wait_any_readable(&hung_up, quick),
+            Some(1),
+            "a hang-up counts as readable: the read tells"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -118,6 +118,14 @@ pub trait Store: Send + Sync {
     /// not wait for anything inline and may hold back sending until
     /// `kick` (the default is `submit`).
     fn submit_more(&self, op: Modify<'_>, done: Done) {
+        self.submit(op, done);
+    }
+    /// `submit` for a lone request whose caller reads the next one
+    /// itself: what `submit` would wait for inline it waits for only until
+    /// `next` (the client's socket) becomes readable, and then leaves to
+    /// another thread. The default is `submit`.
+    fn submit_watching(&self, op: Modify<'_>, done: Done, next: RawFd) {
+        let _ = next;
         self.submit(op, done);
     }
     /// Sends what `submit_more` held back; called once after a burst.

@@ -529,6 +529,53 @@ fn demote_is_refused_and_stays_primary_while_requests_are_still_in_flight() {
     );
 }
 
+/// At depth 1 the worker that submitted a write reads its Ack itself and
+/// then the client's next request; while the Ack is missing, a request
+/// the client sends meanwhile is read and answered all the same.
+#[test]
+fn a_lone_write_waiting_for_its_ack_does_not_hold_back_the_next_request() {
+    let pair = Pair::builder()
+        .replication("ping_timeout_ms", "60000")
+        .replication("ack_timeout_ms", "60000")
+        .start();
+    let mut client = Client::connect(&pair.primary_addr(), "r0");
+    client
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // Warm up: the depth-1 path is taken once the link is established.
+    assert_eq!(client.write(MIB, &[1; 4096]), 0);
+    let beta = Stopped::stop(pair.beta().pid().expect("beta runs"));
+    let write = client.send(NbdCommand::Write, 0, 0, 4096, &[7; 4096]);
+    // Long enough for the write to be waiting for its Ack.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let read = client.send(NbdCommand::Read, 0, MIB, 4096, &[]);
+    let reply = client.recv();
+    assert_eq!(
+        reply.cookie, read,
+        "the read was not answered before the write waiting for its Ack"
+    );
+    assert_eq!(reply.error, 0);
+    assert_eq!(client.recv_data(4096), vec![1; 4096]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the read waited {:?}",
+        started.elapsed()
+    );
+    // Once beta answers, the write completes.
+    drop(beta);
+    let reply = client.recv();
+    assert_eq!((reply.cookie, reply.error), (write, 0));
+    assert_eq!(client.read(0, 4096).expect("read"), vec![7; 4096]);
+    client.disconnect();
+    let b = std::fs::read(&pair.beta().disk).expect("beta disk");
+    assert!(
+        b[..4096].iter().all(|&x| x == 7),
+        "the write was not replicated"
+    );
+}
+
 #[test]
 fn switchover_moves_the_primary_and_the_client_finds_its_data_on_the_new_primary() {
     let pair = Pair::start_default();

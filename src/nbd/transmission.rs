@@ -21,7 +21,7 @@ use crate::store::{Batch, Deferred, Modify};
 use crate::sync::lock;
 use std::io::{self, BufReader, Cursor, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -287,7 +287,7 @@ impl Connection<'_> {
         let polled = (reader.buffer().is_empty()
             && self.replies.in_flight.load(Ordering::SeqCst) <= 1
             && self.replies.slow.load(Ordering::SeqCst) == 0)
-            .then(|| self.spin.poll(reader.get_ref().as_raw_fd()));
+            .then(|| self.spin.poll(&[reader.get_ref().as_raw_fd()]));
         let mut raw = [0u8; Request::LEN];
         let read = reader.read_exact(&mut raw);
         if let Some(since) = polled {
@@ -519,8 +519,10 @@ impl Connection<'_> {
     }
 
     /// Submits a modification; `more` when further requests are already
-    /// buffered (the store then does not wait for anything inline).
-    fn submit(&self, op: Modify<'_>, cookie: u64, more: bool) {
+    /// buffered (the store then does not wait for anything inline), `watch`
+    /// when the caller reads the next request itself (the store waits
+    /// inline only until the client's socket is readable).
+    fn submit(&self, op: Modify<'_>, cookie: u64, more: bool, watch: Option<RawFd>) {
         let replies = self.replies.clone();
         let done: crate::store::Done = match self.export.metrics {
             None => Box::new(move |result, batch| replies.complete(cookie, result, batch)),
@@ -533,17 +535,17 @@ impl Connection<'_> {
                 })
             }
         };
-        if more {
-            self.export.store.submit_more(op, done);
-        } else {
-            self.export.store.submit(op, done);
+        match (more, watch) {
+            (true, _) => self.export.store.submit_more(op, done),
+            (false, Some(fd)) => self.export.store.submit_watching(op, done, fd),
+            (false, None) => self.export.store.submit(op, done),
         }
     }
 
     fn serve_one(&self, req: &Request, buf: &mut Vec<u8>, piped: &mut Piped) {
         if !piped.holds {
             if let Some(op) = self.modification(req, buf) {
-                return self.submit(op, req.cookie, false);
+                return self.submit(op, req.cookie, false, None);
             }
         }
         let start = self.export.metrics.map(|m| (m, Instant::now()));
@@ -606,16 +608,33 @@ impl Connection<'_> {
                 };
                 let buffered = !reader.buffer().is_empty();
                 // A lone request on a store whose `submit` may wait for
-                // the network (reading its own acknowledgement) is left
-                // to `serve_one`, so another worker reads meanwhile.
+                // the network (reading its own acknowledgement) waits only
+                // until the client sends its next request, and this worker
+                // reads that one too: at depth 1 one thread reads the
+                // request, sends it to the peer, writes it, reads the Ack,
+                // replies and reads the next request, and no other worker
+                // is woken to take the read side. A TLS stream may hold the
+                // next request already decrypted, where its socket shows
+                // nothing: there the request goes to `serve_one`.
                 if !buffered
                     && store.submit_may_wait()
                     && self.replies.in_flight.load(Ordering::SeqCst) <= 1
                 {
-                    break;
+                    if reader.get_ref().has_buffered() {
+                        break;
+                    }
+                    // Replies a burst held back go out first.
+                    burst.end();
+                    let fd = reader.get_ref().as_raw_fd();
+                    self.submit(op, req.cookie, false, Some(fd));
+                    match self.read_request(&mut reader, &mut buf, &mut piped) {
+                        Some(next) => req = next,
+                        None => return,
+                    }
+                    continue;
                 }
                 burst.start();
-                self.submit(op, req.cookie, true);
+                self.submit(op, req.cookie, true, None);
                 if !buffered {
                     // About to block for the next request.
                     burst.end();

@@ -148,8 +148,8 @@ impl Replica {
     /// peer's Ack) completes the request (replies to the client).
     /// No thread waits for the network, so none has to be woken per write.
     /// A lone request (`more` false, nothing else in flight) reads its own
-    /// Ack (see `Session::after_submit`).
-    fn submit_write(&self, op: Modify<'_>, done: Done, more: bool) {
+    /// Ack (see `Session::after_submit`), until `watch` becomes readable.
+    fn submit_write(&self, op: Modify<'_>, done: Done, more: bool, watch: Option<RawFd>) {
         let Some(me) = self.me.upgrade().filter(|_| self.peer.is_some()) else {
             let result = op.apply(self);
             return done(result, &mut Batch::default());
@@ -175,7 +175,7 @@ impl Replica {
         };
         if self.disk_detached() {
             self.inflight.fetch_sub(1, Ordering::SeqCst);
-            return self.submit_remote_only(op, done, more);
+            return self.submit_remote_only(op, done, more, watch);
         }
         let (offset, len) = op.range();
         if self.spans_many_extents(offset, len) {
@@ -203,7 +203,7 @@ impl Replica {
                 self.intervals.release(range);
                 self.inflight.fetch_sub(1, Ordering::SeqCst);
                 if self.disk_detached() {
-                    return self.submit_remote_only(op, done, more);
+                    return self.submit_remote_only(op, done, more, watch);
                 }
                 return done(Err(e), &mut Batch::default());
             }
@@ -319,7 +319,7 @@ impl Replica {
         if more {
             session.activate();
         } else {
-            session.after_submit(seq, self.ack_timeout());
+            session.after_submit(seq, self.ack_timeout(), watch);
         }
     }
 }
@@ -350,11 +350,15 @@ impl Store for Replica {
     }
 
     fn submit(&self, op: Modify<'_>, done: Done) {
-        self.submit_write(op, done, false);
+        self.submit_write(op, done, false, None);
     }
 
     fn submit_more(&self, op: Modify<'_>, done: Done) {
-        self.submit_write(op, done, true);
+        self.submit_write(op, done, true, None);
+    }
+
+    fn submit_watching(&self, op: Modify<'_>, done: Done, next: RawFd) {
+        self.submit_write(op, done, false, Some(next));
     }
 
     fn kick(&self) {

@@ -201,7 +201,13 @@ impl Replica {
 
     /// A modification on a Diskless Primary: sent to the peer only and
     /// completed with its answer (EIO without a peer that has the data).
-    pub(super) fn submit_remote_only(&self, op: Modify<'_>, done: Done, more: bool) {
+    pub(super) fn submit_remote_only(
+        &self,
+        op: Modify<'_>,
+        done: Done,
+        more: bool,
+        watch: Option<RawFd>,
+    ) {
         let (offset, len) = op.range();
         let Some(session) = self.diskless_session() else {
             return done(
@@ -242,7 +248,7 @@ impl Replica {
                 if more {
                     session.activate();
                 } else {
-                    session.after_submit(seq, self.ack_timeout());
+                    session.after_submit(seq, self.ack_timeout(), watch);
                 }
             }
             Err(Waiter::Call(finish)) => finish(Remote::Lost, false, &mut Batch::default()),

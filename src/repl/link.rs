@@ -6,7 +6,7 @@ use crate::sync::lock;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -591,14 +591,17 @@ impl Session {
     /// On the Primary, after queuing request `seq`: at queue depth 1 the
     /// submitter reads the link itself until `seq` is answered (one thread
     /// from request to reply, no wake-up); at depth, it leaves the Acks to
-    /// the receiver and returns at once.
-    pub fn after_submit(&self, seq: u64, timeout: Duration) {
+    /// the receiver and returns at once. With `watch` (the client's socket,
+    /// whose next request the submitter reads itself), it reads only until
+    /// that socket becomes readable, and then leaves its Ack to the
+    /// receiver too.
+    pub fn after_submit(&self, seq: u64, timeout: Duration, watch: Option<RawFd>) {
         if self.primary_reading.load(Ordering::SeqCst)
             && !self.active.load(Ordering::SeqCst)
             && self.in_flight() == 1
         {
             if let Ok(mut reader) = self.reader.try_lock() {
-                self.read_own(&mut reader, seq, timeout);
+                self.read_own(&mut reader, seq, timeout, watch);
                 return;
             }
         }
@@ -698,10 +701,23 @@ impl Session {
 
     /// Reads frames until `seq` is answered: Acks and Pongs are handled
     /// here, anything else (a `State` whose handling may write metadata)
-    /// is left to the receiver.
-    fn read_own(&self, reader: &mut io::BufReader<Stream>, seq: u64, timeout: Duration) {
+    /// is left to the receiver, and so is the rest once `watch` becomes
+    /// readable.
+    fn read_own(
+        &self,
+        reader: &mut io::BufReader<Stream>,
+        seq: u64,
+        timeout: Duration,
+        watch: Option<RawFd>,
+    ) {
         let deadline = Instant::now() + timeout;
         let fd = reader.get_ref().as_raw_fd();
+        let both = [fd, watch.unwrap_or(fd)];
+        let fds = if watch.is_some() {
+            &both[..]
+        } else {
+            &both[..1]
+        };
         let mut batch = Batch::default();
         let mut body = Vec::new();
         let mut spun = false;
@@ -715,7 +731,7 @@ impl Session {
             if reader.buffer().is_empty() {
                 batch.run();
                 if !spun {
-                    polled = Some(self.spin.poll(fd));
+                    polled = Some(self.spin.poll(fds));
                     spun = true;
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -723,11 +739,21 @@ impl Session {
                     self.fail(&format!("peer did not acknowledge within {timeout:?}"));
                     break;
                 }
-                if !reader
-                    .get_ref()
-                    .wait_readable(left.min(Duration::from_millis(50)))
-                {
-                    continue;
+                let ready = match reader.get_ref().has_buffered() {
+                    true => Some(0),
+                    false => {
+                        crate::net::wait_any_readable(fds, left.min(Duration::from_millis(50)))
+                    }
+                };
+                match ready {
+                    None => continue,
+                    Some(0) => {}
+                    Some(_) => {
+                        // The client's next request is in: its reader
+                        // must not wait for this Ack, the receiver reads it.
+                        self.activate();
+                        break;
+                    }
                 }
             }
             let kind = match read_raw(reader, &mut body) {
@@ -1245,7 +1271,7 @@ impl Session {
             return self.await_slot(slot, timeout, what);
         }
         if seq != 0 {
-            self.after_submit(seq, timeout);
+            self.after_submit(seq, timeout, None);
             return self.await_slot(slot, timeout, what);
         }
         // An answer to a `State` is not counted in flight: without this

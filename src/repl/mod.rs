@@ -45,7 +45,7 @@ pub use verify::{VerifyState, VerifyStatus};
 use crate::sync::lock;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
