@@ -529,11 +529,11 @@ fn demote_is_refused_and_stays_primary_while_requests_are_still_in_flight() {
     );
 }
 
-/// At depth 1 the worker that submitted a write reads its Ack itself and
-/// then the client's next request; while the Ack is missing, a request
-/// the client sends meanwhile is read and answered all the same.
-#[test]
-fn a_lone_write_waiting_for_its_ack_does_not_hold_back_the_next_request() {
+/// At depth 1 the worker that read a write (or a flush) waits for the
+/// peer's answer itself and then reads the client's next request; while
+/// the answer is missing, a request the client sends meanwhile is read
+/// and answered all the same.
+fn a_lone_request_waiting_for_the_peer_does_not_hold_back_the_next_one(flush: bool) {
     let pair = Pair::builder()
         .replication("ping_timeout_ms", "60000")
         .replication("ack_timeout_ms", "60000")
@@ -545,16 +545,20 @@ fn a_lone_write_waiting_for_its_ack_does_not_hold_back_the_next_request() {
         .expect("timeout");
     // Warm up: the depth-1 path is taken once the link is established.
     assert_eq!(client.write(MIB, &[1; 4096]), 0);
+    assert_eq!(client.write(0, &[7; 4096]), 0);
     let beta = Stopped::stop(pair.beta().pid().expect("beta runs"));
-    let write = client.send(NbdCommand::Write, 0, 0, 4096, &[7; 4096]);
-    // Long enough for the write to be waiting for its Ack.
+    let waiting = match flush {
+        true => client.send(NbdCommand::Flush, 0, 0, 0, &[]),
+        false => client.send(NbdCommand::Write, 0, 0, 4096, &[8; 4096]),
+    };
+    // Long enough for it to be waiting for the peer.
     std::thread::sleep(Duration::from_millis(500));
     let started = std::time::Instant::now();
     let read = client.send(NbdCommand::Read, 0, MIB, 4096, &[]);
     let reply = client.recv();
     assert_eq!(
         reply.cookie, read,
-        "the read was not answered before the write waiting for its Ack"
+        "the read was not answered before the request waiting for the peer"
     );
     assert_eq!(reply.error, 0);
     assert_eq!(client.recv_data(4096), vec![1; 4096]);
@@ -563,17 +567,29 @@ fn a_lone_write_waiting_for_its_ack_does_not_hold_back_the_next_request() {
         "the read waited {:?}",
         started.elapsed()
     );
-    // Once beta answers, the write completes.
+    // Once beta answers, the request completes.
     drop(beta);
     let reply = client.recv();
-    assert_eq!((reply.cookie, reply.error), (write, 0));
-    assert_eq!(client.read(0, 4096).expect("read"), vec![7; 4096]);
+    assert_eq!((reply.cookie, reply.error), (waiting, 0));
+    let expect = if flush { 7 } else { 8 };
+    assert_eq!(client.read(0, 4096).expect("read"), vec![expect; 4096]);
+    assert_eq!(client.flush(), 0);
     client.disconnect();
     let b = std::fs::read(&pair.beta().disk).expect("beta disk");
     assert!(
-        b[..4096].iter().all(|&x| x == 7),
+        b[..4096].iter().all(|&x| x == expect),
         "the write was not replicated"
     );
+}
+
+#[test]
+fn a_lone_write_waiting_for_its_ack_does_not_hold_back_the_next_request() {
+    a_lone_request_waiting_for_the_peer_does_not_hold_back_the_next_one(false);
+}
+
+#[test]
+fn a_lone_flush_waiting_for_the_peer_does_not_hold_back_the_next_request() {
+    a_lone_request_waiting_for_the_peer_does_not_hold_back_the_next_one(true);
 }
 
 #[test]
