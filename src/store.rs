@@ -128,16 +128,6 @@ pub trait Store: Send + Sync {
         let _ = next;
         self.submit(op, done);
     }
-    /// `flush` for a lone flush whose caller holds the client's read
-    /// side: while the flush waits for the network, `release` gives that
-    /// read side up (a second call does nothing) as soon as the client's
-    /// next request is on `next`, or before any wait that may be long.
-    /// The default releases first.
-    fn flush_watching(&self, next: RawFd, release: &mut dyn FnMut()) -> io::Result<()> {
-        let _ = next;
-        release();
-        self.flush()
-    }
     /// Sends what `submit_more` held back; called once after a burst.
     fn kick(&self) {}
     /// Whether `submit` (not `submit_more`) may wait for the network

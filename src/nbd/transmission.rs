@@ -5,10 +5,10 @@
 //! reads requests. Small plain writes it submits itself and reads on (see
 //! `Connection::worker`); for anything else it lets go of the read side,
 //! executes the request against the store and writes the reply under the
-//! write-side lock (a lone flush it serves holding the read side, and a
-//! replicated store's lone write or flush keeps it until the client's next
-//! request comes while it waits for the peer). So a lone request is read,
-//! executed and answered by one
+//! write-side lock (a lone flush to a local store it serves holding the
+//! read side, and a replicated store's lone write keeps it until the
+//! client's next request comes while the write waits for the peer). So a
+//! lone request is read, executed and answered by one
 //! thread with no hand-off (lowest latency at queue depth 1), a stream of
 //! small writes runs on one thread, and slow requests (reads, flushes, FUA,
 //! large writes) execute up to `workers` at once, their replies going out
@@ -428,12 +428,7 @@ impl Connection<'_> {
     }
 
     /// Executes a request; on success a read's data is in `buf[16..]`.
-    fn execute(
-        &self,
-        req: &Request,
-        buf: &mut Vec<u8>,
-        watch: Option<(RawFd, &mut dyn FnMut())>,
-    ) -> Result<(), u32> {
+    fn execute(&self, req: &Request, buf: &mut Vec<u8>) -> Result<(), u32> {
         if req.unexpected_flags() != 0 {
             return Err(errno::EINVAL);
         }
@@ -467,11 +462,7 @@ impl Connection<'_> {
                     .write_at(&buf[..req.length as usize], req.offset, req.fua())
                     .map_err(io_errno)
             }
-            Command::Flush => match watch {
-                Some((next, release)) => store.flush_watching(next, release),
-                None => store.flush(),
-            }
-            .map_err(io_errno),
+            Command::Flush => store.flush().map_err(io_errno),
             Command::Trim => {
                 writable()?;
                 if !in_range {
@@ -553,16 +544,7 @@ impl Connection<'_> {
         }
     }
 
-    /// Carries out `req` and replies. `watch`: a lone flush's caller
-    /// holds the read side, which the store gives up through it (see
-    /// `Store::flush_watching`).
-    fn serve_one(
-        &self,
-        req: &Request,
-        buf: &mut Vec<u8>,
-        piped: &mut Piped,
-        watch: Option<(RawFd, &mut dyn FnMut())>,
-    ) {
+    fn serve_one(&self, req: &Request, buf: &mut Vec<u8>, piped: &mut Piped) {
         if !piped.holds {
             if let Some(op) = self.modification(req, buf) {
                 return self.submit(op, req.cookie, false, None);
@@ -571,7 +553,7 @@ impl Connection<'_> {
         let start = self.export.metrics.map(|m| (m, Instant::now()));
         let result = match piped.holds {
             true => self.write_piped(req, piped),
-            false => self.execute(req, buf, watch),
+            false => self.execute(req, buf),
         };
         if let Some((m, start)) = start {
             let (kind, bytes) = match req.command {
@@ -602,7 +584,7 @@ impl Connection<'_> {
         let mut buf = Vec::new();
         let mut piped = Piped::default();
         let store = &*self.export.store;
-        'read: loop {
+        loop {
             let mut reader = lock(&self.reader);
             let Some(mut req) = self.read_request(&mut reader, &mut buf, &mut piped) else {
                 return;
@@ -612,99 +594,79 @@ impl Connection<'_> {
             // with no hand-off to another worker per request, also when
             // the read buffer runs dry between the client's sends (the
             // burst then ends: held-back frames and replies go out, and
-            // the same worker blocks for the next request). So are lone
-            // writes and lone flushes (below). Anything else hands the
-            // read side on and is carried out below.
+            // the same worker blocks for the next request). So is a
+            // replicated store's lone write (below). Anything else hands
+            // the read side on and is carried out below.
+            let mut burst = Burst {
+                store,
+                replies: &self.replies,
+                running: false,
+            };
             loop {
-                let mut burst = Burst {
-                    store,
-                    replies: &self.replies,
-                    running: false,
+                if req.length > BURST_MAX {
+                    break;
+                }
+                let Some(op) = self.modification(&req, &buf) else {
+                    break;
                 };
-                loop {
-                    if req.length > BURST_MAX {
+                let buffered = !reader.buffer().is_empty();
+                // A lone request on a store whose `submit` may wait for
+                // the network (reading its own acknowledgement) waits only
+                // until the client sends its next request, and this worker
+                // reads that one too: at depth 1 one thread reads the
+                // request, sends it to the peer, writes it, reads the Ack,
+                // replies and reads the next request, and no other worker
+                // is woken to take the read side. A TLS stream may hold the
+                // next request already decrypted, where its socket shows
+                // nothing: there the request goes to `serve_one`.
+                if !buffered
+                    && store.submit_may_wait()
+                    && self.replies.in_flight.load(Ordering::SeqCst) <= 1
+                {
+                    if reader.get_ref().has_buffered() {
                         break;
                     }
-                    let Some(op) = self.modification(&req, &buf) else {
-                        break;
-                    };
-                    let buffered = !reader.buffer().is_empty();
-                    // A lone request on a store whose `submit` may wait for
-                    // the network (reading its own acknowledgement) waits only
-                    // until the client sends its next request, and this worker
-                    // reads that one too: at depth 1 one thread reads the
-                    // request, sends it to the peer, writes it, reads the Ack,
-                    // replies and reads the next request, and no other worker
-                    // is woken to take the read side. A TLS stream may hold the
-                    // next request already decrypted, where its socket shows
-                    // nothing: there the request goes to `serve_one`.
-                    if !buffered
-                        && store.submit_may_wait()
-                        && self.replies.in_flight.load(Ordering::SeqCst) <= 1
-                    {
-                        if reader.get_ref().has_buffered() {
-                            break;
-                        }
-                        // Replies a burst held back go out first.
-                        burst.end();
-                        let fd = reader.get_ref().as_raw_fd();
-                        self.submit(op, req.cookie, false, Some(fd));
-                        match self.read_request(&mut reader, &mut buf, &mut piped) {
-                            Some(next) => req = next,
-                            None => return,
-                        }
-                        continue;
-                    }
-                    burst.start();
-                    self.submit(op, req.cookie, true, None);
-                    if !buffered {
-                        // About to block for the next request.
-                        burst.end();
-                    }
+                    // Replies a burst held back go out first.
+                    burst.end();
+                    let fd = reader.get_ref().as_raw_fd();
+                    self.submit(op, req.cookie, false, Some(fd));
                     match self.read_request(&mut reader, &mut buf, &mut piped) {
                         Some(next) => req = next,
                         None => return,
                     }
+                    continue;
                 }
-                drop(burst);
-                let lone_flush = req.command == Command::Flush
-                    && reader.buffer().is_empty()
-                    && self.replies.in_flight.load(Ordering::SeqCst) <= 1;
-                if lone_flush && !store.submit_may_wait() {
-                    // A lone flush (nothing else in flight or buffered: a
-                    // client that waits for each reply, as `fsync` after
-                    // every write does) on a store that waits for nothing
-                    // but its disk is served with the read side held:
-                    // handing it on would wake another worker on the way to
-                    // the disk only for it to block in `recv`, and the next
-                    // request would find that worker asleep rather than
-                    // this one polling. A request sent meanwhile waits for
-                    // the flush.
-                    self.serve_one(&req, &mut buf, &mut piped, None);
-                } else if lone_flush && !reader.get_ref().has_buffered() {
-                    // A replicated store's lone flush also waits for the
-                    // peer, for as long as the ack timeout should the peer
-                    // stall: it keeps the read side only until the client
-                    // sends its next request (or the flush has to wait for
-                    // another thread), and then lets another worker read.
-                    let fd = reader.get_ref().as_raw_fd();
-                    let mut held = Some(reader);
-                    let mut release = || drop(held.take());
-                    self.serve_one(&req, &mut buf, &mut piped, Some((fd, &mut release)));
-                    match held {
-                        Some(r) => reader = r,
-                        None => continue 'read,
-                    }
-                } else {
-                    break;
+                burst.start();
+                self.submit(op, req.cookie, true, None);
+                if !buffered {
+                    // About to block for the next request.
+                    burst.end();
                 }
                 match self.read_request(&mut reader, &mut buf, &mut piped) {
                     Some(next) => req = next,
                     None => return,
                 }
             }
+            drop(burst);
+            // A lone flush (nothing else in flight or buffered: a client
+            // that waits for each reply, as `fsync` after every write does)
+            // on a store that waits for nothing but its disk is served
+            // with the read side held: handing it on would wake another
+            // worker on the way to the disk only for it to block in
+            // `recv`, and the next request would find that worker asleep
+            // rather than this one polling. A request sent meanwhile waits
+            // for the flush. A replicated store's flush also waits for the
+            // peer, for as long as the ack timeout: it hands on.
+            if req.command == Command::Flush
+                && reader.buffer().is_empty()
+                && !store.submit_may_wait()
+                && self.replies.in_flight.load(Ordering::SeqCst) <= 1
+            {
+                self.serve_one(&req, &mut buf, &mut piped);
+                continue;
+            }
             drop(reader);
-            self.serve_one(&req, &mut buf, &mut piped, None);
+            self.serve_one(&req, &mut buf, &mut piped);
             // Do not keep a 32 MiB buffer around after one large request,
             // but do keep one for the common sizes up to a few MiB (a 1 MiB
             // read needs 1 MiB plus the reply header).

@@ -324,70 +324,6 @@ impl Replica {
     }
 }
 
-impl Replica {
-    /// `flush`, or `flush_watching` with `watch`: the barrier goes to the
-    /// peer and the local fdatasync runs meanwhile; the caller's read
-    /// side is released before any wait but the peer's answer.
-    fn flush_as(&self, mut watch: Option<(RawFd, &mut dyn FnMut())>) -> io::Result<()> {
-        fn release(watch: &mut Option<(RawFd, &mut dyn FnMut())>) {
-            if let Some((_, release)) = watch.take() {
-                release();
-            }
-        }
-        let store = self.current_store()?;
-        if !self.serving.load(Ordering::SeqCst) || self.peer.is_none() {
-            if self.disk_detached() {
-                // Nothing is written here any more: nothing to make durable.
-                return Ok(());
-            }
-            return store.flush();
-        }
-        let barrier = |s: &Session| s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq });
-        if self.disk_detached() {
-            release(&mut watch);
-            return self.remote_only(barrier);
-        }
-        let peer_diskless = self.peer_diskless.load(Ordering::Relaxed);
-        let remote = self
-            .current_session()
-            .filter(|_| !peer_diskless)
-            .and_then(|s| barrier(&s).map(|slot| (s, slot)));
-        let local = store.flush();
-        let mut remote_ok = false;
-        let answer = remote.map(|(session, slot)| match &mut watch {
-            Some((next, release)) => {
-                session.wait_watching(&slot, self.ack_timeout(), *next, &mut **release)
-            }
-            None => session.wait(&slot, self.ack_timeout()),
-        });
-        let lost = match answer {
-            Some(Remote::Done) => {
-                remote_ok = true;
-                false
-            }
-            Some(Remote::Failed(_)) => {
-                tracing::warn!(resource = %self.name, "flush: the peer failed the barrier");
-                false
-            }
-            Some(Remote::Lost) => {
-                tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
-                true
-            }
-            None => !peer_diskless,
-        };
-        if lost {
-            release(&mut watch);
-            self.hold_here()?;
-        }
-        match local {
-            // Detached by this very error: durable on the peer is enough.
-            Err(_) if self.disk_detached() && remote_ok => Ok(()),
-            Err(_) if self.disk_detached() => Err(io::Error::from_raw_os_error(libc::EIO)),
-            r => r,
-        }
-    }
-}
-
 impl Store for Replica {
     fn as_dyn(&self) -> &dyn Store {
         self
@@ -461,11 +397,51 @@ impl Store for Replica {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.flush_as(None)
-    }
-
-    fn flush_watching(&self, next: RawFd, release: &mut dyn FnMut()) -> io::Result<()> {
-        self.flush_as(Some((next, release)))
+        let store = self.current_store()?;
+        if !self.serving.load(Ordering::SeqCst) || self.peer.is_none() {
+            if self.disk_detached() {
+                // Nothing is written here any more: nothing to make durable.
+                return Ok(());
+            }
+            return store.flush();
+        }
+        let barrier = |s: &Session| s.send_frame(Track::Barrier, |seq| Frame::Barrier { seq });
+        if self.disk_detached() {
+            return self.remote_only(barrier);
+        }
+        let peer_diskless = self.peer_diskless.load(Ordering::Relaxed);
+        let remote = self
+            .current_session()
+            .filter(|_| !peer_diskless)
+            .and_then(|s| barrier(&s).map(|slot| (s, slot)));
+        let local = store.flush();
+        let mut remote_ok = false;
+        let lost = match remote {
+            Some((session, slot)) => match session.wait(&slot, self.ack_timeout()) {
+                Remote::Done => {
+                    remote_ok = true;
+                    false
+                }
+                Remote::Failed(_) => {
+                    tracing::warn!(resource = %self.name, "flush: the peer failed the barrier");
+                    false
+                }
+                Remote::Lost => {
+                    tracing::warn!(resource = %self.name, "flush: peer lost before the barrier was acknowledged");
+                    true
+                }
+            },
+            None => !peer_diskless,
+        };
+        if lost {
+            self.hold_here()?;
+        }
+        match local {
+            // Detached by this very error: durable on the peer is enough.
+            Err(_) if self.disk_detached() && remote_ok => Ok(()),
+            Err(_) if self.disk_detached() => Err(io::Error::from_raw_os_error(libc::EIO)),
+            r => r,
+        }
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -1313,35 +1313,6 @@ impl Session {
         )
     }
 
-    /// `wait` for a lone flush's barrier whose caller holds the client's
-    /// read side: it reads the link itself only until the client's next
-    /// request is on `watch`, and calls `release` before it waits for
-    /// another thread to read the answer.
-    pub fn wait_watching(
-        &self,
-        slot: &Slot,
-        timeout: Duration,
-        watch: RawFd,
-        release: &mut dyn FnMut(),
-    ) -> Remote {
-        let seq = slot.seq.load(Ordering::Relaxed);
-        if seq == 0 {
-            release();
-            return self.wait(slot, timeout);
-        }
-        if slot.outcome().is_none() {
-            self.after_submit(seq, timeout, Some(watch));
-        }
-        if slot.outcome().is_none() {
-            release();
-        }
-        self.await_slot(
-            slot,
-            timeout,
-            &format!("peer did not acknowledge within {timeout:?}"),
-        )
-    }
-
     /// Forgets a `State` request whose answer is no longer awaited.
     pub fn forget_state(&self, token: u64) {
         lock(&self.state_waiters).remove(&token);
