@@ -207,6 +207,7 @@ pub fn wait_any_readable(fds: &[RawFd], timeout: Duration) -> Option<usize> {
         revents: 0,
     };
     let mut pfds = [unused; 2];
+    debug_assert!(fds.len() <= pfds.len(), "at most two sockets");
     let n = fds.len().min(pfds.len());
     for (pfd, &fd) in pfds.iter_mut().zip(&fds[..n]) {
         pfd.fd = fd;
