@@ -802,7 +802,11 @@ def make_images(paths: List[Path], size: int, fill: str, seed: int) -> None:
     """Create identical backing files.
 
     fill=random: every file is fully written with the same pseudo-random bytes
-                 (random.Random(seed)), then fsync'ed.  No holes anywhere.
+                 (random.Random(seed)), then fsync'ed and dropped from the page
+                 cache.  No holes anywhere.  Left in the cache as the fill's
+                 4 MiB writes made it, 4 KiB random writes to such a file cost
+                 every server (nbdkit too) about five times the CPU (run b69
+                 in docs/benchmark.md); a device written long ago is not cached.
     fill=zero:   every file is fallocate()d (allocated, reads as zeroes).
     """
     chunk = 4 * MiB
@@ -827,6 +831,7 @@ def make_images(paths: List[Path], size: int, fill: str, seed: int) -> None:
                 done += n
         for fd in fds:
             os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         for fd in fds:
             os.close(fd)
@@ -1537,7 +1542,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ramp", type=int, help="fio --ramp_time seconds, not measured (default 2, --short: 1)")
     p.add_argument("--size", type=parse_size, help="backing file size (default 1G, --short: 256M)")
     p.add_argument("--fill", choices=("random", "zero", "both"), default="random",
-                   help="random: fully written with identical pseudo-random data (default); "
+                   help="random: fully written with identical pseudo-random data, then dropped from "
+                        "the page cache (default); "
                         "zero: fallocated, reads as zeroes; both: the whole run once per fill "
                         "(random first), one table each")
     p.add_argument("--seed", type=int, default=42, help="seed for --fill random (default 42)")
