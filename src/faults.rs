@@ -308,6 +308,10 @@ impl Store for FaultStore {
         self.check(Op::Write, offset, buf.len() as u64)?;
         self.inner.write_direct(buf, offset)
     }
+    fn read_bulk(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(Op::Read, offset, buf.len() as u64)?;
+        self.inner.read_bulk(buf, offset)
+    }
 }
 
 #[cfg(test)]

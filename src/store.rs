@@ -174,6 +174,16 @@ pub trait Store: Send + Sync {
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.write_at(buf, offset, false)
     }
+    /// Reads like `read_at`, for scanning the device in bulk (resync,
+    /// verify): without the kernel's readahead, which caches what it
+    /// reads ahead in large folios, and 4 KiB writes at depth into a
+    /// range cached that way later cost several times their usual CPU
+    /// and latency (measured with nbdkit alone: 10k against 69-77k IOPS
+    /// at QD32). The caller keeps the disk busy by hinting what it reads
+    /// next with [`cache`](Self::cache), which caches in small pages.
+    fn read_bulk(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
     /// Starts writing back what buffered writes left in the page cache
     /// in `[offset, offset + len)`, without waiting for it
     /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `flush` then
@@ -234,6 +244,9 @@ pub struct FileStore {
     direct: std::sync::OnceLock<Option<File>>,
     /// Set once a direct write was refused: everything goes buffered.
     direct_refused: std::sync::atomic::AtomicBool,
+    /// The same file opened again for `read_bulk`, with readahead off
+    /// (`POSIX_FADV_RANDOM` holds per open file), on first use.
+    bulk: std::sync::OnceLock<Option<File>>,
 }
 
 impl FileStore {
@@ -278,6 +291,7 @@ impl FileStore {
             is_block_device,
             direct: std::sync::OnceLock::new(),
             direct_refused: std::sync::atomic::AtomicBool::new(false),
+            bulk: std::sync::OnceLock::new(),
         })
     }
 
@@ -298,6 +312,38 @@ impl FileStore {
                         None
                     }
                 }
+            })
+            .as_ref()
+    }
+
+    /// The descriptor for `read_bulk`: the file reopened read-only through
+    /// `/proc/self/fd`, its readahead turned off.
+    fn bulk_file(&self) -> Option<&File> {
+        self.bulk
+            .get_or_init(|| {
+                let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                let file = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&path);
+                let file = match file {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!("no second descriptor for bulk reads: {e}");
+                        return None;
+                    }
+                };
+                // SAFETY: advisory syscall on the descriptor just opened.
+                let rc =
+                    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+                if rc != 0 {
+                    tracing::debug!(
+                        "readahead could not be turned off for bulk reads: {}",
+                        io::Error::from_raw_os_error(rc)
+                    );
+                    return None;
+                }
+                Some(file)
             })
             .as_ref()
     }
@@ -463,6 +509,12 @@ impl Store for FileStore {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn read_bulk(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.bulk_file()
+            .unwrap_or(&self.file)
+            .read_exact_at(buf, offset)
     }
 
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -121,6 +121,11 @@ impl Store for DiskGuard {
         let r = self.inner.write_direct(buf, offset);
         self.outcome(|| format!("write of {} bytes at {offset}", buf.len()), r)
     }
+    fn read_bulk(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check()?;
+        let r = self.inner.read_bulk(buf, offset);
+        self.outcome(|| format!("read of {} bytes at {offset}", buf.len()), r)
+    }
 }
 
 /// A peer's answer to a read: its status and data.

@@ -527,7 +527,7 @@ impl Replica {
         buf.resize(len as usize, 0);
         let digests = match self
             .current_store()
-            .and_then(|s| s.read_at(&mut buf, offset))
+            .and_then(|s| s.read_bulk(&mut buf, offset))
         {
             Ok(()) => buf.chunks(block as usize).map(digest).collect(),
             Err(e) => {
@@ -566,7 +566,7 @@ impl Replica {
                 return false;
             };
             let data = &mut buf[..len as usize];
-            if let Err(e) = store.read_at(data, offset) {
+            if let Err(e) = store.read_bulk(data, offset) {
                 flight.end_submit(chunk, self);
                 session.fail(&format!("resync read failed: {e}"));
                 return false;
@@ -909,7 +909,7 @@ impl Replica {
             // A chunk: the runs within one span of the device, up to
             // `room` bytes of them, under one interval.
             runs.clear();
-            {
+            let ahead = {
                 let bm = lock(&self.oos);
                 if let Some(first) = cursor.next_run(&bm, room) {
                     let span_end = first.0.saturating_add(SPAN).min(size);
@@ -924,6 +924,18 @@ impl Replica {
                             None => break,
                         }
                     }
+                }
+                // The run the next chunk starts with (the cursor is a
+                // copy; the bitmap may change before then).
+                let mut peek = cursor;
+                peek.next_run(&bm, CHUNK)
+            };
+            // `read_bulk` does no readahead: the disk reads the next run
+            // while this chunk is read and sent.
+            if let Some((off, len)) = ahead.filter(|_| !runs.is_empty()) {
+                let len = len.min(size.saturating_sub(off));
+                if !store.reads_as_zeroes(off, len) {
+                    let _ = store.cache(off, len);
                 }
             }
             let (Some(&(offset, _)), Some(&(last_off, last_len))) = (runs.first(), runs.last())
@@ -951,7 +963,7 @@ impl Replica {
                     continue;
                 }
                 let data = &mut buf[at..at + r.1 as usize];
-                if let Err(e) = store.read_at(data, r.0) {
+                if let Err(e) = store.read_bulk(data, r.0) {
                     self.intervals.release(interval);
                     tracing::error!(resource = %self.name, offset = r.0, "resync: reading the local disk failed: {e}");
                     session.fail(&format!("resync read failed: {e}"));
