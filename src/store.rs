@@ -178,7 +178,7 @@ pub trait Store: Send + Sync {
     /// verify): without the kernel's readahead, which caches what it
     /// reads ahead in large folios, and 4 KiB writes at depth into a
     /// range cached that way later cost several times their usual CPU
-    /// and latency (measured with nbdkit alone: 10k against 69-77k IOPS
+    /// and latency (measured with nbdkit alone: 10k against 68-77k IOPS
     /// at QD32). The caller keeps the disk busy by hinting what it reads
     /// next with [`cache`](Self::cache), which caches in small pages.
     fn read_bulk(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

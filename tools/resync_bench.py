@@ -20,6 +20,14 @@ external metadata, backing files under --tmpdir):
             --scatter-written, both devices and the baseline's file are
             first written through with zeroes (every block allocated, as on
             a block device) instead of sparse.
+  after     Small writes after a full sync: alpha's file filled with data
+            and dropped from the page cache (data written long ago),
+            beta's empty; `promote --force`, `wait-sync`, then fio 4k QD32
+            random writes through alpha for --runtime seconds; then both
+            files dropped from the page cache and the same fio again, on
+            the same pair (reference: what the sync left cached should not
+            make later writes dearer).  Size --after-size; --rounds
+            rounds, alternating with --baseline-repld if given.
   yield     fio 4k QD32 random writes for --runtime seconds on an in-sync pair
             (reference), then the same during a full sync (default rate
             settings); the IOPS ratio, and the sync's own rate meanwhile.
@@ -88,10 +96,22 @@ def write_through(path: Path, size: int, chunk: bytes, drop_cache: bool = False)
         os.close(fd)
 
 
-def fill_data(path: Path, size: int, seed: int) -> None:
+def fill_data(path: Path, size: int, seed: int, drop_cache: bool = False) -> None:
     """Writes `size` bytes of a repeated 64 MiB random pattern (no zero
-    runs); fsync'ed so the page cache starts from written-back data."""
-    write_through(path, size, random.Random(seed).randbytes(64 * MiB))
+    runs); fsync'ed so the page cache starts from written-back data, and
+    with `drop_cache` dropped from it (the writes leave it cached in large
+    folios, which make later 4 KiB writes there several times dearer)."""
+    write_through(path, size, random.Random(seed).randbytes(64 * MiB), drop_cache)
+
+
+def drop_cached(path: Path) -> None:
+    """Writes back and drops `path` from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def sparse(path: Path, size: int) -> None:
@@ -382,6 +402,38 @@ def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
         pair.remove_files()
 
 
+def small_writes(args, pair: Pair, out: Path) -> float:
+    """IOPS of fio 4k QD32 random writes through alpha."""
+    job = fio(pair.uri(), ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={pair.size}",
+                           "--time_based", f"--runtime={args.runtime}", "--ramp_time=1",
+                           "--randrepeat=0", "--norandommap"], out, args.runtime + 120)
+    return job["write"]["iops"]
+
+
+def bench_after(args, workdir: Path, binary: Path) -> Dict[str, Any]:
+    size = args.after_size
+    pair = Pair(workdir, binary, size, {})
+    try:
+        fill_data(pair.disks["alpha"], size, args.seed, drop_cache=True)
+        sparse(pair.disks["beta"], size)
+        pair.start()
+        pair.bring_up()
+        t0 = time.monotonic()
+        pair.ctl("alpha", "promote", EXPORT, "--force")
+        pair.ctl("alpha", "wait-sync", EXPORT, "--timeout", str(args.sync_timeout),
+                 timeout=args.sync_timeout + 30)
+        sync_s = time.monotonic() - t0
+        after = small_writes(args, pair, workdir / "after.json")
+        for n in ("alpha", "beta"):
+            drop_cached(pair.disks[n])
+        dropped = small_writes(args, pair, workdir / "after.json")
+        return {"size": size, "binary": str(binary), "sync_seconds": sync_s,
+                "iops_after_sync": after, "iops_cache_dropped": dropped}
+    finally:
+        pair.stop()
+        pair.remove_files()
+
+
 def bench_yield(args, workdir: Path) -> Dict[str, Any]:
     size = args.yield_size
     runs: List[Dict[str, Any]] = []
@@ -390,7 +442,7 @@ def bench_yield(args, workdir: Path) -> Dict[str, Any]:
                 "--time_based", f"--runtime={args.runtime}", "--ramp_time=2",
                 "--randrepeat=0", "--norandommap"]
     try:
-        fill_data(pair.disks["alpha"], size, args.seed)
+        fill_data(pair.disks["alpha"], size, args.seed, drop_cache=True)
         sparse(pair.disks["beta"], size)
         for rnd in range(args.rounds):
             for mode in ("reference", "during-sync"):
@@ -436,8 +488,9 @@ def git_rev() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default="full,scatter,yield",
-                   help="comma-separated subset of full,scatter,yield,holes (holes: full sync "
-                        "of sparse devices, the engine's own cost per GiB)")
+                   help="comma-separated subset of full,scatter,yield,holes,after (holes: "
+                        "full sync of sparse devices, the engine's own cost per GiB; after: "
+                        "small writes after a full sync)")
     p.add_argument("--full-sizes", default="2G,8G,32G")
     p.add_argument("--scatter-size", type=parse_size, default=parse_size("4G"))
     p.add_argument("--scatter-mib", type=int, default=64)
@@ -445,7 +498,8 @@ def main() -> int:
                    help="scatter: devices written through first (every block allocated, as "
                         "on a block device) instead of sparse files")
     p.add_argument("--yield-size", type=parse_size, default=parse_size("4G"))
-    p.add_argument("--runtime", type=int, default=20, help="fio seconds per yield run")
+    p.add_argument("--after-size", type=parse_size, default=parse_size("2G"))
+    p.add_argument("--runtime", type=int, default=20, help="fio seconds per yield or after run")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sync-timeout", type=int, default=3600)
     p.add_argument("--seed", type=int, default=42)
@@ -453,8 +507,8 @@ def main() -> int:
     p.add_argument("--repld", type=Path, default=REPO_ROOT / "target" / "release" / "repld")
     p.add_argument("--json", type=Path)
     p.add_argument("--baseline-repld", type=Path,
-                   help="a repld built from an older commit, run on the same full and scatter "
-                        "cases in the same run (its replctl must be beside it)")
+                   help="a repld built from an older commit, run on the same full, scatter "
+                        "and after cases in the same run (its replctl must be beside it)")
     p.add_argument("--baseline-max-size", default="8G",
                    help="largest full-sync size the baseline runs (default 8G)")
     args = p.parse_args()
@@ -532,6 +586,18 @@ def main() -> int:
                       f"baseline (same blocks: pwrite each + one fdatasync, same run) "
                       f"{r['baseline_mib_per_s']:.0f} MiB/s, ratio "
                       f"{r['mib_per_s_wall'] / r['baseline_mib_per_s']:.2f}", flush=True)
+        if "after" in only:
+            res["after"] = []
+            for rnd in range(args.rounds):
+                for label, binary in binaries:
+                    r = bench_after(args, workdir, binary)
+                    r.update(label=label, round=rnd)
+                    res["after"].append(r)
+                    print(f"after a full sync of {human(r['size'])} [{label}] round {rnd}: sync "
+                          f"{r['sync_seconds']:.2f} s; 4k QD32 randwrite "
+                          f"{r['iops_after_sync']:.0f} IOPS, with both files dropped from the "
+                          f"cache {r['iops_cache_dropped']:.0f} IOPS (after / dropped "
+                          f"{r['iops_after_sync'] / r['iops_cache_dropped']:.2f})", flush=True)
         if "yield" in only:
             r = bench_yield(args, workdir)
             res["yield"] = r

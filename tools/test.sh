@@ -213,8 +213,8 @@ pass
 
 # ---------------------------------------------------------------------------
 section "python3 tools/resync_bench.py (smoke: small sizes)"
-timeout 900 python3 "$REPO_ROOT/tools/resync_bench.py" --only full,scatter \
-    --full-sizes 256M --scatter-size 256M --scatter-mib 8
+timeout 900 python3 "$REPO_ROOT/tools/resync_bench.py" --only full,scatter,after \
+    --full-sizes 256M --scatter-size 256M --scatter-mib 8 --after-size 64M --runtime 2 --rounds 1
 timeout 900 python3 "$REPO_ROOT/tools/resync_bench.py" --only scatter --scatter-written \
     --scatter-size 256M --scatter-mib 8
 pass
