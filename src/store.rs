@@ -570,6 +570,10 @@ impl Store for FileStore {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        // (To posix_fadvise a length of 0 means to the end of the file.)
+        if len == 0 {
+            return Ok(());
+        }
         let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         };
@@ -659,6 +663,29 @@ mod tests {
         f.as_file().set_len(len).expect("set_len");
         let store = FileStore::open(f.path(), None, false).expect("open");
         (f, store)
+    }
+
+    #[test]
+    fn bulk_reads_see_what_was_written_cached_or_not() {
+        let (f, s) = temp_file(4 << 20);
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+        s.write_at(&data, 1 << 20, false).expect("write");
+        let mut back = vec![0u8; 1 << 20];
+        s.read_bulk(&mut back, 1 << 20).expect("read_bulk, cached");
+        assert!(back == data, "cached data read back");
+        s.flush().expect("flush");
+        // SAFETY: advisory syscall on the temp file's descriptor.
+        unsafe { libc::posix_fadvise(f.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // A hint for the next part, as the resync gives; none of length 0.
+        s.cache(3 << 20, 4096).expect("hint");
+        s.cache(3 << 20, 0).expect("empty hint");
+        let mut part = vec![0u8; 4096 + 17];
+        s.read_bulk(&mut part, (1 << 20) + 5)
+            .expect("read_bulk, unaligned");
+        assert!(
+            part[..] == data[5..5 + 4096 + 17],
+            "uncached, unaligned read back"
+        );
     }
 
     #[test]

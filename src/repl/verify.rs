@@ -450,7 +450,9 @@ impl Replica {
         // Both nodes verify the device front to back: have the disk read
         // the next range meanwhile (`read_bulk` does no readahead).
         let next = offset.saturating_add(length);
-        let _ = store.cache(next, length.min(store.size().saturating_sub(next)));
+        if next < store.size() {
+            let _ = store.cache(next, length.min(store.size() - next));
+        }
         Ok(checksum::block_digests(&buf, block as usize))
     }
 
