@@ -402,10 +402,11 @@ def bench_scatter(args, workdir: Path, binary: Path) -> Dict[str, Any]:
         pair.remove_files()
 
 
-def small_writes(args, pair: Pair, out: Path) -> float:
-    """IOPS of fio 4k QD32 random writes through alpha."""
+def small_writes(args, pair: Pair, out: Path, ramp: int = 1) -> float:
+    """IOPS of fio 4k QD32 random writes through alpha for --runtime
+    seconds after `ramp`."""
     job = fio(pair.uri(), ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={pair.size}",
-                           "--time_based", f"--runtime={args.runtime}", "--ramp_time=1",
+                           "--time_based", f"--runtime={args.runtime}", f"--ramp_time={ramp}",
                            "--randrepeat=0", "--norandommap"], out, args.runtime + 120)
     return job["write"]["iops"]
 
@@ -438,9 +439,6 @@ def bench_yield(args, workdir: Path) -> Dict[str, Any]:
     size = args.yield_size
     runs: List[Dict[str, Any]] = []
     pair = Pair(workdir, args.repld, size, {})
-    fio_args = ["--rw=randwrite", "--bs=4k", "--iodepth=32", f"--size={size}",
-                "--time_based", f"--runtime={args.runtime}", "--ramp_time=2",
-                "--randrepeat=0", "--norandommap"]
     try:
         fill_data(pair.disks["alpha"], size, args.seed, drop_cache=True)
         sparse(pair.disks["beta"], size)
@@ -457,11 +455,11 @@ def bench_yield(args, workdir: Path) -> Dict[str, Any]:
                               or s["resync"]["finished"] > 0)
                 before = pair.status()["resync"]
                 t0 = time.monotonic()
-                job = fio(pair.uri(), fio_args, workdir / "yield.json", args.runtime + 120)
+                iops = small_writes(args, pair, workdir / "yield.json", ramp=2)
                 secs = time.monotonic() - t0
                 after = pair.status()
                 sync_rate = (after["resync"]["done_bytes"] - before["done_bytes"]) / secs
-                runs.append({"round": rnd, "mode": mode, "iops": job["write"]["iops"],
+                runs.append({"round": rnd, "mode": mode, "iops": iops,
                              "sync_mib_per_s": sync_rate / MiB if mode != "reference" else None,
                              "sync_still_active": after["resync"]["active"],
                              "min_rate_mib": after["resync_rate"]["min_rate"] / MiB})
