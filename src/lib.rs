@@ -31,7 +31,6 @@ pub mod meta;
 pub mod metrics;
 pub mod nbd;
 pub mod net;
-pub mod pipe;
 pub mod repl;
 pub mod server;
 pub mod store;

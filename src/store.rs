@@ -15,8 +15,6 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
-use crate::pipe::Pipe;
-
 /// Largest zero-fill buffer used when the file system cannot zero a range.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -190,31 +188,6 @@ pub trait Store: Send + Sync {
     /// has less to do. Durability is unchanged, only `flush` gives it. A
     /// hint: failure is not an error.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
-    /// Whether [`write_piped`](Self::write_piped) moves a payload from
-    /// the pipe into the page cache without it passing through the
-    /// process (else it reads it out first).
-    fn takes_pipe(&self) -> bool {
-        false
-    }
-    /// Writes the `len` bytes `pipe` holds at `offset`, like
-    /// `write_at(.., false)`. On an error the pipe may still hold some of
-    /// them; the caller clears it.
-    fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
-        write_read_out(self.as_dyn(), pipe, offset, len)
-    }
-}
-
-/// `write_piped` for a store that takes its payloads from memory: reads
-/// the pipe's `len` bytes out and writes them with `write_at`.
-pub fn write_read_out(
-    store: &dyn Store,
-    pipe: &mut Pipe,
-    offset: u64,
-    len: usize,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; len];
-    pipe.read_out(&mut buf)?;
-    store.write_at(&buf, offset, false)
 }
 
 #[derive(Debug, Error)]
@@ -453,14 +426,6 @@ impl Store for FileStore {
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
-    }
-
-    fn takes_pipe(&self) -> bool {
-        true
-    }
-
-    fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
-        pipe.splice_into(self.file.as_raw_fd(), offset, len)
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {

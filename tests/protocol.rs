@@ -661,10 +661,8 @@ fn a_client_that_stops_reading_replies_is_dropped_without_blocking_others() {
     finish(d);
 }
 
-/// Large writes are moved from the socket into the file through a pipe
-/// (`splice`) when they fit it, and read otherwise; either way, and
-/// however their payloads arrive, they read back whole, and a rejected
-/// one's payload is consumed.
+/// Large writes, however their payloads arrive (in one segment or
+/// trickled), read back whole, and a rejected one's payload is consumed.
 #[test]
 fn large_writes_read_back_whole_however_their_payload_arrives() {
     let d = Daemon::start();
@@ -679,7 +677,7 @@ fn large_writes_read_back_whole_however_their_payload_arrives() {
     let a = pattern(1, 64 * 1024 + 4096);
     assert_eq!(c.write(4096, &a), 0);
     put(&mut expected, 4096, &a);
-    // One MiB plain and with FUA, and two, more than a pipe holds.
+    // One MiB plain and with FUA, and two.
     let b = pattern(2, mib);
     assert_eq!(c.write(mib as u64, &b), 0);
     put(&mut expected, mib, &b);
@@ -731,8 +729,7 @@ fn large_writes_read_back_whole_however_their_payload_arrives() {
     let reply = c.recv();
     assert_eq!((reply.cookie, reply.error), (cookie, 0));
     put(&mut expected, 5 * mib, &slow);
-    // A payload sent in a thousand small segments (more pieces than a
-    // pipe has slots, unless the kernel merges them).
+    // A payload sent in a thousand small segments.
     let small = pattern(7, mib);
     let cookie = c.send(Command::Write, 0, 6 * mib as u64, mib as u32, &[]);
     for piece in small.chunks(1000) {

@@ -32,7 +32,6 @@ use replblk_proto::nbd::{errno, Command, Request, SimpleReply};
 
 use super::{Export, MAX_PAYLOAD};
 use crate::net::Stream;
-use crate::pipe::{Filled, Pipe};
 
 /// Read-side buffer: holds several small requests per syscall, but small
 /// enough that reading a request header does not first copy a large write
@@ -270,14 +269,12 @@ impl Connection<'_> {
         self.replies.close(reason);
     }
 
-    /// Reads the next request (and a write's payload into `payload`, or
-    /// for a large one into `piped`'s pipe). `None` once the connection is
-    /// closing.
+    /// Reads the next request (and a write's payload into `payload`).
+    /// `None` once the connection is closing.
     fn read_request(
         &self,
         reader: &mut BufReader<Stream>,
         payload: &mut Vec<u8>,
-        piped: &mut Piped,
     ) -> Option<Request> {
         if self.replies.closing.load(Ordering::SeqCst) {
             return None;
@@ -325,11 +322,7 @@ impl Connection<'_> {
                     )));
                     return None;
                 }
-                let read = match self.pipe_for(&request, reader, piped) {
-                    Some(socket) => piped.fill(reader, socket, payload, request.length as usize),
-                    None => read_payload(&mut *reader, payload, request.length as usize),
-                };
-                if let Err(e) = read {
+                if let Err(e) = read_payload(&mut *reader, payload, request.length as usize) {
                     self.close(CloseReason::Error(format!(
                         "client disconnected in the middle of a {}-byte write payload: {e}",
                         request.length
@@ -353,25 +346,6 @@ impl Connection<'_> {
         Some(request)
     }
 
-    /// The socket to splice `req`'s payload from into `piped`'s pipe: a
-    /// valid write too large for a burst, on a plain TCP connection, to a
-    /// store that takes a payload from a pipe without reading it.
-    fn pipe_for(
-        &self,
-        req: &Request,
-        reader: &BufReader<Stream>,
-        piped: &mut Piped,
-    ) -> Option<std::os::unix::io::RawFd> {
-        let Stream::Tcp(tcp) = reader.get_ref() else {
-            return None;
-        };
-        if req.length <= BURST_MAX || !self.may_modify(req) || !self.export.store.takes_pipe() {
-            return None;
-        }
-        let capacity = piped.pipe()?.capacity();
-        (req.length as usize <= capacity).then(|| tcp.as_raw_fd())
-    }
-
     /// Whether a modification `req` asks for is carried out (no flags it
     /// does not take, a writable export, in range), rather than answered
     /// with an error by `execute`.
@@ -382,26 +356,6 @@ impl Connection<'_> {
                 .offset
                 .checked_add(u64::from(req.length))
                 .is_some_and(|end| end <= self.export.store.size())
-    }
-
-    /// Writes a payload that `read_request` left in the pipe.
-    fn write_piped(&self, req: &Request, piped: &mut Piped) -> Result<(), u32> {
-        piped.holds = false;
-        let Some(pipe) = piped.pipe.as_mut() else {
-            return Err(errno::EIO);
-        };
-        let result = self
-            .export
-            .store
-            .write_piped(pipe, req.offset, req.length as usize)
-            .map_err(io_errno)
-            .and_then(|()| self.fua_flush(req));
-        if pipe.held() > 0 && pipe.clear().is_err() {
-            // Not to be used again with something left in it.
-            piped.pipe = None;
-            piped.unavailable = true;
-        }
-        result
     }
 
     /// The modification a valid WRITE, TRIM or WRITE_ZEROES without FUA
@@ -544,17 +498,12 @@ impl Connection<'_> {
         }
     }
 
-    fn serve_one(&self, req: &Request, buf: &mut Vec<u8>, piped: &mut Piped) {
-        if !piped.holds {
-            if let Some(op) = self.modification(req, buf) {
-                return self.submit(op, req.cookie, false, None);
-            }
+    fn serve_one(&self, req: &Request, buf: &mut Vec<u8>) {
+        if let Some(op) = self.modification(req, buf) {
+            return self.submit(op, req.cookie, false, None);
         }
         let start = self.export.metrics.map(|m| (m, Instant::now()));
-        let result = match piped.holds {
-            true => self.write_piped(req, piped),
-            false => self.execute(req, buf),
-        };
+        let result = self.execute(req, buf);
         if let Some((m, start)) = start {
             let (kind, bytes) = match req.command {
                 Command::Read => (Op::Read, u64::from(req.length)),
@@ -582,11 +531,10 @@ impl Connection<'_> {
 
     fn worker(&self) {
         let mut buf = Vec::new();
-        let mut piped = Piped::default();
         let store = &*self.export.store;
         loop {
             let mut reader = lock(&self.reader);
-            let Some(mut req) = self.read_request(&mut reader, &mut buf, &mut piped) else {
+            let Some(mut req) = self.read_request(&mut reader, &mut buf) else {
                 return;
             };
             // Small plain writes are submitted with the read side held: a
@@ -630,7 +578,7 @@ impl Connection<'_> {
                     burst.end();
                     let fd = reader.get_ref().as_raw_fd();
                     self.submit(op, req.cookie, false, Some(fd));
-                    match self.read_request(&mut reader, &mut buf, &mut piped) {
+                    match self.read_request(&mut reader, &mut buf) {
                         Some(next) => req = next,
                         None => return,
                     }
@@ -642,7 +590,7 @@ impl Connection<'_> {
                     // About to block for the next request.
                     burst.end();
                 }
-                match self.read_request(&mut reader, &mut buf, &mut piped) {
+                match self.read_request(&mut reader, &mut buf) {
                     Some(next) => req = next,
                     None => return,
                 }
@@ -662,11 +610,11 @@ impl Connection<'_> {
                 && !store.submit_may_wait()
                 && self.replies.in_flight.load(Ordering::SeqCst) <= 1
             {
-                self.serve_one(&req, &mut buf, &mut piped);
+                self.serve_one(&req, &mut buf);
                 continue;
             }
             drop(reader);
-            self.serve_one(&req, &mut buf, &mut piped);
+            self.serve_one(&req, &mut buf);
             // Do not keep a 32 MiB buffer around after one large request,
             // but do keep one for the common sizes up to a few MiB (a 1 MiB
             // read needs 1 MiB plus the reply header).
@@ -812,62 +760,6 @@ pub struct Limits {
     pub send_timeout: Duration,
     /// How long a closing connection waits for its requests in flight.
     pub drain: Duration,
-}
-
-/// A worker's pipe for large write payloads (see `crate::pipe`): made on
-/// first use, and never again if that fails.
-#[derive(Default)]
-struct Piped {
-    pipe: Option<Pipe>,
-    unavailable: bool,
-    /// The pipe holds the payload of the request being served.
-    holds: bool,
-}
-
-impl Piped {
-    fn pipe(&mut self) -> Option<&mut Pipe> {
-        if self.pipe.is_none() && !self.unavailable {
-            match Pipe::new() {
-                Ok(p) => self.pipe = Some(p),
-                Err(e) => {
-                    tracing::debug!("no pipe for write payloads, reading them instead: {e}");
-                    self.unavailable = true;
-                }
-            }
-        }
-        self.pipe.as_mut()
-    }
-
-    /// Moves a `len`-byte payload into the pipe: what `reader` has
-    /// buffered of it, then the rest from `socket`. Should the pipe fill
-    /// up first, it is all read into `buf` instead, as without a pipe.
-    fn fill(
-        &mut self,
-        reader: &mut BufReader<Stream>,
-        socket: std::os::unix::io::RawFd,
-        buf: &mut Vec<u8>,
-        len: usize,
-    ) -> io::Result<()> {
-        let Some(pipe) = self.pipe.as_mut() else {
-            return read_payload(reader, buf, len);
-        };
-        let prefix = reader.buffer().len().min(len);
-        let filled = pipe.fill(&reader.buffer()[..prefix], socket, len);
-        io::BufRead::consume(reader, prefix);
-        match filled? {
-            Filled::All => {
-                self.holds = true;
-                Ok(())
-            }
-            Filled::Part(n) => {
-                if buf.len() < len {
-                    buf.resize(len, 0);
-                }
-                pipe.read_out(&mut buf[..n])?;
-                reader.read_exact(&mut buf[n..len])
-            }
-        }
-    }
 }
 
 /// Bytes of a write payload read (and so allocated) at a time: a client

@@ -379,23 +379,6 @@ impl Store for Replica {
         )
     }
 
-    fn takes_pipe(&self) -> bool {
-        // Only a single node: a Primary needs the payload to send it on.
-        self.peer.is_none() && self.current_store().is_ok_and(|s| s.takes_pipe())
-    }
-
-    fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
-        if self.peer.is_some() {
-            return crate::store::write_read_out(self, pipe, offset, len);
-        }
-        self.replicate(
-            offset,
-            len as u64,
-            |_| None,
-            |store| store.write_piped(pipe, offset, len),
-        )
-    }
-
     fn flush(&self) -> io::Result<()> {
         let store = self.current_store()?;
         if !self.serving.load(Ordering::SeqCst) || self.peer.is_none() {

@@ -108,14 +108,6 @@ impl Store for DiskGuard {
             self.inner.start_writeback(offset, len);
         }
     }
-    fn takes_pipe(&self) -> bool {
-        !self.failed.load(Ordering::Relaxed) && self.inner.takes_pipe()
-    }
-    fn write_piped(&self, pipe: &mut Pipe, offset: u64, len: usize) -> io::Result<()> {
-        self.check()?;
-        let r = self.inner.write_piped(pipe, offset, len);
-        self.outcome(|| format!("write of {len} bytes at {offset}"), r)
-    }
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check()?;
         let r = self.inner.write_direct(buf, offset);

@@ -68,7 +68,6 @@ use crate::core::uuid::{Decision, Rule, UuidView};
 use crate::core::{flags as md_flags, Generations, UUID_JUST_CREATED};
 use crate::events::Events;
 use crate::meta::{self, Location, MetaStore, Superblock};
-use crate::pipe::Pipe;
 use crate::store::{Batch, Done, FileStore, Modify, Store};
 use intervals::IntervalLock;
 use link::{LinkError, Remote, Session, Track, Waiter};
