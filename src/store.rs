@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+/// Buffered writes to a regular file larger than this take turns in the
+/// process (`FileStore::write_at`).
+const LARGE_WRITE: usize = 64 * 1024;
+
 /// Largest zero-fill buffer used when the file system cannot zero a range.
 const ZERO_CHUNK: usize = 1 << 20;
 
@@ -220,6 +224,9 @@ pub struct FileStore {
     /// The same file opened again for `read_bulk`, with readahead off
     /// (`POSIX_FADV_RANDOM` holds per open file), on first use.
     bulk: std::sync::OnceLock<Option<File>>,
+    /// Held by a large buffered write to a regular file while it copies
+    /// into the page cache (see `write_at`).
+    large_writes: std::sync::Mutex<()>,
 }
 
 impl FileStore {
@@ -265,6 +272,7 @@ impl FileStore {
             direct: std::sync::OnceLock::new(),
             direct_refused: std::sync::atomic::AtomicBool::new(false),
             bulk: std::sync::OnceLock::new(),
+            large_writes: std::sync::Mutex::new(()),
         })
     }
 
@@ -419,6 +427,14 @@ impl Store for FileStore {
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
         if durable {
             self.write_dsync(buf, offset)
+        } else if buf.len() > LARGE_WRITE && !self.is_block_device {
+            // The file system copies one buffered write to a file at a
+            // time under the inode's lock, and a writer that finds it
+            // held spins while the holder runs: for the whole copy of a
+            // large write, on a CPU the client needs. Taking turns here
+            // first, waiters sleep instead.
+            let _turn = crate::sync::lock(&self.large_writes);
+            self.file.write_all_at(buf, offset)
         } else {
             self.file.write_all_at(buf, offset)
         }
@@ -651,6 +667,34 @@ mod tests {
             part[..] == data[5..5 + 4096 + 17],
             "uncached, unaligned read back"
         );
+    }
+
+    #[test]
+    fn large_and_small_writes_from_many_threads_all_land() {
+        let (_f, s) = temp_file(16 << 20);
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let s = &s;
+                scope.spawn(move || {
+                    // A large write (which takes turns) and small ones (which
+                    // do not) in each thread's own MiB.
+                    let base = u64::from(t) << 20;
+                    s.write_at(&[t + 1; 1 << 20], base, false).expect("large");
+                    for i in 0..4u64 {
+                        s.write_at(&[t + 101; 4096], base + i * 8192, false)
+                            .expect("small");
+                    }
+                });
+            }
+        });
+        for t in 0..8u8 {
+            let mut back = vec![0u8; 1 << 20];
+            s.read_at(&mut back, u64::from(t) << 20).expect("read");
+            for (i, block) in back.chunks(4096).enumerate() {
+                let want = if i % 2 == 0 && i < 8 { t + 101 } else { t + 1 };
+                assert!(block.iter().all(|&b| b == want), "thread {t}, block {i}");
+            }
+        }
     }
 
     #[test]
