@@ -798,18 +798,27 @@ class QsdMirrorServer(Server):
 # --------------------------------------------------------------------------
 
 
-def make_images(paths: List[Path], size: int, fill: str, seed: int) -> None:
+def make_images(paths: List[Path], size: int, fill: str, seed: int, cache: str) -> None:
     """Create identical backing files.
 
     fill=random: every file is fully written with the same pseudo-random bytes
-                 (random.Random(seed)), then fsync'ed and dropped from the page
-                 cache.  No holes anywhere.  Left in the cache as the fill's
-                 4 MiB writes made it, 4 KiB random writes to such a file cost
-                 every server (nbdkit too) about five times the CPU (run b69
-                 in docs/benchmark.md); a device written long ago is not cached.
+                 (random.Random(seed)), then fsync'ed.  No holes anywhere.
     fill=zero:   every file is fallocate()d (allocated, reads as zeroes).
+
+    cache=warm:  the random fill is written 4 KiB at a time and stays in the
+                 page cache; the zero fill is read into it 4 KiB at a time
+                 (see `warm_cache`).  Either way every page of every file
+                 is cached in single-page folios before any server starts.
+    cache=cold:  the random fill is written 4 MiB at a time and every file is
+                 dropped from the page cache, so the first round writes into
+                 pages the kernel has to allocate (see docs/benchmark.md,
+                 b86, for what that costs on a virtual machine).
+    Either way no file's cache holds the large folios a fill's 4 MiB writes
+    make: 4 KiB random writes to those cost every server (nbdkit too) about
+    five times the CPU (run b69 in docs/benchmark.md).
     """
     chunk = 4 * MiB
+    piece = 4096 if cache == "warm" else chunk
     fds: List[int] = []
     try:
         for p in paths:
@@ -826,14 +835,39 @@ def make_images(paths: List[Path], size: int, fill: str, seed: int) -> None:
                 for fd in fds:
                     view = memoryview(buf)
                     while view:
-                        w = os.write(fd, view)
+                        w = os.write(fd, view[:piece])
                         view = view[w:]
                 done += n
         for fd in fds:
             os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if cache == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         for fd in fds:
+            os.close(fd)
+    if cache == "warm":
+        warm_cache(paths)
+
+
+def warm_cache(paths: List[Path]) -> None:
+    """Reads every page of every file 4 KiB at a time with readahead off, so
+    that all of it is in the page cache, in single-page folios (as a cold
+    cache's small writes would leave it), before a run.  On this kind of
+    virtual machine a page the kernel allocates afresh costs far more to
+    fill than one it reuses, and its cost varies with what the host has
+    reclaimed: writing into uncached pages, 1 MiB writes reached 74-304
+    IOPS on a pair that makes 900-1100 once they are cached (b86).  It
+    also marks the pages used, so that no reclaim of idle memory takes
+    them between a server's runs.  Cheap when the file is cached already."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for off in range(0, size, 4096):
+                os.pread(fd, 4096, off)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL)
+        finally:
             os.close(fd)
 
 
@@ -1398,7 +1432,7 @@ def fill_json(res: Dict[str, Any], rep: Dict[str, Any], args: argparse.Namespace
     out: Dict[str, Any] = {
         "config": {
             "rounds": args.rounds, "runtime_s": args.runtime, "ramp_s": args.ramp,
-            "size_bytes": args.size, "fill": res["fill"], "seed": args.seed,
+            "size_bytes": args.size, "fill": res["fill"], "cache": args.cache, "seed": args.seed,
             "order": "per round, per workload: " + " ".join(s.label for s in servers),
             "cpu": "utime+stime of each server process over fio's measured window "
                    f"(after the ramp), {CPU_SAMPLE_INTERVAL_S * 1000:.0f} ms samples, "
@@ -1542,10 +1576,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--ramp", type=int, help="fio --ramp_time seconds, not measured (default 2, --short: 1)")
     p.add_argument("--size", type=parse_size, help="backing file size (default 1G, --short: 256M)")
     p.add_argument("--fill", choices=("random", "zero", "both"), default="random",
-                   help="random: fully written with identical pseudo-random data, then dropped from "
-                        "the page cache (default); "
+                   help="random: fully written with identical pseudo-random data (default); "
                         "zero: fallocated, reads as zeroes; both: the whole run once per fill "
                         "(random first), one table each")
+    p.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                   help="warm (default): every backing file wholly in the page cache before "
+                        "every run; cold: dropped from it once, after the fill (see make_images)")
     p.add_argument("--seed", type=int, default=42, help="seed for --fill random (default 42)")
     p.add_argument("--workloads", help="comma-separated subset of: " +
                    ",".join(w.key for w in WORKLOADS))
@@ -1628,7 +1664,7 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
         images = [p for s in servers for p in s.images()]
         print(f"work dir {workdir}; creating {len(images)} x {args.size // MiB} MiB "
               f"backing files (fill={fill})", flush=True)
-        make_images(images, args.size, fill, args.seed)
+        make_images(images, args.size, fill, args.seed, args.cache)
 
         for s in servers:
             s.start()
@@ -1653,6 +1689,8 @@ def run_matrix(args: argparse.Namespace, fill: str) -> Dict[str, Any]:
                     # Write back dirty pages left by the previous run so that no
                     # run pays for another one's writeback (matters for fsync).
                     os.sync()
+                    if args.cache == "warm":
+                        warm_cache(s.images())
                     r = run_fio(w, s, args.runtime, args.ramp, workdir, f"{rnd}-{w.key}-{n}")
                     runs[w.key][s.label].append(r)
                     print(f"[{n}/{total}] round {rnd} {w.key:<24} {s.label:<14} "

@@ -91,7 +91,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="verify-bench-", dir="/var/tmp") as d:
         work = Path(d)
         pair = bench.ReplicatedPairServer("pair", work, args.repld)
-        bench.make_images(pair.images(), args.size, "random", 1)
+        bench.make_images(pair.images(), args.size, "random", 1, "cold")
         pair.start()
         try:
             wait("the pair in sync", lambda: synced(pair), 60)
