@@ -186,11 +186,12 @@ pub trait Store: Send + Sync {
     fn read_bulk(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.read_at(buf, offset)
     }
-    /// Starts writing back what buffered writes left in the page cache
-    /// in `[offset, offset + len)`, without waiting for it
-    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): a later `flush` then
-    /// has less to do. Durability is unchanged, only `flush` gives it. A
-    /// hint: failure is not an error.
+    /// Writes back what buffered writes left in the page cache in
+    /// `[offset, offset + len)` (`sync_file_range`), so that a later
+    /// `flush` has less to do; returns once that I/O is done (buffered
+    /// writes into what it may be writing wait meanwhile: see
+    /// `core::stable`). Durability is unchanged, only `flush` gives it.
+    /// A hint: failure is not an error.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
@@ -227,6 +228,67 @@ pub struct FileStore {
     /// Held by a large buffered write to a regular file while it copies
     /// into the page cache (see `write_at`).
     large_writes: std::sync::Mutex<()>,
+    /// Keeps buffered writes out of the pages a flush or writeback of
+    /// ours may be writing (see `core::stable`).
+    stable: StableGate,
+}
+
+/// The blocking side of [`crate::core::stable::Stable`]: buffered writes
+/// and the writebacks the store starts wait here as it says.
+#[derive(Debug, Default)]
+struct StableGate {
+    state: Mutex<crate::core::stable::Stable>,
+    changed: std::sync::Condvar,
+}
+
+impl StableGate {
+    fn wait<'a>(
+        &'a self,
+        guard: std::sync::MutexGuard<'a, crate::core::stable::Stable>,
+    ) -> std::sync::MutexGuard<'a, crate::core::stable::Stable> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `copy`, a buffered write of `[offset, offset + len)`, once no
+    /// writeback may be writing the pages it copies into.
+    fn write<T>(&self, offset: u64, len: u64, copy: impl FnOnce() -> T) -> T {
+        let ticket = {
+            let mut s = crate::sync::lock(&self.state);
+            loop {
+                match s.begin_write(offset, len) {
+                    Some(t) => break t,
+                    None => s = self.wait(s),
+                }
+            }
+        };
+        let result = copy();
+        if crate::sync::lock(&self.state).end_write(ticket) {
+            self.changed.notify_all();
+        }
+        result
+    }
+
+    /// Runs `writeback` (`flush`: of everything) once no other one runs
+    /// and every write that began before it has copied.
+    fn writeback<T>(&self, flush: bool, writeback: impl FnOnce() -> T) -> T {
+        let ticket = {
+            let mut s = crate::sync::lock(&self.state);
+            let ticket = loop {
+                match s.begin_writeback(flush) {
+                    Some(t) => break t,
+                    None => s = self.wait(s),
+                }
+            };
+            while !s.writeback_may_go(ticket) {
+                s = self.wait(s);
+            }
+            ticket
+        };
+        let result = writeback();
+        crate::sync::lock(&self.state).end_writeback(ticket);
+        self.changed.notify_all();
+        result
+    }
 }
 
 impl FileStore {
@@ -273,6 +335,7 @@ impl FileStore {
             direct_refused: std::sync::atomic::AtomicBool::new(false),
             bulk: std::sync::OnceLock::new(),
             large_writes: std::sync::Mutex::new(()),
+            stable: StableGate::default(),
         })
     }
 
@@ -366,7 +429,9 @@ impl FileStore {
         let end = offset + len;
         while offset < end {
             let n = (end - offset).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], offset)?;
+            self.stable.write(offset, n as u64, || {
+                self.file.write_all_at(&zeroes[..n], offset)
+            })?;
             offset += n as u64;
         }
         Ok(())
@@ -425,34 +490,41 @@ impl Store for FileStore {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64, durable: bool) -> io::Result<()> {
-        if durable {
-            self.write_dsync(buf, offset)
-        } else if buf.len() > LARGE_WRITE && !self.is_block_device {
-            // The file system copies one buffered write to a file at a
-            // time under the inode's lock, and a writer that finds it
-            // held spins while the holder runs: for the whole copy of a
-            // large write, on a CPU the client needs. Taking turns here
-            // first, waiters sleep instead.
-            let _turn = crate::sync::lock(&self.large_writes);
-            self.file.write_all_at(buf, offset)
-        } else {
-            self.file.write_all_at(buf, offset)
-        }
+        self.stable.write(offset, buf.len() as u64, || {
+            if durable {
+                self.write_dsync(buf, offset)
+            } else if buf.len() > LARGE_WRITE && !self.is_block_device {
+                // The file system copies one buffered write to a file at a
+                // time under the inode's lock, and a writer that finds it
+                // held spins while the holder runs: for the whole copy of a
+                // large write, on a CPU the client needs. Taking turns here
+                // first, waiters sleep instead.
+                let _turn = crate::sync::lock(&self.large_writes);
+                self.file.write_all_at(buf, offset)
+            } else {
+                self.file.write_all_at(buf, offset)
+            }
+        })
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.stable.writeback(true, || self.file.sync_data())
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
         let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;
         };
-        // SAFETY: sync_file_range on our own open descriptor; no pointers
-        // are passed.
-        unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
-        }
+        // Waits for the I/O too, so that the writes held back meanwhile
+        // know when it ended.
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        self.stable.writeback(false, || {
+            // SAFETY: sync_file_range on our own open descriptor; no
+            // pointers are passed.
+            unsafe { libc::sync_file_range(self.file.as_raw_fd(), off, len, flags) }
+        });
     }
 
     fn writes_direct(&self) -> bool {
@@ -694,6 +766,61 @@ mod tests {
                 let want = if i % 2 == 0 && i < 8 { t + 101 } else { t + 1 };
                 assert!(block.iter().all(|&b| b == want), "thread {t}, block {i}");
             }
+        }
+    }
+
+    #[test]
+    fn writes_flushes_and_writebacks_from_many_threads_all_land() {
+        // Writers rewrite their own blocks over and over (some durable,
+        // some spanning two blocks) while other threads flush and write
+        // back: the stable-page gate holds some writes back and lets them
+        // go again, nothing waits for ever, and the last write to each
+        // block is what reads back.
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const WRITERS: u64 = 4;
+        const BLOCKS: u64 = 16;
+        const ROUNDS: u64 = 100;
+        let (_f, s) = temp_file(WRITERS * BLOCKS * 4096);
+        let done = AtomicUsize::new(0);
+        let pattern = |t: u64, round: u64| (t * 64 + round % 61 + 1) as u8;
+        std::thread::scope(|scope| {
+            for t in 0..WRITERS {
+                let (s, done) = (&s, &done);
+                scope.spawn(move || {
+                    let base = t * BLOCKS * 4096;
+                    for round in 0..ROUNDS {
+                        let byte = pattern(t, round);
+                        for b in (0..BLOCKS).step_by(2) {
+                            s.write_at(&[byte; 2 * 4096], base + b * 4096, round % 10 == 0)
+                                .expect("write");
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            for f in 0..2 {
+                let (s, done) = (&s, &done);
+                scope.spawn(move || {
+                    // Bounded: the writers end after ROUNDS.
+                    for _ in 0..100_000 {
+                        if done.load(Ordering::SeqCst) == WRITERS as usize {
+                            break;
+                        }
+                        if f == 0 {
+                            s.flush().expect("flush");
+                        } else {
+                            s.start_writeback(0, WRITERS * BLOCKS * 4096);
+                        }
+                    }
+                });
+            }
+        });
+        s.flush().expect("flush");
+        for t in 0..WRITERS {
+            let mut back = vec![0u8; (BLOCKS * 4096) as usize];
+            s.read_at(&mut back, t * BLOCKS * 4096).expect("read");
+            let want = pattern(t, ROUNDS - 1);
+            assert!(back.iter().all(|&b| b == want), "writer {t}");
         }
     }
 

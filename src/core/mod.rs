@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod fence;
 pub(crate) mod le;
 pub mod split_brain;
+pub mod stable;
 pub mod state;
 pub mod uuid;
 
