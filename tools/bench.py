@@ -812,7 +812,7 @@ def make_images(paths: List[Path], size: int, fill: str, seed: int, cache: str) 
     cache=cold:  the random fill is written 4 MiB at a time and every file is
                  dropped from the page cache, so the first round writes into
                  pages the kernel has to allocate (see docs/benchmark.md,
-                 b86, for what that costs on a virtual machine).
+                 b85, for what that costs on a virtual machine).
     Either way no file's cache holds the large folios a fill's 4 MiB writes
     make: 4 KiB random writes to those cost every server (nbdkit too) about
     five times the CPU (run b69 in docs/benchmark.md).
@@ -856,7 +856,7 @@ def warm_cache(paths: List[Path]) -> None:
     virtual machine a page the kernel allocates afresh costs far more to
     fill than one it reuses, and its cost varies with what the host has
     reclaimed: writing into uncached pages, 1 MiB writes reached 74-304
-    IOPS on a pair that makes 900-1100 once they are cached (b86).  It
+    IOPS on a pair that makes 900-1100 once they are cached (b85).  It
     also marks the pages used, so that no reclaim of idle memory takes
     them between a server's runs.  Cheap when the file is cached already."""
     for p in paths:
