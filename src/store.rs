@@ -261,11 +261,18 @@ impl StableGate {
                 }
             }
         };
-        let result = copy();
-        if crate::sync::lock(&self.state).end_write(ticket) {
-            self.changed.notify_all();
+        // Ended however `copy` ends, unwinding included: a ticket left
+        // open would hold every later flush.
+        struct Copying<'a>(&'a StableGate, crate::core::stable::WriteTicket);
+        impl Drop for Copying<'_> {
+            fn drop(&mut self) {
+                if crate::sync::lock(&self.0.state).end_write(self.1) {
+                    self.0.changed.notify_all();
+                }
+            }
         }
-        result
+        let _copying = Copying(self, ticket);
+        copy()
     }
 
     /// Runs `writeback` (`flush`: of everything) once no other one runs
@@ -284,10 +291,15 @@ impl StableGate {
             }
             ticket
         };
-        let result = writeback();
-        crate::sync::lock(&self.state).end_writeback(ticket);
-        self.changed.notify_all();
-        result
+        struct Running<'a>(&'a StableGate, crate::core::stable::WritebackTicket);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                crate::sync::lock(&self.0.state).end_writeback(self.1);
+                self.0.changed.notify_all();
+            }
+        }
+        let _running = Running(self, ticket);
+        writeback()
     }
 }
 
