@@ -339,6 +339,12 @@ impl FileStore {
             }
             None => actual,
         };
+        if !read_only {
+            // Pages an earlier process left dirty are not in the stable-page
+            // gate's map: written back now, before any write of ours could
+            // meet one of them under writeback.
+            file.sync_data().map_err(io_err)?;
+        }
         Ok(FileStore {
             file,
             size,
