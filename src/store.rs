@@ -789,9 +789,9 @@ mod tests {
 
     #[test]
     fn writes_flushes_and_writebacks_from_many_threads_all_land() {
-        // Writers rewrite their own blocks over and over (some durable,
-        // some spanning two blocks) while other threads flush and write
-        // back: the stable-page gate holds some writes back and lets them
+        // Writers rewrite their own blocks over and over (two blocks a
+        // write, every tenth round durable) while other threads flush and
+        // write back: the stable-page gate holds some writes back and lets them
         // go again, nothing waits for ever, and the last write to each
         // block is what reads back.
         use std::sync::atomic::{AtomicUsize, Ordering};
