@@ -171,11 +171,12 @@ pub struct Stable {
 
 /// The blocks `[offset, offset + len)` touches (`len` > 0).
 fn blocks(offset: u64, len: u64) -> (u64, u64) {
-    let last = offset.saturating_add(len.max(1) - 1);
+    let last = offset.saturating_add(len - 1);
     (offset / BLOCK, last / BLOCK)
 }
 
 impl Stable {
+    #[cfg(test)]
     pub fn new() -> Stable {
         Stable::default()
     }
@@ -255,6 +256,7 @@ impl Stable {
     }
 
     /// Whether a writeback is under way.
+    #[cfg(test)]
     pub fn writeback_running(&self) -> bool {
         self.running.is_some()
     }
