@@ -807,8 +807,8 @@ def make_images(paths: List[Path], size: int, fill: str, seed: int, cache: str) 
 
     cache=warm:  the random fill is written 4 KiB at a time and stays in the
                  page cache; the zero fill is read into it 4 KiB at a time
-                 (see `warm_cache`).  Either way every page of every file
-                 is cached in single-page folios before any server starts.
+                 before each run (see `warm_cache`).  Either way every page
+                 is cached in single-page folios before it is measured.
     cache=cold:  the random fill is written 4 MiB at a time and every file is
                  dropped from the page cache, so the first round writes into
                  pages the kernel has to allocate (see docs/benchmark.md,
@@ -845,8 +845,6 @@ def make_images(paths: List[Path], size: int, fill: str, seed: int, cache: str) 
     finally:
         for fd in fds:
             os.close(fd)
-    if cache == "warm":
-        warm_cache(paths)
 
 
 def warm_cache(paths: List[Path]) -> None:
