@@ -192,8 +192,16 @@ impl Replica {
                     Ok(Applied::Failed { seq, status }) => (seq, status, false, None),
                     Err(e) => break Err(e),
                 };
-            if let Err(e) = lock(&session.receiving).applied(seq, status, durable) {
-                break Err(LinkError::Protocol(e.to_string()));
+            let due = {
+                let mut receiving = lock(&session.receiving);
+                if let Err(e) = receiving.applied(seq, status, durable) {
+                    break Err(LinkError::Protocol(e.to_string()));
+                }
+                receiving.acks_due()
+            };
+            if due {
+                // A batch goes out though more frames are buffered.
+                send_acks(session);
             }
             if let Some((start, end)) = written {
                 span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
